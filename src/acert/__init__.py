@@ -1,0 +1,1 @@
+"""acert: adaptive certified training (ACERT) with sound bound propagation and certified radii."""

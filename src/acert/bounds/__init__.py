@@ -1,0 +1,137 @@
+"""Sound bounds on the classification margins of feed-forward ReLU networks.
+
+``margin_bounds(model, x, y, eps, method)`` returns lower bounds of ``f_y - f_t`` for every
+t != y over the ℓ∞ ball of radius eps (pixel units, per sample) clipped to [0, 1]:
+
+- ``"ibp"``: interval bound propagation (Gowal et al. 2019), :mod:`acert.bounds.ibp`;
+- ``"crown-ibp"``: IBP intermediate bounds, CROWN backward pass from the output (Zhang et al. 2020);
+- ``"crown"``: CROWN for every layer (Zhang et al. 2018), :mod:`acert.bounds.crown`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from acert.bounds import crown, ibp
+from acert.bounds.interval import Interval, as_eps, input_box
+from acert.bounds.layers import BatchStats, check_supported, clean_forward, needs_batch_stats
+from acert.bounds.spec import margin_matrix, other_classes
+from acert.errors import AcertError
+
+__all__ = [
+    "METHODS",
+    "BatchStats",
+    "Interval",
+    "as_eps",
+    "check_inputs",
+    "clean_forward",
+    "input_box",
+    "margin_bounds",
+    "margin_bounds_on_box",
+    "margin_matrix",
+    "other_classes",
+]
+
+
+def _ibp(model: nn.Sequential, box: Interval, y: Tensor, stats: BatchStats | None) -> Tensor:
+    hidden, _ = ibp.propagate(model[:-1], box, stats)
+    return ibp.last_layer_margins(model[-1], hidden, y)
+
+
+def _crown_ibp(model: nn.Sequential, box: Interval, y: Tensor, stats: BatchStats | None) -> Tensor:
+    return crown.crown_margins(model, box, y, stats, intermediate="ibp")
+
+
+def _crown(model: nn.Sequential, box: Interval, y: Tensor, stats: BatchStats | None) -> Tensor:
+    return crown.crown_margins(model, box, y, stats, intermediate="crown")
+
+
+METHODS: dict[str, Callable[[nn.Sequential, Interval, Tensor, BatchStats | None], Tensor]] = {
+    "ibp": _ibp,
+    "crown-ibp": _crown_ibp,
+    "crown": _crown,
+}
+
+
+def check_inputs(model: nn.Module, x: Tensor, y: Tensor) -> None:
+    """Raise a one-line :class:`AcertError` unless x, y fit a supported model."""
+    check_supported(model)
+    if x.dim() < 2 or y.dim() != 1 or x.shape[0] != y.shape[0]:
+        raise AcertError(
+            f"x must be (B, ...) and y (B,), got x {tuple(x.shape)} and y {tuple(y.shape)}"
+        )
+    if not torch.isfinite(x).all():
+        raise AcertError("inputs contain NaN or inf; clean the data before computing bounds")
+    if x.numel() and (x.min() < 0 or x.max() > 1):
+        raise AcertError(
+            f"inputs must be pixels in [0, 1], got values in [{x.min().item():.4g}, "
+            f"{x.max().item():.4g}]; normalisation belongs in the model's Normalize layer"
+        )
+    num_classes = model[-1].out_features
+    if y.numel() and (y.min() < 0 or y.max() >= num_classes):
+        raise AcertError(
+            f"labels must lie in [0, {num_classes}), got {y.min().item()}..{y.max().item()}"
+        )
+
+
+def margin_bounds_on_box(
+    model: nn.Sequential,
+    box: Interval,
+    y: Tensor,
+    method: str = "ibp",
+    stats: BatchStats | None = None,
+) -> Tensor:
+    """Lower bounds of the margins over an input box; no input checks (hot paths use this).
+
+    Args:
+        model: a supported ``nn.Sequential`` (see :func:`check_inputs`).
+        box: (B, ...) input interval inside [0, 1].
+        y: (B,) labels.
+        method: one of ``METHODS``.
+        stats: clean-batch statistics, needed when a batch-norm is in train mode.
+
+    Returns:
+        (B, K-1) lower bounds of ``f_y - f_t``, t != y in increasing order.
+    """
+    if method not in METHODS:
+        raise AcertError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[method](model, box, y, stats)
+
+
+def margin_bounds(
+    model: nn.Sequential,
+    x: Tensor,
+    y: Tensor,
+    eps: float | Tensor,
+    method: str = "ibp",
+    stats: BatchStats | None = None,
+) -> Tensor:
+    """Lower bounds of ``f_y - f_t`` for every t != y over the clipped ℓ∞ ball.
+
+    Args:
+        model: ``nn.Sequential`` of Normalize, Conv2d, Linear, BatchNorm1d/2d, ReLU, Flatten,
+            ending in Linear. Batch-norm uses running statistics in eval mode and the clean
+            batch's statistics in train mode (``stats``, computed from x when not given).
+        x: (B, C, H, W) or (B, D) inputs in [0, 1].
+        y: (B,) int64 labels.
+        eps: radius in pixel units, a number or a (B,) tensor.
+        method: ``"ibp"``, ``"crown-ibp"`` or ``"crown"``.
+        stats: clean-batch statistics from :func:`clean_forward`.
+
+    Returns:
+        (B, K-1) lower bounds; the sample is certified at eps when all are > 0.
+    """
+    check_inputs(model, x, y)
+    box = input_box(x, eps)
+    if stats is None and needs_batch_stats(model):
+        stats = clean_forward(model, x, update_running_stats=False)[1]
+    try:
+        return margin_bounds_on_box(model, box, y, method, stats)
+    except RuntimeError as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise AcertError(
+            f"input of shape {tuple(x.shape[1:])} does not fit the model: {first_line}"
+        ) from err

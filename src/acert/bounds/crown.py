@@ -1,0 +1,279 @@
+"""Backward linear relaxation: CROWN (Zhang et al. 2018) and CROWN-IBP (Zhang et al. 2020).
+
+A lower bound of a linear function ``A · h_k + bias`` of some layer's output is pushed back
+layer by layer to the input, one rule per layer kind (``BACKWARD_RULES``). At a ReLU with
+pre-activation bounds [l, u] the upper line is the chord and the lower line has slope 1 when
+u >= -l, else 0 (the adaptive rule, METHOD.md "Threat model and certificates"); stable ReLUs are
+exact. At the input the linear function is minimised over the clipped box in closed form.
+
+CROWN bounds every ReLU's pre-activation with the same backward pass (intersected with IBP,
+which is sound and never looser); CROWN-IBP takes the intermediate bounds from IBP and runs the
+backward pass only from the output.
+
+Backward state has shape (Q, S, *layer shape): Q queries, each tied to one batch row by
+``rows`` (Q,), S specification rows per query. Queries are processed in chunks so that the
+coefficient tensors stay under ``memory_budget`` elements.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from acert.bounds import ibp
+from acert.bounds.interval import Interval
+from acert.bounds.layers import BatchStats, channel_affine
+from acert.bounds.spec import other_classes
+from acert.models import Normalize
+
+__all__ = ["DEFAULT_MEMORY_BUDGET", "Relaxation", "crown_margins", "relu_relaxation"]
+
+DEFAULT_MEMORY_BUDGET = 2**26
+"""Elements of one chunk's coefficient tensor (256 MiB in float32)."""
+
+
+@dataclass(frozen=True)
+class Relaxation:
+    """Linear bounds ``lower_slope·z <= relu(z) <= upper_slope·z + upper_intercept`` on [l, u]."""
+
+    lower_slope: Tensor
+    upper_slope: Tensor
+    upper_intercept: Tensor
+
+
+def relu_relaxation(pre: Interval) -> Relaxation:
+    """The CROWN relaxation of ReLU on the pre-activation interval ``pre`` (B, ...)."""
+    lower, upper = pre.lower, pre.upper
+    unstable = (lower < 0) & (upper > 0)
+    active = (lower >= 0).to(lower.dtype)
+    width = torch.where(unstable, upper - lower, torch.ones_like(lower))
+    upper_slope = torch.where(unstable, upper / width, active)
+    upper_intercept = torch.where(unstable, -lower * upper_slope, torch.zeros_like(lower))
+    lower_slope = torch.where(unstable, (upper >= -lower).to(lower.dtype), active)
+    return Relaxation(lower_slope, upper_slope, upper_intercept)
+
+
+@dataclass
+class _Context:
+    """What the backward rules need besides the coefficients."""
+
+    rows: Tensor
+    stats: BatchStats | None
+    input_shape: tuple[int, ...]
+    relaxation: Relaxation | None
+
+
+def _back_linear(layer: nn.Linear, A: Tensor, bias: Tensor, ctx: _Context) -> tuple[Tensor, Tensor]:
+    if layer.bias is not None:
+        bias = bias + A @ layer.bias
+    return A @ layer.weight, bias
+
+
+def _back_conv(layer: nn.Conv2d, A: Tensor, bias: Tensor, ctx: _Context) -> tuple[Tensor, Tensor]:
+    queries, specs = A.shape[:2]
+    if layer.bias is not None:
+        bias = bias + A.sum((-2, -1)) @ layer.bias
+    out_h, out_w = A.shape[-2:]
+    in_h, in_w = ctx.input_shape[-2:]
+    output_padding = tuple(
+        size_in - ((size_out - 1) * stride - 2 * pad + dil * (k - 1) + 1)
+        for size_in, size_out, stride, pad, dil, k in zip(
+            (in_h, in_w),
+            (out_h, out_w),
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.kernel_size,
+            strict=True,
+        )
+    )
+    A_in = F.conv_transpose2d(
+        A.flatten(0, 1),
+        layer.weight,
+        None,
+        layer.stride,
+        layer.padding,
+        output_padding,
+        layer.groups,
+        layer.dilation,
+    )
+    return A_in.view(queries, specs, *ctx.input_shape), bias
+
+
+def _back_channel_affine(
+    layer: nn.Module, A: Tensor, bias: Tensor, ctx: _Context
+) -> tuple[Tensor, Tensor]:
+    scale, shift = channel_affine(layer, ctx.stats)
+    per_channel = A.sum(tuple(range(3, A.dim()))) if A.dim() > 3 else A
+    shape = (1, 1, -1) + (1,) * (A.dim() - 3)
+    return A * scale.view(shape), bias + per_channel @ shift
+
+
+def _back_relu(layer: nn.ReLU, A: Tensor, bias: Tensor, ctx: _Context) -> tuple[Tensor, Tensor]:
+    relax = ctx.relaxation
+    assert relax is not None
+    lower_slope, upper_slope, upper_intercept = (
+        t[ctx.rows].unsqueeze(1)
+        for t in (relax.lower_slope, relax.upper_slope, relax.upper_intercept)
+    )
+    positive, negative = A.clamp(min=0), A.clamp(max=0)
+    bias = bias + (negative * upper_intercept).flatten(2).sum(-1)
+    return positive * lower_slope + negative * upper_slope, bias
+
+
+def _back_flatten(
+    layer: nn.Flatten, A: Tensor, bias: Tensor, ctx: _Context
+) -> tuple[Tensor, Tensor]:
+    return A.reshape(*A.shape[:2], *ctx.input_shape), bias
+
+
+BackwardRule = Callable[[nn.Module, Tensor, Tensor, _Context], tuple[Tensor, Tensor]]
+BACKWARD_RULES: dict[type[nn.Module], BackwardRule] = {
+    nn.Linear: _back_linear,
+    nn.Conv2d: _back_conv,
+    Normalize: _back_channel_affine,
+    nn.BatchNorm1d: _back_channel_affine,
+    nn.BatchNorm2d: _back_channel_affine,
+    nn.ReLU: _back_relu,
+    nn.Flatten: _back_flatten,
+}
+
+
+@dataclass
+class _Network:
+    """A model prepared for backward passes: layers, their input shapes, ReLU relaxations."""
+
+    layers: Sequence[nn.Module]
+    input_shapes: list[tuple[int, ...]]
+    box: Interval
+    stats: BatchStats | None
+    relaxations: dict[int, Relaxation]
+
+    def lower_bound(self, end: int, A: Tensor, bias: Tensor, rows: Tensor) -> Tensor:
+        """Minimum over the input box of ``A · h + bias``, h the output of ``layers[:end]``.
+
+        Args:
+            end: number of leading layers the linear function sits on.
+            A: (Q, S, *shape of h) coefficients.
+            bias: (Q, S) constants.
+            rows: (Q,) batch row of each query.
+
+        Returns:
+            (Q, S) lower bounds.
+        """
+        for position in range(end - 1, -1, -1):
+            layer = self.layers[position]
+            ctx = _Context(
+                rows, self.stats, self.input_shapes[position], self.relaxations.get(position)
+            )
+            A, bias = BACKWARD_RULES[type(layer)](layer, A, bias, ctx)
+        centre = self.box.centre[rows].unsqueeze(1)
+        radius = self.box.radius[rows].unsqueeze(1)
+        return bias + (A * centre).flatten(2).sum(-1) - (A.abs() * radius).flatten(2).sum(-1)
+
+
+def _input_shapes(
+    layers: Sequence[nn.Module], box: Interval, stats: BatchStats | None
+) -> list[tuple[int, ...]]:
+    shapes = []
+    h = box.centre[:1]
+    with torch.no_grad():
+        for layer in layers:
+            shapes.append(tuple(h.shape[1:]))
+            h = ibp.RULES[type(layer)](layer, Interval(h, torch.zeros_like(h)), stats).centre
+    return shapes
+
+
+def _is_affine_exact(layers: Sequence[nn.Module]) -> bool:
+    """IBP is exact on a chain with no ReLU and at most one non-diagonal affine map."""
+    if any(isinstance(layer, nn.ReLU) for layer in layers):
+        return False
+    return sum(isinstance(layer, nn.Linear | nn.Conv2d) for layer in layers) <= 1
+
+
+def _crown_preactivation(net: _Network, end: int, ibp_bounds: Interval, budget: int) -> Interval:
+    """CROWN bounds of the output of ``layers[:end]`` for its IBP-unstable neurons, ∩ IBP."""
+    lower, upper = ibp_bounds.lower.flatten(1).clone(), ibp_bounds.upper.flatten(1).clone()
+    rows, neurons = torch.nonzero((lower < 0) & (upper > 0), as_tuple=True)
+    shape = ibp_bounds.shape[1:]
+    widest = max(math.prod(s) for s in [*net.input_shapes[:end], tuple(shape)])
+    chunk = max(1, budget // (2 * widest))
+    for start in range(0, rows.numel(), chunk):
+        r, n = rows[start : start + chunk], neurons[start : start + chunk]
+        A = torch.zeros(r.numel(), 2, math.prod(shape), dtype=lower.dtype, device=lower.device)
+        query = torch.arange(r.numel(), device=r.device)
+        A[query, 0, n] = 1.0
+        A[query, 1, n] = -1.0
+        bias = torch.zeros(r.numel(), 2, dtype=lower.dtype, device=lower.device)
+        bounds = net.lower_bound(end, A.view(r.numel(), 2, *shape), bias, r)
+        lower[r, n] = torch.maximum(lower[r, n], bounds[:, 0])
+        upper[r, n] = torch.minimum(upper[r, n], -bounds[:, 1])
+    return Interval.from_bounds(lower.view_as(ibp_bounds.lower), upper.view_as(ibp_bounds.upper))
+
+
+def _prepare(
+    layers: Sequence[nn.Module],
+    box: Interval,
+    stats: BatchStats | None,
+    intermediate: str,
+    budget: int,
+) -> _Network:
+    net = _Network(layers, _input_shapes(layers, box, stats), box, stats, {})
+    h, start = box, 0
+    relu_positions = [i for i, layer in enumerate(layers) if isinstance(layer, nn.ReLU)]
+    for position in relu_positions:
+        pre, _ = ibp.propagate(layers[start:position], h, stats)
+        if intermediate == "crown" and not _is_affine_exact(layers[:position]):
+            pre = _crown_preactivation(net, position, pre, budget)
+        net.relaxations[position] = relu_relaxation(pre)
+        h = ibp.RULES[nn.ReLU](layers[position], pre, stats)
+        start = position + 1
+    return net
+
+
+def crown_margins(
+    model: nn.Sequential,
+    box: Interval,
+    y: Tensor,
+    stats: BatchStats | None = None,
+    intermediate: str = "crown",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> Tensor:
+    """Lower bounds of ``f_y - f_t`` for t != y by a backward pass from the output.
+
+    Args:
+        model: a supported ``nn.Sequential`` ending in ``nn.Linear``.
+        box: input interval (B, ...), already clipped to the domain.
+        y: (B,) labels.
+        stats: clean-batch statistics for train-mode batch-norms.
+        intermediate: ``"crown"`` (CROWN) or ``"ibp"`` (CROWN-IBP) pre-activation bounds.
+        memory_budget: elements per chunk of backward coefficients.
+
+    Returns:
+        (B, K-1) lower bounds, classes in increasing order with y left out.
+    """
+    layers = list(model)
+    last = layers[-1]
+    assert isinstance(last, nn.Linear)
+    net = _prepare(layers, box, stats, intermediate, memory_budget)
+    others = other_classes(y, last.out_features)
+    A = last.weight[y].unsqueeze(1) - last.weight[others]
+    bias = torch.zeros(A.shape[:2], dtype=A.dtype, device=A.device)
+    if last.bias is not None:
+        bias = last.bias[y].unsqueeze(1) - last.bias[others]
+    rows = torch.arange(y.shape[0], device=y.device)
+    widest = max(math.prod(shape) for shape in net.input_shapes)
+    chunk = max(1, memory_budget // (A.shape[1] * widest))
+    return torch.cat(
+        [
+            net.lower_bound(
+                len(layers) - 1, A[s : s + chunk], bias[s : s + chunk], rows[s : s + chunk]
+            )
+            for s in range(0, y.shape[0], chunk)
+        ]
+    )

@@ -1,0 +1,108 @@
+"""Interval bound propagation (Gowal et al. 2019) in centre/radius form.
+
+One rule per layer kind, collected in ``RULES``. An affine map ``z -> W z + b`` sends the box
+(c, r) to (W c + b, |W| r); ReLU is applied to the ends; the margin specification is folded into
+the last linear layer before the interval is applied (METHOD.md, "Threat model and certificates").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from acert.bounds.interval import Interval
+from acert.bounds.layers import BatchStats, channel_affine
+from acert.bounds.spec import other_classes
+from acert.models import Normalize
+
+__all__ = ["RULES", "last_layer_margins", "propagate"]
+
+
+def _linear(layer: nn.Linear, box: Interval, stats: BatchStats | None) -> Interval:
+    return Interval(
+        F.linear(box.centre, layer.weight, layer.bias), F.linear(box.radius, layer.weight.abs())
+    )
+
+
+def _conv(layer: nn.Conv2d, box: Interval, stats: BatchStats | None) -> Interval:
+    def conv(t: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.conv2d(t, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+    return Interval(
+        conv(box.centre, layer.weight, layer.bias), conv(box.radius, layer.weight.abs(), None)
+    )
+
+
+def _channel_affine(layer: nn.Module, box: Interval, stats: BatchStats | None) -> Interval:
+    scale, shift = channel_affine(layer, stats)
+    shape = (1, -1) + (1,) * (box.centre.dim() - 2)
+    return Interval(
+        box.centre * scale.view(shape) + shift.view(shape), box.radius * scale.abs().view(shape)
+    )
+
+
+def _relu(layer: nn.ReLU, box: Interval, stats: BatchStats | None) -> Interval:
+    return Interval.from_bounds(box.lower.clamp(min=0), box.upper.clamp(min=0))
+
+
+def _flatten(layer: nn.Flatten, box: Interval, stats: BatchStats | None) -> Interval:
+    return Interval(layer(box.centre), layer(box.radius))
+
+
+Rule = Callable[[nn.Module, Interval, "BatchStats | None"], Interval]
+RULES: dict[type[nn.Module], Rule] = {
+    nn.Linear: _linear,
+    nn.Conv2d: _conv,
+    Normalize: _channel_affine,
+    nn.BatchNorm1d: _channel_affine,
+    nn.BatchNorm2d: _channel_affine,
+    nn.ReLU: _relu,
+    nn.Flatten: _flatten,
+}
+
+
+def propagate(
+    layers: Iterable[nn.Module], box: Interval, stats: BatchStats | None = None
+) -> tuple[Interval, list[Interval]]:
+    """Push an input box through ``layers``.
+
+    Args:
+        layers: modules with a rule in ``RULES``.
+        box: interval of the first layer's input.
+        stats: clean-batch statistics for train-mode batch-norms.
+
+    Returns:
+        the output interval and the input interval of every ReLU, in order.
+    """
+    preactivations: list[Interval] = []
+    for layer in layers:
+        if isinstance(layer, nn.ReLU):
+            preactivations.append(box)
+        box = RULES[type(layer)](layer, box, stats)
+    return box, preactivations
+
+
+def last_layer_margins(layer: nn.Linear, box: Interval, y: Tensor) -> Tensor:
+    """Lower bounds of ``f_y - f_t`` for t != y with the specification folded into ``layer``.
+
+    Rows ``W_y - W_t`` and biases ``b_y - b_t`` form one linear map per sample, which is then
+    applied to the interval of the layer's input.
+
+    Args:
+        layer: the last linear layer (K outputs).
+        box: (B, D) interval of its input.
+        y: (B,) labels.
+
+    Returns:
+        (B, K-1) lower bounds, classes t in increasing order with y left out.
+    """
+    others = other_classes(y, layer.out_features)
+    weight = layer.weight[y].unsqueeze(1) - layer.weight[others]
+    centre = torch.einsum("bkd,bd->bk", weight, box.centre)
+    radius = torch.einsum("bkd,bd->bk", weight.abs(), box.radius)
+    if layer.bias is not None:
+        centre = centre + (layer.bias[y].unsqueeze(1) - layer.bias[others])
+    return centre - radius

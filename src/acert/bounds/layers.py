@@ -1,0 +1,139 @@
+"""What the bound methods share about layers: the supported kinds, batch-norm statistics,
+and the per-channel affine form of Normalize and batch-norm.
+
+Batch-norm in eval mode uses its running statistics. In train mode the bounds use the mean and
+(biased) variance of the *clean* batch at that layer, as auto_LiRPA does; :func:`clean_forward`
+runs the ordinary forward pass and records them, so a training method pays for them once.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from acert.errors import UnsupportedModelError
+from acert.models import Normalize
+
+__all__ = [
+    "SUPPORTED_LAYERS",
+    "BatchStats",
+    "channel_affine",
+    "check_supported",
+    "clean_forward",
+    "needs_batch_stats",
+    "uses_batch_stats",
+]
+
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (
+    Normalize,
+    nn.Conv2d,
+    nn.Linear,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.ReLU,
+    nn.Flatten,
+)
+
+BatchStats = dict[nn.Module, tuple[Tensor, Tensor]]
+"""Batch-norm module -> (mean, biased variance) of its input on the clean batch."""
+
+
+def check_supported(model: nn.Module) -> nn.Sequential:
+    """Return ``model`` if bound propagation has a rule for each of its layers, else raise.
+
+    The last layer must be ``nn.Linear``: the margin specification is folded into it.
+    """
+    if not isinstance(model, nn.Sequential) or len(model) == 0:
+        raise UnsupportedModelError(
+            f"bounds need a non-empty torch.nn.Sequential, got {type(model).__name__}; "
+            "build the model from acert.models or as nn.Sequential(Normalize(...), ...)"
+        )
+    for position, layer in enumerate(model):
+        if not isinstance(layer, SUPPORTED_LAYERS):
+            names = ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
+            raise UnsupportedModelError(
+                f"layer {position} ({type(layer).__name__}) has no bound rule; "
+                f"supported layers are {names}"
+            )
+        if isinstance(layer, nn.Conv2d) and (
+            isinstance(layer.padding, str) or layer.padding_mode != "zeros"
+        ):
+            raise UnsupportedModelError(
+                f"layer {position} (Conv2d) uses padding={layer.padding!r}, "
+                f"padding_mode={layer.padding_mode!r}; use integer zero padding"
+            )
+    if not isinstance(model[-1], nn.Linear):
+        raise UnsupportedModelError(
+            f"the last layer must be nn.Linear (the margin specification is folded into it), "
+            f"got {type(model[-1]).__name__}"
+        )
+    return model
+
+
+def uses_batch_stats(layer: nn.Module) -> bool:
+    """True for a batch-norm that normalises with the current batch's statistics."""
+    return isinstance(layer, _BatchNorm) and (layer.training or layer.running_mean is None)
+
+
+def needs_batch_stats(model: nn.Sequential) -> bool:
+    """True when some batch-norm uses batch statistics (bounds then need the clean batch's)."""
+    return any(uses_batch_stats(m) for m in model)
+
+
+def clean_forward(
+    model: nn.Sequential, x: Tensor, update_running_stats: bool = True
+) -> tuple[Tensor, BatchStats]:
+    """The model's output on clean inputs and the batch statistics of its train-mode batch-norms.
+
+    Args:
+        model: an ``nn.Sequential``.
+        x: (B, ...) clean inputs.
+        update_running_stats: when False, train-mode batch-norms normalise with the batch
+            statistics without touching their running averages (for bound-only passes).
+
+    Returns:
+        logits (B, K) exactly as ``model(x)`` computes them, and the statistics.
+    """
+    stats: BatchStats = {}
+    h = x
+    for layer in model:
+        if uses_batch_stats(layer):
+            dims = [0, *range(2, h.dim())]
+            stats[layer] = (h.mean(dims), h.var(dims, unbiased=False))
+            if not update_running_stats:
+                h = _normalise(layer, h, *stats[layer])
+                continue
+        h = layer(h)
+    return h, stats
+
+
+def _normalise(layer: _BatchNorm, h: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+    scale, shift = _batchnorm_affine(layer, mean, var)
+    shape = (1, -1) + (1,) * (h.dim() - 2)
+    return h * scale.view(shape) + shift.view(shape)
+
+
+def _batchnorm_affine(layer: _BatchNorm, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    scale = (var + layer.eps).rsqrt()
+    if layer.affine:
+        scale = scale * layer.weight
+        return scale, layer.bias - mean * scale
+    return scale, -mean * scale
+
+
+def channel_affine(layer: nn.Module, stats: BatchStats | None) -> tuple[Tensor, Tensor]:
+    """(scale, shift), each (C,), with ``layer(h) = h * scale + shift`` per channel.
+
+    For Normalize and batch-norm; batch-norm in train mode takes its statistics from ``stats``.
+    """
+    if isinstance(layer, Normalize):
+        return 1 / layer.std, -layer.mean / layer.std
+    assert isinstance(layer, _BatchNorm)
+    if uses_batch_stats(layer):
+        if stats is None or layer not in stats:
+            raise UnsupportedModelError(
+                "a train-mode batch-norm needs clean-batch statistics; pass "
+                "stats=clean_forward(model, x)[1] or call model.eval()"
+            )
+        return _batchnorm_affine(layer, *stats[layer])
+    return _batchnorm_affine(layer, layer.running_mean, layer.running_var)

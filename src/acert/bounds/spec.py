@@ -1,0 +1,28 @@
+"""The margin specification: for label y, the rows ``e_y - e_t`` for every class t != y."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["margin_matrix", "other_classes"]
+
+
+def other_classes(y: Tensor, num_classes: int) -> Tensor:
+    """(B, K-1) the classes other than each label, in increasing order.
+
+    Args:
+        y: (B,) labels in [0, num_classes).
+        num_classes: K.
+    """
+    classes = torch.arange(num_classes - 1, device=y.device).expand(y.shape[0], -1)
+    return classes + (classes >= y.unsqueeze(1)).long()
+
+
+def margin_matrix(y: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(B, K-1, K) specification C with ``(C z)_j = z_y - z_{t_j}``."""
+    others = other_classes(y, num_classes)
+    spec = torch.zeros(y.shape[0], num_classes - 1, num_classes, dtype=dtype, device=y.device)
+    spec.scatter_(2, y.view(-1, 1, 1).expand(-1, num_classes - 1, 1), 1.0)
+    spec.scatter_(2, others.unsqueeze(2), -1.0)
+    return spec

@@ -1,0 +1,261 @@
+"""Run configuration: one flat dataclass, dataset presets, YAML files and command-line overrides.
+
+Precedence, lowest first: the field defaults, the dataset's preset (METHOD.md, "Optimisation"),
+a YAML file, then ``key=value`` overrides. A field left ``None`` takes the dataset's value when
+the config is resolved; the resolved config is what a run folder stores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from acert.data import dataset_info
+from acert.errors import ConfigError
+
+__all__ = ["PRESETS", "TrainConfig", "config_from_dict", "load_yaml", "parse_override", "resolve"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on. Pixel units for every ε."""
+
+    # data
+    dataset: str = "mnist5k"
+    data_dir: str | None = None
+    train_limit: int | None = None
+    val_size: int | None = None
+    # model
+    model: str | None = None
+    init: str = "ibp"
+    # method and its knobs
+    method: str = "acert"
+    kappa: float = 0.0
+    eps_max: float | None = None
+    eps_train: float | None = None
+    radius_search: str = "brent"
+    radius_max_iter: int = 10
+    lambda_tight: float | None = None
+    lambda_relu: float | None = None
+    pgd_steps: int = 10
+    pgd_step_size: float | None = None
+    pgd_restarts: int = 1
+    sabr_lambda: float = 0.4
+    mtl_alpha: float = 0.5
+    # optimisation
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    stn_epochs: float = 1.0
+    reg_epochs: float | None = None
+    grad_clip: float = 10.0
+    l1: float | None = None
+    # evaluation
+    cert_eps: list[float] | None = None
+    eval_bound: str = "ibp"
+    eval_pgd_steps: int = 20
+    eval_limit: int | None = None
+    # system
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+    out: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "mnist5k": {
+        "model": "cnn7-tiny",
+        "epochs": 30,
+        "batch_size": 64,
+        "lr": 2e-3,
+        "reg_epochs": 12,
+        "lambda_tight": 0.5,
+        "lambda_relu": 0.5,
+        "l1": 0.0,
+    },
+    "mnist": {"model": "cnn7", "epochs": 100, "batch_size": 128, "lr": 1e-3, "reg_epochs": 20},
+    "fashion-mnist": {
+        "model": "cnn7",
+        "epochs": 100,
+        "batch_size": 128,
+        "lr": 1e-3,
+        "reg_epochs": 20,
+    },
+    "cifar10": {"model": "cnn7", "epochs": 200, "batch_size": 128, "lr": 2e-3, "reg_epochs": 80},
+    "tinyimagenet": {
+        "model": "cnn7-tin",
+        "epochs": 200,
+        "batch_size": 256,
+        "lr": 2e-3,
+        "reg_epochs": 80,
+        "lambda_tight": 0.2,
+        "lambda_relu": 0.2,
+        "l1": 1e-4,
+    },
+}
+"""Per-dataset values for the fields left ``None`` (METHOD.md, "Optimisation"; mnist5k is ours)."""
+
+_GENERIC = {"lambda_tight": 0.5, "lambda_relu": 0.5, "l1": 0.0}
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """``value`` converted to the type of field ``key``, or a ConfigError naming both."""
+    annotation = _field_types()[key]
+    allowed = (
+        typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    )
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"config key {key!r} may not be null")
+    for kind in (t for t in allowed if t is not type(None)):
+        converted = _convert(kind, value)
+        if converted is not _NO:
+            return converted
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise ConfigError(f"config key {key!r} needs {names}, got {value!r}")
+
+
+_NO = object()
+
+
+def _convert(kind: Any, value: Any) -> Any:
+    origin = typing.get_origin(kind)
+    if origin is list:
+        items = value if isinstance(value, list | tuple) else str(value).split(",")
+        (item_kind,) = typing.get_args(kind)
+        converted = [_convert(item_kind, item) for item in items if item != ""]
+        return _NO if any(c is _NO for c in converted) else converted
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        return {"true": True, "false": False}.get(str(value).lower(), _NO)
+    if kind is int:
+        if isinstance(value, bool):
+            return _NO
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value))
+        except ValueError:
+            return _NO
+    if kind is float:
+        if isinstance(value, bool):
+            return _NO
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return _NO
+        return number if math.isfinite(number) else _NO
+    if kind is str:
+        return value if isinstance(value, str) else _NO
+    return _NO
+
+
+def config_from_dict(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+    """A config with ``values`` applied over ``base`` (default: the field defaults)."""
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {unknown[0]!r}; valid keys are {', '.join(sorted(_FIELDS))}"
+        )
+    merged = (base or TrainConfig()).to_dict()
+    merged.update({key: _coerce(key, value) for key, value in values.items()})
+    return TrainConfig(**merged)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file, or a ConfigError naming the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"config file {path} is not valid YAML: {str(err).splitlines()[0]}"
+        ) from err
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    return values
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"key=value"`` -> (key, value parsed as YAML scalar)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} must look like key=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def resolve(config: TrainConfig) -> TrainConfig:
+    """Fill every ``None`` from the dataset (registry and preset) and check the values."""
+    info = dataset_info(config.dataset)
+    preset = {**_GENERIC, **PRESETS.get(config.dataset, {})}
+    filled: dict[str, Any] = {
+        **{k: v for k, v in preset.items() if getattr(config, k) is None},
+        "val_size": info.val_size if config.val_size is None else config.val_size,
+        "eps_max": info.eps_max if config.eps_max is None else config.eps_max,
+        "cert_eps": list(info.cert_eps) if config.cert_eps is None else config.cert_eps,
+    }
+    eps_max = filled["eps_max"]
+    filled["eps_train"] = eps_max if config.eps_train is None else config.eps_train
+    resolved = dataclasses.replace(config, **filled)
+    validate(resolved)
+    return resolved
+
+
+def validate(config: TrainConfig) -> None:
+    """Raise a ConfigError for values out of range or inconsistent with each other."""
+    checks = [
+        (0 < config.eps_max < 1, f"eps_max must lie in (0, 1) pixel units, got {config.eps_max}"),
+        (
+            0 < config.eps_train < 1,
+            f"eps_train must lie in (0, 1) pixel units, got {config.eps_train}",
+        ),
+        (0 <= config.kappa <= 1, f"kappa must lie in [0, 1], got {config.kappa}"),
+        (config.epochs >= 1, f"epochs must be >= 1, got {config.epochs}"),
+        (config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}"),
+        (config.lr > 0, f"lr must be > 0, got {config.lr}"),
+        (
+            config.stn_epochs >= 0 and config.reg_epochs >= 0,
+            "stn_epochs and reg_epochs must be >= 0",
+        ),
+        (config.val_size >= 0, f"val_size must be >= 0, got {config.val_size}"),
+        (config.train_limit is None or config.train_limit > 0, "train_limit must be > 0"),
+        (0 <= config.sabr_lambda <= 1, f"sabr_lambda must lie in [0, 1], got {config.sabr_lambda}"),
+        (0 <= config.mtl_alpha <= 1, f"mtl_alpha must lie in [0, 1], got {config.mtl_alpha}"),
+        (config.grad_clip > 0, f"grad_clip must be > 0, got {config.grad_clip}"),
+        (config.radius_max_iter >= 1, "radius_max_iter must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    for eps in config.cert_eps:
+        if not 0 < eps <= config.eps_max:
+            raise ConfigError(
+                f"certification eps {eps} must lie in (0, eps_max={config.eps_max}]; "
+                "raise eps_max or drop that eps"
+            )

@@ -1,0 +1,131 @@
+"""Clean, certified and empirical metrics of a model (METHOD.md, "Certified radius and ACR").
+
+- clean accuracy;
+- per-sample certified radii (:mod:`acert.radius`) and their mean, the ACR, under the cap ε_max;
+- certified accuracy at each requested ε, by one bound evaluation at that ε;
+- acceps = sqrt((ACR / ε_max) · clean accuracy), the model-selection score;
+- PGD accuracy at each ε, an empirical upper bound on the certified accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from acert.attacks import pgd_attack
+from acert.bounds import check_inputs, margin_bounds
+from acert.radius import radius_search
+
+__all__ = ["Evaluation", "acceps", "evaluate"]
+
+
+def acceps(acr: float, eps_max: float, clean_accuracy: float) -> float:
+    """``sqrt((ACR / ε_max) · clean accuracy)`` (METHOD.md), in [0, 1]."""
+    return math.sqrt(max(acr, 0.0) / eps_max * max(clean_accuracy, 0.0))
+
+
+@dataclass
+class Evaluation:
+    """Metrics of one model on one dataset split; accuracies are fractions in [0, 1]."""
+
+    n: int
+    bound: str
+    eps_max: float
+    clean_accuracy: float
+    acr: float
+    acceps: float
+    certified_accuracy: dict[float, float]
+    pgd_accuracy: dict[float, float]
+    radius_evaluations: float
+    radii: Tensor = field(repr=False)
+
+    def to_dict(self) -> dict:
+        """JSON-ready metrics (radii left out)."""
+        return {
+            "n": self.n,
+            "bound": self.bound,
+            "eps_max": self.eps_max,
+            "clean_accuracy": self.clean_accuracy,
+            "acr": self.acr,
+            "acr_percent_of_eps_max": 100 * self.acr / self.eps_max,
+            "acceps": self.acceps,
+            "certified_accuracy": {
+                f"{eps:.6g}": acc for eps, acc in self.certified_accuracy.items()
+            },
+            "pgd_accuracy": {f"{eps:.6g}": acc for eps, acc in self.pgd_accuracy.items()},
+            "radius_evaluations_per_sample": self.radius_evaluations,
+        }
+
+
+def evaluate(
+    model: nn.Sequential,
+    x: Tensor,
+    y: Tensor,
+    eps_max: float,
+    cert_eps: Sequence[float] = (),
+    bound: str = "ibp",
+    pgd_eps: Sequence[float] | None = None,
+    pgd_steps: int = 20,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> Evaluation:
+    """Evaluate a model in eval mode.
+
+    Args:
+        model: supported ``nn.Sequential``; put in eval mode for the evaluation.
+        x: (N, ...) inputs in [0, 1]; y: (N,) labels.
+        eps_max: cap of the radius search and of the ACR.
+        cert_eps: radii at which the certified accuracy is reported.
+        bound: ``"ibp"``, ``"crown-ibp"`` or ``"crown"``.
+        pgd_eps: radii for the PGD accuracy (default: ``cert_eps``); pass ``[]`` to skip.
+        pgd_steps: PGD steps (one random restart).
+        batch_size: samples per bound pass.
+        device: where to compute.
+        progress: show a progress bar.
+    """
+    model = model.to(device).eval()
+    check_inputs(model, x[:1], y[:1])
+    pgd_eps = list(cert_eps) if pgd_eps is None else list(pgd_eps)
+    radii, evaluations, correct = [], [], []
+    certified = {eps: 0 for eps in cert_eps}
+    robust = {eps: 0 for eps in pgd_eps}
+    generator = torch.Generator().manual_seed(0)
+    chunks = range(0, x.shape[0], batch_size)
+    for start in tqdm(chunks, desc=f"certify ({bound})", disable=not progress, leave=False):
+        xb = x[start : start + batch_size].to(device)
+        yb = y[start : start + batch_size].to(device)
+        with torch.no_grad():
+            correct.append(model(xb).argmax(1) == yb)
+            result = radius_search(model, xb, yb, eps_max, bound)
+            for eps in cert_eps:
+                certified[eps] += (
+                    (margin_bounds(model, xb, yb, eps, bound).min(1).values > 0).sum().item()
+                )
+        radii.append(result.radius.cpu())
+        evaluations.append(result.evaluations.cpu())
+        for eps in pgd_eps:
+            adversarial = pgd_attack(model, xb, yb, eps, steps=pgd_steps, generator=generator)
+            with torch.no_grad():
+                robust[eps] += (model(adversarial).argmax(1) == yb).sum().item()
+    n = x.shape[0]
+    radius = torch.cat(radii)
+    clean = torch.cat(correct).float().mean().item()
+    acr = radius.mean().item()
+    return Evaluation(
+        n=n,
+        bound=bound,
+        eps_max=eps_max,
+        clean_accuracy=clean,
+        acr=acr,
+        acceps=acceps(acr, eps_max, clean),
+        certified_accuracy={eps: count / n for eps, count in certified.items()},
+        pgd_accuracy={eps: count / n for eps, count in robust.items()},
+        radius_evaluations=torch.cat(evaluations).float().mean().item(),
+        radii=radius,
+    )

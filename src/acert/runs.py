@@ -1,0 +1,178 @@
+"""Run folders: resolved config, atomic checkpoints, per-epoch metrics, final metrics; ``load``.
+
+A run folder holds::
+
+    config.yaml          the resolved configuration
+    checkpoints/last.pt  model, optimiser, scheduler, method state, history, RNG (each epoch)
+    checkpoints/best.pt  the model with the best validation acceps
+    metrics.csv          one row per epoch
+    test_metrics.json    final evaluation of the best model on the test split
+    radii.pt             its per-sample certified radii
+    radius_histogram.png
+
+Every file is written to a temporary name in the same folder and renamed into place, so a run
+killed at any moment leaves either the old or the new file, never half of one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from acert.config import TrainConfig, config_from_dict
+from acert.data import dataset_info
+from acert.errors import CheckpointError
+from acert.models import create_model
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "RunDir",
+    "atomic_write",
+    "build_model",
+    "load",
+    "read_checkpoint",
+]
+
+CHECKPOINT_FORMAT = "acert-checkpoint-v1"
+
+
+def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write a file via ``write(handle)`` to a temporary name, fsync, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda stream: stream.write(text.encode()))
+
+
+def build_model(config: TrainConfig) -> nn.Sequential:
+    """The (untrained) model a resolved config describes."""
+    info = dataset_info(config.dataset)
+    return create_model(
+        config.model, info.shape, info.num_classes, info.mean, info.std, init=config.init
+    )
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The payload of an acert checkpoint, or a CheckpointError saying what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a run folder or a .pt file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for foreign or truncated files
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a torch file ({first})"
+        ) from err
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is not an acert checkpoint (no '{CHECKPOINT_FORMAT}' marker); "
+            "pass a checkpoint written by `acert train`"
+        )
+    return payload
+
+
+class RunDir:
+    """The files of one training run."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    config_path = property(lambda self: self.path / "config.yaml")
+    metrics_path = property(lambda self: self.path / "metrics.csv")
+    test_metrics_path = property(lambda self: self.path / "test_metrics.json")
+    radii_path = property(lambda self: self.path / "radii.pt")
+    histogram_path = property(lambda self: self.path / "radius_histogram.png")
+
+    def checkpoint_path(self, name: str) -> Path:
+        return self.path / "checkpoints" / f"{name}.pt"
+
+    def create(self) -> RunDir:
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def save_config(self, config: TrainConfig) -> None:
+        _write_text(self.config_path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+    def load_config(self) -> TrainConfig:
+        if not self.config_path.is_file():
+            raise CheckpointError(
+                f"{self.path} is not a run folder (no config.yaml); pass a run folder"
+            )
+        values = yaml.safe_load(self.config_path.read_text()) or {}
+        return config_from_dict(values)
+
+    def save_checkpoint(self, name: str, payload: dict[str, Any]) -> None:
+        payload = {"format": CHECKPOINT_FORMAT, **payload}
+        atomic_write(self.checkpoint_path(name), lambda stream: torch.save(payload, stream))
+
+    def has_checkpoint(self, name: str) -> bool:
+        return self.checkpoint_path(name).is_file()
+
+    def load_checkpoint(self, name: str) -> dict[str, Any]:
+        return read_checkpoint(self.checkpoint_path(name))
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Rewrite metrics.csv from the full history (so it always matches the checkpoint)."""
+        if not rows:
+            return
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        _write_text(self.metrics_path, buffer.getvalue())
+
+    def write_test_metrics(self, metrics: dict[str, Any]) -> None:
+        _write_text(self.test_metrics_path, json.dumps(metrics, indent=2) + "\n")
+
+    def save_radii(self, radii: torch.Tensor) -> None:
+        atomic_write(self.radii_path, lambda stream: torch.save(radii.cpu(), stream))
+
+
+def load(path: str | Path, which: str = "best") -> nn.Sequential:
+    """The trained model of a run folder (``best``/``last``) or of a checkpoint file, in eval mode.
+
+    Args:
+        path: a run folder or a ``.pt`` checkpoint written by ``acert train``.
+        which: in a run folder, ``"best"`` (falls back to ``"last"``) or ``"last"``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        run = RunDir(path)
+        name = which if run.has_checkpoint(which) else "last"
+        payload = run.load_checkpoint(name)
+    else:
+        payload = read_checkpoint(path)
+    try:
+        config = config_from_dict(payload["config"])
+        model = build_model(config)
+        model.load_state_dict(payload["model"])
+    except (KeyError, RuntimeError) as err:
+        raise CheckpointError(
+            f"checkpoint {path} does not match its own config ({type(err).__name__}); "
+            "it was written by another version or edited"
+        ) from err
+    return model.eval()
