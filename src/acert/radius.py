@@ -19,9 +19,11 @@ from torch import Tensor, nn
 
 from acert.bounds import (
     BatchStats,
+    Interval,
     as_eps,
     check_inputs,
     clean_forward,
+    ibp,
     input_box,
     margin_bounds_on_box,
 )
@@ -96,7 +98,7 @@ class Brent:
         toward_other = torch.sign(other - best)
         acceptable = (
             torch.isfinite(guess)
-            & (reach * toward_other > 0)
+            & (reach * toward_other >= 0)
             & (reach.abs() < 0.75 * (other - best).abs())
             & (reach.abs() < 0.5 * b.steps[-2])
         )
@@ -187,10 +189,19 @@ def radius_search(
         raise AcertError(f"unknown radius search {search!r}; choose one of {', '.join(SEARCHES)}")
     cap = as_eps(eps_max, x.shape[0], x)
     with torch.no_grad():
-        if needs_batch_stats(model) and (stats is None or logits is None):
-            logits, stats = clean_forward(model, x, update_running_stats=False)
-        elif logits is None:
-            logits = model(x)
+        try:
+            if needs_batch_stats(model) and stats is None:
+                logits, stats = clean_forward(model, x, update_running_stats=False)
+            elif logits is None and needs_batch_stats(model):
+                # the clean logits under the given statistics (not those of x's own batch)
+                logits = ibp.propagate(model, Interval(x, torch.zeros_like(x)), stats)[0].centre
+            elif logits is None:
+                logits = model(x)
+        except RuntimeError as err:
+            first_line = str(err).strip().splitlines()[0]
+            raise AcertError(
+                f"input of shape {tuple(x.shape[1:])} does not fit the model: {first_line}"
+            ) from err
         return _search(
             model, x, y, cap, method, SEARCHES[search](), xtol, rtol, ftol, max_iter, stats, logits
         )

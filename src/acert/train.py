@@ -197,7 +197,7 @@ def run(
     out: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train the model a config describes, with checkpoints, model selection and a test evaluation.
 
@@ -206,8 +206,9 @@ def run(
         out: run folder; None keeps nothing on disk.
         resume: continue the run in ``out`` from its last completed epoch.
         progress: progress bars.
-        log: where epoch summaries go.
+        log: where epoch summaries go (default: printed, flushed at once).
     """
+    log = log or _print_now
     config = resolve(config)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -220,9 +221,14 @@ def run(
     train_set, val_set = _data(config)
     info = dataset_info(config.dataset)
     loader = BatchLoader(
-        train_set, config.batch_size, shuffle=True, augmentation=info.augmentation,
-        drop_last=len(train_set) >= 2 * config.batch_size, seed=config.seed, device=device,
-    )  # fmt: skip
+        train_set,
+        config.batch_size,
+        shuffle=True,
+        augmentation=info.augmentation,
+        drop_last=len(train_set) >= 2 * config.batch_size,
+        seed=config.seed,
+        device=device,
+    )
     steps_per_epoch = len(loader)
     schedule = EpsSchedule(config.eps_train, steps_per_epoch, config.stn_epochs, config.reg_epochs)
     optimizer, scheduler = _optimizer(model, config, config.epochs * steps_per_epoch)
@@ -254,9 +260,19 @@ def run(
         log(_format_row(row, config.epochs, time.perf_counter() - started))
 
     state = fit(
-        model, method, loader, schedule, optimizer, scheduler, config.epochs, state,
-        config.grad_clip, config.l1, end_of_epoch, progress,
-    )  # fmt: skip
+        model,
+        method,
+        loader,
+        schedule,
+        optimizer,
+        scheduler,
+        config.epochs,
+        state,
+        config.grad_clip,
+        config.l1,
+        end_of_epoch,
+        progress,
+    )
     if run_dir is not None and run_dir.has_checkpoint("best"):
         model.load_state_dict(run_dir.load_checkpoint("best")["model"])
     test = _final_evaluation(model.eval(), config, device, progress)
@@ -265,6 +281,10 @@ def run(
     return TrainResult(
         model, state.history, state.best_epoch, test, run_dir.path if run_dir else None, config
     )
+
+
+def _print_now(line: str) -> None:
+    print(line, flush=True)
 
 
 def _payload(config, model, method, optimizer, scheduler, state: TrainState) -> dict[str, Any]:
@@ -328,9 +348,16 @@ def _final_evaluation(
     if config.eval_limit is not None:
         test = stratified_subset(test, config.eval_limit, seed=config.seed)
     return evaluate(
-        model, test.floats(), test.labels, config.eps_max, config.cert_eps, config.eval_bound,
-        pgd_steps=config.eval_pgd_steps, device=device, progress=progress,
-    )  # fmt: skip
+        model,
+        test.floats(),
+        test.labels,
+        config.eps_max,
+        config.cert_eps,
+        config.eval_bound,
+        pgd_steps=config.eval_pgd_steps,
+        device=device,
+        progress=progress,
+    )
 
 
 def _write_results(run_dir: RunDir, test: Evaluation, state: TrainState, seconds: float) -> None:

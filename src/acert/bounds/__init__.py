@@ -126,9 +126,9 @@ def margin_bounds(
     """
     check_inputs(model, x, y)
     box = input_box(x, eps)
-    if stats is None and needs_batch_stats(model):
-        stats = clean_forward(model, x, update_running_stats=False)[1]
     try:
+        if stats is None and needs_batch_stats(model):
+            stats = clean_forward(model, x, update_running_stats=False)[1]
         return margin_bounds_on_box(model, box, y, method, stats)
     except RuntimeError as err:
         first_line = str(err).strip().splitlines()[0]

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from acert.bounds import ibp
 from acert.bounds.interval import Interval
 from acert.bounds.layers import BatchStats, channel_affine
-from acert.bounds.spec import other_classes
+from acert.bounds.spec import other_classes, rounding_allowance
 from acert.models import Normalize
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "Relaxation", "crown_margins", "relu_relaxation"]
@@ -109,9 +109,9 @@ def _back_channel_affine(
     layer: nn.Module, A: Tensor, bias: Tensor, ctx: _Context
 ) -> tuple[Tensor, Tensor]:
     scale, shift = channel_affine(layer, ctx.stats)
-    per_channel = A.sum(tuple(range(3, A.dim()))) if A.dim() > 3 else A
     shape = (1, 1, -1) + (1,) * (A.dim() - 3)
-    return A * scale.view(shape), bias + per_channel @ shift
+    # shift broadcasts like the forward pass does (Normalize may hold one value for all channels)
+    return A * scale.view(shape), bias + (A * shift.view(shape)).flatten(2).sum(-1)
 
 
 def _back_relu(layer: nn.ReLU, A: Tensor, bias: Tensor, ctx: _Context) -> tuple[Tensor, Tensor]:
@@ -164,7 +164,7 @@ class _Network:
             rows: (Q,) batch row of each query.
 
         Returns:
-            (Q, S) lower bounds.
+            (Q, S) lower bounds, less the rounding allowance.
         """
         for position in range(end - 1, -1, -1):
             layer = self.layers[position]
@@ -174,7 +174,10 @@ class _Network:
             A, bias = BACKWARD_RULES[type(layer)](layer, A, bias, ctx)
         centre = self.box.centre[rows].unsqueeze(1)
         radius = self.box.radius[rows].unsqueeze(1)
-        return bias + (A * centre).flatten(2).sum(-1) - (A.abs() * radius).flatten(2).sum(-1)
+        spread = (A.abs() * radius).flatten(2).sum(-1)
+        magnitude = (A * centre).abs().flatten(2).sum(-1) + spread + bias.abs()
+        lower = bias + (A * centre).flatten(2).sum(-1) - spread
+        return lower - rounding_allowance(magnitude)
 
 
 def _input_shapes(

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from acert.bounds.interval import Interval
 from acert.bounds.layers import BatchStats, channel_affine
-from acert.bounds.spec import other_classes
+from acert.bounds.spec import other_classes, rounding_allowance
 from acert.models import Normalize
 
 __all__ = ["RULES", "last_layer_margins", "propagate"]
@@ -97,12 +97,15 @@ def last_layer_margins(layer: nn.Linear, box: Interval, y: Tensor) -> Tensor:
         y: (B,) labels.
 
     Returns:
-        (B, K-1) lower bounds, classes t in increasing order with y left out.
+        (B, K-1) lower bounds, classes t in increasing order with y left out, less the
+        rounding allowance of :func:`acert.bounds.spec.rounding_allowance`.
     """
     others = other_classes(y, layer.out_features)
     weight = layer.weight[y].unsqueeze(1) - layer.weight[others]
     centre = torch.einsum("bkd,bd->bk", weight, box.centre)
     radius = torch.einsum("bkd,bd->bk", weight.abs(), box.radius)
+    magnitude = torch.einsum("bkd,bd->bk", weight.abs(), box.centre.abs()) + radius
     if layer.bias is not None:
-        centre = centre + (layer.bias[y].unsqueeze(1) - layer.bias[others])
-    return centre - radius
+        bias = layer.bias[y].unsqueeze(1) - layer.bias[others]
+        centre, magnitude = centre + bias, magnitude + bias.abs()
+    return centre - radius - rounding_allowance(magnitude)

@@ -49,7 +49,8 @@ def check_supported(model: nn.Module) -> nn.Sequential:
             "build the model from acert.models or as nn.Sequential(Normalize(...), ...)"
         )
     for position, layer in enumerate(model):
-        if not isinstance(layer, SUPPORTED_LAYERS):
+        # exact types: a subclass may override forward, and the rules dispatch on type(layer)
+        if type(layer) not in SUPPORTED_LAYERS:
             names = ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
             raise UnsupportedModelError(
                 f"layer {position} ({type(layer).__name__}) has no bound rule; "

@@ -49,9 +49,19 @@ class ACERT(Stateless):
         """(B,) IBP certified radii capped at ε_s, 0 if misclassified (METHOD.md step 3)."""
         with torch.no_grad():
             result = radius_search(
-                model, batch.x, batch.y, step.eps, "ibp", self.search, self.xtol, self.rtol,
-                self.ftol, self.max_iter, stats, logits.detach(),
-            )  # fmt: skip
+                model,
+                batch.x,
+                batch.y,
+                step.eps,
+                "ibp",
+                search=self.search,
+                xtol=self.xtol,
+                rtol=self.rtol,
+                ftol=self.ftol,
+                max_iter=self.max_iter,
+                stats=stats,
+                logits=logits.detach(),
+            )
         radii = result.radius.clamp(min=self.min_warmup_eps) if step.warmup else result.radius
         return radii, result.mean_evaluations
 

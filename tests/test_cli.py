@@ -1,0 +1,111 @@
+"""The command line: a short real run, certify, and one-line errors with exit status 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from acert.cli import main
+
+TINY = [
+    "--dataset",
+    "mnist5k",
+    "--model",
+    "mlp-small",
+    "--train-limit",
+    "200",
+    "--val-size",
+    "40",
+    "--epochs",
+    "2",
+    "--reg-epochs",
+    "1",
+    "--batch-size",
+    "50",
+    "--eval-limit",
+    "60",
+    "--cert-eps",
+    "0.1,0.2",
+    "--eval-pgd-steps",
+    "2",
+    "--quiet",
+]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", *TINY, "--out", str(out)]) == 0
+    return out
+
+
+def test_train_prints_metrics_and_writes_the_run(trained_run, capsys):
+    assert (trained_run / "test_metrics.json").is_file()
+    assert (trained_run / "checkpoints" / "last.pt").is_file()
+
+
+def test_certify_with_crown_writes_json(trained_run, capsys):
+    assert (
+        main(
+            [
+                "certify",
+                str(trained_run),
+                "--bound",
+                "crown",
+                "--limit",
+                "30",
+                "--pgd-steps",
+                "0",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "ACR" in printed and "certified acc @ 0.1" in printed
+    metrics = json.loads((trained_run / "certify_crown.json").read_text())
+    assert metrics["bound"] == "crown" and metrics["n"] == 30 and metrics["pgd_accuracy"] == {}
+    radii = torch.load(trained_run / "certify_crown.radii.pt")
+    assert radii.shape == (30,) and metrics["acr"] == pytest.approx(radii.mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+        (["train", "--kappa", "2"], "kappa must lie in [0, 1]"),
+        (["train", "--eps-max", "1.5"], "eps_max must lie in (0, 1)"),
+        (["train", "--eps-max", "0.2"], "certification eps 0.3 must lie in (0, eps_max=0.2]"),
+        (["train", "--epochs", "many"], "'epochs' needs int"),
+        (["train", "--set", "colour=red"], "unknown config key 'colour'"),
+        (
+            ["train", "--config", "/nonexistent.yaml"],
+            "config file /nonexistent.yaml does not exist",
+        ),
+        (["certify", "/nonexistent/run"], "does not exist"),
+        (["train", "--dataset", "cifar10", "--data-dir", "/nonexistent"], "cifar10"),
+    ],
+)
+def test_bad_input_is_one_line_with_exit_status_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("acert: error: ") and message in err
+    assert err.count("\n") == 1
+
+
+def test_certify_rejects_eps_beyond_eps_max_and_corrupt_checkpoints(trained_run, tmp_path, capsys):
+    assert main(["certify", str(trained_run), "--eps", "0.5"]) == 2
+    assert "certification eps 0.5 must lie in" in capsys.readouterr().err
+    corrupt = tmp_path / "bad.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    assert main(["certify", str(corrupt)]) == 2
+    assert "corrupt or not a torch file" in capsys.readouterr().err
+
+
+def test_console_script_runs_as_a_module():
+    done = subprocess.run(
+        [sys.executable, "-m", "acert", "list"], capture_output=True, text=True, check=True
+    )
+    assert "mnist5k" in done.stdout and "acert" in done.stdout and "cnn7" in done.stdout

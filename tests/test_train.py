@@ -1,0 +1,111 @@
+"""The training loop and run folders on short runs on real digits (mnist5k)."""
+
+import json
+
+import pytest
+import torch
+
+import acert.methods.standard as standard_module
+from acert.config import TrainConfig
+from acert.errors import CheckpointError
+from acert.runs import RunDir, load
+from acert.train import TrainingDivergedError, run
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    values = dict(
+        dataset="mnist5k",
+        model="mlp-small",
+        train_limit=300,
+        val_size=60,
+        epochs=3,
+        reg_epochs=1,
+        stn_epochs=1,
+        batch_size=50,
+        eval_limit=100,
+        cert_eps=[0.1],
+        eval_pgd_steps=2,
+        lr=2e-3,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def quiet(_line: str) -> None:
+    pass
+
+
+def test_run_writes_the_run_folder(tmp_path):
+    result = run(tiny_config(), out=tmp_path / "run", progress=False, log=quiet)
+    folder = RunDir(tmp_path / "run")
+    for path in (
+        folder.config_path,
+        folder.metrics_path,
+        folder.test_metrics_path,
+        folder.radii_path,
+        folder.histogram_path,
+        folder.checkpoint_path("last"),
+    ):
+        assert path.is_file() and path.stat().st_size > 0, path
+    rows = folder.metrics_path.read_text().strip().splitlines()
+    assert len(rows) == 1 + 3 and rows[0].startswith("epoch,step,lr")
+    metrics = json.loads(folder.test_metrics_path.read_text())
+    assert metrics["n"] == 100 and set(metrics["certified_accuracy"]) == {"0.1"}
+    assert 0 <= metrics["acr"] <= 0.4 and metrics["clean_accuracy"] > 0.2
+    model = load(folder.path)
+    assert not model.training
+    radii = torch.load(folder.radii_path)
+    assert radii.shape == (100,) and metrics["acr"] == pytest.approx(radii.mean().item(), rel=1e-5)
+    assert result.best_epoch in (2, 3)  # selection only once the ramp (1 + 1 epochs) is over
+    assert folder.histogram_path.read_bytes()[:4] == b"\x89PNG"
+
+
+class InterruptError(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path):
+    straight = run(tiny_config(), out=tmp_path / "straight", progress=False, log=quiet)
+
+    def stop_after_second_epoch(line: str) -> None:
+        if line.startswith("epoch 2/3"):
+            raise InterruptError
+
+    with pytest.raises(InterruptError):
+        run(tiny_config(), out=tmp_path / "resumed", progress=False, log=stop_after_second_epoch)
+    assert RunDir(tmp_path / "resumed").load_checkpoint("last")["epoch"] == 2
+    with pytest.raises(CheckpointError, match="pass --resume"):
+        run(tiny_config(), out=tmp_path / "resumed", progress=False, log=quiet)
+    with pytest.raises(CheckpointError, match="different config"):
+        run(
+            tiny_config(kappa=0.5), out=tmp_path / "resumed", resume=True, progress=False, log=quiet
+        )
+    resumed = run(tiny_config(), out=tmp_path / "resumed", resume=True, progress=False, log=quiet)
+    assert len(resumed.history) == 3
+    for key in ("loss", "train_acc", "val_acc", "val_acr"):
+        assert resumed.history[-1][key] == pytest.approx(
+            straight.history[-1][key], rel=1e-5, abs=1e-7
+        )
+    for a, b in zip(
+        straight.model.state_dict().values(), resumed.model.state_dict().values(), strict=True
+    ):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)
+    assert resumed.test.acr == pytest.approx(straight.test.acr, rel=1e-5)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    original = standard_module.Standard.loss
+    calls = {"n": 0}
+
+    def poisoned(self, model, batch, step):
+        calls["n"] += 1
+        terms = original(self, model, batch, step)
+        if calls["n"] > 7:  # after the first epoch (6 steps) is checkpointed
+            terms.loss = terms.loss * float("nan")
+        return terms
+
+    monkeypatch.setattr(standard_module.Standard, "loss", poisoned)
+    with pytest.raises(TrainingDivergedError, match="the loss became nan at epoch 2") as err:
+        run(tiny_config(method="standard"), out=tmp_path / "run", progress=False, log=quiet)
+    assert "\n" not in str(err.value)
+    assert RunDir(tmp_path / "run").load_checkpoint("last")["epoch"] == 1
