@@ -68,3 +68,11 @@ def test_yaml_and_overrides(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_yaml(tmp_path / "list.yaml")
+
+
+def test_shipped_config_files_resolve():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        config = resolve(config_from_dict(load_yaml(path)))
+        assert config.dataset in path.stem

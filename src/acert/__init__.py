@@ -1,1 +1,26 @@
-"""acert: adaptive certified training (ACERT) with sound bound propagation and certified radii."""
+"""acert: adaptive certified training (ACERT) with sound bound propagation and certified radii.
+
+``acert.load(run)`` returns a trained model; ``acert.data``, ``acert.bounds``, ``acert.radius``
+and ``acert.models`` are the library's main modules. They are imported on first use, so
+``import acert`` itself does nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = ["bounds", "data", "load", "models", "radius"]
+__version__ = "0.1.0"
+
+_MODULES = {"bounds", "data", "models", "radius", "methods", "evaluate", "train", "plots"}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "load":
+        from acert.runs import load
+
+        return load
+    if name in _MODULES:
+        return importlib.import_module(f"acert.{name}")
+    raise AttributeError(f"module 'acert' has no attribute {name!r}")

@@ -9,6 +9,7 @@ interrupted run from its last completed epoch, selects the best epoch by validat
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -284,7 +285,8 @@ def run(
 
 
 def _print_now(line: str) -> None:
-    print(line, flush=True)
+    tqdm.write(line)
+    sys.stdout.flush()
 
 
 def _payload(config, model, method, optimizer, scheduler, state: TrainState) -> dict[str, Any]:
