@@ -134,11 +134,10 @@ def assert_uncertified_beyond(recorded: Recorded, rows: Tensor, tol: Tensor) -> 
 
 
 def assert_nearly_certified(model, x, y, r, method, stats=None) -> None:
-    """Recomputed on another float path (the whole batch at once) the bound at the radius may
-    differ by rounding: it must be > 0 up to that, and strictly for most samples."""
+    """Recomputed on another float path (the whole batch at once) the bound at the radius still
+    certifies: the rounding allowance absorbs the difference of the float paths."""
     lb = margin_bounds(model, x, y, r, method, stats=stats).min(1).values[r > 0]
-    assert (lb > -1e-5).all(), lb.min()
-    assert (lb > 0).float().mean() >= 0.9
+    assert (lb > 0).all(), lb.min()
 
 
 _RESULTS: dict = {}
@@ -361,3 +360,42 @@ def test_float32_radius_in_float64(trained):
         r64 = radius_search(model64, x64, y, _caps().double(), method).radius
         assert (r.double() <= r64 + XTOL).all()
         assert ((r64 - r.double()).abs() <= 2 * XTOL + 1e-3 * r64).all()
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.02, 0.3])
+@pytest.mark.parametrize("method", METHODS)
+def test_warm_started_search_is_certified_and_matches_the_cold_search(trained, method, noise):
+    """Issue 4: guesses (here the cold radii, perturbed) change the cost, never the promise."""
+    model, x, y = trained
+    caps = _caps()
+    cold = _search(trained, method, "brent").result
+    generator = torch.Generator().manual_seed(3)
+    guess = cold.radius * (1 + noise * torch.randn(len(x), generator=generator))
+    guess[0] = float("nan")  # unknown
+    guess[5] = 2 * EPS_MAX  # above the cap: cold start
+    recorded = recorded_search(model, x, y, caps, method, "brent", guess=guess)
+    warm = recorded.result
+    positive = warm.radius > 0
+    assert_certified_by_search(recorded, positive)
+    assert torch.equal(warm.radius == 0, cold.radius == 0)
+    assert ((warm.radius - cold.radius).abs() <= XTOL * (1 + 1e-5)).all()
+    tol = torch.full_like(warm.radius, XTOL)
+    assert_uncertified_beyond(recorded, positive & (warm.radius < caps), tol)
+    if noise == 0.0:
+        open_ = (cold.radius > 0) & (cold.radius < caps)
+        assert warm.evaluations[open_].float().mean() < cold.evaluations[open_].float().mean()
+
+
+def test_radius_memory_guesses_last_uncapped_radii():
+    from acert.methods.acert import RadiusMemory
+
+    memory = RadiusMemory()
+    idx = torch.tensor([4, 0, 2])
+    assert torch.isnan(memory.guess(idx)).all()
+    memory.remember(idx, torch.tensor([0.1, 0.3, 0.0]), cap=0.3)
+    guess = memory.guess(torch.tensor([0, 2, 4, 7]))
+    assert torch.isnan(guess[0])  # capped last time: start at the new cap
+    assert guess[1] == 0.0 and guess[2] == pytest.approx(0.1) and torch.isnan(guess[3])
+    restored = RadiusMemory()
+    restored.load_state_dict(memory.state_dict())
+    assert torch.equal(restored.guess(idx).nan_to_num(-1), memory.guess(idx).nan_to_num(-1))

@@ -16,7 +16,7 @@ import torch
 from acert.config import TrainConfig, config_from_dict
 from acert.data import SPLITS, load_imageset, stratified_subset
 from acert.errors import AcertError, CheckpointError
-from acert.evaluate import evaluate
+from acert.evaluate import evaluate, float64_violations
 from acert.runs import RunDir, atomic_write, load, read_checkpoint
 
 __all__ = ["CertifyResult", "certify_run", "run_config"]
@@ -55,6 +55,7 @@ def certify_run(
     device: str = "cpu",
     out: str | Path | None = None,
     progress: bool = False,
+    check_float64: bool = False,
 ) -> CertifyResult:
     """Evaluate a trained run with a chosen bound; see ``acert certify --help``.
 
@@ -71,6 +72,8 @@ def certify_run(
         device: where to compute.
         out: JSON path; default ``<run>/certify_<bound>.json``.
         progress: show a progress bar.
+        check_float64: re-check every reported radius with the model in float64 and record
+            the samples whose float32 certificate does not hold there.
     """
     config = run_config(run)
     model = load(run)
@@ -88,10 +91,11 @@ def certify_run(
     data = load_imageset(dataset or config.dataset, split, data_dir or config.data_dir)
     if limit is not None:
         data = stratified_subset(data, limit, seed=config.seed)
+    x, y = data.floats(), data.labels
     result = evaluate(
         model,
-        data.floats(),
-        data.labels,
+        x,
+        y,
         eps_max,
         eps,
         bound,
@@ -102,6 +106,13 @@ def certify_run(
         progress=progress,
     )
     metrics = {**result.to_dict(), "dataset": dataset or config.dataset, "split": split}
+    if check_float64:
+        violations = float64_violations(model, x, y, result.radii, bound, batch_size)
+        metrics["float64_check"] = {
+            "checked": int((result.radii > 0).sum()),
+            "violations": int(violations.numel()),
+            "violating_samples": violations.tolist(),
+        }
     run_path = Path(run)
     folder = run_path if run_path.is_dir() else run_path.parent
     target = Path(out) if out else folder / f"certify_{bound}.json"

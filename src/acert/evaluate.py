@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from acert.attacks import pgd_attack
 from acert.bounds import check_inputs, margin_bounds
 from acert.radius import radius_search
 
-__all__ = ["Evaluation", "acceps", "evaluate"]
+__all__ = ["Evaluation", "acceps", "evaluate", "float64_violations"]
 
 
 def acceps(acr: float, eps_max: float, clean_accuracy: float) -> float:
@@ -129,3 +130,42 @@ def evaluate(
         radius_evaluations=torch.cat(evaluations).float().mean().item(),
         radii=radius,
     )
+
+
+def float64_violations(
+    model: nn.Sequential,
+    x: Tensor,
+    y: Tensor,
+    radii: Tensor,
+    bound: str = "ibp",
+    batch_size: int = 256,
+) -> Tensor:
+    """Indices of samples whose float32 certificate fails when recomputed in float64.
+
+    Every positive radius is re-checked with a float64 copy of the model, inputs and radii;
+    a sample violates when its float64 margin lower bound at the radius is not positive.
+
+    Args:
+        model: the model that produced the radii (not modified).
+        x: (N, ...) inputs; y: (N,) labels; radii: (N,) reported radii.
+        bound: the bound method the radii were computed with.
+        batch_size: samples per pass.
+
+    Returns:
+        (V,) int64 indices into the N samples (empty when every certificate holds).
+    """
+    model64 = copy.deepcopy(model).double().eval()
+    device = next(model64.parameters()).device
+    bad = []
+    for start in range(0, x.shape[0], batch_size):
+        rows = slice(start, start + batch_size)
+        r = radii[rows].to(device, torch.float64)
+        certified = r > 0
+        if not certified.any():
+            continue
+        xb, yb = x[rows].to(device, torch.float64), y[rows].to(device)
+        with torch.no_grad():
+            lb = margin_bounds(model64, xb[certified], yb[certified], r[certified], bound)
+        failed = torch.nonzero(certified, as_tuple=True)[0][lb.min(1).values <= 0]
+        bad.append(failed.cpu() + start)
+    return torch.cat(bad) if bad else torch.empty(0, dtype=torch.long)

@@ -60,6 +60,14 @@ class Bracket:
     f_prev: Tensor
     steps: list[Tensor] = field(default_factory=list)
 
+    @staticmethod
+    def cat(brackets: list[Bracket]) -> Bracket:
+        """The brackets of several groups of samples, one after the other."""
+        fields = ("lo", "f_lo", "hi", "f_hi", "prev", "f_prev")
+        joined = [torch.cat([getattr(b, name) for b in brackets]) for name in fields]
+        steps = [torch.cat([b.steps[i] for b in brackets]) for i in range(2)]
+        return Bracket(*joined, steps=steps)
+
     def select(self, rows: Tensor) -> Bracket:
         return Bracket(
             *(t[rows] for t in (self.lo, self.f_lo, self.hi, self.f_hi, self.prev, self.f_prev)),
@@ -164,6 +172,8 @@ def radius_search(
     max_iter: int = 50,
     stats: BatchStats | None = None,
     logits: Tensor | None = None,
+    guess: Tensor | None = None,
+    spread: float = 0.02,
 ) -> RadiusResult:
     """Certified radius of every sample, with the number of bound evaluations spent.
 
@@ -180,6 +190,11 @@ def radius_search(
         max_iter: evaluations after the one at the cap.
         stats: clean-batch statistics for train-mode batch-norms (computed when needed).
         logits: the clean logits, when the caller already has them.
+        guess: (B,) a radius expected to be close (e.g. the sample's radius one epoch ago);
+            where it lies in (0, cap) the search starts with a bracket around it, two
+            evaluations at the guess and ``guess·(1 ± spread)``, instead of one at the cap.
+            Every bracket end is evaluated, so a wrong guess costs time, never soundness.
+        spread: relative distance of the second probe of a warm start.
 
     Returns:
         :class:`RadiusResult`; every radius is a point at which the bound certifies the sample.
@@ -203,55 +218,142 @@ def radius_search(
                 f"input of shape {tuple(x.shape[1:])} does not fit the model: {first_line}"
             ) from err
         return _search(
-            model, x, y, cap, method, SEARCHES[search](), xtol, rtol, ftol, max_iter, stats, logits
+            model,
+            x,
+            y,
+            cap,
+            method,
+            SEARCHES[search](),
+            xtol,
+            rtol,
+            ftol,
+            max_iter,
+            stats,
+            logits,
+            guess,
+            spread,
         )
 
 
+class _Search:
+    """One radius search over a batch: the bound evaluations and the per-sample results."""
+
+    def __init__(self, model, x, y, cap, method, stats, xtol, rtol, ftol) -> None:
+        self.model, self.x, self.y, self.cap, self.method, self.stats = (
+            model,
+            x,
+            y,
+            cap,
+            method,
+            stats,
+        )
+        self.xtol, self.rtol, self.ftol = xtol, rtol, ftol
+        self.radius = torch.zeros_like(cap)
+        self.evaluations = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        self.converged = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+
+    def margin_at(self, rows: Tensor, eps: Tensor) -> Tensor:
+        """(R,) certified margin ``m(eps)`` of the given rows; counts one evaluation each."""
+        self.evaluations[rows] += 1
+        box = input_box(self.x[rows], eps)
+        return (
+            margin_bounds_on_box(self.model, box, self.y[rows], self.method, self.stats)
+            .min(1)
+            .values
+        )
+
+    def tol(self, lo: Tensor) -> Tensor:
+        return self.xtol + self.rtol * lo
+
+    def cold_brackets(self, rows: Tensor, f0: Tensor) -> tuple[Tensor, Bracket]:
+        """Evaluate at the cap; the uncertified rows get the bracket [0, cap]."""
+        cap = self.cap[rows]
+        f_cap = self.margin_at(rows, cap)
+        at_cap = f_cap > 0
+        self.radius[rows[at_cap]] = cap[at_cap]
+        keep = ~at_cap
+        return rows[keep], _bracket(torch.zeros_like(cap[keep]), f0[keep], cap[keep], f_cap[keep])
+
+    def warm_brackets(
+        self, rows: Tensor, f0: Tensor, guess: Tensor, spread: float
+    ) -> tuple[Tensor, Bracket]:
+        """Bracket the radius near a guess below the cap: evaluate the guess, then one probe
+        ``spread`` (relative) beyond it on the side the guess fell; fall back to the cap or 0."""
+        f_guess = self.margin_at(rows, guess)
+        above = f_guess > 0
+        probe = torch.where(
+            above, (guess * (1 + spread)).minimum(self.cap[rows]), guess * (1 - spread)
+        )
+        f_probe = self.margin_at(rows, probe)
+        probe_certified = f_probe > 0
+        pieces = []
+        # certified at the guess, not at the probe: [guess, probe]
+        sel = above & ~probe_certified
+        pieces.append((rows[sel], _bracket(guess[sel], f_guess[sel], probe[sel], f_probe[sel])))
+        # certified at both: the cap decides (or the probe already is the cap)
+        sel = above & probe_certified
+        capped = sel & (probe >= self.cap[rows])
+        self.radius[rows[capped]] = self.cap[rows[capped]]
+        sel = sel & ~capped
+        if sel.any():
+            cap_rows, cap_bracket = self.cold_brackets(rows[sel], f0[sel])
+            kept = torch.isin(rows[sel], cap_rows)
+            lo, f_lo = probe[sel][kept], f_probe[sel][kept]
+            pieces.append((cap_rows, _bracket(lo, f_lo, cap_bracket.hi, cap_bracket.f_hi)))
+        # not certified at the guess: [probe, guess] if the probe is certified, else [0, probe]
+        sel = ~above & probe_certified
+        pieces.append((rows[sel], _bracket(probe[sel], f_probe[sel], guess[sel], f_guess[sel])))
+        sel = ~above & ~probe_certified
+        zero = torch.zeros_like(probe[sel])
+        pieces.append((rows[sel], _bracket(zero, f0[sel], probe[sel], f_probe[sel])))
+        return torch.cat([r for r, _ in pieces]), Bracket.cat([b for _, b in pieces])
+
+    def refine(self, rows: Tensor, bracket: Bracket, strategy, max_iter: int) -> None:
+        """Shrink every bracket below its tolerance (or stop at max_iter); report ``lo``."""
+        for _ in range(max_iter):
+            tol = self.tol(bracket.lo)
+            open_ = bracket.hi - bracket.lo > tol
+            if not open_.any():
+                break
+            self.radius[rows[~open_]] = bracket.lo[~open_]
+            rows, bracket, tol = rows[open_], bracket.select(open_), tol[open_]
+            point = strategy.propose(bracket, tol).clamp(bracket.lo, bracket.hi)
+            f_point = self.margin_at(rows, point)
+            _update(bracket, point, f_point)
+            done = (f_point > 0) & (f_point <= self.ftol)
+            self.radius[rows[done]] = point[done]
+            rows, bracket = rows[~done], bracket.select(~done)
+        else:
+            self.converged[rows[bracket.hi - bracket.lo > self.tol(bracket.lo)]] = False
+        self.radius[rows] = bracket.lo
+
+
+def _bracket(lo: Tensor, f_lo: Tensor, hi: Tensor, f_hi: Tensor) -> Bracket:
+    nan = torch.full_like(lo, float("nan"))
+    width = hi - lo
+    return Bracket(lo, f_lo, hi, f_hi, nan, nan.clone(), [width, width])
+
+
 def _search(
-    model, x, y, cap, method, strategy, xtol, rtol, ftol, max_iter, stats, logits
+    model, x, y, cap, method, strategy, xtol, rtol, ftol, max_iter, stats, logits, guess, spread
 ) -> RadiusResult:
-    batch = x.shape[0]
     xtol = 1e-4 * cap.max().item() if xtol is None else xtol
-    evaluations = torch.zeros(batch, dtype=torch.long, device=x.device)
-    converged = torch.ones(batch, dtype=torch.bool, device=x.device)
-
-    def margin_at(rows: Tensor, eps: Tensor) -> Tensor:
-        evaluations[rows] += 1
-        box = input_box(x[rows], eps)
-        return margin_bounds_on_box(model, box, y[rows], method, stats).min(1).values
-
+    search = _Search(model, x, y, cap, method, stats, xtol, rtol, ftol)
     f0 = clean_margins(logits, y)
-    radius = torch.zeros_like(cap)
-    rows = torch.nonzero((f0 > 0) & (cap > 0), as_tuple=True)[0]
-    if rows.numel() == 0:
-        return RadiusResult(radius, evaluations, converged)
-    f_cap = margin_at(rows, cap[rows])
-    at_cap = f_cap > 0
-    radius[rows[at_cap]] = cap[rows[at_cap]]
-    keep = ~at_cap
-    rows = rows[keep]
-    nan = torch.full_like(f_cap[keep], float("nan"))
-    width = cap[rows]
-    bracket = Bracket(
-        torch.zeros_like(width), f0[rows], cap[rows], f_cap[keep], nan, nan.clone(), [width, width]
-    )
-    for _ in range(max_iter):
-        tol = xtol + rtol * bracket.lo
-        open_ = bracket.hi - bracket.lo > tol
-        if not open_.any():
-            break
-        radius[rows[~open_]] = bracket.lo[~open_]
-        rows, bracket, tol = rows[open_], bracket.select(open_), tol[open_]
-        point = strategy.propose(bracket, tol).clamp(bracket.lo, bracket.hi)
-        f_point = margin_at(rows, point)
-        _update(bracket, point, f_point)
-        done = (f_point > 0) & (f_point <= ftol)
-        radius[rows[done]] = point[done]
-        rows, bracket = rows[~done], bracket.select(~done)
-    else:
-        converged[rows[bracket.hi - bracket.lo > xtol + rtol * bracket.lo]] = False
-    radius[rows] = bracket.lo
-    return RadiusResult(radius, evaluations, converged)
+    open_ = (f0 > 0) & (cap > 0)
+    warm = torch.zeros_like(open_)
+    if guess is not None:
+        guess = guess.to(cap)
+        warm = open_ & torch.isfinite(guess) & (guess > 0) & (guess < cap)
+    rows = torch.nonzero(open_ & ~warm, as_tuple=True)[0]
+    pieces = [search.cold_brackets(rows, f0[rows])] if rows.numel() else []
+    rows = torch.nonzero(warm, as_tuple=True)[0]
+    if rows.numel():
+        pieces.append(search.warm_brackets(rows, f0[rows], guess[rows], spread))
+    if pieces:
+        rows = torch.cat([r for r, _ in pieces])
+        search.refine(rows, Bracket.cat([b for _, b in pieces]), strategy, max_iter)
+    return RadiusResult(search.radius, search.evaluations, search.converged)
 
 
 def _update(b: Bracket, point: Tensor, f_point: Tensor) -> None:

@@ -30,7 +30,7 @@ class Interval:
 
     @classmethod
     def from_bounds(cls, lower: Tensor, upper: Tensor) -> Interval:
-        return cls((upper + lower) / 2, (upper - lower) / 2)
+        return cls((upper + lower) * 0.5, (upper - lower) * 0.5)
 
     @property
     def lower(self) -> Tensor:

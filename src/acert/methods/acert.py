@@ -14,15 +14,54 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from acert.bounds import BatchStats, clean_forward
-from acert.methods.base import Batch, LossTerms, Stateless, Step, certified_objective
+from acert.methods.base import Batch, LossTerms, Step, certified_objective
 from acert.methods.warmup import WarmupRegularizer
 from acert.radius import radius_search
 
-__all__ = ["ACERT"]
+__all__ = ["ACERT", "RadiusMemory"]
+
+
+class RadiusMemory:
+    """Each training sample's last radius, by dataset index, to warm-start its next search.
+
+    A sample whose last radius was the cap gets no guess (its search starts at the new cap,
+    where it is most likely certified again). Guesses only speed the search up: every bracket
+    end is evaluated (:func:`acert.radius.radius_search`), so a stale guess is never unsound.
+    """
+
+    def __init__(self) -> None:
+        self.radius = torch.empty(0)
+        self.capped = torch.empty(0, dtype=torch.bool)
+
+    def _grow(self, size: int) -> None:
+        if size > self.radius.numel():
+            extra = size - self.radius.numel()
+            self.radius = torch.cat([self.radius, torch.full((extra,), float("nan"))])
+            self.capped = torch.cat([self.capped, torch.zeros(extra, dtype=torch.bool)])
+
+    def guess(self, idx: Tensor) -> Tensor:
+        """(B,) last radii of the samples ``idx``; NaN where unknown or capped."""
+        idx = idx.cpu()
+        self._grow(int(idx.max()) + 1)
+        guess = self.radius[idx].clone()
+        guess[self.capped[idx]] = float("nan")
+        return guess
+
+    def remember(self, idx: Tensor, radius: Tensor, cap: float) -> None:
+        idx = idx.cpu()
+        self._grow(int(idx.max()) + 1)
+        self.radius[idx] = radius.detach().float().cpu()
+        self.capped[idx] = radius.detach().cpu() >= cap
+
+    def state_dict(self) -> dict:
+        return {"radius": self.radius.clone(), "capped": self.capped.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.radius, self.capped = state["radius"].clone(), state["capped"].clone()
 
 
 @dataclass
-class ACERT(Stateless):
+class ACERT:
     """The ACERT loss; κ moves the model along the accuracy–robustness trade-off.
 
     Attributes:
@@ -31,6 +70,7 @@ class ACERT(Stateless):
         search: radius search strategy (``"brent"`` or ``"bisection"``).
         max_iter, xtol, rtol, ftol: the cheap training search (10, 1e-6, 1e-4, 1e-5).
         min_warmup_eps: floor of the radii during warm-up (1e-6).
+        memory: last radius per training sample for warm starts (None: cold searches).
     """
 
     kappa: float = 0.0
@@ -41,6 +81,7 @@ class ACERT(Stateless):
     rtol: float = 1e-4
     ftol: float = 1e-5
     min_warmup_eps: float = 1e-6
+    memory: RadiusMemory | None = field(default_factory=RadiusMemory)
     name: str = "acert"
 
     def adaptive_radii(
@@ -61,7 +102,10 @@ class ACERT(Stateless):
                 max_iter=self.max_iter,
                 stats=stats,
                 logits=logits.detach(),
+                guess=None if self.memory is None else self.memory.guess(batch.idx),
             )
+        if self.memory is not None:
+            self.memory.remember(batch.idx, result.radius, step.eps)
         radii = result.radius.clamp(min=self.min_warmup_eps) if step.warmup else result.radius
         return radii, result.mean_evaluations
 
@@ -76,3 +120,10 @@ class ACERT(Stateless):
         )
         terms.metrics["radius_evals"] = evaluations
         return terms
+
+    def state_dict(self) -> dict:
+        return {} if self.memory is None else {"radius_memory": self.memory.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.memory is not None and "radius_memory" in state:
+            self.memory.load_state_dict(state["radius_memory"])

@@ -1,0 +1,327 @@
+"""``acert bench``: what certified training costs, as ratios measured side by side in one process.
+
+Absolute times depend on the machine; ratios of passes timed in the same process, interleaved
+and taken as the best of several repeats, are what the targets in docs/PERFORMANCE.md refer to.
+
+- bound passes: IBP margin bounds / clean forward; CROWN-IBP / IBP; CROWN / IBP (same inputs);
+- radius search: mean bound evaluations per correctly classified sample to reach 1e-4·ε_max,
+  for every search strategy, cold and warm-started from the previous epoch's radii;
+- training steps: ACERT / IBP / standard, same batch, backward included;
+- peak memory of each (PyTorch's allocator statistics on CUDA; the profiler's allocation
+  records on the CPU);
+- training throughput of the default ``acert train`` in samples per second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from acert.bounds import input_box, margin_bounds_on_box
+from acert.config import TrainConfig, resolve
+from acert.data import BatchLoader, load_imageset, stratified_subset
+from acert.methods import Batch, Step, create_method
+from acert.models import create_model
+from acert.radius import SEARCHES, radius_search
+from acert.runs import RunDir, build_model, load
+from acert.train import run as train_run
+
+__all__ = ["BenchSettings", "bench", "format_table"]
+
+
+@dataclass
+class BenchSettings:
+    """What ``acert bench`` measures on.
+
+    Attributes:
+        model: registry name of the model for the bound and step timings.
+        shape: input shape (C, H, W) for the bound timings (MNIST size by default).
+        batch: batch of the IBP / forward timing (256).
+        crown_batch: batch of the CROWN / CROWN-IBP / IBP comparison.
+        step_batch: batch of the training-step timings.
+        radius_samples: test inputs of the radius-search count.
+        repeats: timed repeats (the best is kept).
+        run: a trained run for the radius and step parts; None trains a short reference run.
+        device: where to compute.
+    """
+
+    model: str = "cnn7-tiny"
+    shape: tuple[int, int, int] = (1, 28, 28)
+    batch: int = 256
+    crown_batch: int = 16
+    step_batch: int = 64
+    radius_samples: int = 512
+    repeats: int = 5
+    run: str | None = None
+    device: str = "cpu"
+
+
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    """Seconds of the fastest of ``repeats`` calls after one warm-up call."""
+    fn()
+    _synchronise(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _synchronise(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak bytes of tensor memory allocated while ``fn`` runs (above what was live before)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        baseline = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - baseline
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        fn()
+    records = sorted(
+        (event.time_range.start, event.self_cpu_memory_usage)
+        for event in profiler.events()
+        if event.self_cpu_memory_usage
+    )
+    live = peak = 0
+    for _, change in records:
+        live += change
+        peak = max(peak, live)
+    return peak
+
+
+def _bound_passes(settings: BenchSettings, device: torch.device) -> dict[str, float]:
+    channels = settings.shape[0]
+    model = create_model(settings.model, settings.shape, 10, (0.5,) * channels, (0.25,) * channels)
+    model = model.to(device).eval()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(settings.batch, *settings.shape, generator=generator).to(device)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+
+    def bounds(method: str, rows: slice) -> Callable[[], Any]:
+        return lambda: margin_bounds_on_box(model, input_box(x[rows], 0.01), y[rows], method)
+
+    every, few = slice(None), slice(0, settings.crown_batch)
+    timings: dict[str, Callable[[], Any]] = {
+        "forward": lambda: model(x),
+        "ibp": bounds("ibp", every),
+        "ibp_small_batch": bounds("ibp", few),
+        "crown-ibp": bounds("crown-ibp", few),
+        "crown": bounds("crown", few),
+    }
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        for name, fn in timings.items():
+            out[f"{name}_seconds"] = best_time(fn, device, settings.repeats)
+            out[f"{name}_peak_bytes"] = peak_memory(fn, device)
+    return out
+
+
+def _reference_runs(
+    settings: BenchSettings, device: torch.device
+) -> tuple[nn.Sequential, nn.Sequential, TrainConfig]:
+    """A trained model and its state one epoch earlier (for warm starts), and their config."""
+    if settings.run is not None:
+        model = load(settings.run).to(device)
+        return model, model, resolve(TrainConfig(model=settings.model))
+    config = TrainConfig(
+        model=settings.model,
+        train_limit=1500,
+        val_size=0,
+        epochs=4,
+        reg_epochs=2,
+        eval_limit=100,
+        eval_pgd_steps=0,
+        cert_eps=[0.4],
+        device=settings.device,
+    )
+    snapshots: list[dict] = []
+    with tempfile.TemporaryDirectory() as folder:
+        run_dir = RunDir(folder)
+
+        def keep_epoch(_line: str) -> None:
+            snapshots.append(run_dir.load_checkpoint("last")["model"])
+
+        result = train_run(config, out=folder, progress=False, log=keep_epoch)
+    earlier = build_model(result.config).to(device)
+    earlier.load_state_dict(snapshots[-2])
+    return result.model.to(device).eval(), earlier.eval(), result.config
+
+
+def _radius_counts(
+    model, earlier, config: TrainConfig, settings: BenchSettings, device
+) -> dict[str, float]:
+    test = stratified_subset(load_imageset("mnist5k", "test"), settings.radius_samples, seed=0)
+    x, y = test.floats().to(device), test.labels.to(device)
+    with torch.no_grad():
+        correct = model(x).argmax(1) == y
+    x, y = x[correct], y[correct]
+    tol = 1e-4 * config.eps_max
+    out: dict[str, float] = {"radius_samples": int(correct.sum())}
+    for name in SEARCHES:
+        result = radius_search(model, x, y, config.eps_max, "ibp", search=name, xtol=tol)
+        out[f"radius_evals_per_sample_{name}"] = result.mean_evaluations
+    previous = radius_search(earlier, x, y, config.eps_max, "ibp", xtol=tol).radius
+    warm = radius_search(model, x, y, config.eps_max, "ibp", xtol=tol, guess=previous)
+    out["radius_evals_per_sample_brent_warm"] = warm.mean_evaluations
+    return out
+
+
+def _step_times(
+    model: nn.Sequential, config: TrainConfig, settings: BenchSettings, device
+) -> dict[str, float]:
+    train = load_imageset("mnist5k", "train")
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[
+        : settings.step_batch
+    ]
+    batch = Batch(train.floats(idx).to(device), train.labels[idx].to(device), idx.to(device))
+    step = Step(index=10_000, epoch=50, eps=config.eps_max, eps_max=config.eps_max, warmup=False)
+    out: dict[str, float] = {}
+    for name in ("standard", "ibp", "acert"):
+        method = create_method(dataclasses.replace(config, method=name))
+        trained = model.train()
+
+        def one_step(method=method, trained=trained) -> None:
+            trained.zero_grad(set_to_none=True)
+            method.loss(trained, batch, step).loss.backward()
+
+        state = {k: v.clone() for k, v in trained.state_dict().items()}
+        out[f"{name}_step_seconds"] = best_time(one_step, device, settings.repeats)
+        out[f"{name}_step_peak_bytes"] = peak_memory(one_step, device)
+        trained.load_state_dict(state)
+    model.eval()
+    return out
+
+
+def _throughput(
+    model: nn.Sequential, config: TrainConfig, settings: BenchSettings, device
+) -> float:
+    """Samples per second of the default ACERT training loop (after the ramp, no validation)."""
+    default = resolve(TrainConfig(device=settings.device))
+    method = create_method(default)
+    data = stratified_subset(load_imageset("mnist5k", "train"), 1024, seed=0)
+    loader = BatchLoader(data, default.batch_size, shuffle=True, drop_last=True, device=device)
+    trained = build_model(default).to(device)
+    if default.model == config.model:
+        trained.load_state_dict(model.state_dict())
+    trained.train()
+    optimizer = torch.optim.Adam(trained.parameters(), lr=1e-4)
+    step = Step(index=10_000, epoch=50, eps=default.eps_max, eps_max=default.eps_max, warmup=False)
+    start, seen = time.perf_counter(), 0
+    for x, y, idx in loader:
+        loss = method.loss(trained, Batch(x, y, idx), step).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(trained.parameters(), default.grad_clip)
+        optimizer.step()
+        seen += x.shape[0]
+    _synchronise(device)
+    return seen / (time.perf_counter() - start)
+
+
+def bench(settings: BenchSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every measurement; return the JSON-ready results (ratios first, then raw numbers)."""
+    device = torch.device(settings.device)
+    log("bound passes ...")
+    raw = _bound_passes(settings, device)
+    log("reference model for the radius search and the training steps ...")
+    model, earlier, config = _reference_runs(settings, device)
+    log("radius search ...")
+    raw.update(_radius_counts(model, earlier, config, settings, device))
+    log("training steps ...")
+    raw.update(_step_times(model, config, settings, device))
+    log("training throughput ...")
+    throughput = _throughput(model, config, settings, device)
+    results = {
+        "ibp_over_forward": raw["ibp_seconds"] / raw["forward_seconds"],
+        "crown_ibp_over_ibp": raw["crown-ibp_seconds"] / raw["ibp_small_batch_seconds"],
+        "crown_over_ibp": raw["crown_seconds"] / raw["ibp_small_batch_seconds"],
+        "radius_evals_per_sample": raw["radius_evals_per_sample_brent"],
+        "radius_evals_per_sample_bisection": raw["radius_evals_per_sample_bisection"],
+        "radius_evals_per_sample_warm": raw["radius_evals_per_sample_brent_warm"],
+        "acert_step_over_ibp_step": raw["acert_step_seconds"] / raw["ibp_step_seconds"],
+        "ibp_step_over_standard_step": raw["ibp_step_seconds"] / raw["standard_step_seconds"],
+        "train_samples_per_second": throughput,
+    }
+    machine = {
+        "device": str(device),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
+    return {**results, "settings": dataclasses.asdict(settings), "machine": machine, "raw": raw}
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The results as an aligned text table."""
+    raw = results["raw"]
+    rows = [
+        (
+            "IBP bounds / clean forward",
+            f"{results['ibp_over_forward']:.2f}x",
+            f"{1e3 * raw['ibp_seconds']:.1f} / {1e3 * raw['forward_seconds']:.1f} ms",
+        ),
+        (
+            "CROWN-IBP / IBP",
+            f"{results['crown_ibp_over_ibp']:.2f}x",
+            f"{1e3 * raw['crown-ibp_seconds']:.1f} / {1e3 * raw['ibp_small_batch_seconds']:.1f} ms",
+        ),
+        (
+            "CROWN / IBP",
+            f"{results['crown_over_ibp']:.2f}x",
+            f"{1e3 * raw['crown_seconds']:.1f} ms",
+        ),
+        ("radius evals / sample, brent", f"{results['radius_evals_per_sample']:.2f}", ""),
+        (
+            "radius evals / sample, bisection",
+            f"{results['radius_evals_per_sample_bisection']:.2f}",
+            "",
+        ),
+        ("radius evals / sample, brent warm", f"{results['radius_evals_per_sample_warm']:.2f}", ""),
+        (
+            "ACERT step / IBP step",
+            f"{results['acert_step_over_ibp_step']:.2f}x",
+            f"{1e3 * raw['acert_step_seconds']:.1f} / {1e3 * raw['ibp_step_seconds']:.1f} ms",
+        ),
+        (
+            "IBP step / standard step",
+            f"{results['ibp_step_over_standard_step']:.2f}x",
+            f"{1e3 * raw['standard_step_seconds']:.1f} ms standard",
+        ),
+        ("training throughput", f"{results['train_samples_per_second']:.0f} samples/s", ""),
+    ]
+    memory = [
+        (f"peak memory, {name}", f"{raw[f'{key}_peak_bytes'] / 2**20:.1f} MiB", "")
+        for name, key in [
+            ("forward", "forward"),
+            ("IBP", "ibp"),
+            ("CROWN-IBP", "crown-ibp"),
+            ("CROWN", "crown"),
+            ("standard step", "standard_step"),
+            ("IBP step", "ibp_step"),
+            ("ACERT step", "acert_step"),
+        ]
+    ]
+    width = max(len(name) for name, _, _ in rows + memory)
+    return "\n".join(
+        f"  {name:<{width}}  {value:>16}  {note}" for name, value, note in rows + memory
+    )
