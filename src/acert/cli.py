@@ -53,8 +53,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def _config_from_args(args: argparse.Namespace):
-    from acert.config import config_from_dict, load_yaml, parse_override
+def _config_values(args: argparse.Namespace) -> dict[str, Any]:
+    """Config keys from --config, then --set, then the per-key flags (later ones win)."""
+    from acert.config import load_yaml, parse_override
 
     values: dict[str, Any] = load_yaml(args.config) if args.config else {}
     for text in args.set or []:
@@ -63,7 +64,21 @@ def _config_from_args(args: argparse.Namespace):
     for key, value in vars(args).items():
         if key.startswith("cfg_") and value is not None:
             values[key[4:]] = parse_override(f"x={value}")[1]
-    return config_from_dict(values)
+    return values
+
+
+def _config_from_args(args: argparse.Namespace):
+    from acert.config import config_from_dict
+
+    return config_from_dict(_config_values(args))
+
+
+def _say(line: str) -> None:
+    """Print a line between progress bars, at once."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line)
+    sys.stdout.flush()
 
 
 def _default_out(config) -> Path:
@@ -72,19 +87,23 @@ def _default_out(config) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from acert.distributed import launched_world
     from acert.train import run
 
+    main_process = launched_world().is_main  # under torchrun only rank 0 prints
     config = _config_from_args(args)
     out = Path(config.out) if config.out else _default_out(config)
     config = dataclasses.replace(config, out=str(out))
-    print(f"acert train: {config.method} on {config.dataset} -> {out}", flush=True)
+    if main_process:
+        print(f"acert train: {config.method} on {config.dataset} -> {out}", flush=True)
     try:
         result = run(config, out=out, resume=args.resume, progress=not args.quiet)
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with: acert train --out {out} --resume", file=sys.stderr)
         return 130
-    _print_evaluation(result.test.to_dict())
-    print(f"run folder: {out}")
+    if main_process:
+        _print_evaluation(result.test.to_dict())
+        print(f"run folder: {out}")
     return 0
 
 
@@ -128,6 +147,58 @@ def cmd_certify(args: argparse.Namespace) -> int:
     )
     _print_evaluation(result.metrics)
     print(f"written: {result.path}")
+    return 0
+
+
+def _sweep_grid(values: dict[str, Any], specs: list[str]) -> dict[str, list[Any]]:
+    """The grid of ``--grid`` flags, with ``--method a,b`` moved into it as the outer key."""
+    from acert.errors import ConfigError
+    from acert.sweep import parse_grid
+
+    grid = parse_grid(specs)
+    method = values.get("method")
+    if isinstance(method, str) and "," in method:
+        if "method" in grid:
+            raise ConfigError("give the methods once: --method a,b or --grid method=a,b")
+        grid = {**parse_grid([f"method={method}"]), **grid}
+        del values["method"]
+    return grid
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from acert.config import config_from_dict
+    from acert.errors import ConfigError
+    from acert.sweep import sweep
+
+    values = _config_values(args)
+    if values.get("out") is not None:
+        raise ConfigError("acert sweep names each run folder itself; pass --study DIR, not --out")
+    grid = _sweep_grid(values, args.grid or [])
+    base = config_from_dict(values)
+    study = Path(args.study) if args.study else Path("runs") / f"{base.dataset}-study"
+    print(f"acert sweep: {base.dataset} -> {study}", flush=True)
+    try:
+        sweep(
+            base,
+            grid,
+            study,
+            bounds=args.bounds,
+            certify_limit=args.certify_limit,
+            progress=not args.quiet,
+            log=_say,
+        )
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same acert sweep command to continue", file=sys.stderr)
+        return 130
+    print((study / "study.md").read_text())
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from acert.plots import plot_study
+
+    for path in plot_study(args.study, out=args.out, bound=args.bound.lower(), runs=args.runs):
+        print(f"written: {path}")
     return 0
 
 
@@ -187,6 +258,16 @@ def _parser() -> argparse.ArgumentParser:
     certify.add_argument("--quiet", action="store_true")
     certify.set_defaults(handler=cmd_certify)
 
+    _add_sweep_parser(sub)
+    plot = sub.add_parser("plot", help="trade-off, certified accuracy and radius figures")
+    plot.add_argument("study", help="study folder (acert sweep --study)")
+    plot.add_argument("--out", help="folder for the PNG files (default: STUDY/plots-BOUND)")
+    plot.add_argument("--bound", default="ibp", help="whose certificates: ibp, crown-ibp, crown")
+    plot.add_argument(
+        "--runs", nargs="+", metavar="RUN", help="runs to draw radii of (default: best per method)"
+    )
+    plot.set_defaults(handler=cmd_plot)
+
     listing = sub.add_parser("list", help="datasets, models and methods")
     listing.set_defaults(handler=cmd_list)
 
@@ -195,6 +276,35 @@ def _parser() -> argparse.ArgumentParser:
     download.add_argument("--data-dir")
     download.set_defaults(handler=cmd_download)
     return parser
+
+
+def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
+    sweep = sub.add_parser(
+        "sweep",
+        help="train one run per grid point into a study folder, certify, tabulate",
+        description="Resumable: finished points are skipped, interrupted ones resumed. "
+        "Several methods (--method a,b, or repeated calls) may share one --study.",
+    )
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        metavar="KEY=V1,V2",
+        help="config key and its values, e.g. kappa=0,0.25 (repeat: the product is swept)",
+    )
+    sweep.add_argument("--study", help="study folder (default: runs/DATASET-study)")
+    sweep.add_argument(
+        "--bounds", default="ibp,crown", help="bounds to certify every run with (ibp,crown)"
+    )
+    sweep.add_argument(
+        "--certify-limit", type=int, metavar="N", help="certify a stratified subset of N inputs"
+    )
+    sweep.add_argument("--config", help="YAML file of config keys")
+    sweep.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override any config key"
+    )
+    sweep.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_flags(sweep)
+    sweep.set_defaults(handler=cmd_sweep)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

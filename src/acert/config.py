@@ -42,6 +42,7 @@ class TrainConfig:
     eps_train: float | None = None
     radius_search: str = "brent"
     radius_max_iter: int = 10
+    radius_warm_start: bool = True
     lambda_tight: float | None = None
     lambda_relu: float | None = None
     pgd_steps: int = 10

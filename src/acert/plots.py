@@ -1,8 +1,19 @@
-"""Figures from metrics and radii (matplotlib, written as PNG). Imports nothing from training."""
+"""Figures from metrics and radii (matplotlib, written as PNG). Imports nothing from training.
+
+- :func:`radius_histogram`: the certified radii of one run;
+- :func:`plot_tradeoff`: ACR (% of ε_max) against clean accuracy, one line per method, with the
+  Pareto front — the accuracy–robustness trade-off the ACERT paper compares methods by;
+- :func:`plot_certified_accuracy`: certified accuracy against ε from per-sample radii;
+- :func:`plot_study`: all three for a study folder (``acert plot``).
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -10,9 +21,27 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
+from acert._plot_labels import place_labels
+from acert.errors import AcertError
 from acert.runs import atomic_write
+from acert.study import certify_path, find_runs, study_table
 
-__all__ = ["radius_histogram", "save_figure"]
+__all__ = [
+    "Tradeoff",
+    "certified_accuracy_curve",
+    "knob_label",
+    "pareto_front",
+    "plot_certified_accuracy",
+    "plot_study",
+    "plot_tradeoff",
+    "radius_histogram",
+    "save_figure",
+]
+
+KNOB_SYMBOLS = {"kappa": "κ", "eps_train": "ε_train", "sabr_lambda": "λ", "mtl_alpha": "α"}
+"""How a swept config key is written next to its point in the trade-off figure."""
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
 
 
 def save_figure(figure: plt.Figure, path: str | Path) -> Path:
@@ -52,3 +81,275 @@ def radius_histogram(
     )
     axes.set_xlim(0, eps_max)
     return save_figure(figure, path)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point dominates when both coordinates are maximised.
+
+    A point dominates another when it is at least as good in both coordinates and better in
+    one; equal points do not dominate each other, so both stay. Points with a NaN are ignored.
+
+    Args:
+        points: (clean accuracy, ACR) pairs, or any two scores to maximise.
+
+    Returns:
+        The indices on the front, by increasing first coordinate.
+    """
+    pairs = [(float(a), float(b)) for a, b in points]
+    finite = [i for i, pair in enumerate(pairs) if all(math.isfinite(v) for v in pair)]
+
+    def dominated(i: int) -> bool:
+        a, b = pairs[i]
+        return any(pairs[j][0] >= a and pairs[j][1] >= b and pairs[j] != pairs[i] for j in finite)
+
+    front = [i for i in finite if not dominated(i)]
+    return sorted(front, key=lambda i: (pairs[i][0], -pairs[i][1], i))
+
+
+def knob_label(point: str) -> str:
+    """``"kappa=0.25, eps_train=0.1"`` -> ``"κ=0.25, ε_train=0.1"``."""
+    parts = []
+    for part in filter(None, point.split(", ")):
+        key, _, value = part.partition("=")
+        parts.append(f"{KNOB_SYMBOLS.get(key, key)}={value}")
+    return ", ".join(parts)
+
+
+def _bound_scores(row: dict[str, Any], bound: str) -> dict[str, float] | None:
+    """Clean accuracy, ACR % of ε_max, acceps and n of a row under a bound, or None.
+
+    The training evaluation is used when it was made with ``bound`` (it covers the most
+    test inputs), else the ``certify_<bound>`` columns.
+    """
+    prefix = "" if row.get("bound") == bound else f"{bound}_"
+    if row.get(f"{prefix}acr_pct") is None:
+        return None
+    return {
+        "clean": 100 * row[f"{prefix}clean_acc"],
+        "acr_pct": row[f"{prefix}acr_pct"],
+        "acceps": row[f"{prefix}acceps"],
+        "n": row[f"{prefix}n"],
+    }
+
+
+@dataclass
+class Tradeoff:
+    """A written trade-off figure: its path and the Pareto front as indices into ``rows``."""
+
+    path: Path
+    front: list[int]
+
+
+def _n_text(values: Sequence[int]) -> str:
+    low, high = min(values), max(values)
+    return f"n = {low}" if low == high else f"n = {low}–{high}"
+
+
+def _draw_method(axes, rows, indices, scores, style: int) -> list[tuple[float, float, str]]:
+    """One method's line through its points by clean accuracy; returns the points' labels."""
+    order = sorted(indices, key=lambda i: scores[i]["clean"])
+    xs = [scores[i]["clean"] for i in order]
+    ys = [scores[i]["acr_pct"] for i in order]
+    method = str(rows[order[0]]["method"])
+    axes.plot(xs, ys, marker=MARKERS[style % len(MARKERS)], ms=6, lw=1.5, label=method)
+    labels = [knob_label(str(rows[i].get("point", ""))) for i in order]
+    return [(x, y, label) for x, y, label in zip(xs, ys, labels, strict=True) if label]
+
+
+def _draw_front(axes, scores: dict[int, dict[str, float]], front: list[int]) -> None:
+    xs = [scores[i]["clean"] for i in front]
+    ys = [scores[i]["acr_pct"] for i in front]
+    axes.step(xs, ys, where="pre", color="black", ls="--", lw=1, label="Pareto front")
+    axes.scatter(xs, ys, s=160, facecolors="none", edgecolors="black", lw=1.2, zorder=5)
+
+
+def plot_tradeoff(
+    rows: Sequence[dict[str, Any]], path: str | Path, bound: str = "ibp", title: str | None = None
+) -> Tradeoff:
+    """ACR as % of ε_max against clean accuracy, one line per method, Pareto front dashed.
+
+    Args:
+        rows: study table rows (:func:`acert.study.study_table`); rows without metrics for
+            ``bound`` are left out.
+        path: PNG file to write.
+        bound: whose certificates give the ACR.
+        title: figure title (default: dataset, bound and n).
+
+    Returns:
+        The path and the indices (into ``rows``) of the points on the Pareto front.
+    """
+    scores = {i: s for i, row in enumerate(rows) if (s := _bound_scores(row, bound)) is not None}
+    if not scores:
+        raise AcertError(f"no run has {bound} metrics; certify the runs with --bounds {bound}")
+    indices = list(scores)
+    front = [
+        indices[k]
+        for k in pareto_front([(scores[i]["clean"], scores[i]["acr_pct"]) for i in indices])
+    ]
+    figure, axes = plt.subplots(figsize=(7.5, 5.5))
+    methods = list(dict.fromkeys(str(rows[i]["method"]) for i in indices))
+    labels = []
+    for style, method in enumerate(methods):
+        chosen = [i for i in indices if str(rows[i]["method"]) == method]
+        labels += _draw_method(axes, rows, chosen, scores, style)
+    _draw_front(axes, scores, front)
+    datasets = ", ".join(sorted({str(rows[i].get("dataset")) for i in indices}))
+    eps_max = sorted({f"{rows[i]['eps_max']:g}" for i in indices})
+    axes.set_xlabel("clean accuracy (%)")
+    axes.set_ylabel(f"ACR (% of ε_max = {', '.join(eps_max)})")
+    n_text = _n_text([int(scores[i]["n"]) for i in indices])
+    axes.set_title(
+        title or f"{datasets}: accuracy–robustness trade-off ({bound.upper()}, {n_text})"
+    )
+    axes.grid(alpha=0.3)
+    axes.margins(x=0.08, y=0.1)
+    axes.legend(fontsize=9, loc="best")
+    place_labels(axes, labels, [(s["clean"], s["acr_pct"]) for s in scores.values()])
+    return Tradeoff(save_figure(figure, path), front)
+
+
+def certified_accuracy_curve(radii: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Certified accuracy (%) at each ε from per-sample certified radii.
+
+    At ε > 0 it is the share of radii ≥ ε; at ε = 0 the share of radii > 0 (the limit from
+    the right: a radius of 0 marks a misclassified or uncertified input).
+
+    Args:
+        radii: (N,) certified radii, pixel units.
+        eps: (M,) radii to evaluate at.
+
+    Returns:
+        (M,) percentages.
+    """
+    r = radii.detach().cpu().double()[None, :]
+    e = eps.detach().cpu().double()[:, None]
+    certified = torch.where(e > 0, r >= e, r > 0)
+    return 100 * certified.double().mean(1)
+
+
+def plot_certified_accuracy(
+    curves: dict[str, torch.Tensor],
+    eps_max: float,
+    path: str | Path,
+    title: str = "certified accuracy",
+    marks: Sequence[float] = (),
+) -> Path:
+    """Certified accuracy (%) against ε on [0, ε_max], one curve per set of radii.
+
+    Args:
+        curves: label -> (N,) per-sample certified radii, pixel units.
+        eps_max: right end of the ε axis.
+        path: PNG file to write.
+        title: figure title.
+        marks: radii to mark with a dotted vertical line (e.g. the dataset's certification ε).
+    """
+    eps = torch.linspace(0.0, eps_max, 401)
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for label, radii in curves.items():
+        accuracy = certified_accuracy_curve(radii, eps)
+        axes.plot(eps.numpy(), accuracy.numpy(), lw=1.8, label=f"{label} (n={radii.numel()})")
+    for value in marks:
+        axes.axvline(value, color="grey", ls=":", lw=1)
+    axes.set_xlim(0, eps_max)
+    axes.set_ylim(0, 100)
+    axes.set_xlabel("ε (ℓ∞ radius, pixel units)")
+    axes.set_ylabel("certified accuracy (%)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=9, loc="upper right")
+    return save_figure(figure, path)
+
+
+def radii_path(run: str | Path, bound: str, training_bound: str | None) -> Path | None:
+    """The radii of a run under a bound: the training evaluation's when it used that bound,
+    else ``certify_<bound>.radii.pt``; None when neither exists."""
+    run = Path(run)
+    if bound == training_bound and (run / "radii.pt").is_file():
+        return run / "radii.pt"
+    path = certify_path(run, bound).with_suffix(".radii.pt")
+    return path if path.is_file() else None
+
+
+def _chosen_rows(
+    rows: list[dict[str, Any]], bound: str, runs: Sequence[str] | None
+) -> list[dict[str, Any]]:
+    """The rows named in ``runs``, else the best-acceps row of each method under ``bound``."""
+    if runs:
+        by_name = {row["run"]: row for row in rows}
+        missing = [name for name in runs if Path(name).name not in by_name]
+        if missing:
+            raise AcertError(
+                f"run {missing[0]!r} is not a finished run of the study; "
+                f"choose from {', '.join(by_name)}"
+            )
+        return [by_name[Path(name).name] for name in runs]
+    best: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        score = _bound_scores(row, bound)
+        held = best.get(row["method"])
+        if score and (held is None or score["acceps"] > _bound_scores(held, bound)["acceps"]):
+            best[row["method"]] = row
+    return list(best.values())
+
+
+def _radius_figures(
+    study: Path, rows: list[dict[str, Any]], bound: str, folder: Path
+) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    """Each chosen run's radii under ``bound`` and its radius histogram."""
+    curves: dict[str, torch.Tensor] = {}
+    written = []
+    for row in rows:
+        name = row["run"]
+        path = radii_path(study / name, bound, row.get("bound"))
+        if path is None:
+            raise AcertError(f"run {name} has no {bound} radii; run acert certify on it")
+        curves[name] = torch.load(path, map_location="cpu", weights_only=True)
+        target = folder / f"radius_histogram_{name}.png"
+        title = f"{name} ({bound.upper()})"
+        written.append(radius_histogram(curves[name], row["eps_max"], target, title=title))
+    return curves, written
+
+
+def plot_study(
+    study_dir: str | Path,
+    out: str | Path | None = None,
+    bound: str = "ibp",
+    runs: Sequence[str] | None = None,
+) -> list[Path]:
+    """The figures of a study folder: trade-off, certified accuracy, radius histograms.
+
+    Args:
+        study_dir: a folder of run folders (``acert sweep --study``).
+        out: where the PNG files go (default: ``<study>/plots-<bound>``).
+        bound: whose certificates to plot.
+        runs: run folder names for the certified-accuracy curves and histograms (default: the
+            best-acceps run of each method).
+
+    Returns:
+        The written files: ``tradeoff.png``, ``certified_accuracy.png``, then
+        ``radius_histogram_<run>.png`` per chosen run.
+    """
+    study = Path(study_dir)
+    if not find_runs(study):
+        raise AcertError(f"no run folders in {study}; train some with acert sweep --study {study}")
+    rows = study_table(study)
+    if not rows:
+        raise AcertError(
+            f"no finished runs in {study}; finish them with acert sweep --study {study}"
+        )
+    folder = Path(out) if out is not None else study / f"plots-{bound}"
+    tradeoff = plot_tradeoff(rows, folder / "tradeoff.png", bound).path
+    chosen = _chosen_rows(rows, bound, runs)
+    curves, histograms = _radius_figures(study, chosen, bound, folder)
+    marks = sorted(
+        {float(c[len("cert_acc_") :]) for r in chosen for c in r if c.startswith("cert_acc_")}
+    )
+    datasets = ", ".join(sorted({str(row["dataset"]) for row in chosen}))
+    certified = plot_certified_accuracy(
+        curves,
+        max(row["eps_max"] for row in chosen),
+        folder / "certified_accuracy.png",
+        title=f"{datasets}: certified accuracy from per-sample radii ({bound.upper()})",
+        marks=marks,
+    )
+    return [tradeoff, certified, *histograms]

@@ -4,6 +4,9 @@
 builds those objects from a :class:`~acert.config.TrainConfig`, owns the run folder, resumes an
 interrupted run from its last completed epoch, selects the best epoch by validation acceps
 (METHOD.md, "Certified radius and ACR") and writes the final test metrics.
+
+Started by ``torchrun``, a run trains on several processes (:mod:`acert.distributed`): each
+takes its share of every global batch, rank 0 alone writes the run folder, logs and progress.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from acert._train_state import TrainState, checkpoint_payload, start_or_resume
 from acert.config import TrainConfig, resolve
 from acert.data import (
     BatchLoader,
@@ -29,8 +33,23 @@ from acert.data import (
     split_train_val,
     stratified_subset,
 )
-from acert.errors import AcertError, CheckpointError
-from acert.evaluate import Evaluation, evaluate
+from acert.distributed import (
+    World,
+    barrier,
+    broadcast_object,
+    check_last_batch,
+    distributed_loss,
+    evaluate_sharded,
+    launched_world,
+    local_batch_size,
+    process_device,
+    process_group,
+    seed_process,
+    shard,
+    sum_metrics,
+)
+from acert.errors import AcertError
+from acert.evaluate import Evaluation
 from acert.methods import Batch, Step, TrainingMethod, create_method
 from acert.runs import RunDir, build_model
 from acert.schedules import EpsSchedule
@@ -40,17 +59,6 @@ __all__ = ["TrainResult", "TrainingDivergedError", "fit", "run"]
 
 class TrainingDivergedError(AcertError):
     """The loss became NaN or infinite."""
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint restores: the epochs done, the step, the history, the best epoch."""
-
-    epoch: int = 0
-    step: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best_score: float = -math.inf
-    best_epoch: int = -1
 
 
 @dataclass
@@ -84,13 +92,15 @@ def fit(
     l1: float = 0.0,
     end_of_epoch: Callable[[TrainState, dict[str, Any]], None] | None = None,
     progress: bool = True,
+    world: World | None = None,
 ) -> TrainState:
     """Train from ``state.epoch`` to ``epochs``; call ``end_of_epoch(state, row)`` after each.
 
     Args:
         model: the network (put in train mode).
         method: its ``loss(model, batch, step)`` gives the objective.
-        loader: training batches ``(x, y, idx)``.
+        loader: training batches ``(x, y, idx)``; the global batches when several processes
+            train, each process taking its share (:func:`acert.distributed.shard`).
         schedule: training ε of each step.
         optimizer, scheduler: stepped once per batch.
         epochs: total epochs of the run.
@@ -99,15 +109,20 @@ def fit(
         l1: weight of the L1 penalty on weights (TinyImageNet 1e-4).
         end_of_epoch: validation, checkpointing and logging.
         progress: show a progress bar per epoch.
+        world: the processes training together (default: this one alone).
     """
+    world = world or World()
+    compute_loss = distributed_loss(model, method, world)
     for epoch in range(state.epoch, epochs):
         model.train()
         loader.set_epoch(epoch)
+        seed_process(loader.seed, epoch, world)
         started = time.perf_counter()
         sums: dict[str, float] = {}
         seen = 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
         for x, y, idx in bar:
+            rows, weight = shard(x.shape[0], world)
             step = Step(
                 state.step,
                 epoch,
@@ -115,30 +130,21 @@ def fit(
                 schedule.eps_max,
                 schedule.in_warmup(state.step),
             )
-            terms = method.loss(model, Batch(x, y, idx), step)
-            loss = terms.loss + l1 * _l1_penalty(model) if l1 > 0 else terms.loss
-            if not torch.isfinite(loss):
-                raise TrainingDivergedError(
-                    f"the loss became {loss.item()} at epoch {epoch + 1}, step {state.step}; "
-                    "the last good checkpoint is kept; lower --lr or check the data"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
-            scheduler.step()
+            batch = Batch(x[rows], y[rows], idx[rows])
+            values = _train_step(
+                compute_loss, model, batch, step, optimizer, scheduler, grad_clip, l1, weight
+            )
             state.step += 1
-            batch = x.shape[0]
-            seen += batch
-            accuracy = (terms.logits.argmax(1) == y).float().mean().item()
-            for key, value in {
-                "loss": loss.item(),
-                "train_acc": accuracy,
-                "eps": step.eps,
-                **terms.metrics,
-            }.items():
-                sums[key] = sums.get(key, 0.0) + value * batch
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.3f}", eps=f"{step.eps:.3g}")
+            size = batch.x.shape[0]
+            seen += size
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0.0) + value * size
+            bar.set_postfix(
+                loss=f"{values['loss']:.3f}",
+                acc=f"{values['train_acc']:.3f}",
+                eps=f"{step.eps:.3g}",
+            )
+        sums, seen = sum_metrics(sums, seen)
         row = {"epoch": epoch + 1, "step": state.step, "lr": scheduler.get_last_lr()[0]}
         row.update({key: value / max(seen, 1) for key, value in sums.items()})
         row["epoch_seconds"] = time.perf_counter() - started
@@ -147,6 +153,34 @@ def fit(
         if end_of_epoch is not None:
             end_of_epoch(state, row)
     return state
+
+
+def _train_step(
+    compute_loss: Callable[[Batch, Step], Any],
+    model: nn.Sequential,
+    batch: Batch,
+    step: Step,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    grad_clip: float,
+    l1: float,
+    weight: float,
+) -> dict[str, float]:
+    """One optimisation step; the batch's loss, accuracy, ε and the method's metrics."""
+    terms = compute_loss(batch, step)
+    loss = terms.loss + l1 * _l1_penalty(model) if l1 > 0 else terms.loss
+    if not torch.isfinite(loss):
+        raise TrainingDivergedError(
+            f"the loss became {loss.item()} at epoch {step.epoch + 1}, step {step.index}; "
+            "the last good checkpoint is kept; lower --lr or check the data"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    (loss if weight == 1 else loss * weight).backward()
+    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    accuracy = (terms.logits.argmax(1) == batch.y).float().mean().item()
+    return {"loss": loss.item(), "train_acc": accuracy, "eps": step.eps, **terms.metrics}
 
 
 def _seed_everything(seed: int) -> None:
@@ -202,6 +236,10 @@ def run(
 ) -> TrainResult:
     """Train the model a config describes, with checkpoints, model selection and a test evaluation.
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the processes join a process group for the run, each
+    on ``cuda:LOCAL_RANK`` when ``config.device`` is CUDA, and train on shares of every global
+    batch of ``config.batch_size``; rank 0's config and folder are used, and only rank 0 writes.
+
     Args:
         config: the run's configuration (``None`` fields take the dataset presets).
         out: run folder; None keeps nothing on disk.
@@ -209,40 +247,53 @@ def run(
         progress: progress bars.
         log: where epoch summaries go (default: printed, flushed at once).
     """
-    log = log or _print_now
     config = resolve(config)
+    world = launched_world()
+    local_batch_size(config.batch_size, world.world_size)
+    device = process_device(config.device, world)
+    with process_group(world, device):
+        config, out = broadcast_object((config, out))
+        return _run(
+            config, out, resume, progress and world.is_main, log or _print_now, world, device
+        )
+
+
+def _run(
+    config: TrainConfig,
+    out: str | Path | None,
+    resume: bool,
+    progress: bool,
+    log: Callable[[str], None],
+    world: World,
+    device: torch.device,
+) -> TrainResult:
+    """:func:`run` on one process of ``world`` (possibly the only one)."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = torch.device(config.device)
-    run_dir = RunDir(out).create() if out is not None else None
-    state = TrainState()
+    run_dir = RunDir(out) if out is not None else None
+    if run_dir is not None and world.is_main:
+        run_dir.create()
     _seed_everything(config.seed)
     model = build_model(config).to(device)
     method = create_method(config)
     train_set, val_set = _data(config)
-    info = dataset_info(config.dataset)
-    loader = BatchLoader(
-        train_set,
-        config.batch_size,
-        shuffle=True,
-        augmentation=info.augmentation,
-        drop_last=len(train_set) >= 2 * config.batch_size,
-        seed=config.seed,
-        device=device,
-    )
+    loader = _loader(config, train_set, device, world)
     steps_per_epoch = len(loader)
     schedule = EpsSchedule(config.eps_train, steps_per_epoch, config.stn_epochs, config.reg_epochs)
     optimizer, scheduler = _optimizer(model, config, config.epochs * steps_per_epoch)
+    state = TrainState()
     if run_dir is not None:
-        state = _start_or_resume(
-            run_dir, config, resume, model, method, optimizer, scheduler, state
+        state = start_or_resume(
+            run_dir, config, resume, model, method, optimizer, scheduler, world.is_main
         )
     x_val, y_val = (val_set.floats(), val_set.labels) if len(val_set) else (None, None)
     started = time.perf_counter()
 
     def end_of_epoch(state: TrainState, row: dict[str, Any]) -> None:
         if x_val is not None:
-            val = evaluate(model, x_val, y_val, config.eps_max, device=device, pgd_eps=[])
+            val = evaluate_sharded(
+                model, x_val, y_val, config.eps_max, world, pgd_eps=[], device=device
+            )
             model.train()
             row.update(val_acc=val.clean_accuracy, val_acr=val.acr, val_acceps=val.acceps)
         eligible = (
@@ -252,13 +303,15 @@ def run(
         improved = x_val is not None and eligible and score > state.best_score
         if improved:
             state.best_score, state.best_epoch = score, state.epoch
-        if run_dir is not None:
-            payload = _payload(config, model, method, optimizer, scheduler, state)
+        if run_dir is not None and world.is_main:
+            payload = checkpoint_payload(config, model, method, optimizer, scheduler, state)
             run_dir.save_checkpoint("last", payload)
             if improved:
                 run_dir.save_checkpoint("best", payload)
             run_dir.write_metrics(state.history)
-        log(_format_row(row, config.epochs, time.perf_counter() - started))
+        if world.is_main:
+            log(_format_row(row, config.epochs, time.perf_counter() - started))
+        barrier()  # the checkpoints are on disk before any process reads them
 
     state = fit(
         model,
@@ -273,14 +326,32 @@ def run(
         config.l1,
         end_of_epoch,
         progress,
+        world,
     )
     if run_dir is not None and run_dir.has_checkpoint("best"):
         model.load_state_dict(run_dir.load_checkpoint("best")["model"])
-    test = _final_evaluation(model.eval(), config, device, progress)
-    if run_dir is not None:
+    test = _final_evaluation(model.eval(), config, device, progress, world)
+    if run_dir is not None and world.is_main:
         _write_results(run_dir, test, state, time.perf_counter() - started)
     return TrainResult(
         model, state.history, state.best_epoch, test, run_dir.path if run_dir else None, config
+    )
+
+
+def _loader(
+    config: TrainConfig, train_set: ImageSet, device: torch.device, world: World
+) -> BatchLoader:
+    """The global batches of one process's run; every process iterates all of them."""
+    drop_last = len(train_set) >= 2 * config.batch_size
+    check_last_batch(len(train_set), config.batch_size, drop_last, world)
+    return BatchLoader(
+        train_set,
+        config.batch_size,
+        shuffle=True,
+        augmentation=dataset_info(config.dataset).augmentation,
+        drop_last=drop_last,
+        seed=config.seed,
+        device=device,
     )
 
 
@@ -289,71 +360,18 @@ def _print_now(line: str) -> None:
     sys.stdout.flush()
 
 
-def _payload(config, model, method, optimizer, scheduler, state: TrainState) -> dict[str, Any]:
-    return {
-        "config": config.to_dict(),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "method": method.state_dict(),
-        "epoch": state.epoch,
-        "step": state.step,
-        "history": state.history,
-        "best_score": state.best_score,
-        "best_epoch": state.best_epoch,
-        "rng": torch.get_rng_state(),
-    }
-
-
-def _start_or_resume(
-    run_dir, config, resume, model, method, optimizer, scheduler, state
-) -> TrainState:
-    has_last = run_dir.has_checkpoint("last")
-    if not resume:
-        if has_last:
-            raise CheckpointError(
-                f"{run_dir.path} already holds a run; "
-                "pass --resume to continue it or choose another --out"
-            )
-        run_dir.save_config(config)
-        return state
-    if not has_last:
-        raise CheckpointError(
-            f"nothing to resume in {run_dir.path} (no checkpoints/last.pt); drop --resume"
-        )
-    saved = run_dir.load_config()
-    if saved.to_dict() != config.to_dict():
-        changed = sorted(k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v)
-        raise CheckpointError(
-            f"--resume with a different config ({', '.join(changed)}); "
-            "resume with the run's own settings"
-        )
-    payload = run_dir.load_checkpoint("last")
-    model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
-    method.load_state_dict(payload["method"])
-    torch.set_rng_state(payload["rng"])
-    return TrainState(
-        payload["epoch"],
-        payload["step"],
-        payload["history"],
-        payload["best_score"],
-        payload["best_epoch"],
-    )
-
-
 def _final_evaluation(
-    model: nn.Sequential, config: TrainConfig, device, progress: bool
+    model: nn.Sequential, config: TrainConfig, device, progress: bool, world: World
 ) -> Evaluation:
     test = load_imageset(config.dataset, "test", config.data_dir)
     if config.eval_limit is not None:
         test = stratified_subset(test, config.eval_limit, seed=config.seed)
-    return evaluate(
+    return evaluate_sharded(
         model,
         test.floats(),
         test.labels,
         config.eps_max,
+        world,
         config.cert_eps,
         config.eval_bound,
         pgd_steps=config.eval_pgd_steps,

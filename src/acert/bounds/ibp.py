@@ -65,7 +65,13 @@ def _channel_affine(layer: nn.Module, box: Interval, stats: BatchStats | None) -
 
 
 def _relu(layer: nn.ReLU, box: Interval, stats: BatchStats | None) -> Interval:
-    return Interval.from_bounds(torch.relu(box.lower), torch.relu(box.upper))
+    if torch.is_grad_enabled():
+        return Interval.from_bounds(torch.relu(box.lower), torch.relu(box.upper))
+    # the same arithmetic in place: without autograd, fresh tensors are the main cost here
+    upper = torch.add(box.centre, box.radius).relu_()
+    lower = torch.sub(box.centre, box.radius).relu_()
+    radius = torch.sub(upper, lower).mul_(0.5)
+    return Interval(upper.add_(lower).mul_(0.5), radius)
 
 
 def _flatten(layer: nn.Flatten, box: Interval, stats: BatchStats | None) -> Interval:

@@ -4,13 +4,17 @@ and the per-channel affine form of Normalize and batch-norm.
 Batch-norm in eval mode uses its running statistics. In train mode the bounds use the mean and
 (biased) variance of the *clean* batch at that layer, as auto_LiRPA does; :func:`clean_forward`
 runs the ordinary forward pass and records them, so a training method pays for them once.
+When several processes train together (:mod:`acert.distributed`), the clean batch is the
+global batch: the statistics are those of all processes' inputs, as one process would see them.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from acert import distributed
 from acert.errors import UnsupportedModelError
 from acert.models import Normalize
 
@@ -86,9 +90,13 @@ def clean_forward(
 ) -> tuple[Tensor, BatchStats]:
     """The model's output on clean inputs and the batch statistics of its train-mode batch-norms.
 
+    Across several processes (``torch.distributed`` initialised, world size > 1) the statistics
+    are those of the global batch, all processes' ``x`` together, and the running averages are
+    updated with them as ``nn.BatchNorm`` would; every process must then make the same calls.
+
     Args:
         model: an ``nn.Sequential``.
-        x: (B, ...) clean inputs.
+        x: (B, ...) clean inputs (this process's share of the batch).
         update_running_stats: when False, train-mode batch-norms normalise with the batch
             statistics without touching their running averages (for bound-only passes).
 
@@ -96,16 +104,47 @@ def clean_forward(
         logits (B, K) exactly as ``model(x)`` computes them, and the statistics.
     """
     stats: BatchStats = {}
+    global_batch = distributed.active()
     h = x
     for layer in model:
         if uses_batch_stats(layer):
             dims = [0, *range(2, h.dim())]
+            if global_batch:
+                h = _normalise_globally(layer, h, dims, stats, update_running_stats)
+                continue
             stats[layer] = (h.mean(dims), h.var(dims, unbiased=False))
             if not update_running_stats:
                 h = _normalise(layer, h, *stats[layer])
                 continue
         h = layer(h)
     return h, stats
+
+
+def _normalise_globally(
+    layer: _BatchNorm, h: Tensor, dims: list[int], stats: BatchStats, update: bool
+) -> Tensor:
+    """Batch-norm with the statistics of all processes' inputs, recorded in ``stats``."""
+    mean, var, count = distributed.batch_moments(h, dims)
+    stats[layer] = (mean, var)
+    if update:
+        _update_running_stats(layer, mean, var, count)
+    return _normalise(layer, h, mean, var)
+
+
+def _update_running_stats(layer: _BatchNorm, mean: Tensor, var: Tensor, count: Tensor) -> None:
+    """What ``nn.BatchNorm`` does in train mode: a momentum average (a cumulative one when
+    momentum is None) of the mean and of the unbiased variance, and one more batch counted."""
+    if not (layer.training and layer.track_running_stats and layer.running_mean is not None):
+        return
+    factor = 0.0 if layer.momentum is None else layer.momentum
+    with torch.no_grad():
+        if layer.num_batches_tracked is not None:
+            layer.num_batches_tracked.add_(1)
+            if layer.momentum is None:
+                factor = 1.0 / float(layer.num_batches_tracked)
+        unbiased = var * count / (count - 1).clamp(min=1)
+        layer.running_mean.mul_(1 - factor).add_(factor * mean.to(layer.running_mean.dtype))
+        layer.running_var.mul_(1 - factor).add_(factor * unbiased.to(layer.running_var.dtype))
 
 
 def _normalise(layer: _BatchNorm, h: Tensor, mean: Tensor, var: Tensor) -> Tensor:

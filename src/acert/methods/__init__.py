@@ -10,27 +10,47 @@ from collections.abc import Callable
 from typing import Any
 
 from acert.errors import ConfigError
-from acert.methods.acert import ACERT
-from acert.methods.base import Batch, LossTerms, Step, TrainingMethod
+from acert.methods.acert import ACERT, RadiusMemory
+from acert.methods.base import Batch, LossTerms, Step, TrainingAttack, TrainingMethod
+from acert.methods.crown_ibp import CROWNIBP
+from acert.methods.ibp import IBP
+from acert.methods.mtl_ibp import MTLIBP
+from acert.methods.pgd import PGDTraining
+from acert.methods.sabr import SABR, sabr_box
 from acert.methods.standard import Standard
 from acert.methods.warmup import WarmupRegularizer
 
 __all__ = [
     "ACERT",
+    "CROWNIBP",
+    "IBP",
     "METHODS",
+    "MTLIBP",
+    "SABR",
     "Batch",
     "LossTerms",
+    "PGDTraining",
     "Standard",
     "Step",
+    "TrainingAttack",
     "TrainingMethod",
     "WarmupRegularizer",
     "create_method",
     "list_methods",
+    "sabr_box",
 ]
 
 
 def _regularizer(config: Any) -> WarmupRegularizer:
-    return WarmupRegularizer(config.lambda_tight, config.lambda_relu)
+    """The warm-up regularisers of the config (METHOD.md defaults where it leaves them unset)."""
+    default = WarmupRegularizer()
+    tight = default.lambda_tight if config.lambda_tight is None else config.lambda_tight
+    relu = default.lambda_relu if config.lambda_relu is None else config.lambda_relu
+    return WarmupRegularizer(tight, relu)
+
+
+def _attack(config: Any) -> TrainingAttack:
+    return TrainingAttack(config.pgd_steps, config.pgd_step_size, config.pgd_restarts)
 
 
 METHODS: dict[str, Callable[[Any], TrainingMethod]] = {
@@ -40,7 +60,13 @@ METHODS: dict[str, Callable[[Any], TrainingMethod]] = {
         regularizer=_regularizer(c),
         search=c.radius_search,
         max_iter=c.radius_max_iter,
+        memory=RadiusMemory() if c.radius_warm_start else None,
     ),
+    "ibp": lambda c: IBP(kappa=c.kappa, regularizer=_regularizer(c)),
+    "crown-ibp": lambda c: CROWNIBP(kappa=c.kappa, regularizer=_regularizer(c)),
+    "sabr": lambda c: SABR(lam=c.sabr_lambda, attack=_attack(c), regularizer=_regularizer(c)),
+    "mtl-ibp": lambda c: MTLIBP(alpha=c.mtl_alpha, attack=_attack(c), regularizer=_regularizer(c)),
+    "pgd": lambda c: PGDTraining(attack=_attack(c)),
 }
 
 

@@ -2,6 +2,9 @@
 and the certified objective of the IBP family (METHOD.md, "Training loss", steps 4-5).
 
 A method follows CTBench's split: clean pass (sets batch-norm statistics) -> bounds -> loss.
+The clean pass is the only one that touches batch-norm running statistics; every later pass of
+the same batch (bounds, adversarial points) normalises with the clean batch's statistics, so all
+terms of a loss are computed on one and the same function.
 """
 
 from __future__ import annotations
@@ -13,17 +16,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from acert.bounds import BatchStats, input_box
+from acert.attacks import eval_mode, pgd_attack
+from acert.bounds import BatchStats, Interval, input_box
 from acert.bounds import ibp as ibp_rules
+from acert.bounds.layers import channel_affine
+from acert.errors import ConfigError
 from acert.methods.warmup import WarmupRegularizer
 
 __all__ = [
     "Batch",
+    "IBPPass",
     "LossTerms",
     "Step",
+    "TrainingAttack",
     "TrainingMethod",
+    "adversarial_terms",
     "certified_objective",
+    "clean_terms",
+    "forward_with_stats",
+    "ibp_pass",
+    "mixed_objective",
     "robust_cross_entropy",
+    "with_warmup",
 ]
 
 
@@ -112,6 +126,90 @@ def robust_cross_entropy(margin_lower: Tensor) -> Tensor:
     return torch.logsumexp(F.pad(-margin_lower, (1, 0)), dim=1).mean()
 
 
+def clean_terms(logits: Tensor, y: Tensor) -> LossTerms:
+    """Standard training's ``CE(f(x), y)``, what every method uses while ε_s = 0.
+
+    Args:
+        logits: (B, K) clean logits.
+        y: (B,) labels.
+    """
+    loss = F.cross_entropy(logits, y)
+    return LossTerms(loss, logits, {"loss_std": loss.item()})
+
+
+def mixed_objective(loss_rob: Tensor, logits: Tensor, y: Tensor, kappa: float) -> LossTerms:
+    """``(1-κ)·L_rob + κ·L_std`` (METHOD.md, "Training loss" 5).
+
+    Args:
+        loss_rob: scalar robust loss.
+        logits: (B, K) clean logits of the batch.
+        y: (B,) labels.
+        kappa: weight of the clean loss.
+    """
+    loss_std = F.cross_entropy(logits, y)
+    loss = (1 - kappa) * loss_rob + kappa * loss_std
+    return LossTerms(loss, logits, {"loss_std": loss_std.item(), "loss_rob": loss_rob.item()})
+
+
+@dataclass(frozen=True)
+class IBPPass:
+    """One IBP propagation of an input box (Gowal et al. 2019).
+
+    Attributes:
+        box: (B, ...) the input box.
+        preactivations: the interval at the input of every ReLU, in order.
+        margins: (B, K-1) lower bounds of ``f_y - f_t`` for t != y.
+    """
+
+    box: Interval
+    preactivations: list[Interval]
+    margins: Tensor
+
+    @property
+    def certified(self) -> float:
+        """Fraction of the batch whose margins are all positive over the box."""
+        return (self.margins.min(1).values > 0).float().mean().item()
+
+
+def ibp_pass(model: nn.Sequential, box: Interval, y: Tensor, stats: BatchStats) -> IBPPass:
+    """IBP margins of ``box`` and the pre-activation intervals the warm-up regularisers read.
+
+    Args:
+        model: the network; train-mode batch-norms normalise with ``stats``.
+        box: (B, ...) input interval inside [0, 1].
+        y: (B,) labels.
+        stats: clean-batch statistics from :func:`acert.bounds.clean_forward`.
+    """
+    hidden, preactivations = ibp_rules.propagate(model[:-1], box, stats)
+    return IBPPass(box, preactivations, ibp_rules.last_layer_margins(model[-1], hidden, y))
+
+
+def with_warmup(
+    terms: LossTerms,
+    regularizer: WarmupRegularizer,
+    model: nn.Sequential,
+    bounds: IBPPass,
+    stats: BatchStats,
+    step: Step,
+) -> LossTerms:
+    """During warm-up add ``(1 - ε_s/ε_max)·(λ_tight·L_tight + λ_relu·L_relu)`` of one IBP pass
+    (METHOD.md, "Training loss" 5; Shi et al. 2021); after it, ``terms`` unchanged.
+
+    Args:
+        terms: the loss so far.
+        regularizer: the warm-up regularisers.
+        model: the network.
+        bounds: the IBP pass whose pre-activation intervals are regularised.
+        stats: clean-batch statistics.
+        step: the schedule's state (warm-up flag and ramp progress).
+    """
+    if not step.warmup:
+        return terms
+    reg = regularizer(model, bounds.box, bounds.preactivations, stats)
+    terms.metrics["loss_reg"] = reg.item()
+    return LossTerms(terms.loss + (1 - step.ramp_fraction) * reg, terms.logits, terms.metrics)
+
+
 def certified_objective(
     model: nn.Sequential,
     batch: Batch,
@@ -134,20 +232,87 @@ def certified_objective(
         kappa: weight of the clean loss.
         regularizer: Shi et al. 2021 warm-up terms, weighted by ``1 - ε/ε_max`` in warm-up.
     """
-    box = input_box(batch.x, eps)
-    hidden, preactivations = ibp_rules.propagate(model[:-1], box, stats)
-    margins = ibp_rules.last_layer_margins(model[-1], hidden, batch.y)
-    loss_std = F.cross_entropy(logits, batch.y)
-    loss_rob = robust_cross_entropy(margins)
-    loss = (1 - kappa) * loss_rob + kappa * loss_std
-    metrics = {
-        "loss_std": loss_std.item(),
-        "loss_rob": loss_rob.item(),
-        "radius": eps.mean().item(),
-    }
-    if step.warmup:
-        reg = regularizer(model, box, preactivations, stats)
-        loss = loss + (1 - step.ramp_fraction) * reg
-        metrics["loss_reg"] = reg.item()
-    metrics["certified"] = (margins.min(1).values > 0).float().mean().item()
-    return LossTerms(loss, logits, metrics)
+    bounds = ibp_pass(model, input_box(batch.x, eps), batch.y, stats)
+    terms = mixed_objective(robust_cross_entropy(bounds.margins), logits, batch.y, kappa)
+    terms.metrics["radius"] = eps.mean().item()
+    terms = with_warmup(terms, regularizer, model, bounds, stats, step)
+    terms.metrics["certified"] = bounds.certified
+    return terms
+
+
+def forward_with_stats(model: nn.Sequential, x: Tensor, stats: BatchStats) -> Tensor:
+    """``model(x)`` with every batch-norm in ``stats`` normalising by those clean-batch statistics.
+
+    The adversarial points of a batch thus see the function the bounds see, and the running
+    statistics stay those of the clean pass.
+
+    Args:
+        model: an ``nn.Sequential``.
+        x: (B, ...) inputs, e.g. adversarial points of the batch ``stats`` came from.
+        stats: from :func:`acert.bounds.clean_forward` (empty in eval mode).
+
+    Returns:
+        (B, K) logits.
+    """
+    h = x
+    for layer in model:
+        if layer in stats:
+            scale, shift = channel_affine(layer, stats)
+            shape = (1, -1) + (1,) * (h.dim() - 2)
+            h = h * scale.view(shape) + shift.view(shape)
+        else:
+            h = layer(h)
+    return h
+
+
+@dataclass(frozen=True)
+class TrainingAttack:
+    """PGD inside a training loss (Madry et al. 2018), on the clipped ε-ball, CE objective.
+
+    The attack runs in eval mode: batch-norm normalises with its running statistics and the
+    adversarial batch never enters them (the running statistics stay those of clean batches).
+    The random starts draw from the global torch RNG, which the trainer saves on resume.
+
+    Attributes:
+        steps: signed-gradient steps per restart (``pgd_steps``).
+        step_size: step length in pixel units; None gives ``2.5·ε/steps`` (``pgd_step_size``).
+        restarts: random starts (``pgd_restarts``).
+    """
+
+    steps: int = 10
+    step_size: float | None = None
+    restarts: int = 1
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.restarts < 1:
+            raise ConfigError(
+                f"pgd_steps must be >= 0 and pgd_restarts >= 1, got {self.steps}, {self.restarts}"
+            )
+        if self.step_size is not None and self.step_size <= 0:
+            raise ConfigError(f"pgd_step_size must be > 0 or null, got {self.step_size}")
+
+    def __call__(self, model: nn.Sequential, x: Tensor, y: Tensor, eps: float) -> Tensor:
+        """(B, ...) the adversarial points found in ``{x' : |x' - x|_∞ <= eps} ∩ [0, 1]``."""
+        with eval_mode(model):
+            return pgd_attack(
+                model, x, y, eps, self.steps, self.step_size, self.restarts, loss="ce"
+            )
+
+
+def adversarial_terms(
+    model: nn.Sequential, x_adv: Tensor, y: Tensor, stats: BatchStats
+) -> tuple[Tensor, float]:
+    """``CE(f(x_adv), y)`` with the clean batch's statistics, and the accuracy at ``x_adv``.
+
+    Args:
+        model: the network.
+        x_adv: (B, ...) adversarial points.
+        y: (B,) labels.
+        stats: clean-batch statistics.
+
+    Returns:
+        the scalar loss (with gradients) and the fraction of x_adv classified correctly.
+    """
+    logits = forward_with_stats(model, x_adv, stats)
+    accuracy = (logits.argmax(1) == y).float().mean().item()
+    return F.cross_entropy(logits, y), accuracy

@@ -1,0 +1,49 @@
+"""IBP training (Gowal et al. 2019) with the fast warm-up of Shi et al. 2021.
+
+Exactly the ACERT objective of METHOD.md, "Training loss" (``(1-κ)·L_rob + κ·L_std`` plus the
+warm-up regularisers) with every sample at the scheduled training ε_s instead of its adaptive
+radius; the trade-off curve comes from several ``eps_train`` (METHOD.md, "Baselines").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from acert.bounds import clean_forward
+from acert.methods.base import (
+    Batch,
+    LossTerms,
+    Stateless,
+    Step,
+    certified_objective,
+    clean_terms,
+)
+from acert.methods.warmup import WarmupRegularizer
+
+__all__ = ["IBP"]
+
+
+@dataclass
+class IBP(Stateless):
+    """``(1-κ)·L_rob(ε_s) + κ·L_std`` plus warm-up regularisers; clean CE while ε_s = 0.
+
+    Attributes:
+        kappa: weight κ of the clean loss.
+        regularizer: the warm-up regularisers (Shi et al. 2021).
+    """
+
+    kappa: float = 0.0
+    regularizer: WarmupRegularizer = field(default_factory=WarmupRegularizer)
+    name: str = "ibp"
+
+    def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
+        logits, stats = clean_forward(model, batch.x)
+        if step.eps == 0:
+            return clean_terms(logits, batch.y)
+        eps = torch.full(batch.y.shape, step.eps, dtype=batch.x.dtype, device=batch.x.device)
+        return certified_objective(
+            model, batch, eps, step, logits, stats, self.kappa, self.regularizer
+        )
