@@ -109,3 +109,25 @@ def test_console_script_runs_as_a_module():
         [sys.executable, "-m", "acert", "list"], capture_output=True, text=True, check=True
     )
     assert "mnist5k" in done.stdout and "acert" in done.stdout and "cnn7" in done.stdout
+
+
+def test_certify_check_float64_finds_no_failing_certificate(trained_run, capsys):
+    argv = ["certify", str(trained_run), "--limit", "30", "--pgd-steps", "0", "--check-float64"]
+    assert main([*argv, "--quiet", "--out", str(trained_run / "f64.json")]) == 0
+    assert "0 of" in capsys.readouterr().out
+    metrics = json.loads((trained_run / "f64.json").read_text())
+    check = metrics["float64_check"]
+    assert check["violations"] == 0 and check["checked"] == sum(
+        1 for r in torch.load(trained_run / "f64.radii.pt") if r > 0
+    )
+
+
+def test_export_command_writes_onnx_and_properties(trained_run, tmp_path, capsys):
+    onnx_path, vnnlib = tmp_path / "bench" / "onnx" / "model.onnx", tmp_path / "bench" / "vnnlib"
+    argv = ["export", str(trained_run), "--onnx", str(onnx_path), "--vnnlib", str(vnnlib)]
+    assert main([*argv, "--eps", "0.05", "--n", "10"]) == 0
+    assert "onnxruntime matches torch" in capsys.readouterr().out
+    assert onnx_path.is_file() and len(list(vnnlib.glob("prop_*.vnnlib"))) == 10
+    assert (tmp_path / "bench" / "instances.csv").read_text().count("\n") == 10
+    assert main([*argv, "--eps", "1.5", "--n", "10"]) == 2
+    assert "eps" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """``acert bench``: what certified training costs, as ratios measured side by side in one process.
 
-Absolute times depend on the machine; ratios of passes timed in the same process, interleaved
-and taken as the best of several repeats, are what the targets in docs/PERFORMANCE.md refer to.
+Absolute times depend on the machine; the ratios are medians over rounds in which the compared
+passes take turns (so a slow spell of a shared machine hits them alike), and they are what the
+targets in docs/PERFORMANCE.md refer to.
 
 - bound passes: IBP margin bounds / clean forward; CROWN-IBP / IBP; CROWN / IBP (same inputs);
 - radius search: mean bound evaluations per correctly classified sample to reach 1e-4·ε_max,
@@ -14,11 +15,15 @@ and taken as the best of several repeats, are what the targets in docs/PERFORMAN
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import platform
+import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,10 +61,10 @@ class BenchSettings:
     model: str = "cnn7-tiny"
     shape: tuple[int, int, int] = (1, 28, 28)
     batch: int = 256
-    crown_batch: int = 16
+    crown_batch: int = 4
     step_batch: int = 64
     radius_samples: int = 512
-    repeats: int = 5
+    repeats: int = 7
     run: str | None = None
     device: str = "cpu"
 
@@ -69,17 +74,40 @@ def _synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def best_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    """Seconds of the fastest of ``repeats`` calls after one warm-up call."""
-    fn()
-    _synchronise(device)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _synchronise(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+def round_robin(
+    fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int
+) -> dict[str, list[float]]:
+    """Seconds of every call, the functions taking turns (one warm-up round first), so that a
+    slow spell of the machine hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(repeats + 1):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _synchronise(device)
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> float:
+    """Median over rounds of ``numerator / denominator`` timed in the same round."""
+    ratios = [a / b for a, b in zip(times[numerator], times[denominator], strict=True)]
+    return statistics.median(ratios)
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence the profiler's native start/stop lines on file descriptor 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
@@ -93,7 +121,10 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device) - baseline
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+    with (
+        _quiet_stderr(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler,
+    ):
         fn()
     records = sorted(
         (event.time_range.start, event.self_cpu_memory_usage)
@@ -107,7 +138,19 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
     return peak
 
 
-def _bound_passes(settings: BenchSettings, device: torch.device) -> dict[str, float]:
+def _bound_inputs(
+    settings: BenchSettings, reference: nn.Sequential, config: TrainConfig, device: torch.device
+) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor, float]:
+    """Model, inputs, labels and ε of the bound timings.
+
+    At MNIST size: the trained reference model on test digits at ε_max / 4 (how many ReLUs are
+    unstable, which sets CROWN's cost, depends on training). At any other shape: the model at
+    its IBP initialisation on uniform noise at ε = 1/255.
+    """
+    if tuple(settings.shape) == (1, 28, 28):
+        test = stratified_subset(load_imageset("mnist5k", "test"), settings.batch, seed=1)
+        x, y = test.floats().to(device), test.labels.to(device)
+        return reference, x, y, config.eps_max / 4
     channels = settings.shape[0]
     model = create_model(settings.model, settings.shape, 10, (0.5,) * channels, (0.25,) * channels)
     model = model.to(device).eval()
@@ -115,22 +158,34 @@ def _bound_passes(settings: BenchSettings, device: torch.device) -> dict[str, fl
     x = torch.rand(settings.batch, *settings.shape, generator=generator).to(device)
     with torch.no_grad():
         y = model(x).argmax(1)
+    return model, x, y, 1 / 255
+
+
+def _bound_passes(
+    settings: BenchSettings, reference: nn.Sequential, config: TrainConfig, device: torch.device
+) -> dict[str, float]:
+    model, x, y, eps = _bound_inputs(settings, reference, config, device)
 
     def bounds(method: str, rows: slice) -> Callable[[], Any]:
-        return lambda: margin_bounds_on_box(model, input_box(x[rows], 0.01), y[rows], method)
+        return lambda: margin_bounds_on_box(model, input_box(x[rows], eps), y[rows], method)
 
     every, few = slice(None), slice(0, settings.crown_batch)
-    timings: dict[str, Callable[[], Any]] = {
+    fast: dict[str, Callable[[], Any]] = {
         "forward": lambda: model(x),
         "ibp": bounds("ibp", every),
         "ibp_small_batch": bounds("ibp", few),
         "crown-ibp": bounds("crown-ibp", few),
-        "crown": bounds("crown", few),
     }
-    out: dict[str, float] = {}
+    out: dict[str, float] = {"bound_eps": eps}
     with torch.no_grad():
-        for name, fn in timings.items():
-            out[f"{name}_seconds"] = best_time(fn, device, settings.repeats)
+        times = round_robin(fast, device, settings.repeats)
+        # CROWN is orders of magnitude slower: timed once, against the median IBP time
+        times["crown"] = round_robin({"crown": bounds("crown", few)}, device, 1)["crown"]
+        out["ibp_over_forward"] = median_ratio(times, "ibp", "forward")
+        out["crown_ibp_over_ibp"] = median_ratio(times, "crown-ibp", "ibp_small_batch")
+        out["crown_over_ibp"] = times["crown"][0] / statistics.median(times["ibp_small_batch"])
+        for name, fn in {**fast, "crown": bounds("crown", few)}.items():
+            out[f"{name}_seconds"] = statistics.median(times[name])
             out[f"{name}_peak_bytes"] = peak_memory(fn, device)
     return out
 
@@ -140,8 +195,10 @@ def _reference_runs(
 ) -> tuple[nn.Sequential, nn.Sequential, TrainConfig]:
     """A trained model and its state one epoch earlier (for warm starts), and their config."""
     if settings.run is not None:
+        from acert.certify import run_config
+
         model = load(settings.run).to(device)
-        return model, model, resolve(TrainConfig(model=settings.model))
+        return model, model, resolve(run_config(settings.run))
     config = TrainConfig(
         model=settings.model,
         train_limit=1500,
@@ -194,19 +251,26 @@ def _step_times(
     ]
     batch = Batch(train.floats(idx).to(device), train.labels[idx].to(device), idx.to(device))
     step = Step(index=10_000, epoch=50, eps=config.eps_max, eps_max=config.eps_max, warmup=False)
-    out: dict[str, float] = {}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    trained = model.train()
+    steps: dict[str, Callable[[], Any]] = {}
     for name in ("standard", "ibp", "acert"):
         method = create_method(dataclasses.replace(config, method=name))
-        trained = model.train()
 
-        def one_step(method=method, trained=trained) -> None:
+        def one_step(method=method) -> None:
             trained.zero_grad(set_to_none=True)
             method.loss(trained, batch, step).loss.backward()
 
-        state = {k: v.clone() for k, v in trained.state_dict().items()}
-        out[f"{name}_step_seconds"] = best_time(one_step, device, settings.repeats)
+        steps[name] = one_step
+    times = round_robin(steps, device, settings.repeats)
+    out: dict[str, float] = {
+        "acert_step_over_ibp_step": median_ratio(times, "acert", "ibp"),
+        "ibp_step_over_standard_step": median_ratio(times, "ibp", "standard"),
+    }
+    for name, one_step in steps.items():
+        out[f"{name}_step_seconds"] = statistics.median(times[name])
         out[f"{name}_step_peak_bytes"] = peak_memory(one_step, device)
-        trained.load_state_dict(state)
+    model.load_state_dict(state)
     model.eval()
     return out
 
@@ -240,10 +304,10 @@ def _throughput(
 def bench(settings: BenchSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every measurement; return the JSON-ready results (ratios first, then raw numbers)."""
     device = torch.device(settings.device)
-    log("bound passes ...")
-    raw = _bound_passes(settings, device)
-    log("reference model for the radius search and the training steps ...")
+    log("reference model (a short ACERT run on mnist5k, or --run) ...")
     model, earlier, config = _reference_runs(settings, device)
+    log("bound passes ...")
+    raw = _bound_passes(settings, model, config, device)
     log("radius search ...")
     raw.update(_radius_counts(model, earlier, config, settings, device))
     log("training steps ...")
@@ -251,14 +315,14 @@ def bench(settings: BenchSettings, log: Callable[[str], None] = print) -> dict[s
     log("training throughput ...")
     throughput = _throughput(model, config, settings, device)
     results = {
-        "ibp_over_forward": raw["ibp_seconds"] / raw["forward_seconds"],
-        "crown_ibp_over_ibp": raw["crown-ibp_seconds"] / raw["ibp_small_batch_seconds"],
-        "crown_over_ibp": raw["crown_seconds"] / raw["ibp_small_batch_seconds"],
+        "ibp_over_forward": raw["ibp_over_forward"],
+        "crown_ibp_over_ibp": raw["crown_ibp_over_ibp"],
+        "crown_over_ibp": raw["crown_over_ibp"],
         "radius_evals_per_sample": raw["radius_evals_per_sample_brent"],
         "radius_evals_per_sample_bisection": raw["radius_evals_per_sample_bisection"],
         "radius_evals_per_sample_warm": raw["radius_evals_per_sample_brent_warm"],
-        "acert_step_over_ibp_step": raw["acert_step_seconds"] / raw["ibp_step_seconds"],
-        "ibp_step_over_standard_step": raw["ibp_step_seconds"] / raw["standard_step_seconds"],
+        "acert_step_over_ibp_step": raw["acert_step_over_ibp_step"],
+        "ibp_step_over_standard_step": raw["ibp_step_over_standard_step"],
         "train_samples_per_second": throughput,
     }
     machine = {

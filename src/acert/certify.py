@@ -6,6 +6,7 @@ bound, and writes the metrics (JSON) and radii next to the run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 
+from acert.bounds import crown
 from acert.config import TrainConfig, config_from_dict
 from acert.data import SPLITS, load_imageset, stratified_subset
 from acert.errors import AcertError, CheckpointError
@@ -56,6 +58,7 @@ def certify_run(
     out: str | Path | None = None,
     progress: bool = False,
     check_float64: bool = False,
+    crown_memory_mib: float | None = None,
 ) -> CertifyResult:
     """Evaluate a trained run with a chosen bound; see ``acert certify --help``.
 
@@ -74,6 +77,7 @@ def certify_run(
         progress: show a progress bar.
         check_float64: re-check every reported radius with the model in float64 and record
             the samples whose float32 certificate does not hold there.
+        crown_memory_mib: cap of each CROWN backward chunk's coefficients, MiB.
     """
     config = run_config(run)
     model = load(run)
@@ -92,19 +96,25 @@ def certify_run(
     if limit is not None:
         data = stratified_subset(data, limit, seed=config.seed)
     x, y = data.floats(), data.labels
-    result = evaluate(
-        model,
-        x,
-        y,
-        eps_max,
-        eps,
-        bound,
-        pgd_eps=eps if pgd_steps > 0 else [],
-        pgd_steps=pgd_steps,
-        batch_size=batch_size,
-        device=device,
-        progress=progress,
-    )
+    budget = contextlib.nullcontext()
+    if crown_memory_mib is not None:
+        if crown_memory_mib <= 0:
+            raise AcertError(f"--crown-memory-mib must be > 0, got {crown_memory_mib}")
+        budget = crown.memory_budget(max(1, int(crown_memory_mib * 2**20 / x.element_size())))
+    with budget:
+        result = evaluate(
+            model,
+            x,
+            y,
+            eps_max,
+            eps,
+            bound,
+            pgd_eps=eps if pgd_steps > 0 else [],
+            pgd_steps=pgd_steps,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+        )
     metrics = {**result.to_dict(), "dataset": dataset or config.dataset, "split": split}
     if check_float64:
         violations = float64_violations(model, x, y, result.radii, bound, batch_size)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -144,9 +145,66 @@ def cmd_certify(args: argparse.Namespace) -> int:
         device=args.device,
         out=args.out,
         progress=not args.quiet,
+        check_float64=args.check_float64,
+        crown_memory_mib=args.crown_memory_mib,
     )
     _print_evaluation(result.metrics)
+    check = result.metrics.get("float64_check")
+    if check is not None:
+        print(
+            f"  float64 re-check          {check['violations']} of {check['checked']} "
+            f"certificates fail in float64"
+            + (f": samples {check['violating_samples'][:20]}" if check["violations"] else "")
+        )
     print(f"written: {result.path}")
+    return 0 if check is None or check["violations"] == 0 else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from acert.export import export_run
+
+    result = export_run(
+        args.run,
+        args.onnx,
+        args.vnnlib,
+        args.eps,
+        args.n,
+        dataset=args.dataset,
+        split=args.split,
+        data_dir=args.data_dir,
+        seed=args.seed,
+        timeout=args.timeout,
+        only_correct=args.only_correct,
+    )
+    print(result.summary())
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from acert.bench import BenchSettings, bench, format_table
+
+    shape = tuple(int(v) for v in args.shape.split(","))
+    if len(shape) != 3 or min(shape) <= 0:
+        raise AcertError(f"--shape must be C,H,W with positive sizes, got {args.shape!r}")
+    settings = BenchSettings(
+        model=args.model,
+        shape=shape,
+        batch=args.batch,
+        crown_batch=args.crown_batch,
+        step_batch=args.step_batch,
+        radius_samples=args.radius_samples,
+        repeats=args.repeats,
+        run=args.run,
+        device=args.device,
+    )
+    results = bench(settings, log=_say)
+    print(format_table(results))
+    if args.json:
+        from acert.runs import atomic_write
+
+        text = json.dumps(results, indent=2) + "\n"
+        atomic_write(args.json, lambda stream: stream.write(text.encode()))
+        print(f"written: {args.json}")
     return 0
 
 
@@ -256,7 +314,17 @@ def _parser() -> argparse.ArgumentParser:
     certify.add_argument("--device", default="cpu")
     certify.add_argument("--out", help="JSON file to write (default: in the run folder)")
     certify.add_argument("--quiet", action="store_true")
+    certify.add_argument(
+        "--check-float64",
+        action="store_true",
+        help="re-check every reported radius in float64 (exit status 1 if any fails)",
+    )
+    certify.add_argument(
+        "--crown-memory-mib", type=float, help="cap of each CROWN backward chunk (MiB)"
+    )
     certify.set_defaults(handler=cmd_certify)
+    _add_export_parser(sub)
+    _add_bench_parser(sub)
 
     _add_sweep_parser(sub)
     plot = sub.add_parser("plot", help="trade-off, certified accuracy and radius figures")
@@ -276,6 +344,39 @@ def _parser() -> argparse.ArgumentParser:
     download.add_argument("--data-dir")
     download.set_defaults(handler=cmd_download)
     return parser
+
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser(
+        "export", help="ONNX model + VNNLIB properties for complete verifiers (VNN-COMP)"
+    )
+    export.add_argument("run", help="run folder or checkpoint")
+    export.add_argument("--onnx", required=True, help="ONNX file to write")
+    export.add_argument("--vnnlib", required=True, help="folder for the VNNLIB properties")
+    export.add_argument("--eps", type=float, required=True, help="l-inf radius, pixel units")
+    export.add_argument("--n", type=int, required=True, help="number of test inputs")
+    export.add_argument("--dataset", help="dataset (default: the run's)")
+    export.add_argument("--data-dir", help="folder holding the dataset files")
+    export.add_argument("--split", default="test", help="train or test")
+    export.add_argument("--seed", type=int, default=0, help="seed of the stratified selection")
+    export.add_argument("--timeout", type=float, default=120.0, help="seconds per instance")
+    export.add_argument("--only-correct", action="store_true", help="only correctly classified")
+    export.set_defaults(handler=cmd_export)
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="cost of bounds, radius search and training steps")
+    bench.add_argument("--model", default="cnn7-tiny", help="model of the timings")
+    bench.add_argument("--shape", default="1,28,28", help="input C,H,W of the bound timings")
+    bench.add_argument("--batch", type=int, default=256, help="batch of IBP / forward")
+    bench.add_argument("--crown-batch", type=int, default=4, help="batch of CROWN / IBP")
+    bench.add_argument("--step-batch", type=int, default=64, help="batch of the step timings")
+    bench.add_argument("--radius-samples", type=int, default=512, help="inputs of the search")
+    bench.add_argument("--repeats", type=int, default=7, help="timed rounds (medians are kept)")
+    bench.add_argument("--run", help="trained run for the radius/step parts (default: a short run)")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda")
+    bench.add_argument("--json", help="write the results to this JSON file")
+    bench.set_defaults(handler=cmd_bench)
 
 
 def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:

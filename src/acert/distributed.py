@@ -11,7 +11,7 @@ reductions:
 - gradients are averaged by ``DistributedDataParallel`` wrapped around the whole loss of a
   method (:func:`distributed_loss`), so the reducer sees every pass the method makes over the
   layers, not only ``model(x)``;
-- epoch metrics are sums over all processes (:func:`sum_metrics`); evaluations are sharded by
+- epoch metrics are means over all processes (:func:`mean_metrics`); evaluations are sharded by
   whole evaluation batches and summed (:func:`evaluate_sharded`).
 
 Nothing here needs ``torch.distributed`` when one process runs: every helper is the identity.
@@ -52,11 +52,11 @@ __all__ = [
     "global_sum",
     "launched_world",
     "local_batch_size",
+    "mean_metrics",
     "process_device",
     "process_group",
     "seed_process",
     "shard",
-    "sum_metrics",
     "sum_over_processes",
 ]
 
@@ -283,14 +283,19 @@ def distributed_loss(
     return nn.parallel.DistributedDataParallel(_MethodLoss(model, method), device_ids=None)
 
 
-def sum_metrics(sums: dict[str, float], seen: int) -> tuple[dict[str, float], int]:
-    """Per-process sums of ``value · batch`` and the samples seen, summed over processes."""
-    if not active():
-        return sums, seen
-    keys = sorted(sums)  # the same order on every process
-    totals = sum_over_processes(torch.tensor([seen, *(sums[k] for k in keys)], dtype=torch.float64))
-    summed = dict(zip(keys, totals[1:].tolist(), strict=True))
-    return {key: summed[key] for key in sums}, int(totals[0].item())
+def mean_metrics(totals: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Means of metrics from per-process ``(Σ value · batch, Σ batch)``, over all processes.
+
+    Each metric is averaged over the samples of the steps that reported it (a method may
+    report a metric only once ε > 0).
+    """
+    keys = sorted(totals)  # the same order on every process
+    flat = torch.tensor([v for k in keys for v in totals[k]], dtype=torch.float64)
+    flat = sum_over_processes(flat).view(-1, 2)
+    means = {
+        k: (s / n if n else float("nan")) for k, (s, n) in zip(keys, flat.tolist(), strict=True)
+    }
+    return {key: means[key] for key in totals}
 
 
 # -------------------------------------------------------------------------------- evaluation

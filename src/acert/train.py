@@ -42,11 +42,11 @@ from acert.distributed import (
     evaluate_sharded,
     launched_world,
     local_batch_size,
+    mean_metrics,
     process_device,
     process_group,
     seed_process,
     shard,
-    sum_metrics,
 )
 from acert.errors import AcertError
 from acert.evaluate import Evaluation
@@ -118,8 +118,7 @@ def fit(
         loader.set_epoch(epoch)
         seed_process(loader.seed, epoch, world)
         started = time.perf_counter()
-        sums: dict[str, float] = {}
-        seen = 0
+        totals: dict[str, tuple[float, float]] = {}
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
         for x, y, idx in bar:
             rows, weight = shard(x.shape[0], world)
@@ -136,17 +135,16 @@ def fit(
             )
             state.step += 1
             size = batch.x.shape[0]
-            seen += size
             for key, value in values.items():
-                sums[key] = sums.get(key, 0.0) + value * size
+                total, count = totals.get(key, (0.0, 0.0))
+                totals[key] = (total + value * size, count + size)
             bar.set_postfix(
                 loss=f"{values['loss']:.3f}",
                 acc=f"{values['train_acc']:.3f}",
                 eps=f"{step.eps:.3g}",
             )
-        sums, seen = sum_metrics(sums, seen)
         row = {"epoch": epoch + 1, "step": state.step, "lr": scheduler.get_last_lr()[0]}
-        row.update({key: value / max(seen, 1) for key, value in sums.items()})
+        row.update(mean_metrics(totals))
         row["epoch_seconds"] = time.perf_counter() - started
         state.epoch = epoch + 1
         state.history.append(row)

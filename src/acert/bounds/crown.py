@@ -17,8 +17,9 @@ coefficient tensors stay under ``memory_budget`` elements.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,14 +28,36 @@ from torch import Tensor, nn
 
 from acert.bounds import ibp
 from acert.bounds.interval import Interval
-from acert.bounds.layers import BatchStats, channel_affine
+from acert.bounds.layers import BatchStats, channel_affine, fold_batchnorm
 from acert.bounds.spec import other_classes, rounding_allowance
+from acert.errors import AcertError
 from acert.models import Normalize
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "Relaxation", "crown_margins", "relu_relaxation"]
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "Relaxation",
+    "crown_margins",
+    "memory_budget",
+    "relu_relaxation",
+]
 
 DEFAULT_MEMORY_BUDGET = 2**26
 """Elements of one chunk's coefficient tensor (256 MiB in float32)."""
+
+_budget = [DEFAULT_MEMORY_BUDGET]
+
+
+@contextlib.contextmanager
+def memory_budget(elements: int) -> Iterator[None]:
+    """Cap the coefficient tensor of every CROWN backward chunk in a block (peak memory is a
+    small multiple of it); e.g. ``with memory_budget(2**24): certify(...)``."""
+    if elements < 1:
+        raise AcertError(f"the CROWN memory budget must be >= 1 element, got {elements}")
+    _budget.append(elements)
+    try:
+        yield
+    finally:
+        _budget.pop()
 
 
 @dataclass(frozen=True)
@@ -68,16 +91,48 @@ class _Context:
     relaxation: Relaxation | None
 
 
+def _dot(A: Tensor, v: Tensor) -> Tensor:
+    """(Q, S) ``Σ A[q, s, ...] · v[q, ...]`` as a batched matrix product (no full-size temporary).
+
+    Args:
+        A: (Q, S, *shape) coefficients.
+        v: (Q, *shape) one vector per query.
+    """
+    return torch.bmm(A.flatten(2), v.flatten(1).unsqueeze(-1)).squeeze(-1)
+
+
 def _back_linear(layer: nn.Linear, A: Tensor, bias: Tensor, ctx: _Context) -> tuple[Tensor, Tensor]:
-    if layer.bias is not None:
-        bias = bias + A @ layer.bias
-    return A @ layer.weight, bias
+    return _back_linear_with(layer, layer.weight, layer.bias, A, bias, ctx)
+
+
+def _back_linear_with(
+    layer: nn.Linear,
+    weight: Tensor,
+    layer_bias: Tensor | None,
+    A: Tensor,
+    bias: Tensor,
+    ctx: _Context,
+) -> tuple[Tensor, Tensor]:
+    if layer_bias is not None:
+        bias = bias + A @ layer_bias
+    return A @ weight, bias
 
 
 def _back_conv(layer: nn.Conv2d, A: Tensor, bias: Tensor, ctx: _Context) -> tuple[Tensor, Tensor]:
+    return _back_conv_with(layer, layer.weight, layer.bias, A, bias, ctx)
+
+
+def _back_conv_with(
+    layer: nn.Conv2d,
+    weight: Tensor,
+    layer_bias: Tensor | None,
+    A: Tensor,
+    bias: Tensor,
+    ctx: _Context,
+) -> tuple[Tensor, Tensor]:
     queries, specs = A.shape[:2]
-    if layer.bias is not None:
-        bias = bias + A.sum((-2, -1)) @ layer.bias
+    if layer_bias is not None:
+        bias = bias + A.sum((-2, -1)) @ layer_bias
     out_h, out_w = A.shape[-2:]
     in_h, in_w = ctx.input_shape[-2:]
     output_padding = tuple(
@@ -94,7 +149,7 @@ def _back_conv(layer: nn.Conv2d, A: Tensor, bias: Tensor, ctx: _Context) -> tupl
     )
     A_in = F.conv_transpose2d(
         A.flatten(0, 1),
-        layer.weight,
+        weight,
         None,
         layer.stride,
         layer.padding,
@@ -110,8 +165,9 @@ def _back_channel_affine(
 ) -> tuple[Tensor, Tensor]:
     scale, shift = channel_affine(layer, ctx.stats)
     shape = (1, 1, -1) + (1,) * (A.dim() - 3)
+    per_channel = A.flatten(3).sum(-1) if A.dim() > 3 else A
     # shift broadcasts like the forward pass does (Normalize may hold one value for all channels)
-    return A * scale.view(shape), bias + (A * shift.view(shape)).flatten(2).sum(-1)
+    return A * scale.view(shape), bias + per_channel @ shift.expand(per_channel.shape[-1])
 
 
 def _back_relu(layer: nn.ReLU, A: Tensor, bias: Tensor, ctx: _Context) -> tuple[Tensor, Tensor]:
@@ -121,8 +177,9 @@ def _back_relu(layer: nn.ReLU, A: Tensor, bias: Tensor, ctx: _Context) -> tuple[
         t[ctx.rows].unsqueeze(1)
         for t in (relax.lower_slope, relax.upper_slope, relax.upper_intercept)
     )
-    positive, negative = A.clamp(min=0), A.clamp(max=0)
-    bias = bias + (negative * upper_intercept).flatten(2).sum(-1)
+    positive = A.clamp(min=0)
+    negative = A - positive
+    bias = bias + _dot(negative, upper_intercept.squeeze(1))
     return positive * lower_slope + negative * upper_slope, bias
 
 
@@ -131,6 +188,8 @@ def _back_flatten(
 ) -> tuple[Tensor, Tensor]:
     return A.reshape(*A.shape[:2], *ctx.input_shape), bias
 
+
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 BackwardRule = Callable[[nn.Module, Tensor, Tensor, _Context], tuple[Tensor, Tensor]]
 BACKWARD_RULES: dict[type[nn.Module], BackwardRule] = {
@@ -166,17 +225,28 @@ class _Network:
         Returns:
             (Q, S) lower bounds, less the rounding allowance.
         """
-        for position in range(end - 1, -1, -1):
+        position = end - 1
+        while position >= 0:
             layer = self.layers[position]
+            before = self.layers[position - 1] if position > 0 else None
+            if isinstance(layer, _BATCHNORMS) and isinstance(before, nn.Linear | nn.Conv2d):
+                # batch-norm folded into the layer before it: one pass over A instead of two
+                ctx = _Context(rows, self.stats, self.input_shapes[position - 1], None)
+                weight, layer_bias = fold_batchnorm(before, layer, self.stats)
+                with_rule = _back_linear_with if isinstance(before, nn.Linear) else _back_conv_with
+                A, bias = with_rule(before, weight, layer_bias, A, bias, ctx)
+                position -= 2
+                continue
             ctx = _Context(
                 rows, self.stats, self.input_shapes[position], self.relaxations.get(position)
             )
             A, bias = BACKWARD_RULES[type(layer)](layer, A, bias, ctx)
-        centre = self.box.centre[rows].unsqueeze(1)
-        radius = self.box.radius[rows].unsqueeze(1)
-        spread = (A.abs() * radius).flatten(2).sum(-1)
-        magnitude = (A * centre).abs().flatten(2).sum(-1) + spread + bias.abs()
-        lower = bias + (A * centre).flatten(2).sum(-1) - spread
+            position -= 1
+        centre, radius = self.box.centre[rows], self.box.radius[rows]
+        magnitude_A = A.abs()
+        spread = _dot(magnitude_A, radius)
+        magnitude = _dot(magnitude_A, centre.abs() + radius) + bias.abs()
+        lower = bias + _dot(A, centre) - spread
         return lower - rounding_allowance(magnitude)
 
 
@@ -202,20 +272,26 @@ def _is_affine_exact(layers: Sequence[nn.Module]) -> bool:
 def _crown_preactivation(net: _Network, end: int, ibp_bounds: Interval, budget: int) -> Interval:
     """CROWN bounds of the output of ``layers[:end]`` for its IBP-unstable neurons, ∩ IBP."""
     lower, upper = ibp_bounds.lower.flatten(1).clone(), ibp_bounds.upper.flatten(1).clone()
-    rows, neurons = torch.nonzero((lower < 0) & (upper > 0), as_tuple=True)
+    unstable = (lower < 0) & (upper > 0)
     shape = ibp_bounds.shape[1:]
     widest = max(math.prod(s) for s in [*net.input_shapes[:end], tuple(shape)])
     chunk = max(1, budget // (2 * widest))
-    for start in range(0, rows.numel(), chunk):
-        r, n = rows[start : start + chunk], neurons[start : start + chunk]
-        A = torch.zeros(r.numel(), 2, math.prod(shape), dtype=lower.dtype, device=lower.device)
-        query = torch.arange(r.numel(), device=r.device)
-        A[query, 0, n] = 1.0
-        A[query, 1, n] = -1.0
-        bias = torch.zeros(r.numel(), 2, dtype=lower.dtype, device=lower.device)
-        bounds = net.lower_bound(end, A.view(r.numel(), 2, *shape), bias, r)
-        lower[r, n] = torch.maximum(lower[r, n], bounds[:, 0])
-        upper[r, n] = torch.minimum(upper[r, n], -bounds[:, 1])
+    # one sample at a time: its unstable neurons are the specification rows of one query, so
+    # the per-sample relaxations broadcast instead of being copied for every neuron
+    for row in torch.nonzero(unstable.any(1), as_tuple=True)[0].tolist():
+        neurons = torch.nonzero(unstable[row], as_tuple=True)[0]
+        for start in range(0, neurons.numel(), chunk):
+            n = neurons[start : start + chunk]
+            k = n.numel()
+            A = torch.zeros(1, 2 * k, math.prod(shape), dtype=lower.dtype, device=lower.device)
+            spec = torch.arange(k, device=n.device)
+            A[0, spec, n] = 1.0
+            A[0, k + spec, n] = -1.0
+            bias = torch.zeros(1, 2 * k, dtype=lower.dtype, device=lower.device)
+            rows = torch.tensor([row], device=n.device)
+            bounds = net.lower_bound(end, A.view(1, 2 * k, *shape), bias, rows)[0]
+            lower[row, n] = torch.maximum(lower[row, n], bounds[:k])
+            upper[row, n] = torch.minimum(upper[row, n], -bounds[k:])
     return Interval.from_bounds(lower.view_as(ibp_bounds.lower), upper.view_as(ibp_bounds.upper))
 
 
@@ -245,7 +321,7 @@ def crown_margins(
     y: Tensor,
     stats: BatchStats | None = None,
     intermediate: str = "crown",
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
 ) -> Tensor:
     """Lower bounds of ``f_y - f_t`` for t != y by a backward pass from the output.
 
@@ -255,7 +331,8 @@ def crown_margins(
         y: (B,) labels.
         stats: clean-batch statistics for train-mode batch-norms.
         intermediate: ``"crown"`` (CROWN) or ``"ibp"`` (CROWN-IBP) pre-activation bounds.
-        memory_budget: elements per chunk of backward coefficients.
+        memory_budget: elements per chunk of backward coefficients (default: the innermost
+            :func:`memory_budget` block, else ``DEFAULT_MEMORY_BUDGET``).
 
     Returns:
         (B, K-1) lower bounds, classes in increasing order with y left out.
@@ -263,6 +340,7 @@ def crown_margins(
     layers = list(model)
     last = layers[-1]
     assert isinstance(last, nn.Linear)
+    memory_budget = _budget[-1] if memory_budget is None else memory_budget
     net = _prepare(layers, box, stats, intermediate, memory_budget)
     others = other_classes(y, last.out_features)
     A = last.weight[y].unsqueeze(1) - last.weight[others]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from acert.bounds.interval import Interval
-from acert.bounds.layers import BatchStats, channel_affine
+from acert.bounds.layers import BatchStats, channel_affine, fold_batchnorm
 from acert.bounds.spec import other_classes, rounding_allowance
 from acert.models import Normalize
 
@@ -50,10 +50,7 @@ def _with_batchnorm(
     ``BN(W h + b) = (s·W) h + (s·b + t)`` per output channel, and ``|s·W| = |s|·|W|``, so the
     interval is the one the two rules give one after the other.
     """
-    scale, shift = channel_affine(norm, stats)
-    weight = layer.weight * scale.view(-1, *([1] * (layer.weight.dim() - 1)))
-    bias = shift if layer.bias is None else layer.bias * scale + shift
-    return _affine_box(layer, box, weight, bias)
+    return _affine_box(layer, box, *fold_batchnorm(layer, norm, stats))
 
 
 def _channel_affine(layer: nn.Module, box: Interval, stats: BatchStats | None) -> Interval:

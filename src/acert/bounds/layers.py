@@ -24,6 +24,7 @@ __all__ = [
     "channel_affine",
     "check_supported",
     "clean_forward",
+    "fold_batchnorm",
     "needs_batch_stats",
     "uses_batch_stats",
 ]
@@ -177,3 +178,17 @@ def channel_affine(layer: nn.Module, stats: BatchStats | None) -> tuple[Tensor, 
             )
         return _batchnorm_affine(layer, *stats[layer])
     return _batchnorm_affine(layer, layer.running_mean, layer.running_var)
+
+
+def fold_batchnorm(
+    layer: nn.Linear | nn.Conv2d, norm: nn.Module, stats: BatchStats | None
+) -> tuple[Tensor, Tensor]:
+    """(weight, bias) of ``norm(layer(h))`` as one linear/convolution layer.
+
+    ``BN(W h + b) = (s·W) h + (s·b + t)`` per output channel, with (s, t) from
+    :func:`channel_affine`.
+    """
+    scale, shift = channel_affine(norm, stats)
+    weight = layer.weight * scale.view(-1, *([1] * (layer.weight.dim() - 1)))
+    bias = shift if layer.bias is None else layer.bias * scale + shift
+    return weight, bias

@@ -23,16 +23,28 @@ from torch import Tensor, nn
 
 from acert.bounds import BatchStats, Interval
 from acert.bounds import ibp as ibp_rules
+from acert.distributed import global_sum
 from acert.models import Normalize
 
 __all__ = ["WarmupRegularizer", "relu_balance_loss", "tightness_loss"]
 
 
+def _sum(t: Tensor) -> Tensor:
+    """Sum over the whole global batch (all processes of a distributed run)."""
+    return global_sum(t.sum())
+
+
+def _mean(t: Tensor) -> Tensor:
+    """Mean over the whole global batch (all processes of a distributed run)."""
+    totals = global_sum(torch.stack([t.sum(), t.new_tensor(float(t.numel()))]))
+    return totals[0] / totals[1]
+
+
 def tightness_loss(input_box: Interval, preactivations: list[Interval], tau: float = 0.5) -> Tensor:
     """Mean over ReLU layers of ``relu(τ - T0/T) / τ``."""
-    t0 = input_box.radius.mean()
+    t0 = _mean(input_box.radius)
     terms = [
-        torch.relu(tau - t0 / pre.radius.mean().clamp(min=1e-12)) / tau for pre in preactivations
+        torch.relu(tau - t0 / _mean(pre.radius).clamp(min=1e-12)) / tau for pre in preactivations
     ]
     return torch.stack(terms).mean()
 
@@ -48,11 +60,11 @@ def relu_balance_loss(preactivations: list[Interval], tau: float = 0.5) -> Tenso
     for pre in preactivations:
         lower, upper, centre = pre.lower, pre.upper, pre.centre
         active, inactive = (lower > 0).to(centre.dtype), (upper < 0).to(centre.dtype)
-        if active.sum() + inactive.sum() == 0:
+        if _sum(active) + _sum(inactive) == 0:
             continue
-        deviation = (centre - centre.mean()) ** 2
-        r_mean = _folded_ratio((centre * active).mean(), -(centre * inactive).mean())
-        r_var = _folded_ratio((deviation * active).sum(), (deviation * inactive).sum())
+        deviation = (centre - _mean(centre)) ** 2
+        r_mean = _folded_ratio(_sum(centre * active), -_sum(centre * inactive))
+        r_var = _folded_ratio(_sum(deviation * active), _sum(deviation * inactive))
         terms.append((torch.relu(tau - r_mean) + torch.relu(tau - r_var)) / tau)
     if not terms:
         return preactivations[0].centre.new_zeros(())

@@ -1,0 +1,88 @@
+"""`acert bench` measures every figure issue 4 asks for, as finite positive numbers."""
+
+import json
+import math
+
+import pytest
+
+from acert.bench import BenchSettings, bench, format_table
+from acert.cli import main
+from acert.config import TrainConfig
+from acert.train import run
+
+KEYS = (
+    "ibp_over_forward",
+    "crown_ibp_over_ibp",
+    "crown_over_ibp",
+    "radius_evals_per_sample",
+    "radius_evals_per_sample_bisection",
+    "acert_step_over_ibp_step",
+    "ibp_step_over_standard_step",
+    "train_samples_per_second",
+)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "run"
+    config = TrainConfig(
+        model="mlp-small",
+        train_limit=300,
+        val_size=0,
+        epochs=3,
+        reg_epochs=1,
+        batch_size=50,
+        eval_limit=50,
+        eval_pgd_steps=0,
+        cert_eps=[0.4],
+    )
+    run(config, out=out, progress=False, log=lambda _: None)
+    return out
+
+
+def test_bench_reports_every_ratio(trained_run):
+    settings = BenchSettings(
+        model="mlp-small",
+        batch=32,
+        crown_batch=2,
+        step_batch=16,
+        radius_samples=64,
+        repeats=1,
+        run=str(trained_run),
+    )
+    results = bench(settings, log=lambda _: None)
+    for key in KEYS:
+        assert isinstance(results[key], float) and math.isfinite(results[key]) and results[key] > 0
+    # plain bisection needs about log2(1e4) evaluations; Brent far fewer
+    assert results["radius_evals_per_sample_bisection"] > results["radius_evals_per_sample"]
+    assert results["raw"]["ibp_peak_bytes"] > 0 and results["raw"]["acert_step_peak_bytes"] > 0
+    table = format_table(results)
+    assert "IBP bounds / clean forward" in table and "peak memory, CROWN" in table
+
+
+def test_bench_command_writes_json(trained_run, tmp_path, capsys):
+    target = tmp_path / "bench.json"
+    argv = [
+        "bench",
+        "--model",
+        "mlp-small",
+        "--batch",
+        "16",
+        "--crown-batch",
+        "2",
+        "--step-batch",
+        "8",
+        "--radius-samples",
+        "32",
+        "--repeats",
+        "1",
+        "--run",
+        str(trained_run),
+        "--json",
+        str(target),
+    ]
+    assert main(argv) == 0
+    written = json.loads(target.read_text())
+    assert all(key in written for key in KEYS)
+    assert "training throughput" in capsys.readouterr().out
+    assert main(["bench", "--shape", "1,28"]) == 2
