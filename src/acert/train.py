@@ -268,14 +268,14 @@ def _run(
     """:func:`run` on one process of ``world`` (possibly the only one)."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    run_dir = RunDir(out) if out is not None else None
-    if run_dir is not None and world.is_main:
-        run_dir.create()
     _seed_everything(config.seed)
     model = build_model(config).to(device)
     method = create_method(config)
     train_set, val_set = _data(config)
     loader = _loader(config, train_set, device, world)
+    run_dir = RunDir(out) if out is not None else None
+    if run_dir is not None and world.is_main:
+        run_dir.create()  # only now: bad data or config leaves no folder behind
     steps_per_epoch = len(loader)
     schedule = EpsSchedule(config.eps_train, steps_per_epoch, config.stn_epochs, config.reg_epochs)
     optimizer, scheduler = _optimizer(model, config, config.epochs * steps_per_epoch)
