@@ -13,6 +13,12 @@ backward pass only from the output.
 Backward state has shape (Q, S, *layer shape): Q queries, each tied to one batch row by
 ``rows`` (Q,), S specification rows per query. Queries are processed in chunks so that the
 coefficient tensors stay under ``memory_budget`` elements.
+
+The intermediate bounds of the convolutional part (every layer before the first Flatten or
+Linear) run on patches instead (:mod:`acert.bounds.patches`): a neuron's coefficients only on
+its receptive field, the same bounds up to rounding at a fraction of the time and memory. The
+neurons after a Flatten/Linear and the output margins use the dense pass here, which is also
+kept for every layer with ``use_patches=False``.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from acert.bounds import ibp
+from acert.bounds import ibp, patches
 from acert.bounds.interval import Interval
 from acert.bounds.layers import BatchStats, channel_affine, fold_batchnorm
 from acert.bounds.spec import other_classes, rounding_allowance
@@ -269,8 +275,18 @@ def _is_affine_exact(layers: Sequence[nn.Module]) -> bool:
     return sum(isinstance(layer, nn.Linear | nn.Conv2d) for layer in layers) <= 1
 
 
-def _crown_preactivation(net: _Network, end: int, ibp_bounds: Interval, budget: int) -> Interval:
-    """CROWN bounds of the output of ``layers[:end]`` for its IBP-unstable neurons, ∩ IBP."""
+def _crown_preactivation(
+    net: _Network, end: int, ibp_bounds: Interval, budget: int, use_patches: bool
+) -> Interval:
+    """CROWN bounds of the output of ``layers[:end]`` for its IBP-unstable neurons, ∩ IBP:
+    on patches (:mod:`acert.bounds.patches`) for a conv-stage layer, else dense."""
+    if use_patches and patches.supports(net.layers[:end], ibp_bounds.shape[1:]):
+        return patches.preactivation_bounds(net, end, ibp_bounds, budget)
+    return _dense_preactivation(net, end, ibp_bounds, budget)
+
+
+def _dense_preactivation(net: _Network, end: int, ibp_bounds: Interval, budget: int) -> Interval:
+    """CROWN bounds by the dense backward pass: coefficients on whole layer tensors."""
     lower, upper = ibp_bounds.lower.flatten(1).clone(), ibp_bounds.upper.flatten(1).clone()
     unstable = (lower < 0) & (upper > 0)
     shape = ibp_bounds.shape[1:]
@@ -301,6 +317,7 @@ def _prepare(
     stats: BatchStats | None,
     intermediate: str,
     budget: int,
+    use_patches: bool,
 ) -> _Network:
     net = _Network(layers, _input_shapes(layers, box, stats), box, stats, {})
     h, start = box, 0
@@ -308,7 +325,7 @@ def _prepare(
     for position in relu_positions:
         pre, _ = ibp.propagate(layers[start:position], h, stats)
         if intermediate == "crown" and not _is_affine_exact(layers[:position]):
-            pre = _crown_preactivation(net, position, pre, budget)
+            pre = _crown_preactivation(net, position, pre, budget, use_patches)
         net.relaxations[position] = relu_relaxation(pre)
         h = ibp.RULES[nn.ReLU](layers[position], pre, stats)
         start = position + 1
@@ -322,6 +339,7 @@ def crown_margins(
     stats: BatchStats | None = None,
     intermediate: str = "crown",
     memory_budget: int | None = None,
+    use_patches: bool = True,
 ) -> Tensor:
     """Lower bounds of ``f_y - f_t`` for t != y by a backward pass from the output.
 
@@ -333,6 +351,9 @@ def crown_margins(
         intermediate: ``"crown"`` (CROWN) or ``"ibp"`` (CROWN-IBP) pre-activation bounds.
         memory_budget: elements per chunk of backward coefficients (default: the innermost
             :func:`memory_budget` block, else ``DEFAULT_MEMORY_BUDGET``).
+        use_patches: bound the neurons of convolutional layers on their receptive fields
+            (:mod:`acert.bounds.patches`); False runs the dense pass everywhere (the same bounds
+            up to rounding, much slower; kept for tests and comparisons).
 
     Returns:
         (B, K-1) lower bounds, classes in increasing order with y left out.
@@ -341,7 +362,7 @@ def crown_margins(
     last = layers[-1]
     assert isinstance(last, nn.Linear)
     memory_budget = _budget[-1] if memory_budget is None else memory_budget
-    net = _prepare(layers, box, stats, intermediate, memory_budget)
+    net = _prepare(layers, box, stats, intermediate, memory_budget, use_patches)
     others = other_classes(y, last.out_features)
     A = last.weight[y].unsqueeze(1) - last.weight[others]
     bias = torch.zeros(A.shape[:2], dtype=A.dtype, device=A.device)
