@@ -17,6 +17,7 @@ KEYS = (
     "radius_evals_per_sample",
     "radius_evals_per_sample_bisection",
     "acert_step_over_ibp_step",
+    "acert_cold_step_over_ibp_step",
     "ibp_step_over_standard_step",
     "train_samples_per_second",
 )

@@ -49,6 +49,8 @@ def test_run_writes_the_run_folder(tmp_path):
         assert path.is_file() and path.stat().st_size > 0, path
     rows = folder.metrics_path.read_text().strip().splitlines()
     assert len(rows) == 1 + 3 and rows[0].startswith("epoch,step,lr")
+    rates = [float(row.split(",")[2]) for row in rows[1:]]
+    assert all(0 < rate <= 2e-3 for rate in rates)  # the rates actually used, OneCycle to 2e-3
     metrics = json.loads(folder.test_metrics_path.read_text())
     assert metrics["n"] == 100 and set(metrics["certified_accuracy"]) == {"0.1"}
     assert 0 <= metrics["acr"] <= 0.4 and metrics["clean_accuracy"] > 0.2

@@ -119,6 +119,7 @@ def fit(
         seed_process(loader.seed, epoch, world)
         started = time.perf_counter()
         totals: dict[str, tuple[float, float]] = {}
+        last_lr = optimizer.param_groups[0]["lr"]
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
         for x, y, idx in bar:
             rows, weight = shard(x.shape[0], world)
@@ -130,6 +131,7 @@ def fit(
                 schedule.in_warmup(state.step),
             )
             batch = Batch(x[rows], y[rows], idx[rows])
+            last_lr = optimizer.param_groups[0]["lr"]
             values = _train_step(
                 compute_loss, model, batch, step, optimizer, scheduler, grad_clip, l1, weight
             )
@@ -143,7 +145,9 @@ def fit(
                 acc=f"{values['train_acc']:.3f}",
                 eps=f"{step.eps:.3g}",
             )
-        row = {"epoch": epoch + 1, "step": state.step, "lr": scheduler.get_last_lr()[0]}
+        # the rate of the epoch's last update (after the final update the scheduler's next
+        # rate lies past the end of its cycle)
+        row = {"epoch": epoch + 1, "step": state.step, "lr": last_lr}
         row.update(mean_metrics(totals))
         row["epoch_seconds"] = time.perf_counter() - started
         state.epoch = epoch + 1
