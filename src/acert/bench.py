@@ -33,7 +33,7 @@ from torch import nn
 from acert.bounds import clean_forward, input_box, margin_bounds_on_box
 from acert.config import TrainConfig, resolve
 from acert.data import BatchLoader, load_imageset, stratified_subset
-from acert.methods import Batch, Step, create_method
+from acert.methods import ACERT, Batch, Step, create_method
 from acert.models import create_model
 from acert.radius import SEARCHES, radius_search
 from acert.runs import RunDir, build_model, load
@@ -298,10 +298,10 @@ def _step_times(
 
 
 def _primed_radius_memory(
-    method: Any, earlier: nn.Sequential, batch: Batch, step: Step
+    method: ACERT, earlier: nn.Sequential, batch: Batch, step: Step
 ) -> dict | None:
     """The ACERT method's state after one search with the earlier model (None: no memory)."""
-    if not method.state_dict():
+    if method.memory is None:
         return None
     was_training = earlier.training
     with torch.no_grad():
