@@ -19,15 +19,13 @@ from torch import Tensor, nn
 
 from acert.bounds import (
     BatchStats,
-    Interval,
     as_eps,
     check_inputs,
     clean_forward,
-    ibp,
     input_box,
     margin_bounds_on_box,
 )
-from acert.bounds.layers import needs_batch_stats
+from acert.bounds.layers import forward_with_stats, needs_batch_stats
 from acert.bounds.spec import other_classes
 from acert.errors import AcertError
 
@@ -209,7 +207,7 @@ def radius_search(
                 logits, stats = clean_forward(model, x, update_running_stats=False)
             elif logits is None and needs_batch_stats(model):
                 # the clean logits under the given statistics (not those of x's own batch)
-                logits = ibp.propagate(model, Interval(x, torch.zeros_like(x)), stats)[0].centre
+                logits = forward_with_stats(model, x, stats)
             elif logits is None:
                 logits = model(x)
         except RuntimeError as err:

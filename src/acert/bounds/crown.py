@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from acert.bounds import ibp, patches
 from acert.bounds.interval import Interval
-from acert.bounds.layers import BatchStats, channel_affine, fold_batchnorm
+from acert.bounds.layers import BatchStats, channel_affine, fold_batchnorm, folds_into
 from acert.bounds.spec import other_classes, rounding_allowance
 from acert.errors import AcertError
 from acert.models import Normalize
@@ -195,8 +195,6 @@ def _back_flatten(
     return A.reshape(*A.shape[:2], *ctx.input_shape), bias
 
 
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
-
 BackwardRule = Callable[[nn.Module, Tensor, Tensor, _Context], tuple[Tensor, Tensor]]
 BACKWARD_RULES: dict[type[nn.Module], BackwardRule] = {
     nn.Linear: _back_linear,
@@ -235,7 +233,7 @@ class _Network:
         while position >= 0:
             layer = self.layers[position]
             before = self.layers[position - 1] if position > 0 else None
-            if isinstance(layer, _BATCHNORMS) and isinstance(before, nn.Linear | nn.Conv2d):
+            if folds_into(before, layer):
                 # batch-norm folded into the layer before it: one pass over A instead of two
                 ctx = _Context(rows, self.stats, self.input_shapes[position - 1], None)
                 weight, layer_bias = fold_batchnorm(before, layer, self.stats)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from acert.bounds.interval import Interval
-from acert.bounds.layers import BatchStats, channel_affine, fold_batchnorm
+from acert.bounds.layers import BatchStats, channel_affine, fold_batchnorm, folds_into
 from acert.bounds.spec import other_classes, rounding_allowance
 from acert.models import Normalize
 
@@ -75,9 +75,6 @@ def _flatten(layer: nn.Flatten, box: Interval, stats: BatchStats | None) -> Inte
     return Interval(layer(box.centre), layer(box.radius))
 
 
-_AFFINE = (nn.Linear, nn.Conv2d)
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
-
 Rule = Callable[[nn.Module, Interval, "BatchStats | None"], Interval]
 RULES: dict[type[nn.Module], Rule] = {
     nn.Linear: _linear,
@@ -111,7 +108,7 @@ def propagate(
         following = layers[position + 1] if position + 1 < len(layers) else None
         if isinstance(layer, nn.ReLU):
             preactivations.append(box)
-        if isinstance(layer, _AFFINE) and isinstance(following, _BATCHNORMS):
+        if folds_into(layer, following):
             box = _with_batchnorm(layer, following, box, stats)
             position += 2
             continue

@@ -25,6 +25,8 @@ __all__ = [
     "check_supported",
     "clean_forward",
     "fold_batchnorm",
+    "folds_into",
+    "forward_with_stats",
     "needs_batch_stats",
     "uses_batch_stats",
 ]
@@ -121,6 +123,31 @@ def clean_forward(
     return h, stats
 
 
+def forward_with_stats(model: nn.Sequential, x: Tensor, stats: BatchStats) -> Tensor:
+    """``model(x)`` with every batch-norm in ``stats`` normalising by those clean-batch statistics.
+
+    Other inputs of the same batch (adversarial points, a radius search's inputs) thus see the
+    function the bounds see, and the running statistics stay those of the clean pass.
+
+    Args:
+        model: an ``nn.Sequential``.
+        x: (B, ...) inputs, e.g. adversarial points of the batch ``stats`` came from.
+        stats: from :func:`acert.bounds.clean_forward` (empty in eval mode).
+
+    Returns:
+        (B, K) logits.
+    """
+    h = x
+    for layer in model:
+        if layer in stats:
+            scale, shift = channel_affine(layer, stats)
+            shape = (1, -1) + (1,) * (h.dim() - 2)
+            h = h * scale.view(shape) + shift.view(shape)
+        else:
+            h = layer(h)
+    return h
+
+
 def _normalise_globally(
     layer: _BatchNorm, h: Tensor, dims: list[int], stats: BatchStats, update: bool
 ) -> Tensor:
@@ -178,6 +205,14 @@ def channel_affine(layer: nn.Module, stats: BatchStats | None) -> tuple[Tensor, 
             )
         return _batchnorm_affine(layer, *stats[layer])
     return _batchnorm_affine(layer, layer.running_mean, layer.running_var)
+
+
+def folds_into(layer: nn.Module | None, norm: nn.Module | None) -> bool:
+    """Whether ``norm`` is a batch-norm right after the linear/conv ``layer``, so that the
+    bound passes treat the two as one layer (:func:`fold_batchnorm`)."""
+    return isinstance(layer, nn.Linear | nn.Conv2d) and isinstance(
+        norm, nn.BatchNorm1d | nn.BatchNorm2d
+    )
 
 
 def fold_batchnorm(

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from acert.bounds.interval import Interval
-from acert.bounds.layers import channel_affine, fold_batchnorm
+from acert.bounds.layers import channel_affine, fold_batchnorm, folds_into
 from acert.bounds.spec import rounding_allowance
 from acert.models import Normalize
 
@@ -283,7 +283,7 @@ def lower_bound(
     while position >= 0:
         layer = net.layers[position]
         before = net.layers[position - 1] if position > 0 else None
-        if isinstance(layer, nn.BatchNorm2d) and isinstance(before, nn.Conv2d):
+        if folds_into(before, layer):
             # batch-norm folded into the convolution before it, as in the dense pass
             weight, layer_bias = fold_batchnorm(before, layer, net.stats)
             shape = net.input_shapes[position - 1]

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from acert.attacks import eval_mode, pgd_attack
 from acert.bounds import BatchStats, Interval, input_box
 from acert.bounds import ibp as ibp_rules
-from acert.bounds.layers import channel_affine
+from acert.bounds.layers import forward_with_stats
 from acert.errors import ConfigError
 from acert.methods.warmup import WarmupRegularizer
 
@@ -33,7 +33,6 @@ __all__ = [
     "adversarial_terms",
     "certified_objective",
     "clean_terms",
-    "forward_with_stats",
     "ibp_pass",
     "mixed_objective",
     "robust_cross_entropy",
@@ -238,31 +237,6 @@ def certified_objective(
     terms = with_warmup(terms, regularizer, model, bounds, stats, step)
     terms.metrics["certified"] = bounds.certified
     return terms
-
-
-def forward_with_stats(model: nn.Sequential, x: Tensor, stats: BatchStats) -> Tensor:
-    """``model(x)`` with every batch-norm in ``stats`` normalising by those clean-batch statistics.
-
-    The adversarial points of a batch thus see the function the bounds see, and the running
-    statistics stay those of the clean pass.
-
-    Args:
-        model: an ``nn.Sequential``.
-        x: (B, ...) inputs, e.g. adversarial points of the batch ``stats`` came from.
-        stats: from :func:`acert.bounds.clean_forward` (empty in eval mode).
-
-    Returns:
-        (B, K) logits.
-    """
-    h = x
-    for layer in model:
-        if layer in stats:
-            scale, shift = channel_affine(layer, stats)
-            shape = (1, -1) + (1,) * (h.dim() - 2)
-            h = h * scale.view(shape) + shift.view(shape)
-        else:
-            h = layer(h)
-    return h
 
 
 @dataclass(frozen=True)
