@@ -52,6 +52,7 @@ __all__ = [
     "load",
     "load_imageset",
     "split_train_val",
+    "stratified_indices",
     "stratified_subset",
 ]
 
@@ -349,7 +350,7 @@ def _class_quotas(counts: list[int], n: int) -> list[int]:
     return quotas
 
 
-def _stratified_pick(labels: Tensor, n: int, seed: int) -> Tensor:
+def stratified_indices(labels: Tensor, n: int, seed: int) -> Tensor:
     """Sorted int64 row indices of a stratified random sample of ``n`` rows.
 
     Classes are visited in ascending label order with one ``torch.Generator`` seeded by
@@ -387,7 +388,7 @@ def split_train_val(data: ImageSet, val_size: int, seed: int = 0) -> tuple[Image
         )
     if val_size == 0:
         return data, data.subset(torch.empty(0, dtype=torch.int64))
-    val = _stratified_pick(data.labels, val_size, seed)
+    val = stratified_indices(data.labels, val_size, seed)
     keep = torch.ones(len(data), dtype=torch.bool)
     keep[val] = False
     return data.subset(torch.nonzero(keep).flatten()), data.subset(val)
@@ -403,7 +404,7 @@ def stratified_subset(data: ImageSet, n: int, seed: int = 0) -> ImageSet:
             f"a stratified subset of {n} images cannot cover {num_classes} classes; "
             f"use a limit of at least {num_classes} (e.g. --train-limit {num_classes})"
         )
-    return data.subset(_stratified_pick(data.labels, n, seed))
+    return data.subset(stratified_indices(data.labels, n, seed))
 
 
 # ---------------------------------------------------------------------------------- download

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from acert.certify import run_config
 from acert.config import TrainConfig
-from acert.data import ImageSet, _stratified_pick, dataset_info, load_imageset
+from acert.data import ImageSet, dataset_info, load_imageset, stratified_indices
 from acert.errors import AcertError
 from acert.runs import atomic_write, load
 
@@ -270,7 +270,7 @@ def _select(model: nn.Module, data: ImageSet, n: int, seed: int, only_correct: b
                 f"only {len(pool)} of {len(data)} inputs are classified correctly, fewer than "
                 f"--n {n}; lower --n or export misclassified inputs too"
             )
-    indices = pool[_stratified_pick(data.labels[pool], n, seed)]
+    indices = pool[stratified_indices(data.labels[pool], n, seed)]
     predictions = _predict(model, data, indices)
     return _Selection(data, indices, data.labels[indices], predictions)
 
