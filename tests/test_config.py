@@ -44,6 +44,8 @@ def test_values_are_coerced_and_checked():
         ({"kappa": 1.5}, "kappa must lie in"),
         ({"epochs": 0}, "epochs must be"),
         ({"dataset": "imagenet"}, "unknown dataset"),
+        ({"model": "resnet"}, "unknown model 'resnet'; choose one of cnn7"),
+        ({"method": "trades"}, "unknown method 'trades'; choose one of acert"),
     ],
 )
 def test_resolve_rejects_out_of_range_values(values, message):

@@ -46,7 +46,7 @@ def test_cnn7_shapes_and_structure(shape, classes, last_stride):
 
 @pytest.mark.parametrize("name", list_models())
 def test_registry_builds_every_model(name):
-    shape = (1, 28, 28) if name != "cnn7-tin" else (3, 64, 64)
+    shape = (1, 28, 28) if name != "cnn7-tinyimagenet" else (3, 64, 64)
     net = create_model(name, shape, 10, (0.1,) * shape[0], (0.3,) * shape[0])
     assert net.eval()(torch.rand(2, *shape)).shape == (2, 10)
 

@@ -88,11 +88,12 @@ def _default_out(config) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from acert.config import resolve
     from acert.distributed import launched_world
     from acert.train import run
 
     main_process = launched_world().is_main  # under torchrun only rank 0 prints
-    config = _config_from_args(args)
+    config = resolve(_config_from_args(args))  # a bad config fails before anything is printed
     out = Path(config.out) if config.out else _default_out(config)
     config = dataclasses.replace(config, out=str(out))
     if main_process:
@@ -265,12 +266,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     from acert.methods import list_methods
     from acert.models import MODELS
 
+    width = max(map(len, [*DATASETS, *MODELS]))
     print("datasets:")
     for name, info in DATASETS.items():
-        print(f"  {name:<14} {info.description}")
+        print(f"  {name:<{width}}  {info.description}")
     print("models:")
     for name, spec in MODELS.items():
-        print(f"  {name:<14} {spec.description}")
+        print(f"  {name:<{width}}  {spec.description}")
     print("methods:\n  " + ", ".join(list_methods()))
     return 0
 

@@ -94,7 +94,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "cifar10": {"model": "cnn7", "epochs": 200, "batch_size": 128, "lr": 2e-3, "reg_epochs": 80},
     "tinyimagenet": {
-        "model": "cnn7-tin",
+        "model": "cnn7-tinyimagenet",
         "epochs": 200,
         "batch_size": 256,
         "lr": 2e-3,
@@ -254,6 +254,15 @@ def validate(config: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    from acert.methods import list_methods  # the registries, imported only when checked
+    from acert.models import list_models
+
+    for key, name, known in (
+        ("model", config.model, list_models()),
+        ("method", config.method, list_methods()),
+    ):
+        if name not in known:
+            raise ConfigError(f"unknown {key} {name!r}; choose one of {', '.join(known)}")
     for eps in config.cert_eps:
         if not 0 < eps <= config.eps_max:
             raise ConfigError(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -149,8 +150,13 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield
+        if owned:
+            dist.barrier()  # no process leaves while another still sends to it
     finally:
         if owned:
+            # DDP's reducer sits in reference cycles; free it while the group still exists,
+            # or gloo's threads may be torn down at interpreter exit (std::terminate, SIGABRT)
+            gc.collect()
             dist.destroy_process_group()
 
 

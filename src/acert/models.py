@@ -156,7 +156,7 @@ MODELS: dict[str, ModelSpec] = {
     "cnn7": ModelSpec(cnn7, {"width": 64, "linear_width": 512}, "CNN7 of Shi et al. (paper size)"),
     "cnn7-small": ModelSpec(cnn7, {"width": 16, "linear_width": 128}, "CNN7 at quarter width"),
     "cnn7-tiny": ModelSpec(cnn7, {"width": 8, "linear_width": 64}, "CNN7 at eighth width (CPU)"),
-    "cnn7-tin": ModelSpec(
+    "cnn7-tinyimagenet": ModelSpec(
         cnn7, {"width": 64, "linear_width": 512, "last_stride": 2}, "CNN7 for TinyImageNet (64x64)"
     ),
     "mlp": ModelSpec(mlp, {"hidden": (256, 256)}, "MLP 256-256 with batch-norm"),

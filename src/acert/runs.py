@@ -82,9 +82,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for foreign or truncated files
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a torch file ({first})"
+            f"checkpoint {path} is corrupt or not a torch file ({_load_failure(err)}); "
+            "pass a checkpoint written by `acert train`"
         ) from err
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
@@ -92,6 +92,15 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             "pass a checkpoint written by `acert train`"
         )
     return payload
+
+
+def _load_failure(err: Exception) -> str:
+    """What went wrong in ``torch.load``, in a few words: the first sentence of its message,
+    unless that is the preamble torch puts before any unpickling failure."""
+    first = (str(err).strip().splitlines() or [""])[0].split(". ")[0].rstrip(".")
+    if not first or first.startswith("Weights only load failed"):
+        return "its contents cannot be unpickled"
+    return first[:120]
 
 
 class RunDir:
