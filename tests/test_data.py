@@ -68,7 +68,7 @@ def test_registry_matches_method_table():
     assert data.dataset_info("mnist").eps_max == 0.4
     cifar = data.dataset_info("cifar10")
     assert cifar.eps_max == pytest.approx(8.8 / 255) and cifar.val_size == 5000
-    assert cifar.std == (0.2023, 0.1994, 0.2010) and cifar.augmentation == "crop-flip"
+    assert cifar.std == (0.2023, 0.1994, 0.2010) and cifar.augmentation == "crop2-flip-edge"
     tiny = data.dataset_info("tinyimagenet")
     assert tiny.eps_max == pytest.approx(1 / 255) and tiny.num_classes == 200
     assert tiny.augmentation == "crop-flip-edge"
@@ -393,30 +393,41 @@ def test_batchloader_augments_and_validates():
 
 
 # ------------------------------------------------------------------------------ augmentation
-def _candidates(image: torch.Tensor, pad: int = 4) -> list[torch.Tensor]:
-    """All crops of a zero-padded copy of ``image`` (C, H, W), with and without mirroring."""
-    C, H, W = image.shape
-    padded = torch.zeros(C, H + 2 * pad, W + 2 * pad)
-    padded[:, pad : pad + H, pad : pad + W] = image
+def _candidates(image: torch.Tensor, pad: int = 4, edge: bool = False) -> list[torch.Tensor]:
+    """All crops of a padded copy of ``image`` (C, H, W), with and without mirroring; the
+    padding is zeros, or with ``edge`` copies of the nearest border pixel."""
+    _, H, W = image.shape
+    rows = torch.arange(-pad, H + pad).clamp(0, H - 1)
+    cols = torch.arange(-pad, W + pad).clamp(0, W - 1)
+    padded = image[:, rows[:, None], cols[None, :]]
+    if not edge:
+        padded = torch.zeros_like(padded)
+        padded[:, pad : pad + H, pad : pad + W] = image
     crops = [
         padded[:, i : i + H, j : j + W] for i in range(2 * pad + 1) for j in range(2 * pad + 1)
     ]
     return crops + [c.flip(-1) for c in crops]
 
 
-def test_augment_crop_flip_matches_manual_crops():
-    x = torch.rand(24, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    out = data.augment(x, "crop-flip", torch.Generator().manual_seed(1))
-    again = data.augment(x, "crop-flip", torch.Generator().manual_seed(1))
+@pytest.mark.parametrize(
+    ("kind", "pad", "edge"),
+    [("crop-flip", 4, False), ("crop-flip-edge", 4, True), ("crop2-flip-edge", 2, True)],
+)
+def test_augment_crop_flip_matches_manual_crops(kind, pad, edge):
+    x = torch.rand(40, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = data.augment(x, kind, torch.Generator().manual_seed(1))
+    again = data.augment(x, kind, torch.Generator().manual_seed(1))
     assert out.shape == x.shape and torch.equal(out, again)
     assert float(out.min()) >= 0 and float(out.max()) <= 1
-    shifted = flipped = 0
+    positions = (2 * pad + 1) ** 2
+    shifts = set()
+    flipped = 0
     for image, result in zip(x, out, strict=True):
-        matches = [k for k, c in enumerate(_candidates(image)) if torch.equal(c, result)]
-        assert matches, "an augmented image is not a padded crop (or its mirror) of the input"
-        shifted += matches[0] % 81 != 40  # 40 = offset (4, 4), i.e. no shift
-        flipped += matches[0] >= 81
-    assert shifted > 0 and 0 < flipped < len(x)
+        matches = [k for k, c in enumerate(_candidates(image, pad, edge)) if torch.equal(c, result)]
+        assert matches, f"an augmented image is not a {kind} crop (or its mirror) of the input"
+        shifts.add(matches[0] % positions)
+        flipped += matches[0] >= positions
+    assert len(shifts) > 1 and 0 < flipped < len(x)
 
 
 def test_crop_flip_offsets_and_padding_modes():
@@ -430,6 +441,12 @@ def test_crop_flip_offsets_and_padding_modes():
     assert torch.equal(edge[:, :, :4], x[:, :, :1].expand(-1, -1, 4, -1))
     assert torch.equal(_crop_flip(x, four, four, yes, "constant"), x.flip(-1))
     assert torch.equal(_crop_flip(x, four, four, no, "replicate"), x)
+    two = torch.full((2,), 2)
+    assert torch.equal(_crop_flip(x, two, two, no, "replicate", pad=2), x)
+    assert torch.equal(
+        _crop_flip(x, zero, two, no, "replicate", pad=2)[:, :, :2],
+        x[:, :, :1].expand(-1, -1, 2, -1),
+    )
 
 
 def test_augment_none_edge_and_errors():

@@ -134,7 +134,7 @@ DATASETS: dict[str, DatasetInfo] = {
         eps_max=8.8 / 255,
         cert_eps=(2 / 255, 8 / 255),
         val_size=5000,
-        augmentation="crop-flip",
+        augmentation="crop2-flip-edge",
         description="CIFAR-10 50,000/10,000 from the python batches",
     ),
     "tinyimagenet": DatasetInfo(

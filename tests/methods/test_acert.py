@@ -72,8 +72,12 @@ def test_kappa_one_gives_the_clean_loss_and_eps_zero_is_standard_training():
     clean = F.cross_entropy(model(b.x), b.y).item()
     one = ACERT(kappa=1.0, regularizer=WarmupRegularizer(0, 0)).loss(model, b, step(0.3))
     assert one.loss.item() == pytest.approx(clean, rel=1e-6)
-    zero_eps = ACERT(kappa=0.0).loss(model, b, step(0.0, warmup=True))
+    zero_eps = ACERT(kappa=0.0).loss(model, b, step(0.0, warmup=False))
     assert zero_eps.loss.item() == pytest.approx(clean, rel=1e-6)
+    unregularised = ACERT(kappa=0.0, regularizer=WarmupRegularizer(0, 0))
+    assert unregularised.loss(model, b, step(0.0, warmup=True)).loss.item() == pytest.approx(
+        clean, rel=1e-6
+    )
 
 
 def test_warmup_floor_and_regulariser_weight():

@@ -26,7 +26,7 @@ from acert.methods import (
     sabr_box,
 )
 from acert.methods import crown_ibp as crown_ibp_module
-from acert.methods.base import certified_objective
+from acert.methods.base import certified_objective, ibp_pass
 from acert.models import Normalize
 
 BASELINES = ("pgd", "ibp", "crown-ibp", "sabr", "mtl-ibp")
@@ -119,12 +119,26 @@ def test_a_few_optimisation_steps_lower_the_loss(name):
 
 
 @pytest.mark.parametrize("name", list_methods())
-def test_eps_zero_is_standard_training(name):
+def test_eps_zero_is_standard_training_plus_the_warmup_regularisers(name):
+    """While ε_s = 0: L_std, and for the certified methods during warm-up the regularisers at
+    full weight on the IBP intervals of radius 1e-6 (METHOD.md, "Training loss" 3 and 5)."""
     model, batch = small_net(), make_batch()
     clean = F.cross_entropy(copy.deepcopy(model)(batch.x), batch.y).item()
-    assert loss_of(create_method(config(name)), model, batch, step(eps=0.0)) == pytest.approx(
-        clean, rel=1e-6
-    )
+    method = create_method(config(name))
+    after_warmup = loss_of(method, model, batch, step(eps=0.0, warmup=False))
+    assert after_warmup == pytest.approx(clean, rel=1e-6)
+    during = method.loss(copy.deepcopy(model), batch, step(eps=0.0, warmup=True))
+    if name in ("standard", "pgd"):
+        assert during.loss.item() == pytest.approx(clean, rel=1e-6)
+        return
+    trained = copy.deepcopy(model)
+    _, stats = clean_forward(trained, batch.x)
+    bounds = ibp_pass(trained, input_box(batch.x, 1e-6), batch.y, stats)
+    reg = WarmupRegularizer(0.2, 0.1)(trained, bounds.box, bounds.preactivations, stats).item()
+    assert reg > 0.01
+    assert during.metrics["loss_reg"] == pytest.approx(reg, rel=1e-5)
+    assert during.loss.item() == pytest.approx(clean + reg, rel=1e-5)
+    during.loss.backward()  # the regularisers train the network in the standard epoch too
 
 
 @pytest.mark.parametrize("name", list_methods())
@@ -246,28 +260,44 @@ def test_ibp_with_kappa_one_is_the_clean_loss():
     assert loss_of(IBP(kappa=1.0), model, batch, step(warmup=False)) == pytest.approx(clean)
 
 
-def test_crown_ibp_beta_follows_the_eps_ramp():
-    method = CROWNIBP()
+def test_crown_ibp_weights_follow_the_eps_ramp():
+    """Zhang et al. 2020: β (weight of CROWN-IBP) 1 -> 0 and κ 1 -> κ_end as ε_s ramps up."""
+    method = CROWNIBP(kappa=0.2)
     assert method.beta(step(eps=0.01, eps_max=0.04)) == pytest.approx(0.75)
     assert method.beta(step(eps=0.04, eps_max=0.04)) == 0.0
+    assert method.kappa_at(step(eps=0.01, eps_max=0.04)) == pytest.approx(0.8)
+    assert method.kappa_at(step(eps=0.04, eps_max=0.04)) == pytest.approx(0.2)
 
 
-def test_crown_ibp_with_beta_one_is_ibp_and_skips_the_backward_pass(monkeypatch):
+def test_crown_ibp_mixes_the_crown_ibp_bound_with_weight_beta():
+    model, batch, eps = small_net(), make_batch(8), 0.05
+    _, stats = clean_forward(model, batch.x, update_running_stats=False)
+    method = CROWNIBP()
+    with torch.no_grad():
+        ibp, _ = method.margins(model, batch, eps, stats, beta=0.0)
+        crown, _ = method.margins(model, batch, eps, stats, beta=1.0)
+        mixed, _ = method.margins(model, batch, eps, stats, beta=0.25)
+    assert not torch.allclose(ibp, crown)
+    assert torch.allclose(mixed, 0.25 * crown + 0.75 * ibp, atol=1e-6)
+
+
+def test_crown_ibp_at_the_end_of_the_ramp_is_ibp_and_skips_the_backward_pass(monkeypatch):
     def no_crown(*args, **kwargs):
-        raise AssertionError("CROWN-IBP pass at β = 1")
+        raise AssertionError("CROWN-IBP pass at β = 0")
 
     monkeypatch.setattr(crown_ibp_module, "crown_margins", no_crown)
     model, batch = small_net(), make_batch()
-    crown = CROWNIBP(kappa=0.2, beta_end=1.0)
+    crown = CROWNIBP(kappa=0.2)
     ibp = IBP(kappa=0.2)
-    assert loss_of(crown, model, batch, step()) == pytest.approx(loss_of(ibp, model, batch, step()))
+    end = step(eps=0.04, eps_max=0.04, warmup=False)
+    assert loss_of(crown, model, batch, end) == pytest.approx(loss_of(ibp, model, batch, end))
 
 
 def test_crown_ibp_margins_are_sound(margins_at):
     model, batch, eps = small_net(), make_batch(8), 0.05
     _, stats = clean_forward(model, batch.x, update_running_stats=False)
     with torch.no_grad():
-        lower, _ = CROWNIBP().margins(model, batch, eps, stats, beta=0.0)
+        lower, _ = CROWNIBP().margins(model, batch, eps, stats, beta=1.0)
     ball = input_box(batch.x, eps)
     generator = torch.Generator().manual_seed(4)
     for _ in range(20):

@@ -10,11 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from acert.bounds import BatchStats, clean_forward
-from acert.methods.base import Batch, LossTerms, Step, certified_objective
+from acert.methods.base import (
+    MIN_WARMUP_EPS,
+    Batch,
+    LossTerms,
+    Step,
+    certified_objective,
+    standard_phase_terms,
+)
 from acert.methods.warmup import WarmupRegularizer
 from acert.radius import radius_search
 
@@ -80,7 +86,7 @@ class ACERT:
     xtol: float = 1e-6
     rtol: float = 1e-4
     ftol: float = 1e-5
-    min_warmup_eps: float = 1e-6
+    min_warmup_eps: float = MIN_WARMUP_EPS
     memory: RadiusMemory | None = field(default_factory=RadiusMemory)
     name: str = "acert"
 
@@ -113,7 +119,9 @@ class ACERT:
         """METHOD.md, "Training loss" steps 1-5."""
         logits, stats = clean_forward(model, batch.x)
         if step.eps == 0:
-            return LossTerms(F.cross_entropy(logits, batch.y), logits)
+            return standard_phase_terms(
+                model, batch, logits, stats, step, self.regularizer, self.min_warmup_eps
+            )
         radii, evaluations = self.adaptive_radii(model, batch, step, logits, stats)
         terms = certified_objective(
             model, batch, radii, step, logits, stats, self.kappa, self.regularizer

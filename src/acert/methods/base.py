@@ -36,8 +36,13 @@ __all__ = [
     "ibp_pass",
     "mixed_objective",
     "robust_cross_entropy",
+    "standard_phase_terms",
     "with_warmup",
 ]
+
+MIN_WARMUP_EPS = 1e-6
+"""Floor of the training radii during warm-up (METHOD.md, "Training loss" 3): while ε_s is 0
+the regularisers are computed on IBP intervals of this radius."""
 
 
 @dataclass(frozen=True)
@@ -207,6 +212,36 @@ def with_warmup(
     reg = regularizer(model, bounds.box, bounds.preactivations, stats)
     terms.metrics["loss_reg"] = reg.item()
     return LossTerms(terms.loss + (1 - step.ramp_fraction) * reg, terms.logits, terms.metrics)
+
+
+def standard_phase_terms(
+    model: nn.Sequential,
+    batch: Batch,
+    logits: Tensor,
+    stats: BatchStats,
+    step: Step,
+    regularizer: WarmupRegularizer,
+    eps: float = MIN_WARMUP_EPS,
+) -> LossTerms:
+    """The loss of a certified method while ε_s = 0: ``L_std``, plus during warm-up the
+    regularisers at full weight on one IBP pass at the floor radius ``eps`` (METHOD.md,
+    "Training loss" 3 and 5, as in the standard epoch of the ACERT reference code and of Shi et
+    al. 2021, whose warm-up regularises from the first step).
+
+    Args:
+        model: the network in train mode.
+        batch: the batch.
+        logits: (B, K) clean logits of the batch (with gradients).
+        stats: clean-batch statistics of the train-mode batch-norms.
+        step: the schedule's state.
+        regularizer: the warm-up regularisers.
+        eps: radius of the IBP pass, pixel units.
+    """
+    terms = clean_terms(logits, batch.y)
+    if not (step.warmup and regularizer.active):
+        return terms
+    bounds = ibp_pass(model, input_box(batch.x, eps), batch.y, stats)
+    return with_warmup(terms, regularizer, model, bounds, stats, step)
 
 
 def certified_objective(

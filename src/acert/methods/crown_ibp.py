@@ -1,11 +1,13 @@
 """CROWN-IBP training (Zhang et al. 2020, "Towards stable and efficient training of verifiably
 robust neural networks").
 
-The margins' lower bound mixes the two bounds, ``lb = β·lb_IBP + (1-β)·lb_CROWN-IBP``, with β
-moving from ``beta_start`` (1) to ``beta_end`` (0) as ε_s ramps to ε_max (their "1 → 0"
-schedule; here β follows ``ε_s/ε_max``). The loss is METHOD.md's objective on these margins,
-``(1-κ)·CE([0, -lb], 0) + κ·L_std`` with a fixed κ (Zhang et al. ramp κ as well), plus the
-warm-up regularisers of Shi et al. 2021 on the IBP pass, as for IBP.
+The margins' lower bound mixes the two bounds, ``lb = β·lb_CROWN-IBP + (1-β)·lb_IBP``, and the
+loss mixes the clean and the robust CE with ``κ``; both weights move linearly with the ramp's
+progress ``ε_s/ε_max`` as in the reference code: β from ``beta_start`` (1, CROWN-IBP alone) to
+``beta_end`` (0, IBP alone), κ from ``kappa_start`` (1) to ``kappa`` (the trade-off knob).
+Training thus starts on the tighter CROWN-IBP bound and ends on IBP, and once ε_s = ε_max with
+β = 0 the backward pass is skipped. The warm-up regularisers of Shi et al. 2021 act on the IBP
+pass, as for IBP (METHOD.md, "Baselines").
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from acert.methods.base import (
     LossTerms,
     Stateless,
     Step,
-    clean_terms,
     ibp_pass,
     mixed_objective,
     robust_cross_entropy,
+    standard_phase_terms,
     with_warmup,
 )
 from acert.methods.warmup import WarmupRegularizer
@@ -35,46 +37,54 @@ __all__ = ["CROWNIBP"]
 
 @dataclass
 class CROWNIBP(Stateless):
-    """``(1-κ)·L_rob(β·lb_IBP + (1-β)·lb_CROWN-IBP) + κ·L_std`` plus warm-up regularisers.
+    """``(1-κ)·L_rob(β·lb_CROWN-IBP + (1-β)·lb_IBP) + κ·L_std`` plus warm-up regularisers.
 
     Attributes:
-        kappa: weight κ of the clean loss.
+        kappa: weight κ of the clean loss once ε_s = ε_max.
         regularizer: the warm-up regularisers (Shi et al. 2021).
-        beta_start: β at ε_s = 0.
+        beta_start: β, the weight of the CROWN-IBP bound, at ε_s = 0.
         beta_end: β at ε_s = ε_max.
+        kappa_start: κ at ε_s = 0.
     """
 
     kappa: float = 0.0
     regularizer: WarmupRegularizer = field(default_factory=WarmupRegularizer)
     beta_start: float = 1.0
     beta_end: float = 0.0
+    kappa_start: float = 1.0
     name: str = "crown-ibp"
 
     def beta(self, step: Step) -> float:
-        """Weight of the IBP bound, linear in the ramp's progress ``ε_s/ε_max``."""
+        """Weight of the CROWN-IBP bound, linear in the ramp's progress ``ε_s/ε_max``."""
         return self.beta_start + (self.beta_end - self.beta_start) * step.ramp_fraction
+
+    def kappa_at(self, step: Step) -> float:
+        """Weight of the clean loss, linear in the ramp's progress ``ε_s/ε_max``."""
+        return self.kappa_start + (self.kappa - self.kappa_start) * step.ramp_fraction
 
     def margins(
         self, model: nn.Sequential, batch: Batch, eps: float, stats: BatchStats, beta: float
     ) -> tuple[Tensor, IBPPass]:
         """(B, K-1) mixed lower bounds of the margins over the ε-ball, and the IBP pass.
 
-        The CROWN-IBP backward pass is skipped when β = 1 (it would get weight 0).
+        The CROWN-IBP backward pass is skipped when β = 0 (it would get weight 0).
         """
         box = input_box(batch.x, eps)
         bounds = ibp_pass(model, box, batch.y, stats)
-        if beta >= 1:
+        if beta <= 0:
             return bounds.margins, bounds
         crown = crown_margins(model, box, batch.y, stats, intermediate="ibp")
-        return beta * bounds.margins + (1 - beta) * crown, bounds
+        return beta * crown + (1 - beta) * bounds.margins, bounds
 
     def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
         logits, stats = clean_forward(model, batch.x)
         if step.eps == 0:
-            return clean_terms(logits, batch.y)
-        beta = self.beta(step)
+            return standard_phase_terms(model, batch, logits, stats, step, self.regularizer)
+        beta, kappa = self.beta(step), self.kappa_at(step)
         margins, bounds = self.margins(model, batch, step.eps, stats, beta)
-        terms = mixed_objective(robust_cross_entropy(margins), logits, batch.y, self.kappa)
+        terms = mixed_objective(robust_cross_entropy(margins), logits, batch.y, kappa)
         terms = with_warmup(terms, self.regularizer, model, bounds, stats, step)
-        terms.metrics.update(beta=beta, certified=(margins.min(1).values > 0).float().mean().item())
+        terms.metrics.update(
+            beta=beta, kappa=kappa, certified=(margins.min(1).values > 0).float().mean().item()
+        )
         return terms

@@ -19,7 +19,7 @@ from acert.methods.base import (
     Stateless,
     Step,
     certified_objective,
-    clean_terms,
+    standard_phase_terms,
 )
 from acert.methods.warmup import WarmupRegularizer
 
@@ -28,7 +28,7 @@ __all__ = ["IBP"]
 
 @dataclass
 class IBP(Stateless):
-    """``(1-κ)·L_rob(ε_s) + κ·L_std`` plus warm-up regularisers; clean CE while ε_s = 0.
+    """``(1-κ)·L_rob(ε_s) + κ·L_std`` plus warm-up regularisers; L_std and them while ε_s = 0.
 
     Attributes:
         kappa: weight κ of the clean loss.
@@ -42,7 +42,7 @@ class IBP(Stateless):
     def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
         logits, stats = clean_forward(model, batch.x)
         if step.eps == 0:
-            return clean_terms(logits, batch.y)
+            return standard_phase_terms(model, batch, logits, stats, step, self.regularizer)
         eps = torch.full(batch.y.shape, step.eps, dtype=batch.x.dtype, device=batch.x.device)
         return certified_objective(
             model, batch, eps, step, logits, stats, self.kappa, self.regularizer

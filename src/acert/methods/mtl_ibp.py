@@ -28,6 +28,7 @@ from acert.methods.base import (
     clean_terms,
     ibp_pass,
     robust_cross_entropy,
+    standard_phase_terms,
     with_warmup,
 )
 from acert.methods.warmup import WarmupRegularizer
@@ -37,7 +38,8 @@ __all__ = ["MTLIBP"]
 
 @dataclass
 class MTLIBP(Stateless):
-    """``α·L_IBP + (1-α)·L_adv`` plus warm-up regularisers; clean CE while ε_s = 0.
+    """``α·L_IBP + (1-α)·L_adv`` plus warm-up regularisers; L_std and the warm-up
+    regularisers while ε_s = 0.
 
     Attributes:
         alpha: α, the weight of the IBP loss (``mtl_alpha``); the attack is skipped at α = 1.
@@ -52,9 +54,9 @@ class MTLIBP(Stateless):
 
     def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
         logits, stats = clean_forward(model, batch.x)
-        terms = clean_terms(logits, batch.y)
         if step.eps == 0:
-            return terms
+            return standard_phase_terms(model, batch, logits, stats, step, self.regularizer)
+        terms = clean_terms(logits, batch.y)
         bounds = ibp_pass(model, input_box(batch.x, step.eps), batch.y, stats)
         loss = loss_ibp = robust_cross_entropy(bounds.margins)
         terms.metrics.update(loss_rob=loss_ibp.item(), certified=bounds.certified)

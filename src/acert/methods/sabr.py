@@ -26,6 +26,7 @@ from acert.methods.base import (
     clean_terms,
     ibp_pass,
     robust_cross_entropy,
+    standard_phase_terms,
     with_warmup,
 )
 from acert.methods.warmup import WarmupRegularizer
@@ -60,7 +61,8 @@ def sabr_box(x: Tensor, x_adv: Tensor, eps: float | Tensor, lam: float) -> Inter
 
 @dataclass
 class SABR(Stateless):
-    """Robust CE of the IBP margins of a small adversarial box; clean CE while ε_s = 0.
+    """Robust CE of the IBP margins of a small adversarial box; L_std and the warm-up
+    regularisers while ε_s = 0.
 
     Attributes:
         lam: λ, the box radius as a fraction of ε (``sabr_lambda``).
@@ -75,9 +77,9 @@ class SABR(Stateless):
 
     def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
         logits, stats = clean_forward(model, batch.x)
-        terms = clean_terms(logits, batch.y)
         if step.eps == 0:
-            return terms
+            return standard_phase_terms(model, batch, logits, stats, step, self.regularizer)
+        terms = clean_terms(logits, batch.y)
         x_adv = self.attack(model, batch.x, batch.y, step.eps)
         bounds = ibp_pass(model, sabr_box(batch.x, x_adv, step.eps, self.lam), batch.y, stats)
         loss_rob = robust_cross_entropy(bounds.margins)

@@ -85,6 +85,11 @@ class WarmupRegularizer:
     lambda_relu: float = 0.5
     tau: float = 0.5
 
+    @property
+    def active(self) -> bool:
+        """False when both weights are 0 (the terms need not be computed)."""
+        return self.lambda_tight != 0 or self.lambda_relu != 0
+
     def __call__(
         self,
         model: nn.Sequential,
@@ -92,7 +97,7 @@ class WarmupRegularizer:
         preactivations: list[Interval],
         stats: BatchStats | None,
     ) -> Tensor:
-        if not preactivations or (self.lambda_tight == 0 and self.lambda_relu == 0):
+        if not preactivations or not self.active:
             return box.centre.new_zeros(())
         seen = box
         if isinstance(model[0], Normalize):
