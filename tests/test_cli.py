@@ -97,7 +97,9 @@ def test_bad_input_is_one_line_with_exit_status_2(argv, message, capsys):
 
 def test_certify_rejects_eps_beyond_eps_max_and_corrupt_checkpoints(trained_run, tmp_path, capsys):
     assert main(["certify", str(trained_run), "--eps", "0.5"]) == 2
-    assert "certification eps 0.5 must lie in" in capsys.readouterr().err
+    assert "certification eps 0.5 exceeds eps_max=0.4; raise --eps-max" in capsys.readouterr().err
+    assert main(["certify", str(trained_run), "--eps", "-0.1"]) == 2
+    assert "certification eps -0.1 must lie in (0, 1)" in capsys.readouterr().err
     corrupt = tmp_path / "bad.pt"
     corrupt.write_bytes(b"not a checkpoint")
     assert main(["certify", str(corrupt)]) == 2

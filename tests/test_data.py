@@ -473,7 +473,7 @@ def test_download_network_failure_names_url_and_place(tmp_path, monkeypatch):
     message = one_line_error(data.download, "mnist", tmp_path, match="could not download")
     assert "https://ossci-datasets.s3.amazonaws.com/mnist/train-images-idx3-ubyte.gz" in message
     assert str(tmp_path / "mnist" / "train-images-idx3-ubyte.gz") in message
-    assert not list((tmp_path / "mnist").iterdir())  # no partial files left behind
+    assert not (tmp_path / "mnist").exists()  # no partial files, no empty folder left behind
 
 
 def _file_remote(path: Path, md5: str | None) -> _data_download.Remote:

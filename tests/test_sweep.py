@@ -114,6 +114,18 @@ def test_a_new_certify_limit_recertifies_without_training(study, tmp_path, count
     assert [row["crown_n"] for row in study_table(folder)] == [20, 20]
 
 
+def test_a_certificate_of_another_dataset_or_cap_is_not_the_runs_column(study, tmp_path, counted):
+    """An older certify_ibp.json made on other data is left out of the table and redone."""
+    folder = shutil.copytree(study[0], tmp_path / "study")
+    path = folder / "acert-kappa0.5" / "certify_ibp.json"
+    own = json.loads(path.read_text())
+    path.write_text(json.dumps({**own, "dataset": "fashion-mnist", "acr": 0.0001}))
+    assert "ibp_acr" not in study_table(folder)[1]
+    sweep(tiny(), {"kappa": [0.5]}, folder, bounds=["ibp"], certify_limit=30, log=quiet)
+    assert counted["train"] == [] and counted["certify"] == ["ibp"]
+    assert study_table(folder)[1]["ibp_acr"] == pytest.approx(own["acr"])
+
+
 def test_an_interrupted_point_is_resumed_and_completed(tmp_path, counted):
     def stop_after_first_epoch(line: str) -> None:
         if line.startswith("epoch 1/2"):
@@ -205,7 +217,8 @@ def test_sweep_and_plot_commands(tmp_path, capsys):
     [
         (["sweep", "--grid", "kapa=1"], "unknown grid key 'kapa'"),
         (["sweep", "--grid", "kappa="], "grid key 'kappa' has no values"),
-        (["sweep", "--out", "x"], "pass --study DIR, not --out"),
+        (["sweep", "--set", "out=x"], "pass --study DIR, not --out"),
+        (["sweep", "--bounds", ""], "give at least one bound"),
         (["sweep", "--bounds", "ibp,lp"], "unknown bound 'lp'"),
         (["sweep", "--method", "a,b", "--grid", "method=c"], "give the methods once"),
     ],

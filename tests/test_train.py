@@ -75,7 +75,8 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
 
     with pytest.raises(InterruptError):
         run(tiny_config(), out=tmp_path / "resumed", progress=False, log=stop_after_second_epoch)
-    assert RunDir(tmp_path / "resumed").load_checkpoint("last")["epoch"] == 2
+    interrupted = RunDir(tmp_path / "resumed").load_checkpoint("last")
+    assert interrupted["epoch"] == 2
     with pytest.raises(CheckpointError, match="pass --resume"):
         run(tiny_config(), out=tmp_path / "resumed", progress=False, log=quiet)
     with pytest.raises(CheckpointError, match="different config"):
@@ -93,6 +94,11 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     ):
         assert torch.allclose(a.float(), b.float(), atol=1e-6)
     assert resumed.test.acr == pytest.approx(straight.test.acr, rel=1e-5)
+    # the run's time counts the epochs of both sessions, not only the resumed one
+    seconds = json.loads(RunDir(tmp_path / "resumed").test_metrics_path.read_text())
+    two_epochs = sum(row["epoch_seconds"] for row in interrupted["history"])
+    assert interrupted["seconds"] >= two_epochs
+    assert seconds["train_seconds"] >= interrupted["seconds"] + resumed.history[-1]["epoch_seconds"]
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, monkeypatch):
@@ -110,4 +116,5 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, mo
     with pytest.raises(TrainingDivergedError, match="the loss became nan at epoch 2") as err:
         run(tiny_config(method="standard"), out=tmp_path / "run", progress=False, log=quiet)
     assert "\n" not in str(err.value)
+    assert "last.pt keeps the last good epoch" in str(err.value)
     assert RunDir(tmp_path / "run").load_checkpoint("last")["epoch"] == 1

@@ -7,6 +7,7 @@ download never leaves a half-written file where the readers would find it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -126,7 +127,13 @@ def fetch(remote: Remote, folder: Path) -> Path:
     dest = folder / remote.filename
     if dest.is_file() and (remote.md5 is None or md5_of(dest) == remote.md5):
         return dest
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DatasetError(
+            f"cannot create folder {folder} ({err.strerror or type(err).__name__}); "
+            "choose another --data-dir"
+        ) from err
     failures = []
     for base in remote.mirrors:
         url = base + remote.filename
@@ -188,8 +195,15 @@ def download_dataset(name: str, data_dir: Path) -> Path:
     source = SOURCES[name]
     folder = data_dir / source.subdir
     result = data_dir / source.result
-    for remote in source.remotes:
-        path = fetch(remote, folder)
-        if path.name.endswith((".tar.gz", ".zip")) and not result.is_dir():
-            extract(path, folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    try:
+        for remote in source.remotes:
+            path = fetch(remote, folder)
+            if path.name.endswith((".tar.gz", ".zip")) and not result.is_dir():
+                extract(path, folder)
+    except DatasetError:
+        for empty in created:  # a failed download leaves no empty folders behind
+            with contextlib.suppress(OSError):
+                empty.rmdir()
+        raise
     return result

@@ -14,23 +14,39 @@ from typing import Any
 import torch
 from torch import nn
 
-from acert.config import TrainConfig
+from acert.config import TrainConfig, changed_keys
 from acert.errors import CheckpointError
 from acert.methods import TrainingMethod
 from acert.runs import RunDir
 
-__all__ = ["TrainState", "checkpoint_payload", "start_or_resume"]
+__all__ = ["RESUME_KEYS", "TrainState", "checkpoint_payload", "start_or_resume"]
+
+RESUME_KEYS = (
+    "model",
+    "optimizer",
+    "scheduler",
+    "method",
+    "epoch",
+    "step",
+    "history",
+    "best_score",
+    "best_epoch",
+    "rng",
+)
+"""What a resume restores from ``checkpoints/last.pt``."""
 
 
 @dataclass
 class TrainState:
-    """What a checkpoint restores: the epochs done, the step, the history, the best epoch."""
+    """What a checkpoint restores: the epochs done, the step, the history, the best epoch and
+    the wall time spent on the completed epochs (over every session of the run)."""
 
     epoch: int = 0
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     best_score: float = -math.inf
     best_epoch: int = -1
+    seconds: float = 0.0
 
 
 def checkpoint_payload(
@@ -53,6 +69,7 @@ def checkpoint_payload(
         "history": state.history,
         "best_score": state.best_score,
         "best_epoch": state.best_epoch,
+        "seconds": state.seconds,
         "rng": torch.get_rng_state(),
     }
 
@@ -86,23 +103,35 @@ def start_or_resume(
         raise CheckpointError(
             f"nothing to resume in {run_dir.path} (no checkpoints/last.pt); drop --resume"
         )
-    saved = run_dir.load_config()
-    if saved.to_dict() != config.to_dict():
-        changed = sorted(k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v)
+    changed = changed_keys(run_dir.load_config(), config)
+    if changed:
         raise CheckpointError(
             f"--resume with a different config ({', '.join(changed)}); "
-            "resume with the run's own settings"
+            "resume with the run's own settings (drop those flags)"
         )
     payload = run_dir.load_checkpoint("last")
-    model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
-    method.load_state_dict(payload["method"])
-    torch.set_rng_state(payload["rng"])
+    missing = [key for key in RESUME_KEYS if key not in payload]
+    if missing:
+        raise CheckpointError(
+            f"{run_dir.checkpoint_path('last')} lacks {', '.join(missing)}, so the run cannot "
+            "continue from it; train anew into another --out"
+        )
+    try:
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        method.load_state_dict(payload["method"])
+        torch.set_rng_state(payload["rng"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as err:
+        raise CheckpointError(
+            f"{run_dir.checkpoint_path('last')} does not fit the run's config "
+            f"({type(err).__name__}); it was written by another version or edited"
+        ) from err
     return TrainState(
         payload["epoch"],
         payload["step"],
         payload["history"],
         payload["best_score"],
         payload["best_epoch"],
+        payload.get("seconds", 0.0),
     )

@@ -31,8 +31,9 @@ import torch
 from torch import nn
 
 from acert.bounds import clean_forward, input_box, margin_bounds_on_box
-from acert.config import TrainConfig, resolve
+from acert.config import TrainConfig, available_device, resolve
 from acert.data import BatchLoader, load_imageset, stratified_subset
+from acert.errors import AcertError
 from acert.methods import ACERT, Batch, Step, create_method
 from acert.models import create_model
 from acert.radius import SEARCHES, radius_search
@@ -69,6 +70,21 @@ class BenchSettings:
     repeats: int = 7
     run: str | None = None
     device: str = "cpu"
+
+    def check(self) -> None:
+        """An AcertError naming the first setting that cannot be measured on."""
+        for flag, size in (("--batch", self.batch), ("--radius-samples", self.radius_samples)):
+            if size < 10:
+                raise AcertError(f"{flag} must be >= 10 (a digit of every class), got {size}")
+        if not 1 <= self.crown_batch <= self.batch:
+            raise AcertError(f"--crown-batch must lie in 1..--batch, got {self.crown_batch}")
+        if self.step_batch < 2:
+            raise AcertError(f"--step-batch must be >= 2 (batch-norm), got {self.step_batch}")
+        if self.repeats < 1:
+            raise AcertError(f"--repeats must be >= 1, got {self.repeats}")
+        if len(self.shape) != 3 or min(self.shape) <= 0:
+            raise AcertError(f"--shape must be C,H,W with positive sizes, got {self.shape}")
+        available_device(self.device)
 
 
 def _synchronise(device: torch.device) -> None:
@@ -339,8 +355,9 @@ def _throughput(
 
 def bench(settings: BenchSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every measurement; return the JSON-ready results (ratios first, then raw numbers)."""
+    settings.check()
     device = torch.device(settings.device)
-    log("reference model (a short ACERT run on mnist5k, or --run) ...")
+    log(f"reference model ({settings.run or 'a short ACERT run on mnist5k'}) ...")
     model, earlier, config = _reference_runs(settings, device)
     log("bound passes ...")
     raw = _bound_passes(settings, model, config, device)
@@ -369,7 +386,9 @@ def bench(settings: BenchSettings, log: Callable[[str], None] = print) -> dict[s
         "torch": torch.__version__,
         "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
-    return {**results, "settings": dataclasses.asdict(settings), "machine": machine, "raw": raw}
+    # the radius and step parts (and the bound passes at MNIST size) run on the reference model
+    used = {**dataclasses.asdict(settings), "reference_model": config.model}
+    return {**results, "settings": used, "machine": machine, "raw": raw}
 
 
 def format_table(results: dict[str, Any]) -> str:

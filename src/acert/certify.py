@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from acert.bounds import METHODS as BOUND_METHODS
 from acert.bounds import crown
-from acert.config import TrainConfig, config_from_dict
-from acert.data import SPLITS, load_imageset, stratified_subset
+from acert.config import TrainConfig, available_device, config_from_dict
+from acert.data import SPLITS, ImageSet, dataset_info, load_imageset, stratified_subset
 from acert.errors import AcertError, CheckpointError
 from acert.evaluate import evaluate, float64_violations
-from acert.runs import RunDir, atomic_write, load, read_checkpoint
+from acert.runs import RunDir, atomic_write, check_writable_file, load, read_checkpoint
 
-__all__ = ["CertifyResult", "certify_run", "run_config"]
+__all__ = ["CertifyResult", "certify_run", "load_run_inputs", "run_config"]
 
 
 @dataclass
@@ -80,26 +82,25 @@ def certify_run(
         crown_memory_mib: cap of each CROWN backward chunk's coefficients, MiB.
     """
     config = run_config(run)
-    model = load(run)
     eps_max = config.eps_max if eps_max is None else eps_max
-    eps = list(config.cert_eps) if eps is None else list(eps)
-    if not 0 < eps_max < 1:
-        raise AcertError(f"--eps-max must lie in (0, 1) pixel units, got {eps_max}")
-    for value in eps:
-        if not 0 < value <= eps_max:
-            raise AcertError(
-                f"certification eps {value} must lie in (0, eps_max={eps_max}]; raise --eps-max"
-            )
-    if split not in SPLITS:
-        raise AcertError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    data = load_imageset(dataset or config.dataset, split, data_dir or config.data_dir)
+    eps = _certification_eps(config, eps, eps_max)
+    _check_options(bound, batch_size, crown_memory_mib)
+    available_device(device)
+    name = dataset or config.dataset
+    target = Path(out) if out else _default_target(run, bound, config, name, split, eps_max)
+    check_writable_file(target, "--out")
+    data = load_run_inputs(config, name, split, data_dir)
     if limit is not None:
+        classes = dataset_info(name).num_classes
+        if limit < classes:
+            raise AcertError(
+                f"--limit {limit} cannot cover the {classes} classes; use >= {classes}"
+            )
         data = stratified_subset(data, limit, seed=config.seed)
+    model = load(run)
     x, y = data.floats(), data.labels
     budget = contextlib.nullcontext()
     if crown_memory_mib is not None:
-        if crown_memory_mib <= 0:
-            raise AcertError(f"--crown-memory-mib must be > 0, got {crown_memory_mib}")
         budget = crown.memory_budget(max(1, int(crown_memory_mib * 2**20 / x.element_size())))
     with budget:
         result = evaluate(
@@ -109,13 +110,13 @@ def certify_run(
             eps_max,
             eps,
             bound,
-            pgd_eps=eps if pgd_steps > 0 else [],
+            pgd_eps=eps,
             pgd_steps=pgd_steps,
             batch_size=batch_size,
             device=device,
             progress=progress,
         )
-    metrics = {**result.to_dict(), "dataset": dataset or config.dataset, "split": split}
+    metrics = {**result.to_dict(), "dataset": name, "split": split}
     if check_float64:
         violations = float64_violations(model, x, y, result.radii, bound, batch_size)
         metrics["float64_check"] = {
@@ -123,12 +124,70 @@ def certify_run(
             "violations": int(violations.numel()),
             "violating_samples": violations.tolist(),
         }
-    run_path = Path(run)
-    folder = run_path if run_path.is_dir() else run_path.parent
-    target = Path(out) if out else folder / f"certify_{bound}.json"
     atomic_write(
         target, lambda stream: stream.write((json.dumps(metrics, indent=2) + "\n").encode())
     )
     radii_path = target.with_suffix(".radii.pt")
     atomic_write(radii_path, lambda stream: torch.save(result.radii, stream))
     return CertifyResult(metrics, result.radii, target)
+
+
+def load_run_inputs(
+    config: TrainConfig, name: str, split: str, data_dir: str | None = None
+) -> ImageSet:
+    """A split of dataset ``name`` for the run trained with ``config``; its images must fit the
+    run's model (same shape and classes)."""
+    if split not in SPLITS:
+        raise AcertError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    info, trained = dataset_info(name), dataset_info(config.dataset)
+    if (info.shape, info.num_classes) != (trained.shape, trained.num_classes):
+        raise AcertError(
+            f"dataset {name} (shape {info.shape}, {info.num_classes} classes) does not fit the "
+            f"run's model trained on {config.dataset}; pass a dataset of the same shape and classes"
+        )
+    return load_imageset(name, split, data_dir or config.data_dir)
+
+
+def _certification_eps(config: TrainConfig, eps: list[float] | None, eps_max: float) -> list[float]:
+    """The radii of the certified accuracies: ``eps``, or the run's own below ``eps_max``."""
+    if not 0 < eps_max < 1:
+        raise AcertError(f"--eps-max must lie in (0, 1) pixel units, got {eps_max}")
+    if eps is None:  # the run's radii, as far as the cap allows
+        return [e for e in config.cert_eps if e <= eps_max] or [eps_max]
+    for value in eps:
+        if not 0 < value < 1:
+            raise AcertError(f"certification eps {value} must lie in (0, 1) pixel units")
+        if value > eps_max:
+            raise AcertError(
+                f"certification eps {value} exceeds eps_max={eps_max}; "
+                "raise --eps-max or lower --eps"
+            )
+    return list(eps)
+
+
+def _check_options(bound: str, batch_size: int, crown_memory_mib: float | None) -> None:
+    if bound not in BOUND_METHODS:
+        raise AcertError(f"unknown bound {bound!r}; choose one of {', '.join(BOUND_METHODS)}")
+    if batch_size < 1:
+        raise AcertError(f"--batch-size must be >= 1, got {batch_size}")
+    if crown_memory_mib is not None and not 0 < crown_memory_mib < math.inf:
+        raise AcertError(f"--crown-memory-mib must be a positive number, got {crown_memory_mib}")
+
+
+def _default_target(
+    run: str | Path, bound: str, config: TrainConfig, dataset: str, split: str, eps_max: float
+) -> Path:
+    """``certify_<bound>.json`` beside the run for its own test set and cap (what studies
+    read); a name that says what differs otherwise, so that it replaces nothing of theirs."""
+    run_path = Path(run)
+    folder = run_path if run_path.is_dir() else run_path.parent
+    differs = [
+        part
+        for part, same in (
+            (dataset, dataset == config.dataset),
+            (split, split == "test"),
+            (f"epsmax{eps_max:g}", eps_max == config.eps_max),
+        )
+        if not same
+    ]
+    return folder / "_".join([f"certify_{bound}", *differs]).__add__(".json")

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from acert.errors import AcertError
 
@@ -40,17 +40,20 @@ CONFIG_HELP = {
 }
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
     from acert.config import TrainConfig
 
+    group = parser.add_argument_group("config keys (each also settable by --set KEY=V)")
     for item in dataclasses.fields(TrainConfig):
+        if item.name in skip:
+            continue
         flag = "--" + item.name.replace("_", "-")
-        parser.add_argument(
+        group.add_argument(
             flag,
             dest=f"cfg_{item.name}",
             default=None,
             metavar="V",
-            help=CONFIG_HELP.get(item.name, argparse.SUPPRESS),
+            help=CONFIG_HELP.get(item.name, f"config key {item.name} (default {item.default})"),
         )
 
 
@@ -64,14 +67,23 @@ def _config_values(args: argparse.Namespace) -> dict[str, Any]:
         values[key] = value
     for key, value in vars(args).items():
         if key.startswith("cfg_") and value is not None:
-            values[key[4:]] = parse_override(f"x={value}")[1]
+            values[key[4:]] = parse_override(f"{key[4:]}={value}")[1]
     return values
 
 
 def _config_from_args(args: argparse.Namespace):
+    """The config the flags describe; with ``--resume``, the run's saved config is the base,
+    so that ``acert train --out RUN --resume`` needs no other flag."""
     from acert.config import config_from_dict
+    from acert.errors import ConfigError
+    from acert.runs import RunDir
 
-    return config_from_dict(_config_values(args))
+    values = _config_values(args)
+    if not getattr(args, "resume", False):
+        return config_from_dict(values)
+    if values.get("out") is None:
+        raise ConfigError("--resume needs --out, the run folder to continue")
+    return config_from_dict(values, base=RunDir(values["out"]).load_config())
 
 
 def _say(line: str) -> None:
@@ -184,9 +196,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from acert.bench import BenchSettings, bench, format_table
 
-    shape = tuple(int(v) for v in args.shape.split(","))
-    if len(shape) != 3 or min(shape) <= 0:
-        raise AcertError(f"--shape must be C,H,W with positive sizes, got {args.shape!r}")
+    try:
+        shape = tuple(int(v) for v in args.shape.split(","))
+    except ValueError:
+        raise AcertError(f"--shape must be C,H,W in whole numbers, got {args.shape!r}") from None
+    if args.json:
+        from acert.runs import check_writable_file
+
+        check_writable_file(args.json, "--json")
     settings = BenchSettings(
         model=args.model,
         shape=shape,
@@ -255,8 +272,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from acert.plots import plot_study
+    from acert.sweep import parse_bounds
 
-    for path in plot_study(args.study, out=args.out, bound=args.bound.lower(), runs=args.runs):
+    (bound,) = parse_bounds([args.bound])
+    for path in plot_study(args.study, out=args.out, bound=bound, runs=args.runs):
         print(f"written: {path}")
     return 0
 
@@ -285,10 +304,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="acert", description="Adaptive certified training (ACERT)."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _OneLineParser(prog="acert", description="Adaptive certified training (ACERT).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
 
     train = sub.add_parser("train", help="train a model (default: ACERT on the embedded mnist5k)")
     train.add_argument("--config", help="YAML file of config keys")
@@ -406,8 +423,15 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
         "--set", action="append", metavar="KEY=VALUE", help="override any config key"
     )
     sweep.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_config_flags(sweep)
+    _add_config_flags(sweep, skip=("out",))
     sweep.set_defaults(handler=cmd_sweep)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line that points to ``--help``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -419,6 +443,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AcertError as err:
         print(f"acert: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nacert {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

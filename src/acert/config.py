@@ -15,12 +15,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from acert.data import dataset_info
 from acert.errors import ConfigError
 
-__all__ = ["PRESETS", "TrainConfig", "config_from_dict", "load_yaml", "parse_override", "resolve"]
+__all__ = [
+    "PRESETS",
+    "SYSTEM_KEYS",
+    "TrainConfig",
+    "available_device",
+    "changed_keys",
+    "config_from_dict",
+    "load_yaml",
+    "parse_device",
+    "parse_override",
+    "resolve",
+]
 
 
 @dataclass
@@ -108,6 +120,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 _GENERIC = {"lambda_tight": 0.5, "lambda_relu": 0.5, "l1": 0.0}
 
+SYSTEM_KEYS = ("device", "threads", "data_dir", "out")
+"""Config keys that say where and how a run computes, not what it computes: they may differ
+when a run is resumed or found again by a sweep."""
+
+
+def changed_keys(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
+    """The keys, other than :data:`SYSTEM_KEYS`, in which two configs differ."""
+    old, new = saved.to_dict(), wanted.to_dict()
+    return sorted(k for k, v in new.items() if k not in SYSTEM_KEYS and old.get(k) != v)
+
+
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
@@ -184,6 +207,8 @@ def config_from_dict(values: dict[str, Any], base: TrainConfig | None = None) ->
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML config file, or a ConfigError naming the file and the problem."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing YAML file")
     try:
@@ -199,16 +224,30 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return values
 
 
+def _is_text(key: str) -> bool:
+    """Whether config key ``key`` holds a string (a name or a path)."""
+    annotation = _field_types().get(key)
+    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else ()
+    return annotation is str or str in allowed
+
+
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"key=value"`` -> (key, value parsed as YAML scalar)."""
+    """``"key=value"`` -> (key, value): the text itself for a string key (so ``out=2024`` is a
+    folder name), else the value parsed as a YAML scalar; dashes in the key read as
+    underscores, as in the flags."""
     key, sep, raw = text.partition("=")
+    key = key.strip().replace("-", "_")
     if not sep or not key:
         raise ConfigError(f"override {text!r} must look like key=value")
+    if raw == "":
+        return key, None
+    if _is_text(key):
+        return key, raw
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
-    return key.strip(), value
+    return key, value
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
@@ -230,6 +269,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
 
 def validate(config: TrainConfig) -> None:
     """Raise a ConfigError for values out of range or inconsistent with each other."""
+    classes = dataset_info(config.dataset).num_classes
     checks = [
         (0 < config.eps_max < 1, f"eps_max must lie in (0, 1) pixel units, got {config.eps_max}"),
         (
@@ -238,34 +278,101 @@ def validate(config: TrainConfig) -> None:
         ),
         (0 <= config.kappa <= 1, f"kappa must lie in [0, 1], got {config.kappa}"),
         (config.epochs >= 1, f"epochs must be >= 1, got {config.epochs}"),
-        (config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}"),
+        (
+            config.batch_size >= 2,
+            f"batch_size must be >= 2 (batch-norm trains on batch statistics), "
+            f"got {config.batch_size}",
+        ),
         (config.lr > 0, f"lr must be > 0, got {config.lr}"),
         (
             config.stn_epochs >= 0 and config.reg_epochs >= 0,
             "stn_epochs and reg_epochs must be >= 0",
         ),
         (config.val_size >= 0, f"val_size must be >= 0, got {config.val_size}"),
-        (config.train_limit is None or config.train_limit > 0, "train_limit must be > 0"),
+        (
+            config.train_limit is None or config.train_limit >= classes,
+            f"train_limit must be >= {classes} (an image of every class), got {config.train_limit}",
+        ),
+        (
+            config.eval_limit is None or config.eval_limit >= classes,
+            f"eval_limit must be >= {classes} (an image of every class), got {config.eval_limit}",
+        ),
         (0 <= config.sabr_lambda <= 1, f"sabr_lambda must lie in [0, 1], got {config.sabr_lambda}"),
         (0 <= config.mtl_alpha <= 1, f"mtl_alpha must lie in [0, 1], got {config.mtl_alpha}"),
         (config.grad_clip > 0, f"grad_clip must be > 0, got {config.grad_clip}"),
         (config.radius_max_iter >= 1, "radius_max_iter must be >= 1"),
+        (config.l1 >= 0, f"l1 must be >= 0, got {config.l1}"),
+        (
+            config.lambda_tight >= 0 and config.lambda_relu >= 0,
+            f"lambda_tight and lambda_relu must be >= 0, got {config.lambda_tight}, "
+            f"{config.lambda_relu}",
+        ),
+        (
+            config.pgd_steps >= 0 and config.pgd_restarts >= 1,
+            f"pgd_steps must be >= 0 and pgd_restarts >= 1, got {config.pgd_steps}, "
+            f"{config.pgd_restarts}",
+        ),
+        (
+            config.pgd_step_size is None or config.pgd_step_size > 0,
+            f"pgd_step_size must be > 0 or null, got {config.pgd_step_size}",
+        ),
+        (
+            config.eval_pgd_steps >= 0,
+            f"eval_pgd_steps must be >= 0 (0 skips the attack), got {config.eval_pgd_steps}",
+        ),
+        (config.seed >= 0, f"seed must be >= 0, got {config.seed}"),
+        (
+            config.threads is None or config.threads >= 1,
+            f"threads must be >= 1 or null (PyTorch's default), got {config.threads}",
+        ),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    from acert.methods import list_methods  # the registries, imported only when checked
+    from acert.bounds import METHODS as BOUNDS  # the registries, imported only when checked
+    from acert.methods import list_methods
     from acert.models import list_models
+    from acert.radius import SEARCHES
 
     for key, name, known in (
         ("model", config.model, list_models()),
         ("method", config.method, list_methods()),
+        ("eval_bound", config.eval_bound, sorted(BOUNDS)),
+        ("radius_search", config.radius_search, sorted(SEARCHES)),
     ):
         if name not in known:
             raise ConfigError(f"unknown {key} {name!r}; choose one of {', '.join(known)}")
+    parse_device(config.device)
     for eps in config.cert_eps:
         if not 0 < eps <= config.eps_max:
             raise ConfigError(
                 f"certification eps {eps} must lie in (0, eps_max={config.eps_max}]; "
                 "raise eps_max or drop that eps"
             )
+
+
+def parse_device(name: str) -> torch.device:
+    """The torch device ``name`` names (cpu, cuda, cuda:N), or a ConfigError."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from err
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r} is not supported; use cpu, cuda or cuda:N")
+    return device
+
+
+def available_device(name: str) -> torch.device:
+    """:func:`parse_device`, and a ConfigError when this machine does not have the device."""
+    device = parse_device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device {name!r} asked for, but this PyTorch build or machine has no CUDA; "
+                "use --device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return device

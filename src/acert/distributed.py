@@ -126,7 +126,7 @@ def check_last_batch(n: int, batch_size: int, drop_last: bool, world: World) -> 
         )
 
 
-def process_device(device: str, world: World) -> torch.device:
+def process_device(device: str | torch.device, world: World) -> torch.device:
     """``cuda:LOCAL_RANK`` for a CUDA device in a run of several processes, else ``device``."""
     chosen = torch.device(device)
     if world.enabled and chosen.type == "cuda":
@@ -349,10 +349,15 @@ def evaluate_sharded(
         world: the processes.
         **kwargs: further ``evaluate`` arguments (pgd_steps, device, progress).
     """
-    from acert.evaluate import Evaluation, acceps, evaluate  # see the TYPE_CHECKING imports
+    from acert.evaluate import (  # see the TYPE_CHECKING imports
+        Evaluation,
+        acceps,
+        attacked_radii,
+        evaluate,
+    )
 
     cert_eps = list(dict.fromkeys(cert_eps))
-    pgd_eps = cert_eps if pgd_eps is None else list(dict.fromkeys(pgd_eps))
+    pgd_eps = attacked_radii(cert_eps, pgd_eps, kwargs.get("pgd_steps", 20))
     run = functools.partial(
         evaluate,
         eps_max=eps_max,

@@ -22,7 +22,7 @@ from acert.attacks import pgd_attack
 from acert.bounds import check_inputs, margin_bounds
 from acert.radius import radius_search
 
-__all__ = ["Evaluation", "acceps", "evaluate", "float64_violations"]
+__all__ = ["Evaluation", "acceps", "attacked_radii", "evaluate", "float64_violations"]
 
 
 def acceps(acr: float, eps_max: float, clean_accuracy: float) -> float:
@@ -63,6 +63,16 @@ class Evaluation:
         }
 
 
+def attacked_radii(
+    cert_eps: Sequence[float], pgd_eps: Sequence[float] | None, pgd_steps: int
+) -> list[float]:
+    """The radii to report PGD accuracy at: ``pgd_eps`` (default ``cert_eps``), none without
+    attack steps (an attack of 0 steps would report the clean accuracy as PGD accuracy)."""
+    if pgd_steps <= 0:
+        return []
+    return list(dict.fromkeys(cert_eps if pgd_eps is None else pgd_eps))
+
+
 def evaluate(
     model: nn.Sequential,
     x: Tensor,
@@ -85,14 +95,14 @@ def evaluate(
         cert_eps: radii at which the certified accuracy is reported.
         bound: ``"ibp"``, ``"crown-ibp"`` or ``"crown"``.
         pgd_eps: radii for the PGD accuracy (default: ``cert_eps``); pass ``[]`` to skip.
-        pgd_steps: PGD steps (one random restart).
+        pgd_steps: PGD steps (one random restart); 0 skips the attack (no PGD accuracy).
         batch_size: samples per bound pass.
         device: where to compute.
         progress: show a progress bar.
     """
     model = model.to(device).eval()
     check_inputs(model, x[:1], y[:1])
-    pgd_eps = list(cert_eps) if pgd_eps is None else list(pgd_eps)
+    pgd_eps = attacked_radii(cert_eps, pgd_eps, pgd_steps)
     radii, evaluations, correct = [], [], []
     certified = {eps: 0 for eps in cert_eps}
     robust = {eps: 0 for eps in pgd_eps}

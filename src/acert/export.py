@@ -50,9 +50,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from acert.certify import run_config
-from acert.config import TrainConfig
-from acert.data import ImageSet, dataset_info, load_imageset, stratified_indices
+from acert.certify import load_run_inputs, run_config
+from acert.data import ImageSet, dataset_info, stratified_indices
 from acert.errors import AcertError
 from acert.runs import atomic_write, load
 
@@ -167,7 +166,7 @@ def export_run(
     config = run_config(run)
     model = load(run)
     name = dataset or config.dataset
-    data = _load_inputs(config, name, split, data_dir)
+    data = load_run_inputs(config, name, split, data_dir)
     if n > len(data):
         raise AcertError(
             f"--n {n} exceeds the {len(data)} inputs of the {name} {split} split; lower --n"
@@ -235,17 +234,6 @@ def _check_targets(onnx_path: Path, vnnlib_dir: Path) -> None:
     for path in (onnx_path, vnnlib_dir):
         if "," in str(path.resolve()):
             raise AcertError(f"{path} contains a comma, which instances.csv cannot hold; rename it")
-
-
-def _load_inputs(config: TrainConfig, name: str, split: str, data_dir: str | None) -> ImageSet:
-    """The split to draw from; its images must fit the run's model."""
-    info, trained = dataset_info(name), dataset_info(config.dataset)
-    if (info.shape, info.num_classes) != (trained.shape, trained.num_classes):
-        raise AcertError(
-            f"dataset {name} (shape {info.shape}, {info.num_classes} classes) does not fit the "
-            f"run's model trained on {config.dataset}; pass a dataset of the same shape and classes"
-        )
-    return load_imageset(name, split, data_dir or config.data_dir)
 
 
 # ----------------------------------------------------------------------------- selection

@@ -23,7 +23,7 @@ import torch
 
 from acert._plot_labels import place_labels
 from acert.errors import AcertError
-from acert.runs import atomic_write
+from acert.runs import atomic_write, make_folder
 from acert.study import certify_path, find_runs, study_table
 
 __all__ = [
@@ -159,7 +159,8 @@ def _draw_method(axes, rows, indices, scores, style: int) -> list[tuple[float, f
 def _draw_front(axes, scores: dict[int, dict[str, float]], front: list[int]) -> None:
     xs = [scores[i]["clean"] for i in front]
     ys = [scores[i]["acr_pct"] for i in front]
-    axes.step(xs, ys, where="pre", color="black", ls="--", lw=1, label="Pareto front")
+    line = "Pareto front" if len(front) > 1 else None  # one point draws no line
+    axes.step(xs, ys, where="pre", color="black", ls="--", lw=1, label=line)
     axes.scatter(xs, ys, s=160, facecolors="none", edgecolors="black", lw=1.2, zorder=5)
 
 
@@ -292,22 +293,25 @@ def _chosen_rows(
     return list(best.values())
 
 
-def _radius_figures(
-    study: Path, rows: list[dict[str, Any]], bound: str, folder: Path
-) -> tuple[dict[str, torch.Tensor], list[Path]]:
-    """Each chosen run's radii under ``bound`` and its radius histogram."""
+def _load_radii(study: Path, rows: list[dict[str, Any]], bound: str) -> dict[str, torch.Tensor]:
+    """Each chosen run's per-sample radii under ``bound`` (all read before any figure is
+    written, so that a missing or unreadable file leaves no half-made set of figures)."""
     curves: dict[str, torch.Tensor] = {}
-    written = []
     for row in rows:
         name = row["run"]
         path = radii_path(study / name, bound, row.get("bound"))
         if path is None:
             raise AcertError(f"run {name} has no {bound} radii; run acert certify on it")
-        curves[name] = torch.load(path, map_location="cpu", weights_only=True)
-        target = folder / f"radius_histogram_{name}.png"
-        title = f"{name} ({bound.upper()})"
-        written.append(radius_histogram(curves[name], row["eps_max"], target, title=title))
-    return curves, written
+        try:
+            radii = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for damaged files
+            raise AcertError(
+                f"{path} is not readable ({type(err).__name__}); delete it and certify {name} again"
+            ) from err
+        if not isinstance(radii, torch.Tensor) or radii.dim() != 1:
+            raise AcertError(f"{path} does not hold a vector of radii; delete it and certify again")
+        curves[name] = radii
+    return curves
 
 
 def plot_study(
@@ -337,10 +341,19 @@ def plot_study(
         raise AcertError(
             f"no finished runs in {study}; finish them with acert sweep --study {study}"
         )
-    folder = Path(out) if out is not None else study / f"plots-{bound}"
-    tradeoff = plot_tradeoff(rows, folder / "tradeoff.png", bound).path
     chosen = _chosen_rows(rows, bound, runs)
-    curves, histograms = _radius_figures(study, chosen, bound, folder)
+    curves = _load_radii(study, chosen, bound)
+    folder = make_folder(out if out is not None else study / f"plots-{bound}", "--out")
+    tradeoff = plot_tradeoff(rows, folder / "tradeoff.png", bound).path
+    histograms = [
+        radius_histogram(
+            curves[row["run"]],
+            row["eps_max"],
+            folder / f"radius_histogram_{row['run']}.png",
+            title=f"{row['run']} ({bound.upper()})",
+        )
+        for row in chosen
+    ]
     marks = sorted(
         {float(c[len("cert_acc_") :]) for r in chosen for c in r if c.startswith("cert_acc_")}
     )

@@ -31,7 +31,7 @@ from torch import nn
 
 from acert.config import TrainConfig, config_from_dict
 from acert.data import dataset_info
-from acert.errors import CheckpointError
+from acert.errors import AcertError, CheckpointError
 from acert.models import create_model
 
 __all__ = [
@@ -39,18 +39,60 @@ __all__ = [
     "RunDir",
     "atomic_write",
     "build_model",
+    "check_writable_file",
     "load",
+    "make_folder",
     "read_checkpoint",
 ]
 
 CHECKPOINT_FORMAT = "acert-checkpoint-v1"
 
 
+def _reason(err: OSError) -> str:
+    return err.strerror or type(err).__name__
+
+
+def make_folder(path: str | Path, flag: str) -> Path:
+    """Create the folder ``path`` (and its parents), or an AcertError that names the flag to
+    change: a file in the way, no permission, a read-only file system."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise AcertError(
+            f"cannot create folder {path} ({_reason(err)}); choose another {flag}"
+        ) from err
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise AcertError(f"folder {path} is not writable; choose another {flag}")
+    return path
+
+
+def check_writable_file(path: str | Path, flag: str) -> None:
+    """Before any work is done: an AcertError when the file ``path`` could not be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise AcertError(f"{path} is a folder; {flag} takes a file name")
+    make_folder(path.parent, flag)
+    try:
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as err:
+        raise AcertError(
+            f"cannot write into {path.parent} ({_reason(err)}); choose another {flag}"
+        ) from err
+
+
 def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> None:
     """Write a file via ``write(handle)`` to a temporary name, fsync, then rename it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+        )
+    except OSError as err:
+        raise AcertError(
+            f"cannot write {path} ({_reason(err)}); choose a writable location"
+        ) from err
     try:
         with os.fdopen(handle, "wb") as stream:
             write(stream)
@@ -98,9 +140,9 @@ def _load_failure(err: Exception) -> str:
     """What went wrong in ``torch.load``, in a few words: the first sentence of its message,
     unless that is the preamble torch puts before any unpickling failure."""
     first = (str(err).strip().splitlines() or [""])[0].split(". ")[0].rstrip(".")
-    if not first or first.startswith("Weights only load failed"):
-        return "its contents cannot be unpickled"
-    return first[:120]
+    if isinstance(err, KeyError | EOFError) or first.startswith("Weights only load failed"):
+        return "its contents cannot be unpickled"  # torch's message says nothing more
+    return first[:120] or type(err).__name__
 
 
 class RunDir:
@@ -119,7 +161,7 @@ class RunDir:
         return self.path / "checkpoints" / f"{name}.pt"
 
     def create(self) -> RunDir:
-        self.path.mkdir(parents=True, exist_ok=True)
+        make_folder(self.path, "--out")
         return self
 
     def save_config(self, config: TrainConfig) -> None:
@@ -130,7 +172,15 @@ class RunDir:
             raise CheckpointError(
                 f"{self.path} is not a run folder (no config.yaml); pass a run folder"
             )
-        values = yaml.safe_load(self.config_path.read_text()) or {}
+        try:
+            values = yaml.safe_load(self.config_path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise CheckpointError(
+                f"{self.config_path} is not readable YAML ({type(err).__name__}); "
+                "restore it from the run's checkpoints/last.pt or train anew"
+            ) from err
+        if not isinstance(values, dict):
+            raise CheckpointError(f"{self.config_path} does not hold a mapping of config keys")
         return config_from_dict(values)
 
     def save_checkpoint(self, name: str, payload: dict[str, Any]) -> None:

@@ -33,6 +33,7 @@ __all__ = [
     "SWEEP_FILE",
     "TABLE_CSV",
     "TABLE_MD",
+    "certifies_the_run",
     "certify_path",
     "find_runs",
     "markdown_table",
@@ -62,6 +63,16 @@ def read_json(path: str | Path) -> dict[str, Any]:
     return values
 
 
+def certifies_the_run(metrics: dict[str, Any], config: dict[str, Any]) -> bool:
+    """Whether ``certify_<bound>.json`` metrics are those of the run's own test set and cap (a
+    certification on another dataset, split or ε_max is not the run's column of a study)."""
+    return (
+        metrics.get("split", "test") == "test"
+        and metrics.get("dataset", config.get("dataset")) == config.get("dataset")
+        and metrics.get("eps_max") == config.get("eps_max")
+    )
+
+
 def certify_path(run: str | Path, bound: str) -> Path:
     """Where ``acert certify --bound <bound>`` leaves its metrics in a run folder."""
     return Path(run) / f"certify_{bound}.json"
@@ -70,6 +81,8 @@ def certify_path(run: str | Path, bound: str) -> Path:
 def find_runs(study_dir: str | Path) -> list[Path]:
     """The run folders (sub-folders holding a ``config.yaml``) of a study, sorted by name."""
     study = Path(study_dir)
+    if study.exists() and not study.is_dir():
+        raise AcertError(f"{study} is a file, not a study folder; pass the --study of acert sweep")
     if not study.is_dir():
         raise AcertError(f"study folder {study} does not exist; pass the --study of acert sweep")
     return sorted(p for p in study.iterdir() if (p / "config.yaml").is_file())
@@ -146,7 +159,7 @@ def _run_row(run: Path, grid_keys: list[str]) -> dict[str, Any]:
         }
         for bound in _ordered_bounds(_bounds_of(run)):
             metrics = read_json(certify_path(run, bound))
-            if metrics.get("split", "test") == "test":
+            if certifies_the_run(metrics, config):
                 row.update(_bound_columns(bound, metrics))
     except KeyError as err:
         raise AcertError(

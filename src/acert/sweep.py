@@ -25,13 +25,14 @@ from typing import Any
 from acert import train as training
 from acert.bounds import METHODS as BOUND_METHODS
 from acert.certify import certify_run
-from acert.config import TrainConfig, config_from_dict, parse_override, resolve
+from acert.config import TrainConfig, changed_keys, config_from_dict, parse_override, resolve
 from acert.data import dataset_info
 from acert.errors import ConfigError
 from acert.methods import create_method
-from acert.runs import RunDir, atomic_write, build_model
+from acert.runs import RunDir, atomic_write, build_model, make_folder
 from acert.study import (
     SWEEP_FILE,
+    certifies_the_run,
     certify_path,
     find_runs,
     read_json,
@@ -54,9 +55,6 @@ __all__ = [
 UNSWEPT = ("out",)
 """Config keys a grid may not name: each point's run folder is chosen by the sweep."""
 
-SYSTEM_KEYS = ("device", "threads", "data_dir", "out")
-"""Config keys that may differ between a finished run and the sweep that finds it."""
-
 Log = Callable[[str], None]
 
 
@@ -73,7 +71,7 @@ def parse_grid(specs: Sequence[str]) -> dict[str, list[Any]]:
             raise ConfigError(f"--grid {spec!r} must look like key=v1,v2 (e.g. kappa=0,0.25)")
         if key in grid:
             raise ConfigError(f"grid key {key!r} given twice; list all its values in one --grid")
-        parsed = [parse_override(f"x={item.strip()}")[1] for item in values.split(",")]
+        parsed = [parse_override(f"{key}={item.strip()}")[1] for item in values.split(",")]
         grid[key] = [value for value in parsed if value is not None]
     return grid
 
@@ -82,6 +80,8 @@ def parse_bounds(text: str | Sequence[str]) -> tuple[str, ...]:
     """``"ibp,crown"`` (or a sequence of names) -> the bounds, checked against the registry."""
     names = text.split(",") if isinstance(text, str) else list(text)
     bounds = tuple(dict.fromkeys(name.strip().lower() for name in names if name.strip()))
+    if not bounds:
+        raise ConfigError("give at least one bound to certify with, e.g. --bounds ibp")
     for bound in bounds:
         if bound not in BOUND_METHODS:
             raise ConfigError(
@@ -151,14 +151,8 @@ def _point_config(base: TrainConfig, point: dict[str, Any]) -> TrainConfig:
     return config
 
 
-def _changed_keys(folder: Path, config: TrainConfig) -> list[str]:
-    saved = RunDir(folder).load_config().to_dict()
-    wanted = config.to_dict()
-    return sorted(k for k, v in wanted.items() if k not in SYSTEM_KEYS and saved.get(k) != v)
-
-
 def _check_same_settings(folder: Path, config: TrainConfig) -> None:
-    changed = _changed_keys(folder, config)
+    changed = changed_keys(RunDir(folder).load_config(), config)
     if changed:
         raise ConfigError(
             f"run {folder} was trained with other settings ({', '.join(changed)}); "
@@ -176,7 +170,7 @@ def _train_point(
     if state == "finished":
         log(f"{folder.name}: finished, skipped")
         return
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder, "--study")
     knobs = {key: value for key, value in point.items() if key != "method"}
     record = {"method": config.method, "point": knobs}
     text = json.dumps(record, indent=2) + "\n"
@@ -185,9 +179,10 @@ def _train_point(
     training.run(config, out=folder, resume=state == "interrupted", progress=progress, log=log)
 
 
-def _certified_with(metrics: dict[str, Any], limit: int | None) -> bool:
-    """Whether a ``certify_<bound>.json`` was computed on the test subset size asked for."""
-    if metrics.get("split", "test") != "test":
+def _certified_with(metrics: dict[str, Any], limit: int | None, config: dict[str, Any]) -> bool:
+    """Whether a ``certify_<bound>.json`` was computed on the run's own test set and cap, on
+    the subset size asked for."""
+    if not certifies_the_run(metrics, config):
         return False
     if "limit" in metrics:
         return metrics["limit"] == limit
@@ -212,9 +207,10 @@ def certify_finished(
         progress: progress bars.
         log: where to report.
     """
+    config = RunDir(folder).load_config().to_dict()
     for bound in bounds:
         target = certify_path(folder, bound)
-        if target.is_file() and _certified_with(read_json(target), limit):
+        if target.is_file() and _certified_with(read_json(target), limit, config):
             continue
         log(f"{Path(folder).name}: certifying with {bound}" + (f" (n={limit})" if limit else ""))
         result = certify_run(
@@ -266,7 +262,7 @@ def sweep(
     _check_certify_limit(certify_limit, configs)
     study = Path(study_dir)
     folders = [study / run_name(c.method, p) for c, p in zip(configs, points, strict=True)]
-    study.mkdir(parents=True, exist_ok=True)
+    make_folder(study, "--study")
     for number, (config, point, folder) in enumerate(zip(configs, points, folders, strict=True)):
         log(f"[{number + 1}/{len(points)}] {folder.name}")
         _train_point(config, folder, point, progress, log)

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from acert._train_state import TrainState, checkpoint_payload, start_or_resume
-from acert.config import TrainConfig, resolve
+from acert.config import TrainConfig, available_device, resolve
 from acert.data import (
     BatchLoader,
     ImageSet,
@@ -48,7 +48,7 @@ from acert.distributed import (
     seed_process,
     shard,
 )
-from acert.errors import AcertError
+from acert.errors import AcertError, ConfigError
 from acert.evaluate import Evaluation
 from acert.methods import Batch, Step, TrainingMethod, create_method
 from acert.runs import RunDir, build_model
@@ -173,8 +173,7 @@ def _train_step(
     loss = terms.loss + l1 * _l1_penalty(model) if l1 > 0 else terms.loss
     if not torch.isfinite(loss):
         raise TrainingDivergedError(
-            f"the loss became {loss.item()} at epoch {step.epoch + 1}, step {step.index}; "
-            "the last good checkpoint is kept; lower --lr or check the data"
+            f"the loss became {loss.item()} at epoch {step.epoch + 1}, step {step.index}"
         )
     optimizer.zero_grad(set_to_none=True)
     (loss if weight == 1 else loss * weight).backward()
@@ -192,8 +191,18 @@ def _seed_everything(seed: int) -> None:
 def _data(config: TrainConfig) -> tuple[ImageSet, ImageSet]:
     train = load_imageset(config.dataset, "train", config.data_dir)
     if config.train_limit is not None:
+        if config.train_limit > len(train):
+            raise ConfigError(
+                f"train_limit {config.train_limit} exceeds the {len(train)} training images of "
+                f"{config.dataset}; lower it or drop it"
+            )
         train = stratified_subset(train, config.train_limit, seed=config.seed)
-    return split_train_val(train, min(config.val_size, len(train) // 2), seed=config.seed)
+    if config.val_size > len(train) // 2:
+        raise ConfigError(
+            f"val_size {config.val_size} would leave fewer training than validation images "
+            f"({len(train)} in all); use a val_size of at most {len(train) // 2}"
+        )
+    return split_train_val(train, config.val_size, seed=config.seed)
 
 
 def _optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
@@ -212,9 +221,9 @@ def _optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
     return optimizer, scheduler
 
 
-def _format_row(row: dict[str, Any], epochs: int, elapsed: float) -> str:
+def _format_row(row: dict[str, Any], epochs: int, seconds_per_epoch: float) -> str:
     done = row["epoch"]
-    eta = elapsed / done * (epochs - done)
+    eta = seconds_per_epoch * (epochs - done)
     parts = [
         f"epoch {done}/{epochs}",
         f"loss {row.get('loss', float('nan')):.4f}",
@@ -252,7 +261,7 @@ def run(
     config = resolve(config)
     world = launched_world()
     local_batch_size(config.batch_size, world.world_size)
-    device = process_device(config.device, world)
+    device = process_device(available_device(config.device), world)
     with process_group(world, device):
         config, out = broadcast_object((config, out))
         return _run(
@@ -289,7 +298,8 @@ def _run(
             run_dir, config, resume, model, method, optimizer, scheduler, world.is_main
         )
     x_val, y_val = (val_set.floats(), val_set.labels) if len(val_set) else (None, None)
-    started = time.perf_counter()
+    started, first_epoch = time.perf_counter(), state.epoch
+    clock = [started]
 
     def end_of_epoch(state: TrainState, row: dict[str, Any]) -> None:
         if x_val is not None:
@@ -305,6 +315,8 @@ def _run(
         improved = x_val is not None and eligible and score > state.best_score
         if improved:
             state.best_score, state.best_epoch = score, state.epoch
+        now = time.perf_counter()
+        state.seconds, clock[0] = state.seconds + now - clock[0], now
         if run_dir is not None and world.is_main:
             payload = checkpoint_payload(config, model, method, optimizer, scheduler, state)
             run_dir.save_checkpoint("last", payload)
@@ -312,29 +324,40 @@ def _run(
                 run_dir.save_checkpoint("best", payload)
             run_dir.write_metrics(state.history)
         if world.is_main:
-            log(_format_row(row, config.epochs, time.perf_counter() - started))
+            per_epoch = (now - started) / (state.epoch - first_epoch)
+            log(_format_row(row, config.epochs, per_epoch))
         barrier()  # the checkpoints are on disk before any process reads them
 
-    state = fit(
-        model,
-        method,
-        loader,
-        schedule,
-        optimizer,
-        scheduler,
-        config.epochs,
-        state,
-        config.grad_clip,
-        config.l1,
-        end_of_epoch,
-        progress,
-        world,
-    )
+    try:
+        state = fit(
+            model,
+            method,
+            loader,
+            schedule,
+            optimizer,
+            scheduler,
+            config.epochs,
+            state,
+            config.grad_clip,
+            config.l1,
+            end_of_epoch,
+            progress,
+            world,
+        )
+    except TrainingDivergedError as err:
+        if run_dir is None or not run_dir.has_checkpoint("last"):
+            raise TrainingDivergedError(f"{err}; lower --lr or check the data") from None
+        raise TrainingDivergedError(
+            f"{err}; {run_dir.checkpoint_path('last')} keeps the last good epoch; lower --lr "
+            "or check the data, and train into another --out"
+        ) from None
+    final_started = time.perf_counter()
     if run_dir is not None and run_dir.has_checkpoint("best"):
         model.load_state_dict(run_dir.load_checkpoint("best")["model"])
     test = _final_evaluation(model.eval(), config, device, progress, world)
     if run_dir is not None and world.is_main:
-        _write_results(run_dir, test, state, time.perf_counter() - started)
+        seconds = state.seconds + time.perf_counter() - final_started
+        _write_results(run_dir, test, state, seconds)
     return TrainResult(
         model, state.history, state.best_epoch, test, run_dir.path if run_dir else None, config
     )
@@ -344,7 +367,8 @@ def _loader(
     config: TrainConfig, train_set: ImageSet, device: torch.device, world: World
 ) -> BatchLoader:
     """The global batches of one process's run; every process iterates all of them."""
-    drop_last = len(train_set) >= 2 * config.batch_size
+    # a last batch of one image cannot train batch-norm; it is dropped too
+    drop_last = len(train_set) >= 2 * config.batch_size or len(train_set) % config.batch_size == 1
     check_last_batch(len(train_set), config.batch_size, drop_last, world)
     return BatchLoader(
         train_set,
