@@ -16,8 +16,14 @@ from torch import Tensor, nn
 import acert.radius
 from acert.attacks import margin_loss, pgd_attack
 from acert.bounds import clean_forward, input_box, margin_bounds, margin_bounds_on_box
+from acert.bounds.layers import forward_with_stats
 from acert.models import Normalize
-from acert.radius import RadiusResult, certified_radius, radius_search
+from acert.radius import (
+    SAFETY_MARGIN,
+    RadiusResult,
+    certified_radius,
+    radius_search,
+)
 from exact import exact_radius
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -79,7 +85,9 @@ def _certified(model, x, y, eps, method, stats=None):
 @dataclass
 class Recorded:
     """A search's result and every bound evaluation it made: per sample, the eps values and the
-    margin lower bounds (min over classes) exactly as the search computed them."""
+    margin lower bounds (min over classes) exactly as the search computed them, less the
+    sample's safety floor (``SAFETY_MARGIN`` of its largest logit): > 0 is what the search
+    counts as certified, and implies a positive bound."""
 
     result: RadiusResult
     eps: list[Tensor]
@@ -103,6 +111,11 @@ def recorded_search(model, x, y, caps, method, search, **options) -> Recorded:
         mock.patch.object(acert.radius, "margin_bounds_on_box", bounds),
     ):
         result = radius_search(model, x, y, caps, method, search, **options)
+    with torch.no_grad():
+        logits = clean_forward(model, x, update_running_stats=False)[0]
+        if options.get("stats") is not None:
+            logits = forward_with_stats(model, x, options["stats"])
+    floor = (SAFETY_MARGIN * logits.abs().amax(1)).tolist()
     eps = [[] for _ in range(len(x))]
     margin = [[] for _ in range(len(x))]
     for x_rows, e, m in calls:
@@ -110,7 +123,7 @@ def recorded_search(model, x, y, caps, method, search, **options) -> Recorded:
         assert (same.sum(1) == 1).all()
         for k, i in enumerate(same.float().argmax(1).tolist()):
             eps[i].append(float(e[k]))
-            margin[i].append(float(m[k]))
+            margin[i].append(float(m[k]) - floor[i])
     return Recorded(
         result, [torch.tensor(e, dtype=x.dtype) for e in eps], [torch.tensor(m) for m in margin]
     )

@@ -63,6 +63,11 @@ def check_inputs(model: nn.Module, x: Tensor, y: Tensor) -> None:
         raise AcertError(
             f"x must be (B, ...) and y (B,), got x {tuple(x.shape)} and y {tuple(y.shape)}"
         )
+    dtype = next(iter(model.buffers()), next(iter(model.parameters()), x)).dtype
+    if x.dtype != dtype:
+        raise AcertError(
+            f"inputs are {x.dtype} but the model computes in {dtype}; convert one to the other"
+        )
     if not torch.isfinite(x).all():
         raise AcertError("inputs contain NaN or inf; clean the data before computing bounds")
     if x.numel() and (x.min() < 0 or x.max() > 1):

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from acert.bounds import ibp, patches
 from acert.bounds.interval import Interval
 from acert.bounds.layers import BatchStats, channel_affine, fold_batchnorm, folds_into
-from acert.bounds.spec import other_classes, rounding_allowance
+from acert.bounds.spec import input_lower_bound, other_classes
 from acert.errors import AcertError
 from acert.models import Normalize
 
@@ -230,9 +230,11 @@ class _Network:
             (Q, S) lower bounds, less the rounding allowance.
         """
         position = end - 1
+        bias_magnitude = bias.abs()  # Σ|each layer's contribution|: they may cancel in the sum
         while position >= 0:
             layer = self.layers[position]
             before = self.layers[position - 1] if position > 0 else None
+            previous = bias
             if folds_into(before, layer):
                 # batch-norm folded into the layer before it: one pass over A instead of two
                 ctx = _Context(rows, self.stats, self.input_shapes[position - 1], None)
@@ -240,18 +242,15 @@ class _Network:
                 with_rule = _back_linear_with if isinstance(before, nn.Linear) else _back_conv_with
                 A, bias = with_rule(before, weight, layer_bias, A, bias, ctx)
                 position -= 2
-                continue
-            ctx = _Context(
-                rows, self.stats, self.input_shapes[position], self.relaxations.get(position)
-            )
-            A, bias = BACKWARD_RULES[type(layer)](layer, A, bias, ctx)
-            position -= 1
+            else:
+                ctx = _Context(
+                    rows, self.stats, self.input_shapes[position], self.relaxations.get(position)
+                )
+                A, bias = BACKWARD_RULES[type(layer)](layer, A, bias, ctx)
+                position -= 1
+            bias_magnitude = bias_magnitude + (bias - previous).abs()
         centre, radius = self.box.centre[rows], self.box.radius[rows]
-        magnitude_A = A.abs()
-        spread = _dot(magnitude_A, radius)
-        magnitude = _dot(magnitude_A, centre.abs() + radius) + bias.abs()
-        lower = bias + _dot(A, centre) - spread
-        return lower - rounding_allowance(magnitude)
+        return input_lower_bound(A, bias, bias_magnitude, centre, radius, _dot)
 
 
 def _input_shapes(
@@ -316,12 +315,13 @@ def _prepare(
     intermediate: str,
     budget: int,
     use_patches: bool,
+    sound: bool = True,
 ) -> _Network:
     net = _Network(layers, _input_shapes(layers, box, stats), box, stats, {})
     h, start = box, 0
     relu_positions = [i for i, layer in enumerate(layers) if isinstance(layer, nn.ReLU)]
     for position in relu_positions:
-        pre, _ = ibp.propagate(layers[start:position], h, stats)
+        pre, _ = ibp.propagate(layers[start:position], h, stats, sound)
         if intermediate == "crown" and not _is_affine_exact(layers[:position]):
             pre = _crown_preactivation(net, position, pre, budget, use_patches)
         net.relaxations[position] = relu_relaxation(pre)
@@ -338,6 +338,7 @@ def crown_margins(
     intermediate: str = "crown",
     memory_budget: int | None = None,
     use_patches: bool = True,
+    sound: bool = True,
 ) -> Tensor:
     """Lower bounds of ``f_y - f_t`` for t != y by a backward pass from the output.
 
@@ -352,6 +353,8 @@ def crown_margins(
         use_patches: bound the neurons of convolutional layers on their receptive fields
             (:mod:`acert.bounds.patches`); False runs the dense pass everywhere (the same bounds
             up to rounding, much slower; kept for tests and comparisons).
+        sound: IBP intermediate bounds widened for rounding (False for a training objective:
+            see :data:`acert.bounds.ibp.Rule`).
 
     Returns:
         (B, K-1) lower bounds, classes in increasing order with y left out.
@@ -360,7 +363,7 @@ def crown_margins(
     last = layers[-1]
     assert isinstance(last, nn.Linear)
     memory_budget = _budget[-1] if memory_budget is None else memory_budget
-    net = _prepare(layers, box, stats, intermediate, memory_budget, use_patches)
+    net = _prepare(layers, box, stats, intermediate, memory_budget, use_patches, sound)
     others = other_classes(y, last.out_features)
     A = last.weight[y].unsqueeze(1) - last.weight[others]
     bias = torch.zeros(A.shape[:2], dtype=A.dtype, device=A.device)

@@ -3,10 +3,19 @@
 One rule per layer kind, collected in ``RULES``. An affine map ``z -> W z + b`` sends the box
 (c, r) to (W c + b, |W| r); ReLU is applied to the ends; the margin specification is folded into
 the last linear layer before the interval is applied (METHOD.md, "Threat model and certificates").
+
+Rounding: the intervals contain what the network computes in exact arithmetic, not only what
+float arithmetic happens to give. Each affine rule widens its output radius by a bound on its
+own rounding error, ``γ·(|W|(|c| + r) + |b|)`` with γ from
+:func:`acert.bounds.spec.rounding_gamma` for its fan-in, inside the same radius pass (the input
+radius becomes ``r + γ|c|``, the weights ``(1 + γ)|W|``, the radius bias ``γ|b|``); the channel
+affine maps add theirs elementwise, and the folded last layer subtracts
+:func:`acert.bounds.spec.rounding_allowance`. Active ReLUs pass (c, r) on exactly.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -14,11 +23,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from acert.bounds.interval import Interval
-from acert.bounds.layers import BatchStats, channel_affine, fold_batchnorm, folds_into
-from acert.bounds.spec import other_classes, rounding_allowance
+from acert.bounds.layers import (
+    BatchStats,
+    channel_affine,
+    channel_shift_magnitude,
+    fold_batchnorm,
+    folded_bias_magnitude,
+    folds_into,
+)
+from acert.bounds.spec import other_classes, rounding_allowance, rounding_gamma
 from acert.models import Normalize
 
-__all__ = ["RULES", "last_layer_margins", "propagate"]
+__all__ = ["RULES", "fan_in", "last_layer_margins", "propagate"]
 
 
 def _apply(layer: nn.Module, t: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -28,40 +44,89 @@ def _apply(layer: nn.Module, t: Tensor, weight: Tensor, bias: Tensor | None) -> 
     return F.conv2d(t, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
-def _affine_box(layer: nn.Module, box: Interval, weight: Tensor, bias: Tensor | None) -> Interval:
-    return Interval(
-        _apply(layer, box.centre, weight, bias), _apply(layer, box.radius, weight.abs(), None)
+def fan_in(layer: nn.Linear | nn.Conv2d) -> int:
+    """Products summed into one output of the layer, its bias included."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features + 1
+    return layer.in_channels // layer.groups * math.prod(layer.kernel_size) + 1
+
+
+def _affine_box(
+    layer: nn.Module,
+    box: Interval,
+    weight: Tensor,
+    bias: Tensor | None,
+    bias_magnitude: Tensor | None = None,
+    sound: bool = True,
+) -> Interval:
+    """``(W c + b, |W| r)`` widened by the rounding of the layer (module docstring).
+
+    Args:
+        layer: the linear or convolution layer whose shape parameters apply.
+        box: its input interval.
+        weight, bias: the affine map (the layer's own, or with a batch-norm folded in).
+        bias_magnitude: Σ|terms| of a computed bias (a folded one), default ``|bias|``.
+        sound: widen for rounding; False for the plain arithmetic of a training objective.
+    """
+    gamma = rounding_gamma(fan_in(layer), box.centre.dtype) if sound else 0.0
+    centre = _apply(layer, box.centre, weight, bias)
+    if gamma == 0:
+        return Interval(centre, _apply(layer, box.radius, weight.abs(), None))
+    spread = box.centre.detach().abs()
+    # r + γ|c|; without autograd into the fresh |c| tensor itself
+    spread = torch.add(
+        box.radius, spread, alpha=gamma, out=None if torch.is_grad_enabled() else spread
     )
+    radius_bias = None
+    if bias is not None:
+        radius_bias = gamma * (bias.abs() if bias_magnitude is None else bias_magnitude).detach()
+    return Interval(centre, _apply(layer, spread, (1 + gamma) * weight.abs(), radius_bias))
 
 
-def _linear(layer: nn.Linear, box: Interval, stats: BatchStats | None) -> Interval:
-    return _affine_box(layer, box, layer.weight, layer.bias)
+def _linear(
+    layer: nn.Linear, box: Interval, stats: BatchStats | None, sound: bool = True
+) -> Interval:
+    return _affine_box(layer, box, layer.weight, layer.bias, sound=sound)
 
 
-def _conv(layer: nn.Conv2d, box: Interval, stats: BatchStats | None) -> Interval:
-    return _affine_box(layer, box, layer.weight, layer.bias)
+def _conv(
+    layer: nn.Conv2d, box: Interval, stats: BatchStats | None, sound: bool = True
+) -> Interval:
+    return _affine_box(layer, box, layer.weight, layer.bias, sound=sound)
 
 
 def _with_batchnorm(
-    layer: nn.Module, norm: nn.Module, box: Interval, stats: BatchStats | None
+    layer: nn.Module, norm: nn.Module, box: Interval, stats: BatchStats | None, sound: bool = True
 ) -> Interval:
     """A linear/conv layer and the batch-norm after it as one affine map (fewer passes over h).
 
     ``BN(W h + b) = (s·W) h + (s·b + t)`` per output channel, and ``|s·W| = |s|·|W|``, so the
     interval is the one the two rules give one after the other.
     """
-    return _affine_box(layer, box, *fold_batchnorm(layer, norm, stats))
+    weight, bias = fold_batchnorm(layer, norm, stats)
+    magnitude = folded_bias_magnitude(layer, norm, stats)
+    return _affine_box(layer, box, weight, bias, magnitude, sound)
 
 
-def _channel_affine(layer: nn.Module, box: Interval, stats: BatchStats | None) -> Interval:
+def _channel_affine(
+    layer: nn.Module, box: Interval, stats: BatchStats | None, sound: bool = True
+) -> Interval:
+    """``(c·s + t, r·|s|)`` per channel, widened by the rounding of ``c·s + t`` and of the
+    parameters, relative to ``(|c| + r)·|s| + Σ|terms of t|``."""
     scale, shift = channel_affine(layer, stats)
     shape = (1, -1) + (1,) * (box.centre.dim() - 2)
-    return Interval(
-        box.centre * scale.view(shape) + shift.view(shape), box.radius * scale.abs().view(shape)
-    )
+    scale, shift = scale.view(shape), shift.view(shape)
+    centre = box.centre * scale + shift
+    radius = box.radius * scale.abs()
+    gamma = rounding_gamma(2, box.centre.dtype) if sound else 0.0
+    if gamma == 0:
+        return Interval(centre, radius)
+    magnitude = channel_shift_magnitude(layer, stats).view(shape)
+    error = ((box.centre.detach().abs() + box.radius.detach()) * scale.abs() + magnitude).detach()
+    return Interval(centre, radius + gamma * error)
 
 
-def _relu(layer: nn.ReLU, box: Interval, stats: BatchStats | None) -> Interval:
+def _relu(layer: nn.ReLU, box: Interval, stats: BatchStats | None, sound: bool = True) -> Interval:
     """ReLU of both ends: an active unit (l >= 0) keeps (c, r), an inactive one (u <= 0) gets
     (0, 0), an unstable one [0, u] = (u/2, u/2); with ``h = relu(u)/2`` that is
     ``(max(c, h), min(r, h))``.
@@ -82,11 +147,16 @@ def _relu(layer: nn.ReLU, box: Interval, stats: BatchStats | None) -> Interval:
     return Interval(torch.maximum(box.centre, half_upper, out=half_upper), radius)
 
 
-def _flatten(layer: nn.Flatten, box: Interval, stats: BatchStats | None) -> Interval:
+def _flatten(
+    layer: nn.Flatten, box: Interval, stats: BatchStats | None, sound: bool = True
+) -> Interval:
     return Interval(layer(box.centre), layer(box.radius))
 
 
-Rule = Callable[[nn.Module, Interval, "BatchStats | None"], Interval]
+Rule = Callable[[nn.Module, Interval, "BatchStats | None", bool], Interval]
+"""``rule(layer, box, stats, sound)``: the interval of the layer's output; ``sound`` widens it
+for the rounding of the layer's arithmetic (certificates), False keeps the plain interval
+(training objectives, whose value at tiny ε the widening would swamp)."""
 RULES: dict[type[nn.Module], Rule] = {
     nn.Linear: _linear,
     nn.Conv2d: _conv,
@@ -99,7 +169,10 @@ RULES: dict[type[nn.Module], Rule] = {
 
 
 def propagate(
-    layers: Iterable[nn.Module], box: Interval, stats: BatchStats | None = None
+    layers: Iterable[nn.Module],
+    box: Interval,
+    stats: BatchStats | None = None,
+    sound: bool = True,
 ) -> tuple[Interval, list[Interval]]:
     """Push an input box through ``layers``.
 
@@ -107,6 +180,7 @@ def propagate(
         layers: modules with a rule in ``RULES``.
         box: interval of the first layer's input.
         stats: clean-batch statistics for train-mode batch-norms.
+        sound: widen every interval for rounding (see :data:`Rule`).
 
     Returns:
         the output interval and the input interval of every ReLU, in order.
@@ -120,15 +194,15 @@ def propagate(
         if isinstance(layer, nn.ReLU):
             preactivations.append(box)
         if folds_into(layer, following):
-            box = _with_batchnorm(layer, following, box, stats)
+            box = _with_batchnorm(layer, following, box, stats, sound)
             position += 2
             continue
-        box = RULES[type(layer)](layer, box, stats)
+        box = RULES[type(layer)](layer, box, stats, sound)
         position += 1
     return box, preactivations
 
 
-def last_layer_margins(layer: nn.Linear, box: Interval, y: Tensor) -> Tensor:
+def last_layer_margins(layer: nn.Linear, box: Interval, y: Tensor, sound: bool = True) -> Tensor:
     """Lower bounds of ``f_y - f_t`` for t != y with the specification folded into ``layer``.
 
     Rows ``W_y - W_t`` and biases ``b_y - b_t`` form one linear map per sample, which is then
@@ -138,17 +212,21 @@ def last_layer_margins(layer: nn.Linear, box: Interval, y: Tensor) -> Tensor:
         layer: the last linear layer (K outputs).
         box: (B, D) interval of its input.
         y: (B,) labels.
+        sound: subtract the rounding allowance of :func:`acert.bounds.spec.rounding_allowance`.
 
     Returns:
-        (B, K-1) lower bounds, classes t in increasing order with y left out, less the
-        rounding allowance of :func:`acert.bounds.spec.rounding_allowance`.
+        (B, K-1) lower bounds, classes t in increasing order with y left out.
     """
     others = other_classes(y, layer.out_features)
     weight = layer.weight[y].unsqueeze(1) - layer.weight[others]
     centre = torch.einsum("bkd,bd->bk", weight, box.centre)
     radius = torch.einsum("bkd,bd->bk", weight.abs(), box.radius)
-    magnitude = torch.einsum("bkd,bd->bk", weight.abs(), box.centre.abs()) + radius
     if layer.bias is not None:
         bias = layer.bias[y].unsqueeze(1) - layer.bias[others]
-        centre, magnitude = centre + bias, magnitude + bias.abs()
-    return centre - radius - rounding_allowance(magnitude)
+        centre = centre + bias
+    if not sound:
+        return centre - radius
+    magnitude = torch.einsum("bkd,bd->bk", weight.abs(), box.centre.abs()) + radius
+    if layer.bias is not None:
+        magnitude = magnitude + bias.abs()
+    return centre - radius - rounding_allowance(magnitude, layer.in_features + 1)

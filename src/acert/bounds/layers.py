@@ -22,9 +22,11 @@ __all__ = [
     "SUPPORTED_LAYERS",
     "BatchStats",
     "channel_affine",
+    "channel_shift_magnitude",
     "check_supported",
     "clean_forward",
     "fold_batchnorm",
+    "folded_bias_magnitude",
     "folds_into",
     "forward_with_stats",
     "needs_batch_stats",
@@ -62,6 +64,11 @@ def check_supported(model: nn.Module) -> nn.Sequential:
             raise UnsupportedModelError(
                 f"layer {position} ({type(layer).__name__}) has no bound rule; "
                 f"supported layers are {names}"
+            )
+        if isinstance(layer, nn.Flatten) and (layer.start_dim, layer.end_dim) != (1, -1):
+            raise UnsupportedModelError(
+                f"layer {position} (Flatten) flattens dims {layer.start_dim}..{layer.end_dim}; "
+                "only nn.Flatten() of every dim after the batch is supported"
             )
         if isinstance(layer, nn.Conv2d) and (
             isinstance(layer.padding, str) or layer.padding_mode != "zeros"
@@ -205,6 +212,29 @@ def channel_affine(layer: nn.Module, stats: BatchStats | None) -> tuple[Tensor, 
             )
         return _batchnorm_affine(layer, *stats[layer])
     return _batchnorm_affine(layer, layer.running_mean, layer.running_var)
+
+
+def channel_shift_magnitude(layer: nn.Module, stats: BatchStats | None) -> Tensor:
+    """(C,) the sum of the absolute values of the terms of each channel's shift (what the
+    shift's rounding is relative to): ``|mean/std|`` for Normalize, ``|β| + |mean·scale|`` for
+    batch-norm."""
+    if isinstance(layer, Normalize):
+        return (layer.mean / layer.std).abs()
+    scale, _ = channel_affine(layer, stats)
+    mean = stats[layer][0] if uses_batch_stats(layer) else layer.running_mean
+    magnitude = (mean * scale).abs()
+    return magnitude + layer.bias.abs() if layer.affine else magnitude
+
+
+def folded_bias_magnitude(
+    layer: nn.Linear | nn.Conv2d, norm: nn.Module, stats: BatchStats | None
+) -> Tensor:
+    """(C,) the sum of the absolute values of the terms of :func:`fold_batchnorm`'s bias."""
+    magnitude = channel_shift_magnitude(norm, stats)
+    if layer.bias is None:
+        return magnitude
+    scale, _ = channel_affine(norm, stats)
+    return magnitude + (layer.bias * scale).abs()
 
 
 def folds_into(layer: nn.Module | None, norm: nn.Module | None) -> bool:

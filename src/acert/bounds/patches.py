@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from acert.bounds.interval import Interval
 from acert.bounds.layers import channel_affine, fold_batchnorm, folds_into
-from acert.bounds.spec import rounding_allowance
+from acert.bounds.spec import input_lower_bound
 from acert.models import Normalize
 
 if TYPE_CHECKING:
@@ -253,14 +253,10 @@ def _back_relu(
     return Windows(relaxed, windows.origin, windows.rows), bias
 
 
-def _input_bound(windows: Windows, bias: Tensor, tables: _Tables) -> Tensor:
+def _input_bound(windows: Windows, bias: Tensor, bias_magnitude: Tensor, tables: _Tables) -> Tensor:
     """(Q, S) minimum over the input box, less the rounding allowance, as in the dense pass."""
     centre, radius = _gather(tables.box, tables.shapes[-1], windows)
-    magnitude_coeffs = windows.coeffs.abs()
-    spread = _window_dot(magnitude_coeffs, radius)
-    magnitude = _window_dot(magnitude_coeffs, centre.abs() + radius) + bias.abs()
-    lower = bias + _window_dot(windows.coeffs, centre) - spread
-    return lower - rounding_allowance(magnitude)
+    return input_lower_bound(windows.coeffs, bias, bias_magnitude, centre, radius, _window_dot)
 
 
 def lower_bound(
@@ -280,25 +276,28 @@ def lower_bound(
     """
     tables = _tables(net, end) if tables is None else tables
     position = end - 1
+    bias_magnitude = bias.abs()  # Σ|each layer's contribution|, as in the dense pass
     while position >= 0:
         layer = net.layers[position]
         before = net.layers[position - 1] if position > 0 else None
+        previous = bias
         if folds_into(before, layer):
             # batch-norm folded into the convolution before it, as in the dense pass
             weight, layer_bias = fold_batchnorm(before, layer, net.stats)
             shape = net.input_shapes[position - 1]
             windows, bias = _back_conv(before, weight, layer_bias, windows, bias, shape)
             position -= 2
-            continue
-        if isinstance(layer, nn.Conv2d):
-            shape = net.input_shapes[position]
-            windows, bias = _back_conv(layer, layer.weight, layer.bias, windows, bias, shape)
-        elif isinstance(layer, nn.ReLU):
-            windows, bias = _back_relu(position, windows, bias, tables)
         else:
-            windows, bias = _back_channel_affine(layer, windows, bias, net)
-        position -= 1
-    return _input_bound(windows, bias, tables)
+            if isinstance(layer, nn.Conv2d):
+                shape = net.input_shapes[position]
+                windows, bias = _back_conv(layer, layer.weight, layer.bias, windows, bias, shape)
+            elif isinstance(layer, nn.ReLU):
+                windows, bias = _back_relu(position, windows, bias, tables)
+            else:
+                windows, bias = _back_channel_affine(layer, windows, bias, net)
+            position -= 1
+        bias_magnitude = bias_magnitude + (bias - previous).abs()
+    return _input_bound(windows, bias, bias_magnitude, tables)
 
 
 def _neuron_windows(rows: Tensor, neurons: Tensor, shape: Sequence[int], like: Tensor) -> Windows:

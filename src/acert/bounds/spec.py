@@ -1,14 +1,25 @@
-"""The margin specification: for label y, the rows ``e_y - e_t`` for every class t != y."""
+"""The margin specification (for label y, the rows ``e_y - e_t`` for every class t != y) and
+what every bound gives up for floating-point rounding."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["ROUNDING_ULPS", "margin_matrix", "other_classes", "rounding_allowance"]
+__all__ = [
+    "ROUNDING_ULPS",
+    "input_lower_bound",
+    "margin_matrix",
+    "other_classes",
+    "rounding_allowance",
+    "rounding_gamma",
+]
 
 ROUNDING_ULPS = 256
-"""Rounding allowance, in units of the dtype's machine epsilon, per unit of bound magnitude."""
+"""Smallest final rounding allowance, in machine epsilons per unit of bound magnitude; 0 turns
+every rounding term off (the tests that compare bounds with exact hand computations)."""
 
 
 def other_classes(y: Tensor, num_classes: int) -> Tensor:
@@ -31,13 +42,55 @@ def margin_matrix(y: Tensor, num_classes: int, dtype: torch.dtype = torch.float3
     return spec
 
 
-def rounding_allowance(magnitude: Tensor) -> Tensor:
-    """What a bound gives up so that floating-point rounding cannot make it unsound.
+def rounding_gamma(terms: int, dtype: torch.dtype) -> float:
+    """Bound on the relative rounding error of a layer with sums of ``terms`` products.
 
-    A bound ``Σ_i a_i z_i + b`` computed in floating point is off by at most a small multiple of
-    the machine epsilon times ``Σ_i |a_i z_i| + |b|`` (its *magnitude*) per rounding step. Every
-    final bound subtracts ``ROUNDING_ULPS · eps_machine · magnitude`` (3e-5 relative in float32),
-    far more than the accumulated error of the networks here; ``acert certify --check-float64``
-    re-checks the certificates in float64. The allowance carries no gradient.
+    A float dot product of n terms is off by at most ``γ_n·Σ|terms|``, ``γ_n ≈ n·u`` (u = eps/2,
+    the unit roundoff; Higham, "Accuracy and stability of numerical algorithms", §3.1), in
+    whatever order the library sums. ``2·(terms + 16)·eps`` covers that error twice, once for
+    the bound's own arithmetic and once for the model's forward pass (so a certificate also
+    holds for the prediction the model computes in floating point, not only for the exact
+    network), with room for the few elementwise roundings around a layer (ReLU, the input box,
+    folded batch-norm parameters). 0 when :data:`ROUNDING_ULPS` is 0.
     """
-    return (ROUNDING_ULPS * torch.finfo(magnitude.dtype).eps * magnitude).detach()
+    if ROUNDING_ULPS == 0:
+        return 0.0
+    return 2 * (terms + 16) * torch.finfo(dtype).eps
+
+
+def rounding_allowance(magnitude: Tensor, terms: int = 0) -> Tensor:
+    """What a final bound gives up so that floating-point rounding cannot make it unsound.
+
+    A bound ``Σ_i a_i z_i + b`` computed in floating point is off by at most a multiple of the
+    machine epsilon times ``Σ_i |a_i z_i| + |b|`` (its *magnitude*). The allowance is
+    ``max(ROUNDING_ULPS, 2·(terms + 16))·eps·magnitude``: :func:`rounding_gamma` for a last
+    layer of ``terms`` products, at least 256 machine epsilons (3e-5 relative in float32). It
+    carries no gradient.
+    """
+    if ROUNDING_ULPS == 0:
+        return torch.zeros_like(magnitude)
+    factor = max(ROUNDING_ULPS, 2 * (terms + 16))
+    return (factor * torch.finfo(magnitude.dtype).eps * magnitude).detach()
+
+
+def input_lower_bound(
+    A: Tensor,
+    bias: Tensor,
+    bias_magnitude: Tensor,
+    centre: Tensor,
+    radius: Tensor,
+    dot: Callable[[Tensor, Tensor], Tensor],
+) -> Tensor:
+    """(Q, S) ``min A·x + bias`` over the box (centre, radius), less the rounding allowance of
+    its magnitude ``|A|·(|c| + r) + Σ|bias terms|``.
+
+    Args:
+        A: (Q, S, ...) coefficients on the input; bias: (Q, S); bias_magnitude: (Q, S).
+        centre, radius: (Q, ...) each query's input box (the same layout as A's tail).
+        dot: ``(Q, S, ...) x (Q, ...) -> (Q, S)`` products for this layout.
+    """
+    magnitude_A = A.abs()
+    spread = dot(magnitude_A, radius)
+    magnitude = dot(magnitude_A, centre.abs() + radius) + bias_magnitude
+    lower = bias + dot(A, centre) - spread
+    return lower - rounding_allowance(magnitude)

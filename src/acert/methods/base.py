@@ -176,7 +176,9 @@ class IBPPass:
 
 
 def ibp_pass(model: nn.Sequential, box: Interval, y: Tensor, stats: BatchStats) -> IBPPass:
-    """IBP margins of ``box`` and the pre-activation intervals the warm-up regularisers read.
+    """IBP margins of ``box`` and the pre-activation intervals the warm-up regularisers read:
+    a training objective, so the plain interval arithmetic, not widened for rounding (which at
+    the warm-up's ε = 1e-6 would swamp the intervals the regularisers measure).
 
     Args:
         model: the network; train-mode batch-norms normalise with ``stats``.
@@ -184,8 +186,9 @@ def ibp_pass(model: nn.Sequential, box: Interval, y: Tensor, stats: BatchStats) 
         y: (B,) labels.
         stats: clean-batch statistics from :func:`acert.bounds.clean_forward`.
     """
-    hidden, preactivations = ibp_rules.propagate(model[:-1], box, stats)
-    return IBPPass(box, preactivations, ibp_rules.last_layer_margins(model[-1], hidden, y))
+    hidden, preactivations = ibp_rules.propagate(model[:-1], box, stats, sound=False)
+    margins = ibp_rules.last_layer_margins(model[-1], hidden, y, sound=False)
+    return IBPPass(box, preactivations, margins)
 
 
 def with_warmup(

@@ -73,7 +73,7 @@ class CROWNIBP(Stateless):
         bounds = ibp_pass(model, box, batch.y, stats)
         if beta <= 0:
             return bounds.margins, bounds
-        crown = crown_margins(model, box, batch.y, stats, intermediate="ibp")
+        crown = crown_margins(model, box, batch.y, stats, intermediate="ibp", sound=False)
         return beta * crown + (1 - beta) * bounds.margins, bounds
 
     def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
