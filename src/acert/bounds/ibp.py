@@ -72,11 +72,10 @@ def _affine_box(
     centre = _apply(layer, box.centre, weight, bias)
     if gamma == 0:
         return Interval(centre, _apply(layer, box.radius, weight.abs(), None))
-    spread = box.centre.detach().abs()
+    magnitude = box.centre.detach().abs()
     # r + γ|c|; without autograd into the fresh |c| tensor itself
-    spread = torch.add(
-        box.radius, spread, alpha=gamma, out=None if torch.is_grad_enabled() else spread
-    )
+    out = None if torch.is_grad_enabled() else magnitude
+    spread = torch.add(box.radius, magnitude, alpha=gamma, out=out)
     radius_bias = None
     if bias is not None:
         radius_bias = gamma * (bias.abs() if bias_magnitude is None else bias_magnitude).detach()
@@ -132,9 +131,10 @@ def _relu(layer: nn.ReLU, box: Interval, stats: BatchStats | None, sound: bool =
     ``(max(c, h), min(r, h))``.
 
     The same interval as ``((relu(u) + relu(l))/2, (relu(u) - relu(l))/2)``, but an active
-    unit's (c, r) is passed on exactly (``fl(c + r) <= 2c`` when ``c >= r``) instead of being
-    recomputed from two nearly equal ends, which in float32 loses a radius below ~1e-7·|c|
-    (the ε = 1e-6 passes of the warm-up); and it takes fewer passes over the tensors.
+    unit's (c, r) is passed on exactly (rounding is monotone, so the computed h lies in
+    [r, c] when ``c >= r``) instead of being recomputed from two nearly equal ends, which in
+    float32 loses a radius below ~1e-7·|c| (the ε = 1e-6 passes of the warm-up); and it takes
+    fewer passes over the tensors.
     """
     if torch.is_grad_enabled():
         half_upper = torch.relu(box.centre + box.radius) * 0.5
@@ -142,7 +142,7 @@ def _relu(layer: nn.ReLU, box: Interval, stats: BatchStats | None, sound: bool =
             torch.maximum(box.centre, half_upper), torch.minimum(box.radius, half_upper)
         )
     # the same arithmetic with fewer fresh tensors: without autograd they are the main cost
-    half_upper = torch.add(box.centre, box.radius).relu_().mul_(0.5)
+    half_upper = torch.lerp(box.centre, box.radius, 0.5).relu_()  # relu(u)/2 in two passes
     radius = torch.minimum(box.radius, half_upper)
     return Interval(torch.maximum(box.centre, half_upper, out=half_upper), radius)
 
