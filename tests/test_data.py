@@ -202,6 +202,18 @@ def test_fashion_mnist_from_debian_package(isolated_home):
     assert torch.equal(torch.bincount(test.labels), torch.full((10,), 1000))
 
 
+@pytest.mark.skipif(
+    not FASHION_DIR.is_dir(),
+    reason=f"{FASHION_DIR} absent; install it with `apt-get install dataset-fashion-mnist`",
+)
+def test_fashion_mnist_files_are_not_taken_for_mnist(isolated_home):
+    """The twins share file names, shapes and classes; their first labels tell them apart."""
+    message = one_line_error(
+        data.load, "mnist", "test", FASHION_DIR, match="are fashion-mnist's, not mnist's"
+    )
+    assert "--dataset fashion-mnist" in message
+
+
 def test_fashion_search_order_and_hint(tmp_path, isolated_home, monkeypatch):
     monkeypatch.setattr(data, "_DEBIAN_FASHION", tmp_path / "no-debian")
     message = one_line_error(data.load, "fashion-mnist", match="apt-get install dataset-fashion")

@@ -227,6 +227,25 @@ def _locate(name: str, split: str, data_dir: str | os.PathLike | None) -> Path:
     )
 
 
+_FIRST_LABELS = {
+    ("mnist", "train"): [5, 0, 4, 1, 9, 2, 1, 3, 1, 4],
+    ("mnist", "test"): [7, 2, 1, 0, 4, 1, 4, 9, 5, 9],
+    ("fashion-mnist", "train"): [9, 0, 0, 3, 0, 2, 7, 2, 5, 5],
+    ("fashion-mnist", "test"): [9, 2, 1, 1, 6, 1, 4, 6, 5, 7],
+}
+"""The first ten labels of each official idx file: MNIST and Fashion-MNIST share file names,
+shapes and classes, so a folder of the one read as the other fails no other check."""
+
+
+def _check_not_the_twin(name: str, split: str, labels: np.ndarray, folder: Path) -> None:
+    twin = {"mnist": "fashion-mnist", "fashion-mnist": "mnist"}.get(name)
+    if twin and labels[:10].tolist() == _FIRST_LABELS[(twin, split)]:
+        raise DatasetError(
+            f"the idx files in {folder} are {twin}'s, not {name}'s; "
+            f"pass the folder of the {name} files or --dataset {twin}"
+        )
+
+
 _FOLDER_READERS: dict[str, Callable[[Path, str], Arrays]] = {
     "mnist": read_idx_pair,
     "fashion-mnist": read_idx_pair,
@@ -320,7 +339,9 @@ def load_imageset(
     if name == "mnist5k":
         arrays = read_mnist5k(split)
     else:
-        arrays = _FOLDER_READERS[name](_locate(name, split, data_dir), split)
+        folder = _locate(name, split, data_dir)
+        arrays = _FOLDER_READERS[name](folder, split)
+        _check_not_the_twin(name, split, arrays.labels, folder)
     _check_arrays(info, split, arrays)
     return ImageSet(_to_tensor(arrays.images), _to_tensor(arrays.labels.astype(np.int64)))
 
