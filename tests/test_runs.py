@@ -20,6 +20,15 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]  # no temporary left behind
 
 
+def test_atomic_write_gives_files_the_permissions_of_an_ordinary_write(tmp_path):
+    """The temporary file is private (0600); the file in place follows the umask, as
+    ``open(path, "w")`` would, so that other processes or users of a shared run folder read it."""
+    ordinary = tmp_path / "ordinary"
+    ordinary.write_bytes(b"x")
+    atomic_write(tmp_path / "atomic", lambda stream: stream.write(b"x"))
+    assert (tmp_path / "atomic").stat().st_mode == ordinary.stat().st_mode
+
+
 def test_checkpoint_round_trip_and_load(tmp_path):
     config = resolve(TrainConfig(epochs=1))
     model = build_model(config)

@@ -48,6 +48,15 @@ __all__ = [
 CHECKPOINT_FORMAT = "acert-checkpoint-v1"
 
 
+def _process_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+
+
 def _reason(err: OSError) -> str:
     return err.strerror or type(err).__name__
 
@@ -94,6 +103,7 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
             f"cannot write {path} ({_reason(err)}); choose a writable location"
         ) from err
     try:
+        os.fchmod(handle, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide the file from others
         with os.fdopen(handle, "wb") as stream:
             write(stream)
             stream.flush()
