@@ -7,30 +7,10 @@ import pytest
 
 from acert.cli import main
 from acert.runs import RunDir
+from test_cli import TINY as CLI_TINY
 
-TINY = [
-    "--model",
-    "mlp-small",
-    "--train-limit",
-    "200",
-    "--val-size",
-    "40",
-    "--epochs",
-    "2",
-    "--reg-epochs",
-    "1",
-    "--batch-size",
-    "50",
-    "--eval-limit",
-    "60",
-    "--cert-eps",
-    "0.1",
-    "--eval-pgd-steps",
-    "0",
-    "--threads",
-    "1",
-    "--quiet",
-]
+# the tiny run of test_cli.py, without a PGD evaluation (a later flag wins in argparse)
+TINY = [*CLI_TINY, "--cert-eps", "0.1", "--eval-pgd-steps", "0", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
