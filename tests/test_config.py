@@ -16,6 +16,10 @@ def test_resolve_fills_dataset_presets_and_keeps_explicit_values():
     )
     tin = resolve(TrainConfig(dataset="tinyimagenet"))
     assert tin.lambda_tight == 0.2 and tin.l1 == 1e-4 and tin.batch_size == 256
+    # a limited training set keeps a tenth for validation unless told otherwise
+    assert cifar.val_size == 5000
+    assert resolve(TrainConfig(dataset="cifar10", train_limit=2000)).val_size == 200
+    assert resolve(TrainConfig(dataset="cifar10", train_limit=2000, val_size=300)).val_size == 300
 
 
 def test_values_are_coerced_and_checked():

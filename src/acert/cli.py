@@ -274,8 +274,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from acert.plots import plot_study
     from acert.sweep import parse_bounds
 
-    (bound,) = parse_bounds([args.bound])
-    for path in plot_study(args.study, out=args.out, bound=bound, runs=args.runs):
+    bounds = parse_bounds([args.bound])
+    if len(bounds) != 1:
+        raise AcertError(f"--bound takes one bound, got {args.bound!r}; plot each in turn")
+    for path in plot_study(args.study, out=args.out, bound=bounds[0], runs=args.runs):
         print(f"written: {path}")
     return 0
 

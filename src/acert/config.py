@@ -250,13 +250,21 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _default_val_size(preset: int, train_limit: int | None) -> int:
+    """The dataset's validation size, but at most a tenth of a limited training set (the
+    presets hold out 5-12% of the full training splits)."""
+    return preset if train_limit is None else min(preset, train_limit // 10)
+
+
 def resolve(config: TrainConfig) -> TrainConfig:
     """Fill every ``None`` from the dataset (registry and preset) and check the values."""
     info = dataset_info(config.dataset)
     preset = {**_GENERIC, **PRESETS.get(config.dataset, {})}
     filled: dict[str, Any] = {
         **{k: v for k, v in preset.items() if getattr(config, k) is None},
-        "val_size": info.val_size if config.val_size is None else config.val_size,
+        "val_size": _default_val_size(info.val_size, config.train_limit)
+        if config.val_size is None
+        else config.val_size,
         "eps_max": info.eps_max if config.eps_max is None else config.eps_max,
         "cert_eps": list(info.cert_eps) if config.cert_eps is None else config.cert_eps,
     }
