@@ -180,6 +180,7 @@ def radius_search(
     logits: Tensor | None = None,
     guess: Tensor | None = None,
     spread: float = 0.02,
+    sound: bool = True,
 ) -> RadiusResult:
     """Certified radius of every sample, with the number of bound evaluations spent.
 
@@ -201,6 +202,8 @@ def radius_search(
             evaluations at the guess and ``guess·(1 ± spread)``, instead of one at the cap.
             Every bracket end is evaluated, so a wrong guess costs time, never soundness.
         spread: relative distance of the second probe of a warm start.
+        sound: bounds widened for floating-point rounding; False (a training objective's
+            radii, not certificates) uses the plain arithmetic, about 20% cheaper.
 
     Returns:
         :class:`RadiusResult`; every radius is a point at which the bound certifies the sample.
@@ -238,13 +241,14 @@ def radius_search(
             logits,
             guess,
             spread,
+            sound,
         )
 
 
 class _Search:
     """One radius search over a batch: the bound evaluations and the per-sample results."""
 
-    def __init__(self, model, x, y, cap, method, stats, xtol, rtol, ftol, floor) -> None:
+    def __init__(self, model, x, y, cap, method, stats, xtol, rtol, ftol, floor, sound) -> None:
         self.model, self.x, self.y, self.cap, self.method, self.stats = (
             model,
             x,
@@ -254,6 +258,7 @@ class _Search:
             stats,
         )
         self.xtol, self.rtol, self.ftol, self.floor = xtol, rtol, ftol, floor
+        self.sound = sound
         self.radius = torch.zeros_like(cap)
         self.evaluations = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         self.converged = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
@@ -263,7 +268,9 @@ class _Search:
         counts as certified where this is > 0); counts one evaluation each."""
         self.evaluations[rows] += 1
         box = input_box(self.x[rows], eps)
-        bounds = margin_bounds_on_box(self.model, box, self.y[rows], self.method, self.stats)
+        bounds = margin_bounds_on_box(
+            self.model, box, self.y[rows], self.method, self.stats, self.sound
+        )
         return bounds.min(1).values - self.floor[rows]
 
     def tol(self, lo: Tensor) -> Tensor:
@@ -339,11 +346,25 @@ def _bracket(lo: Tensor, f_lo: Tensor, hi: Tensor, f_hi: Tensor) -> Bracket:
 
 
 def _search(
-    model, x, y, cap, method, strategy, xtol, rtol, ftol, max_iter, stats, logits, guess, spread
+    model,
+    x,
+    y,
+    cap,
+    method,
+    strategy,
+    xtol,
+    rtol,
+    ftol,
+    max_iter,
+    stats,
+    logits,
+    guess,
+    spread,
+    sound,
 ) -> RadiusResult:
     xtol = 1e-4 * cap.max().item() if xtol is None else xtol
     floor = SAFETY_MARGIN * logits.abs().amax(1)
-    search = _Search(model, x, y, cap, method, stats, xtol, rtol, ftol, floor)
+    search = _Search(model, x, y, cap, method, stats, xtol, rtol, ftol, floor, sound)
     f0 = clean_margins(logits, y) - floor
     open_ = (f0 > 0) & (cap > 0)
     warm = torch.zeros_like(open_)

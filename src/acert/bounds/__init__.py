@@ -36,20 +36,27 @@ __all__ = [
 ]
 
 
-def _ibp(model: nn.Sequential, box: Interval, y: Tensor, stats: BatchStats | None) -> Tensor:
-    hidden, _ = ibp.propagate(model[:-1], box, stats)
-    return ibp.last_layer_margins(model[-1], hidden, y)
+def _ibp(
+    model: nn.Sequential, box: Interval, y: Tensor, stats: BatchStats | None, sound: bool
+) -> Tensor:
+    hidden, _ = ibp.propagate(model[:-1], box, stats, sound)
+    return ibp.last_layer_margins(model[-1], hidden, y, sound)
 
 
-def _crown_ibp(model: nn.Sequential, box: Interval, y: Tensor, stats: BatchStats | None) -> Tensor:
-    return crown.crown_margins(model, box, y, stats, intermediate="ibp")
+def _crown_ibp(
+    model: nn.Sequential, box: Interval, y: Tensor, stats: BatchStats | None, sound: bool
+) -> Tensor:
+    return crown.crown_margins(model, box, y, stats, intermediate="ibp", sound=sound)
 
 
-def _crown(model: nn.Sequential, box: Interval, y: Tensor, stats: BatchStats | None) -> Tensor:
-    return crown.crown_margins(model, box, y, stats, intermediate="crown")
+def _crown(
+    model: nn.Sequential, box: Interval, y: Tensor, stats: BatchStats | None, sound: bool
+) -> Tensor:
+    return crown.crown_margins(model, box, y, stats, intermediate="crown", sound=sound)
 
 
-METHODS: dict[str, Callable[[nn.Sequential, Interval, Tensor, BatchStats | None], Tensor]] = {
+Method = Callable[[nn.Sequential, Interval, Tensor, "BatchStats | None", bool], Tensor]
+METHODS: dict[str, Method] = {
     "ibp": _ibp,
     "crown-ibp": _crown_ibp,
     "crown": _crown,
@@ -88,6 +95,7 @@ def margin_bounds_on_box(
     y: Tensor,
     method: str = "ibp",
     stats: BatchStats | None = None,
+    sound: bool = True,
 ) -> Tensor:
     """Lower bounds of the margins over an input box; no input checks (hot paths use this).
 
@@ -97,13 +105,15 @@ def margin_bounds_on_box(
         y: (B,) labels.
         method: one of ``METHODS``.
         stats: clean-batch statistics, needed when a batch-norm is in train mode.
+        sound: widen for floating-point rounding (certificates); False gives the plain
+            arithmetic of a training objective (:data:`acert.bounds.ibp.Rule`).
 
     Returns:
         (B, K-1) lower bounds of ``f_y - f_t``, t != y in increasing order.
     """
     if method not in METHODS:
         raise AcertError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
-    return METHODS[method](model, box, y, stats)
+    return METHODS[method](model, box, y, stats, sound)
 
 
 def margin_bounds(

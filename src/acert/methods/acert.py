@@ -93,7 +93,8 @@ class ACERT:
     def adaptive_radii(
         self, model: nn.Sequential, batch: Batch, step: Step, logits: Tensor, stats: BatchStats
     ) -> tuple[Tensor, float]:
-        """(B,) IBP certified radii capped at ε_s, 0 if misclassified (METHOD.md step 3)."""
+        """(B,) IBP certified radii capped at ε_s, 0 if misclassified (METHOD.md step 3), in
+        the plain interval arithmetic of the training objective."""
         with torch.no_grad():
             result = radius_search(
                 model,
@@ -109,6 +110,7 @@ class ACERT:
                 stats=stats,
                 logits=logits.detach(),
                 guess=None if self.memory is None else self.memory.guess(batch.idx),
+                sound=False,  # a training target, not a certificate
             )
         if self.memory is not None:
             self.memory.remember(batch.idx, result.radius, step.eps)
