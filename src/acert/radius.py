@@ -213,36 +213,31 @@ def radius_search(
         raise AcertError(f"unknown radius search {search!r}; choose one of {', '.join(SEARCHES)}")
     cap = as_eps(eps_max, x.shape[0], x)
     with torch.no_grad():
-        try:
-            if needs_batch_stats(model) and stats is None:
-                logits, stats = clean_forward(model, x, update_running_stats=False)
-            elif logits is None and needs_batch_stats(model):
-                # the clean logits under the given statistics (not those of x's own batch)
-                logits = forward_with_stats(model, x, stats)
-            elif logits is None:
-                logits = model(x)
-        except RuntimeError as err:
-            first_line = str(err).strip().splitlines()[0]
-            raise AcertError(
-                f"input of shape {tuple(x.shape[1:])} does not fit the model: {first_line}"
-            ) from err
-        return _search(
-            model,
-            x,
-            y,
-            cap,
-            method,
-            SEARCHES[search](),
-            xtol,
-            rtol,
-            ftol,
-            max_iter,
-            stats,
-            logits,
-            guess,
-            spread,
-            sound,
-        )
+        logits, stats = _clean_pass(model, x, stats, logits)
+        xtol = 1e-4 * cap.max().item() if xtol is None else xtol
+        floor = SAFETY_MARGIN * logits.abs().amax(1)
+        state = _Search(model, x, y, cap, method, stats, xtol, rtol, ftol, floor, sound)
+        f0 = clean_margins(logits, y) - floor
+        return state.run(f0, guess, spread, SEARCHES[search](), max_iter)
+
+
+def _clean_pass(
+    model: nn.Sequential, x: Tensor, stats: BatchStats | None, logits: Tensor | None
+) -> tuple[Tensor, BatchStats | None]:
+    """The clean logits of x and the batch-norm statistics the bounds use (computed from x
+    when a train-mode batch-norm has none given), or a one-line error for a misfit input."""
+    try:
+        if needs_batch_stats(model) and stats is None:
+            return clean_forward(model, x, update_running_stats=False)
+        if logits is None and needs_batch_stats(model):
+            # the clean logits under the given statistics (not those of x's own batch)
+            return forward_with_stats(model, x, stats), stats
+        return (model(x) if logits is None else logits), stats
+    except RuntimeError as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise AcertError(
+            f"input of shape {tuple(x.shape[1:])} does not fit the model: {first_line}"
+        ) from err
 
 
 class _Search:
@@ -319,6 +314,29 @@ class _Search:
         pieces.append((rows[sel], _bracket(zero, f0[sel], probe[sel], f_probe[sel])))
         return torch.cat([r for r, _ in pieces]), Bracket.cat([b for _, b in pieces])
 
+    def run(
+        self, f0: Tensor, guess: Tensor | None, spread: float, strategy, max_iter: int
+    ) -> RadiusResult:
+        """Bracket every open sample (cold at the cap, or warm around its guess), then refine.
+
+        Args:
+            f0: (B,) margin at ε = 0 less the floor; the open samples are those above 0.
+        """
+        open_ = (f0 > 0) & (self.cap > 0)
+        warm = torch.zeros_like(open_)
+        if guess is not None:
+            guess = guess.to(self.cap)
+            warm = open_ & torch.isfinite(guess) & (guess > 0) & (guess < self.cap)
+        rows = torch.nonzero(open_ & ~warm, as_tuple=True)[0]
+        pieces = [self.cold_brackets(rows, f0[rows])] if rows.numel() else []
+        rows = torch.nonzero(warm, as_tuple=True)[0]
+        if rows.numel():
+            pieces.append(self.warm_brackets(rows, f0[rows], guess[rows], spread))
+        if pieces:
+            rows = torch.cat([r for r, _ in pieces])
+            self.refine(rows, Bracket.cat([b for _, b in pieces]), strategy, max_iter)
+        return RadiusResult(self.radius, self.evaluations, self.converged)
+
     def refine(self, rows: Tensor, bracket: Bracket, strategy, max_iter: int) -> None:
         """Shrink every bracket below its tolerance (or stop at max_iter); report ``lo``."""
         for _ in range(max_iter):
@@ -343,43 +361,6 @@ def _bracket(lo: Tensor, f_lo: Tensor, hi: Tensor, f_hi: Tensor) -> Bracket:
     nan = torch.full_like(lo, float("nan"))
     width = hi - lo
     return Bracket(lo, f_lo, hi, f_hi, nan, nan.clone(), [width, width])
-
-
-def _search(
-    model,
-    x,
-    y,
-    cap,
-    method,
-    strategy,
-    xtol,
-    rtol,
-    ftol,
-    max_iter,
-    stats,
-    logits,
-    guess,
-    spread,
-    sound,
-) -> RadiusResult:
-    xtol = 1e-4 * cap.max().item() if xtol is None else xtol
-    floor = SAFETY_MARGIN * logits.abs().amax(1)
-    search = _Search(model, x, y, cap, method, stats, xtol, rtol, ftol, floor, sound)
-    f0 = clean_margins(logits, y) - floor
-    open_ = (f0 > 0) & (cap > 0)
-    warm = torch.zeros_like(open_)
-    if guess is not None:
-        guess = guess.to(cap)
-        warm = open_ & torch.isfinite(guess) & (guess > 0) & (guess < cap)
-    rows = torch.nonzero(open_ & ~warm, as_tuple=True)[0]
-    pieces = [search.cold_brackets(rows, f0[rows])] if rows.numel() else []
-    rows = torch.nonzero(warm, as_tuple=True)[0]
-    if rows.numel():
-        pieces.append(search.warm_brackets(rows, f0[rows], guess[rows], spread))
-    if pieces:
-        rows = torch.cat([r for r, _ in pieces])
-        search.refine(rows, Bracket.cat([b for _, b in pieces]), strategy, max_iter)
-    return RadiusResult(search.radius, search.evaluations, search.converged)
 
 
 def _update(b: Bracket, point: Tensor, f_point: Tensor) -> None:
