@@ -190,4 +190,4 @@ def _default_target(
         )
         if not same
     ]
-    return folder / "_".join([f"certify_{bound}", *differs]).__add__(".json")
+    return folder / ("_".join([f"certify_{bound}", *differs]) + ".json")

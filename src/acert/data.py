@@ -423,7 +423,7 @@ def stratified_subset(data: ImageSet, n: int, seed: int = 0) -> ImageSet:
     if n < num_classes:
         raise DatasetError(
             f"a stratified subset of {n} images cannot cover {num_classes} classes; "
-            f"use a limit of at least {num_classes} (e.g. --train-limit {num_classes})"
+            f"ask for at least {num_classes} images"
         )
     return data.subset(stratified_indices(data.labels, n, seed))
 

@@ -4,9 +4,9 @@ One rule per layer kind, collected in ``RULES``. An affine map ``z -> W z + b`` 
 (c, r) to (W c + b, |W| r); ReLU is applied to the ends; the margin specification is folded into
 the last linear layer before the interval is applied (METHOD.md, "Threat model and certificates").
 
-Rounding: the intervals contain what the network computes in exact arithmetic, not only what
-float arithmetic happens to give. Each affine rule widens its output radius by a bound on its
-own rounding error, ``γ·(|W|(|c| + r) + |b|)`` with γ from
+Rounding: the intervals contain what the network computes in exact arithmetic and in its float
+forward pass, not only what the bound's own float arithmetic happens to give. Each affine rule
+widens its output radius by a bound on those rounding errors, ``γ·(|W|(|c| + r) + |b|)`` with γ from
 :func:`acert.bounds.spec.rounding_gamma` for its fan-in, inside the same radius pass (the input
 radius becomes ``r + γ|c|``, the weights ``(1 + γ)|W|``, the radius bias ``γ|b|``); the channel
 affine maps add theirs elementwise, and the folded last layer subtracts
@@ -120,8 +120,9 @@ def _channel_affine(
     gamma = rounding_gamma(2, box.centre.dtype) if sound else 0.0
     if gamma == 0:
         return Interval(centre, radius)
-    magnitude = channel_shift_magnitude(layer, stats).view(shape)
-    error = ((box.centre.detach().abs() + box.radius.detach()) * scale.abs() + magnitude).detach()
+    with torch.no_grad():  # a bound on rounding, not part of the objective
+        magnitude = channel_shift_magnitude(layer, stats).view(shape)
+        error = (box.centre.abs() + box.radius) * scale.abs() + magnitude
     return Interval(centre, radius + gamma * error)
 
 
@@ -229,4 +230,4 @@ def last_layer_margins(layer: nn.Linear, box: Interval, y: Tensor, sound: bool =
     magnitude = torch.einsum("bkd,bd->bk", weight.abs(), box.centre.abs()) + radius
     if layer.bias is not None:
         magnitude = magnitude + bias.abs()
-    return centre - radius - rounding_allowance(magnitude, layer.in_features + 1)
+    return centre - radius - rounding_allowance(magnitude, fan_in(layer))
