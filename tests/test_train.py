@@ -83,7 +83,15 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
         run(
             tiny_config(kappa=0.5), out=tmp_path / "resumed", resume=True, progress=False, log=quiet
         )
+    folder = RunDir(tmp_path / "resumed")
+    killed_writes = [  # what a SIGKILL during atomic_write leaves: its temporary files
+        folder.path / "checkpoints" / ".last.pt.k1ll3d.tmp",
+        folder.path / ".metrics.csv.k1ll3d.tmp",
+    ]
+    for leftover in killed_writes:
+        leftover.write_bytes(b"half a file")
     resumed = run(tiny_config(), out=tmp_path / "resumed", resume=True, progress=False, log=quiet)
+    assert not [path for path in killed_writes if path.exists()]
     assert len(resumed.history) == 3
     for key in ("loss", "train_acc", "val_acc", "val_acr"):
         assert resumed.history[-1][key] == pytest.approx(

@@ -110,6 +110,8 @@ def start_or_resume(
             "resume with the run's own settings (drop those flags)"
         )
     payload = run_dir.load_checkpoint("last")
+    if write:
+        run_dir.remove_temporaries()  # a kill mid-write leaves its temporary file behind
     missing = [key for key in RESUME_KEYS if key not in payload]
     if missing:
         raise CheckpointError(

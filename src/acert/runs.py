@@ -10,8 +10,10 @@ A run folder holds::
     radii.pt             its per-sample certified radii
     radius_histogram.png
 
-Every file is written to a temporary name in the same folder and renamed into place, so a run
-killed at any moment leaves either the old or the new file, never half of one.
+Every file is written to a temporary name in the same folder (``.NAME.XXXX.tmp``) and renamed
+into place, so a run killed at any moment leaves either the old or the new file, never half of
+one. A SIGKILL during a write cannot clean up after itself, so its temporary file stays until the
+run is resumed, which removes it (:meth:`RunDir.remove_temporaries`).
 """
 
 from __future__ import annotations
@@ -90,13 +92,16 @@ def check_writable_file(path: str | Path, flag: str) -> None:
         ) from err
 
 
+_TEMPORARY_SUFFIX = ".tmp"
+
+
 def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> None:
     """Write a file via ``write(handle)`` to a temporary name, fsync, then rename it into place."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+            dir=path.parent, prefix=f".{path.name}.", suffix=_TEMPORARY_SUFFIX
         )
     except OSError as err:
         raise AcertError(
@@ -192,6 +197,21 @@ class RunDir:
         if not isinstance(values, dict):
             raise CheckpointError(f"{self.config_path} does not hold a mapping of config keys")
         return config_from_dict(values)
+
+    def remove_temporaries(self) -> list[Path]:
+        """Delete the temporary files that writes killed midway (SIGKILL, power loss) left in
+        the run folder; only safe while no other process writes into it. Returns them."""
+        folders = [self.path, self.checkpoint_path("last").parent]
+        stale = [
+            temporary
+            for folder in folders
+            if folder.is_dir()
+            for temporary in folder.glob(f".*{_TEMPORARY_SUFFIX}")
+            if temporary.is_file()
+        ]
+        for temporary in stale:
+            temporary.unlink(missing_ok=True)
+        return stale
 
     def save_checkpoint(self, name: str, payload: dict[str, Any]) -> None:
         payload = {"format": CHECKPOINT_FORMAT, **payload}
