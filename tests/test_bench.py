@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from acert.bench import BenchSettings, bench, format_table
 from acert.cli import main
@@ -87,3 +88,26 @@ def test_bench_command_writes_json(trained_run, tmp_path, capsys):
     assert all(key in written for key in KEYS)
     assert "training throughput" in capsys.readouterr().out
     assert main(["bench", "--shape", "1,28"]) == 2
+
+
+def test_a_given_run_warm_starts_the_acert_step_from_its_saved_radius_memory(
+    trained_run, monkeypatch
+):
+    """Not from radii the model itself just gave the batch, which would hand the search its
+    own answers: the run's memory holds the radii of its last epoch, as the next epoch sees."""
+    import acert.bench as bench_module
+    from acert.runs import RunDir
+
+    reference = bench_module._reference_runs(BenchSettings(run=str(trained_run)), "cpu")
+    saved = RunDir(trained_run).load_checkpoint("last")["method"]["radius_memory"]["radius"]
+    remembered = reference.saved_method["radius_memory"]["radius"]
+    assert torch.equal(remembered.nan_to_num(-1), saved.nan_to_num(-1))
+    assert (remembered > 0).any()
+
+    def primed_from_the_model(*args):
+        raise AssertionError("the step primed its memory from the model itself")
+
+    monkeypatch.setattr(bench_module, "_primed_radius_memory", primed_from_the_model)
+    settings = BenchSettings(step_batch=8, repeats=1, run=str(trained_run))
+    out = bench_module._step_times(reference, settings, torch.device("cpu"))
+    assert out["acert_step_over_ibp_step"] > 0

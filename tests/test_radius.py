@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 import acert.radius
 from acert.attacks import margin_loss, pgd_attack
-from acert.bounds import clean_forward, input_box, margin_bounds, margin_bounds_on_box
+from acert.bounds import clean_forward, input_box, margin_bounds, margin_evaluator
 from acert.bounds.layers import forward_with_stats
 from acert.models import Normalize
 from acert.radius import (
@@ -101,14 +101,19 @@ def recorded_search(model, x, y, caps, method, search, **options) -> Recorded:
         calls.append([x_rows, eps])
         return input_box(x_rows, eps)
 
-    def bounds(*args, **kwargs):
-        lb = margin_bounds_on_box(*args, **kwargs)
-        calls[-1].append(lb.min(1).values)
-        return lb
+    def evaluator(*args, **kwargs):
+        evaluate = margin_evaluator(*args, **kwargs)
+
+        def recording(box, y):
+            lb = evaluate(box, y)
+            calls[-1].append(lb.min(1).values)
+            return lb
+
+        return recording
 
     with (
         mock.patch.object(acert.radius, "input_box", box),
-        mock.patch.object(acert.radius, "margin_bounds_on_box", bounds),
+        mock.patch.object(acert.radius, "margin_evaluator", evaluator),
     ):
         result = radius_search(model, x, y, caps, method, search, **options)
     with torch.no_grad():

@@ -37,8 +37,9 @@ from acert.errors import AcertError
 from acert.methods import ACERT, Batch, Step, create_method
 from acert.models import create_model
 from acert.radius import SEARCHES, radius_search
-from acert.runs import RunDir, build_model, load
+from acert.runs import RunDir, build_model, load, read_checkpoint
 from acert.train import run as train_run
+from acert.train import training_sets
 
 __all__ = ["BenchSettings", "bench", "format_table"]
 
@@ -56,8 +57,10 @@ class BenchSettings:
         radius_samples: test inputs of the radius-search count.
         repeats: timed rounds (the median ratio over rounds is kept).
         run: a trained run for the radius and step parts; None trains a short reference run.
-            A run has no model of one epoch earlier: its warm starts begin from its own radii,
-            which flatters them (the short reference run keeps its previous epoch).
+            The step's warm start is then the radius memory the run saved (its training radii
+            of its last epoch), the batch one of its training batches; the radius count has no
+            model of one epoch earlier and warm-starts from the model's own radii, which
+            flatters it (the short reference run keeps its previous epoch for both).
         device: where to compute.
     """
 
@@ -208,15 +211,32 @@ def _bound_passes(
     return out
 
 
-def _reference_runs(
-    settings: BenchSettings, device: torch.device
-) -> tuple[nn.Sequential, nn.Sequential, TrainConfig]:
-    """A trained model and its state one epoch earlier (for warm starts), and their config."""
+@dataclass
+class _Reference:
+    """What the radius and step parts measure on.
+
+    Attributes:
+        model: the trained model (eval mode).
+        earlier: its state one epoch earlier (the model itself for a given run).
+        config: their training config.
+        saved_method: a given run's saved method state (its radius memory), else None.
+    """
+
+    model: nn.Sequential
+    earlier: nn.Sequential
+    config: TrainConfig
+    saved_method: dict | None = None
+
+
+def _reference_runs(settings: BenchSettings, device: torch.device) -> _Reference:
+    """The given run, or a short ACERT run on mnist5k and its model one epoch earlier."""
     if settings.run is not None:
         from acert.certify import run_config
 
         model = load(settings.run).to(device)
-        return model, model, resolve(run_config(settings.run))
+        saved = _saved_checkpoint(settings.run).get("method", {})
+        memory = saved if "radius_memory" in saved else None
+        return _Reference(model, model, resolve(run_config(settings.run)), memory)
     config = TrainConfig(
         model=settings.model,
         train_limit=1500,
@@ -238,13 +258,21 @@ def _reference_runs(
         result = train_run(config, out=folder, progress=False, log=keep_epoch)
     earlier = build_model(result.config).to(device)
     earlier.load_state_dict(snapshots[-2])
-    return result.model.to(device).eval(), earlier.eval(), result.config
+    return _Reference(result.model.to(device).eval(), earlier.eval(), result.config)
 
 
-def _radius_counts(
-    model, earlier, config: TrainConfig, settings: BenchSettings, device
-) -> dict[str, float]:
-    test = stratified_subset(load_imageset("mnist5k", "test"), settings.radius_samples, seed=0)
+def _saved_checkpoint(path: str) -> dict:
+    """The checkpoint :func:`acert.load` takes the model of a run folder or file from."""
+    run = RunDir(path)
+    if not run.path.is_dir():
+        return read_checkpoint(run.path)
+    return run.load_checkpoint("best" if run.has_checkpoint("best") else "last")
+
+
+def _radius_counts(reference: _Reference, settings: BenchSettings, device) -> dict[str, float]:
+    model, earlier, config = reference.model, reference.earlier, reference.config
+    test = load_imageset(config.dataset, "test", config.data_dir)
+    test = stratified_subset(test, min(settings.radius_samples, len(test)), seed=0)
     x, y = test.floats().to(device), test.labels.to(device)
     with torch.no_grad():
         correct = model(x).argmax(1) == y
@@ -261,19 +289,17 @@ def _radius_counts(
 
 
 def _step_times(
-    model: nn.Sequential,
-    earlier: nn.Sequential,
-    config: TrainConfig,
-    settings: BenchSettings,
-    device: torch.device,
+    reference: _Reference, settings: BenchSettings, device: torch.device
 ) -> dict[str, float]:
-    """Standard, IBP and ACERT steps (loss + backward) on one batch.
+    """Standard, IBP and ACERT steps (loss + backward) on one training batch.
 
     The warm-started ACERT step starts every round from the radii the model of one epoch
-    earlier gave this batch, as in training (repeating the step on an unchanged model would
-    otherwise hand the search its own answer); the cold step has no radius memory.
+    earlier gave this batch, or from a given run's saved radius memory, as in training
+    (repeating the step on an unchanged model would otherwise hand the search its own
+    answer); the cold step has no radius memory.
     """
-    train = load_imageset("mnist5k", "train")
+    model, config = reference.model, reference.config
+    train = training_sets(config)[0]
     idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[
         : settings.step_batch
     ]
@@ -287,7 +313,9 @@ def _step_times(
     methods["acert_cold"] = create_method(
         dataclasses.replace(config, method="acert", radius_warm_start=False)
     )
-    primed = _primed_radius_memory(methods["acert"], earlier, batch, step)
+    primed = reference.saved_method or _primed_radius_memory(
+        methods["acert"], reference.earlier, batch, step
+    )
     trained = model.train()
     steps: dict[str, Callable[[], Any]] = {}
     for name, method in methods.items():
@@ -358,13 +386,14 @@ def bench(settings: BenchSettings, log: Callable[[str], None] = print) -> dict[s
     settings.check()
     device = torch.device(settings.device)
     log(f"reference model ({settings.run or 'a short ACERT run on mnist5k'}) ...")
-    model, earlier, config = _reference_runs(settings, device)
+    reference = _reference_runs(settings, device)
+    model, config = reference.model, reference.config
     log("bound passes ...")
     raw = _bound_passes(settings, model, config, device)
     log("radius search ...")
-    raw.update(_radius_counts(model, earlier, config, settings, device))
+    raw.update(_radius_counts(reference, settings, device))
     log("training steps ...")
-    raw.update(_step_times(model, earlier, config, settings, device))
+    raw.update(_step_times(reference, settings, device))
     log("training throughput ...")
     throughput = _throughput(model, config, settings, device)
     results = {

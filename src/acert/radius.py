@@ -23,7 +23,7 @@ from acert.bounds import (
     check_inputs,
     clean_forward,
     input_box,
-    margin_bounds_on_box,
+    margin_evaluator,
 )
 from acert.bounds.layers import forward_with_stats, needs_batch_stats
 from acert.bounds.spec import other_classes
@@ -244,16 +244,9 @@ class _Search:
     """One radius search over a batch: the bound evaluations and the per-sample results."""
 
     def __init__(self, model, x, y, cap, method, stats, xtol, rtol, ftol, floor, sound) -> None:
-        self.model, self.x, self.y, self.cap, self.method, self.stats = (
-            model,
-            x,
-            y,
-            cap,
-            method,
-            stats,
-        )
+        self.x, self.y, self.cap = x, y, cap
+        self.margins = margin_evaluator(model, method, stats, sound)
         self.xtol, self.rtol, self.ftol, self.floor = xtol, rtol, ftol, floor
-        self.sound = sound
         self.radius = torch.zeros_like(cap)
         self.evaluations = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         self.converged = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
@@ -262,10 +255,7 @@ class _Search:
         """(R,) certified margin ``m(eps)`` of the given rows less their safety floor (a point
         counts as certified where this is > 0); counts one evaluation each."""
         self.evaluations[rows] += 1
-        box = input_box(self.x[rows], eps)
-        bounds = margin_bounds_on_box(
-            self.model, box, self.y[rows], self.method, self.stats, self.sound
-        )
+        bounds = self.margins(input_box(self.x[rows], eps), self.y[rows])
         return bounds.min(1).values - self.floor[rows]
 
     def tol(self, lo: Tensor) -> Tensor:

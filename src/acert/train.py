@@ -54,7 +54,7 @@ from acert.methods import Batch, Step, TrainingMethod, create_method
 from acert.runs import RunDir, build_model
 from acert.schedules import EpsSchedule
 
-__all__ = ["TrainResult", "TrainingDivergedError", "fit", "run"]
+__all__ = ["TrainResult", "TrainingDivergedError", "fit", "run", "training_sets"]
 
 
 class TrainingDivergedError(AcertError):
@@ -188,7 +188,10 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _data(config: TrainConfig) -> tuple[ImageSet, ImageSet]:
+def training_sets(config: TrainConfig) -> tuple[ImageSet, ImageSet]:
+    """The training and validation sets a run of ``config`` trains and selects on (its
+    ``train_limit`` subset, its seeded split); ``Batch.idx`` and radius memories index the
+    training set's rows."""
     train = load_imageset(config.dataset, "train", config.data_dir)
     if config.train_limit is not None:
         if config.train_limit > len(train):
@@ -284,7 +287,7 @@ def _run(
     _seed_everything(config.seed)
     model = build_model(config).to(device)
     method = create_method(config)
-    train_set, val_set = _data(config)
+    train_set, val_set = training_sets(config)
     loader = _loader(config, train_set, device, world)
     run_dir = RunDir(out) if out is not None else None
     if run_dir is not None and world.is_main:

@@ -13,7 +13,14 @@ import torch
 from torch import nn
 
 from acert.attacks import pgd_attack
-from acert.bounds import clean_forward, margin_bounds
+from acert.bounds import (
+    clean_forward,
+    ibp,
+    input_box,
+    margin_bounds,
+    margin_bounds_on_box,
+    margin_evaluator,
+)
 from acert.models import Normalize
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -219,3 +226,37 @@ def test_bounds_have_gradients_for_training(tiny_net):
         margin_bounds(model, x, y, 0.05, method).sum().backward()
         assert model[1].weight.grad is not None
         assert torch.isfinite(model[1].weight.grad).all()
+
+
+@pytest.mark.parametrize("sound", [True, False])
+def test_a_prepared_evaluator_gives_the_bounds_of_fresh_passes(tiny_net, sound):
+    """A radius search prepares IBP's interval maps once and reuses them on every box: the
+    bounds are exactly those of a pass prepared for that box alone, in train-mode batch-norm
+    (the clean batch's statistics) as in eval mode."""
+    for mode in ("eval", "train"):
+        model, shape = tiny_net("cnn-bn", seed=5)
+        model.train(mode == "train")
+        x = _inputs(shape, 6, torch.Generator().manual_seed(4))
+        y = torch.tensor([0, 1, 2, 2, 1, 0])
+        with torch.no_grad():
+            stats = clean_forward(model, x, update_running_stats=False)[1]
+            evaluate = margin_evaluator(model, "ibp", stats, sound)
+            for eps in (0.0, 0.03, EPS_ROWS, 0.3):
+                box = input_box(x, eps)
+                fresh = margin_bounds_on_box(model, box, y, "ibp", stats, sound)
+                assert torch.equal(evaluate(box, y), fresh)
+                rows = torch.tensor([4, 1])
+                assert torch.equal(evaluate(box.index(rows), y[rows]), fresh[rows])
+
+
+def test_a_prepared_program_carries_gradients_to_the_parameters(tiny_net):
+    model, shape = tiny_net("cnn-bn", seed=6)
+    model.train()
+    x = _inputs(shape, 4, torch.Generator().manual_seed(5))
+    stats = clean_forward(model, x)[1]
+    program = ibp.prepare(model[:-1], stats, sound=False)
+    hidden, preactivations = program(input_box(x, 0.05))
+    assert len(preactivations) == sum(isinstance(m, nn.ReLU) for m in model)
+    (hidden.centre + hidden.radius).sum().backward()
+    conv = next(m for m in model if isinstance(m, nn.Conv2d))
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0

@@ -25,12 +25,14 @@ __all__ = [
     "METHODS",
     "BatchStats",
     "Interval",
+    "MarginEvaluator",
     "as_eps",
     "check_inputs",
     "clean_forward",
     "input_box",
     "margin_bounds",
     "margin_bounds_on_box",
+    "margin_evaluator",
     "margin_matrix",
     "other_classes",
 ]
@@ -111,9 +113,30 @@ def margin_bounds_on_box(
     Returns:
         (B, K-1) lower bounds of ``f_y - f_t``, t != y in increasing order.
     """
+    return margin_evaluator(model, method, stats, sound)(box, y)
+
+
+MarginEvaluator = Callable[[Interval, Tensor], Tensor]
+"""``evaluate(box, y)``: (B, K-1) margin lower bounds of the boxes (B, ...) for labels y (B,)."""
+
+
+def margin_evaluator(
+    model: nn.Sequential,
+    method: str = "ibp",
+    stats: BatchStats | None = None,
+    sound: bool = True,
+) -> MarginEvaluator:
+    """:func:`margin_bounds_on_box` of one network for many boxes (a radius search's): IBP's
+    interval maps are prepared once (:func:`acert.bounds.ibp.prepare`), so each evaluation
+    only propagates. Make it in the autograd mode it is used in.
+    """
     if method not in METHODS:
         raise AcertError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
-    return METHODS[method](model, box, y, stats, sound)
+    if method == "ibp":
+        program, last = ibp.prepare(model[:-1], stats, sound), model[-1]
+        return lambda box, y: ibp.last_layer_margins(last, program(box)[0], y, sound)
+    bound = METHODS[method]
+    return lambda box, y: bound(model, box, y, stats, sound)
 
 
 def margin_bounds(

@@ -261,7 +261,7 @@ def _input_shapes(
     with torch.no_grad():
         for layer in layers:
             shapes.append(tuple(h.shape[1:]))
-            h = ibp.RULES[type(layer)](layer, Interval(h, torch.zeros_like(h)), stats).centre
+            h = ibp.RULES[type(layer)](layer, stats, True)(Interval(h, torch.zeros_like(h))).centre
     return shapes
 
 
@@ -325,7 +325,7 @@ def _prepare(
         if intermediate == "crown" and not _is_affine_exact(layers[:position]):
             pre = _crown_preactivation(net, position, pre, budget, use_patches)
         net.relaxations[position] = relu_relaxation(pre)
-        h = ibp.RULES[nn.ReLU](layers[position], pre, stats)
+        h = ibp.RULES[nn.ReLU](layers[position], stats, sound)(pre)
         start = position + 1
     return net
 

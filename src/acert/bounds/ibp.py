@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ from acert.bounds.layers import (
 from acert.bounds.spec import other_classes, rounding_allowance, rounding_gamma
 from acert.models import Normalize
 
-__all__ = ["RULES", "fan_in", "last_layer_margins", "propagate"]
+__all__ = ["RULES", "BoxMap", "Program", "fan_in", "last_layer_margins", "prepare", "propagate"]
 
 
 def _apply(layer: nn.Module, t: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -51,52 +52,61 @@ def fan_in(layer: nn.Linear | nn.Conv2d) -> int:
     return layer.in_channels // layer.groups * math.prod(layer.kernel_size) + 1
 
 
+BoxMap = Callable[[Interval], Interval]
+"""The interval of a layer's output from the interval of its input."""
+
+
 def _affine_box(
     layer: nn.Module,
-    box: Interval,
     weight: Tensor,
     bias: Tensor | None,
     bias_magnitude: Tensor | None = None,
     sound: bool = True,
-) -> Interval:
+) -> BoxMap:
     """``(W c + b, |W| r)`` widened by the rounding of the layer (module docstring).
 
     Args:
         layer: the linear or convolution layer whose shape parameters apply.
-        box: its input interval.
         weight, bias: the affine map (the layer's own, or with a batch-norm folded in).
         bias_magnitude: Σ|terms| of a computed bias (a folded one), default ``|bias|``.
         sound: widen for rounding; False for the plain arithmetic of a training objective.
     """
-    gamma = rounding_gamma(fan_in(layer), box.centre.dtype) if sound else 0.0
-    centre = _apply(layer, box.centre, weight, bias)
+    gamma = rounding_gamma(fan_in(layer), weight.dtype) if sound else 0.0
     if gamma == 0:
-        return Interval(centre, _apply(layer, box.radius, weight.abs(), None))
-    magnitude = box.centre.detach().abs()
-    # r + γ|c|; without autograd into the fresh |c| tensor itself
-    out = None if torch.is_grad_enabled() else magnitude
-    spread = torch.add(box.radius, magnitude, alpha=gamma, out=out)
+        abs_weight = weight.abs()
+
+        def plain(box: Interval) -> Interval:
+            centre = _apply(layer, box.centre, weight, bias)
+            return Interval(centre, _apply(layer, box.radius, abs_weight, None))
+
+        return plain
+    wide_weight = (1 + gamma) * weight.abs()
     radius_bias = None
     if bias is not None:
         radius_bias = gamma * (bias.abs() if bias_magnitude is None else bias_magnitude).detach()
-    return Interval(centre, _apply(layer, spread, (1 + gamma) * weight.abs(), radius_bias))
+
+    def widened(box: Interval) -> Interval:
+        centre = _apply(layer, box.centre, weight, bias)
+        magnitude = box.centre.detach().abs()
+        # r + γ|c|; without autograd into the fresh |c| tensor itself
+        out = None if torch.is_grad_enabled() else magnitude
+        spread = torch.add(box.radius, magnitude, alpha=gamma, out=out)
+        return Interval(centre, _apply(layer, spread, wide_weight, radius_bias))
+
+    return widened
 
 
-def _linear(
-    layer: nn.Linear, box: Interval, stats: BatchStats | None, sound: bool = True
-) -> Interval:
-    return _affine_box(layer, box, layer.weight, layer.bias, sound=sound)
+def _linear(layer: nn.Linear, stats: BatchStats | None, sound: bool = True) -> BoxMap:
+    return _affine_box(layer, layer.weight, layer.bias, sound=sound)
 
 
-def _conv(
-    layer: nn.Conv2d, box: Interval, stats: BatchStats | None, sound: bool = True
-) -> Interval:
-    return _affine_box(layer, box, layer.weight, layer.bias, sound=sound)
+def _conv(layer: nn.Conv2d, stats: BatchStats | None, sound: bool = True) -> BoxMap:
+    return _affine_box(layer, layer.weight, layer.bias, sound=sound)
 
 
 def _with_batchnorm(
-    layer: nn.Module, norm: nn.Module, box: Interval, stats: BatchStats | None, sound: bool = True
-) -> Interval:
+    layer: nn.Module, norm: nn.Module, stats: BatchStats | None, sound: bool = True
+) -> BoxMap:
     """A linear/conv layer and the batch-norm after it as one affine map (fewer passes over h).
 
     ``BN(W h + b) = (s·W) h + (s·b + t)`` per output channel, and ``|s·W| = |s|·|W|``, so the
@@ -104,29 +114,32 @@ def _with_batchnorm(
     """
     weight, bias = fold_batchnorm(layer, norm, stats)
     magnitude = folded_bias_magnitude(layer, norm, stats)
-    return _affine_box(layer, box, weight, bias, magnitude, sound)
+    return _affine_box(layer, weight, bias, magnitude, sound)
 
 
-def _channel_affine(
-    layer: nn.Module, box: Interval, stats: BatchStats | None, sound: bool = True
-) -> Interval:
+def _channel_affine(layer: nn.Module, stats: BatchStats | None, sound: bool = True) -> BoxMap:
     """``(c·s + t, r·|s|)`` per channel, widened by the rounding of ``c·s + t`` and of the
     parameters, relative to ``(|c| + r)·|s| + Σ|terms of t|``."""
     scale, shift = channel_affine(layer, stats)
-    shape = (1, -1) + (1,) * (box.centre.dim() - 2)
-    scale, shift = scale.view(shape), shift.view(shape)
-    centre = box.centre * scale + shift
-    radius = box.radius * scale.abs()
-    gamma = rounding_gamma(2, box.centre.dtype) if sound else 0.0
-    if gamma == 0:
-        return Interval(centre, radius)
+    abs_scale = scale.abs()
+    gamma = rounding_gamma(2, scale.dtype) if sound else 0.0
     with torch.no_grad():  # a bound on rounding, not part of the objective
-        magnitude = channel_shift_magnitude(layer, stats).view(shape)
-        error = (box.centre.abs() + box.radius) * scale.abs() + magnitude
-    return Interval(centre, radius + gamma * error)
+        magnitude = channel_shift_magnitude(layer, stats) if gamma else None
+
+    def apply(box: Interval) -> Interval:
+        shape = (1, -1) + (1,) * (box.centre.dim() - 2)
+        centre = box.centre * scale.view(shape) + shift.view(shape)
+        radius = box.radius * abs_scale.view(shape)
+        if gamma == 0:
+            return Interval(centre, radius)
+        with torch.no_grad():
+            error = (box.centre.abs() + box.radius) * abs_scale.view(shape) + magnitude.view(shape)
+        return Interval(centre, radius + gamma * error)
+
+    return apply
 
 
-def _relu(layer: nn.ReLU, box: Interval, stats: BatchStats | None, sound: bool = True) -> Interval:
+def _relu_box(box: Interval) -> Interval:
     """ReLU of both ends: an active unit (l >= 0) keeps (c, r), an inactive one (u <= 0) gets
     (0, 0), an unstable one [0, u] = (u/2, u/2); with ``h = relu(u)/2`` that is
     ``(max(c, h), min(r, h))``.
@@ -148,16 +161,19 @@ def _relu(layer: nn.ReLU, box: Interval, stats: BatchStats | None, sound: bool =
     return Interval(torch.maximum(box.centre, half_upper, out=half_upper), radius)
 
 
-def _flatten(
-    layer: nn.Flatten, box: Interval, stats: BatchStats | None, sound: bool = True
-) -> Interval:
-    return Interval(layer(box.centre), layer(box.radius))
+def _relu(layer: nn.ReLU, stats: BatchStats | None, sound: bool = True) -> BoxMap:
+    return _relu_box
 
 
-Rule = Callable[[nn.Module, Interval, "BatchStats | None", bool], Interval]
-"""``rule(layer, box, stats, sound)``: the interval of the layer's output; ``sound`` widens it
-for the rounding of the layer's arithmetic (certificates), False keeps the plain interval
-(training objectives, whose value at tiny ε the widening would swamp)."""
+def _flatten(layer: nn.Flatten, stats: BatchStats | None, sound: bool = True) -> BoxMap:
+    return lambda box: Interval(layer(box.centre), layer(box.radius))
+
+
+Rule = Callable[[nn.Module, "BatchStats | None", bool], BoxMap]
+"""``rule(layer, stats, sound)``: the layer's interval map, its parameters (folded batch-norm,
+``|W|``) computed once; ``sound`` widens it for the rounding of the layer's arithmetic
+(certificates), False keeps the plain interval (training objectives, whose value at tiny ε the
+widening would swamp). A map carries gradients to the parameters when made with autograd on."""
 RULES: dict[type[nn.Module], Rule] = {
     nn.Linear: _linear,
     nn.Conv2d: _conv,
@@ -167,6 +183,59 @@ RULES: dict[type[nn.Module], Rule] = {
     nn.ReLU: _relu,
     nn.Flatten: _flatten,
 }
+
+
+@dataclass(frozen=True)
+class Program:
+    """The interval maps of a chain of layers, prepared once for many boxes (a radius search
+    evaluates the same network on many radii): batch-norm folded, ``|W|`` computed, for one
+    set of batch statistics and one ``sound`` setting.
+
+    Attributes:
+        maps: one interval map per layer (per layer and its folded batch-norm).
+        relu_inputs: the positions in ``maps`` of the ReLUs.
+    """
+
+    maps: tuple[BoxMap, ...]
+    relu_inputs: frozenset[int]
+
+    def __call__(self, box: Interval) -> tuple[Interval, list[Interval]]:
+        """The output interval of ``box`` and the input interval of every ReLU, in order."""
+        preactivations: list[Interval] = []
+        for position, box_map in enumerate(self.maps):
+            if position in self.relu_inputs:
+                preactivations.append(box)
+            box = box_map(box)
+        return box, preactivations
+
+
+def prepare(
+    layers: Iterable[nn.Module], stats: BatchStats | None = None, sound: bool = True
+) -> Program:
+    """The :class:`Program` of ``layers``; each linear/conv layer followed by a batch-norm is one
+    affine map (:func:`acert.bounds.layers.fold_batchnorm`).
+
+    Args:
+        layers: modules with a rule in ``RULES``.
+        stats: clean-batch statistics for train-mode batch-norms.
+        sound: widen every interval for rounding (see :data:`Rule`).
+    """
+    layers = list(layers)
+    maps: list[BoxMap] = []
+    relu_inputs: set[int] = set()
+    position = 0
+    while position < len(layers):
+        layer = layers[position]
+        following = layers[position + 1] if position + 1 < len(layers) else None
+        if isinstance(layer, nn.ReLU):
+            relu_inputs.add(len(maps))
+        if folds_into(layer, following):
+            maps.append(_with_batchnorm(layer, following, stats, sound))
+            position += 2
+            continue
+        maps.append(RULES[type(layer)](layer, stats, sound))
+        position += 1
+    return Program(tuple(maps), frozenset(relu_inputs))
 
 
 def propagate(
@@ -186,21 +255,7 @@ def propagate(
     Returns:
         the output interval and the input interval of every ReLU, in order.
     """
-    preactivations: list[Interval] = []
-    layers = list(layers)
-    position = 0
-    while position < len(layers):
-        layer = layers[position]
-        following = layers[position + 1] if position + 1 < len(layers) else None
-        if isinstance(layer, nn.ReLU):
-            preactivations.append(box)
-        if folds_into(layer, following):
-            box = _with_batchnorm(layer, following, box, stats, sound)
-            position += 2
-            continue
-        box = RULES[type(layer)](layer, box, stats, sound)
-        position += 1
-    return box, preactivations
+    return prepare(layers, stats, sound)(box)
 
 
 def last_layer_margins(layer: nn.Linear, box: Interval, y: Tensor, sound: bool = True) -> Tensor:

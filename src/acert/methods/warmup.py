@@ -101,7 +101,7 @@ class WarmupRegularizer:
             return box.centre.new_zeros(())
         seen = box
         if isinstance(model[0], Normalize):
-            seen = ibp_rules.RULES[Normalize](model[0], box, stats, False)
+            seen = ibp_rules.RULES[Normalize](model[0], stats, False)(box)
         return self.lambda_tight * tightness_loss(seen, preactivations, self.tau) + (
             self.lambda_relu * relu_balance_loss(preactivations, self.tau)
         )
