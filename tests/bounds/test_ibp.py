@@ -14,6 +14,7 @@ from torch import nn
 
 from acert.attacks import pgd_attack
 from acert.bounds import (
+    Interval,
     clean_forward,
     ibp,
     input_box,
@@ -21,6 +22,7 @@ from acert.bounds import (
     margin_bounds_on_box,
     margin_evaluator,
 )
+from acert.bounds.spec import folded_margin_layer, other_classes
 from acert.models import Normalize
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -260,3 +262,30 @@ def test_a_prepared_program_carries_gradients_to_the_parameters(tiny_net):
     (hidden.centre + hidden.radius).sum().backward()
     conv = next(m for m in model if isinstance(m, nn.Conv2d))
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
+def test_the_gradient_through_the_folded_last_layer_is_the_same_every_time():
+    """Training on several threads repeats itself from the seed: the per-sample rows W_y - W_t
+    are a product with the specification, whose gradient is a matrix product, not a
+    scatter-add of indexed rows (whose summation order changes from call to call)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        layer = nn.Linear(64, 10)
+        hidden = Interval(torch.rand(256, 64, generator=generator), torch.full((256, 64), 0.01))
+        y = torch.randint(0, 10, (256,), generator=generator)
+        upstream = torch.randn(256, 9, generator=generator)
+        grads = []
+        for _ in range(8):
+            layer.zero_grad()
+            (ibp.last_layer_margins(layer, hidden, y, sound=False) * upstream).sum().backward()
+            grads.append((layer.weight.grad.clone(), layer.bias.grad.clone()))
+        for weight, bias in grads[1:]:
+            assert torch.equal(weight, grads[0][0]) and torch.equal(bias, grads[0][1])
+        with torch.no_grad():
+            expected = layer.weight[y][:, None] - layer.weight[other_classes(y, 10)]
+            folded, _ = folded_margin_layer(layer, y)
+        assert torch.equal(folded, expected)  # the same single rounding of W_y - W_t
+    finally:
+        torch.set_num_threads(threads)

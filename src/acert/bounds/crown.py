@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from acert.bounds import ibp, patches
 from acert.bounds.interval import Interval
 from acert.bounds.layers import BatchStats, channel_affine, fold_batchnorm, folds_into
-from acert.bounds.spec import input_lower_bound, other_classes
+from acert.bounds.spec import folded_margin_layer, input_lower_bound
 from acert.errors import AcertError
 from acert.models import Normalize
 
@@ -364,11 +364,9 @@ def crown_margins(
     assert isinstance(last, nn.Linear)
     memory_budget = _budget[-1] if memory_budget is None else memory_budget
     net = _prepare(layers, box, stats, intermediate, memory_budget, use_patches, sound)
-    others = other_classes(y, last.out_features)
-    A = last.weight[y].unsqueeze(1) - last.weight[others]
-    bias = torch.zeros(A.shape[:2], dtype=A.dtype, device=A.device)
-    if last.bias is not None:
-        bias = last.bias[y].unsqueeze(1) - last.bias[others]
+    A, bias = folded_margin_layer(last, y)
+    if bias is None:
+        bias = torch.zeros(A.shape[:2], dtype=A.dtype, device=A.device)
     rows = torch.arange(y.shape[0], device=y.device)
     widest = max(math.prod(shape) for shape in net.input_shapes)
     chunk = max(1, memory_budget // (A.shape[1] * widest))

@@ -32,7 +32,7 @@ from acert.bounds.layers import (
     folded_bias_magnitude,
     folds_into,
 )
-from acert.bounds.spec import other_classes, rounding_allowance, rounding_gamma
+from acert.bounds.spec import folded_margin_layer, rounding_allowance, rounding_gamma
 from acert.models import Normalize
 
 __all__ = ["RULES", "BoxMap", "Program", "fan_in", "last_layer_margins", "prepare", "propagate"]
@@ -273,16 +273,14 @@ def last_layer_margins(layer: nn.Linear, box: Interval, y: Tensor, sound: bool =
     Returns:
         (B, K-1) lower bounds, classes t in increasing order with y left out.
     """
-    others = other_classes(y, layer.out_features)
-    weight = layer.weight[y].unsqueeze(1) - layer.weight[others]
+    weight, bias = folded_margin_layer(layer, y)
     centre = torch.einsum("bkd,bd->bk", weight, box.centre)
     radius = torch.einsum("bkd,bd->bk", weight.abs(), box.radius)
-    if layer.bias is not None:
-        bias = layer.bias[y].unsqueeze(1) - layer.bias[others]
+    if bias is not None:
         centre = centre + bias
     if not sound:
         return centre - radius
     magnitude = torch.einsum("bkd,bd->bk", weight.abs(), box.centre.abs()) + radius
-    if layer.bias is not None:
+    if bias is not None:
         magnitude = magnitude + bias.abs()
     return centre - radius - rounding_allowance(magnitude, fan_in(layer))
