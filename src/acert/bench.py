@@ -37,7 +37,7 @@ from acert.errors import AcertError
 from acert.methods import ACERT, Batch, Step, create_method
 from acert.models import create_model
 from acert.radius import SEARCHES, radius_search
-from acert.runs import RunDir, build_model, load, read_checkpoint
+from acert.runs import RunDir, build_model, model_from_checkpoint, run_checkpoint
 from acert.train import run as train_run
 from acert.train import training_sets
 
@@ -233,8 +233,9 @@ def _reference_runs(settings: BenchSettings, device: torch.device) -> _Reference
     if settings.run is not None:
         from acert.certify import run_config
 
-        model = load(settings.run).to(device)
-        saved = _saved_checkpoint(settings.run).get("method", {})
+        payload = run_checkpoint(settings.run)
+        model = model_from_checkpoint(payload, settings.run).to(device)
+        saved = payload.get("method", {})
         memory = saved if "radius_memory" in saved else None
         return _Reference(model, model, resolve(run_config(settings.run)), memory)
     config = TrainConfig(
@@ -259,14 +260,6 @@ def _reference_runs(settings: BenchSettings, device: torch.device) -> _Reference
     earlier = build_model(result.config).to(device)
     earlier.load_state_dict(snapshots[-2])
     return _Reference(result.model.to(device).eval(), earlier.eval(), result.config)
-
-
-def _saved_checkpoint(path: str) -> dict:
-    """The checkpoint :func:`acert.load` takes the model of a run folder or file from."""
-    run = RunDir(path)
-    if not run.path.is_dir():
-        return read_checkpoint(run.path)
-    return run.load_checkpoint("best" if run.has_checkpoint("best") else "last")
 
 
 def _radius_counts(reference: _Reference, settings: BenchSettings, device) -> dict[str, float]:

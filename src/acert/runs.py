@@ -44,7 +44,9 @@ __all__ = [
     "check_writable_file",
     "load",
     "make_folder",
+    "model_from_checkpoint",
     "read_checkpoint",
+    "run_checkpoint",
 ]
 
 CHECKPOINT_FORMAT = "acert-checkpoint-v1"
@@ -241,20 +243,18 @@ class RunDir:
         atomic_write(self.radii_path, lambda stream: torch.save(radii.cpu(), stream))
 
 
-def load(path: str | Path, which: str = "best") -> nn.Sequential:
-    """The trained model of a run folder (``best``/``last``) or of a checkpoint file, in eval mode.
-
-    Args:
-        path: a run folder or a ``.pt`` checkpoint written by ``acert train``.
-        which: in a run folder, ``"best"`` (falls back to ``"last"``) or ``"last"``.
-    """
+def run_checkpoint(path: str | Path, which: str = "best") -> dict[str, Any]:
+    """The checkpoint of a run folder (``best``, falling back to ``last``; or ``last``) or a
+    checkpoint file itself: the one :func:`load` takes the model from."""
     path = Path(path)
-    if path.is_dir():
-        run = RunDir(path)
-        name = which if run.has_checkpoint(which) else "last"
-        payload = run.load_checkpoint(name)
-    else:
-        payload = read_checkpoint(path)
+    if not path.is_dir():
+        return read_checkpoint(path)
+    run = RunDir(path)
+    return run.load_checkpoint(which if run.has_checkpoint(which) else "last")
+
+
+def model_from_checkpoint(payload: dict[str, Any], path: str | Path) -> nn.Sequential:
+    """The model of a checkpoint's payload, in eval mode (``path`` names it in errors)."""
     try:
         config = config_from_dict(payload["config"])
         model = build_model(config)
@@ -265,3 +265,13 @@ def load(path: str | Path, which: str = "best") -> nn.Sequential:
             "it was written by another version or edited"
         ) from err
     return model.eval()
+
+
+def load(path: str | Path, which: str = "best") -> nn.Sequential:
+    """The trained model of a run folder (``best``/``last``) or of a checkpoint file, in eval mode.
+
+    Args:
+        path: a run folder or a ``.pt`` checkpoint written by ``acert train``.
+        which: in a run folder, ``"best"`` (falls back to ``"last"``) or ``"last"``.
+    """
+    return model_from_checkpoint(run_checkpoint(path, which), path)
