@@ -38,26 +38,27 @@ __all__ = [
 ]
 
 
-def _ibp(
-    model: nn.Sequential, box: Interval, y: Tensor, stats: BatchStats | None, sound: bool
-) -> Tensor:
-    hidden, _ = ibp.propagate(model[:-1], box, stats, sound)
-    return ibp.last_layer_margins(model[-1], hidden, y, sound)
+MarginEvaluator = Callable[[Interval, Tensor], Tensor]
+"""``evaluate(box, y)``: (B, K-1) margin lower bounds of the boxes (B, ...) for labels y (B,)."""
 
 
-def _crown_ibp(
-    model: nn.Sequential, box: Interval, y: Tensor, stats: BatchStats | None, sound: bool
-) -> Tensor:
-    return crown.crown_margins(model, box, y, stats, intermediate="ibp", sound=sound)
+def _ibp(model: nn.Sequential, stats: BatchStats | None, sound: bool) -> MarginEvaluator:
+    program, last = ibp.prepare(model[:-1], stats, sound), model[-1]
+    return lambda box, y: ibp.last_layer_margins(last, program(box)[0], y, sound)
 
 
-def _crown(
-    model: nn.Sequential, box: Interval, y: Tensor, stats: BatchStats | None, sound: bool
-) -> Tensor:
-    return crown.crown_margins(model, box, y, stats, intermediate="crown", sound=sound)
+def _crown_ibp(model: nn.Sequential, stats: BatchStats | None, sound: bool) -> MarginEvaluator:
+    return lambda box, y: crown.crown_margins(model, box, y, stats, intermediate="ibp", sound=sound)
 
 
-Method = Callable[[nn.Sequential, Interval, Tensor, "BatchStats | None", bool], Tensor]
+def _crown(model: nn.Sequential, stats: BatchStats | None, sound: bool) -> MarginEvaluator:
+    return lambda box, y: crown.crown_margins(
+        model, box, y, stats, intermediate="crown", sound=sound
+    )
+
+
+Method = Callable[[nn.Sequential, "BatchStats | None", bool], MarginEvaluator]
+"""``method(model, stats, sound)``: the method's evaluator for that network and statistics."""
 METHODS: dict[str, Method] = {
     "ibp": _ibp,
     "crown-ibp": _crown_ibp,
@@ -116,10 +117,6 @@ def margin_bounds_on_box(
     return margin_evaluator(model, method, stats, sound)(box, y)
 
 
-MarginEvaluator = Callable[[Interval, Tensor], Tensor]
-"""``evaluate(box, y)``: (B, K-1) margin lower bounds of the boxes (B, ...) for labels y (B,)."""
-
-
 def margin_evaluator(
     model: nn.Sequential,
     method: str = "ibp",
@@ -132,11 +129,7 @@ def margin_evaluator(
     """
     if method not in METHODS:
         raise AcertError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "ibp":
-        program, last = ibp.prepare(model[:-1], stats, sound), model[-1]
-        return lambda box, y: ibp.last_layer_margins(last, program(box)[0], y, sound)
-    bound = METHODS[method]
-    return lambda box, y: bound(model, box, y, stats, sound)
+    return METHODS[method](model, stats, sound)
 
 
 def margin_bounds(
