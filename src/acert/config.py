@@ -27,6 +27,7 @@ __all__ = [
     "TrainConfig",
     "available_device",
     "changed_keys",
+    "check_resolved",
     "config_from_dict",
     "load_yaml",
     "parse_device",
@@ -273,6 +274,37 @@ def resolve(config: TrainConfig) -> TrainConfig:
     resolved = dataclasses.replace(config, **filled)
     validate(resolved)
     return resolved
+
+
+_RESOLVED_KEYS = tuple(
+    dict.fromkeys(
+        [
+            *_GENERIC,
+            *(key for preset in PRESETS.values() for key in preset),
+            "val_size",
+            "eps_max",
+            "eps_train",
+            "cert_eps",
+        ]
+    )
+)
+"""The keys :func:`resolve` fills: never null in a resolved config."""
+
+
+def check_resolved(config: TrainConfig, source: str) -> TrainConfig:
+    """``config`` if it is a resolved config (what a run folder stores), else a ConfigError
+    naming ``source``: a key :func:`resolve` fills is missing, or a value is out of range."""
+    missing = [key for key in _RESOLVED_KEYS if getattr(config, key) is None]
+    if missing:
+        raise ConfigError(
+            f"{source} lacks {', '.join(missing)}: it is not the resolved config `acert train` "
+            "writes; restore it from another copy of the run or train anew"
+        )
+    try:
+        validate(config)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from err
+    return config
 
 
 def validate(config: TrainConfig) -> None:

@@ -12,6 +12,8 @@ interpolated root that could lie past it.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +22,7 @@ from torch import Tensor, nn
 from acert.bounds import (
     BatchStats,
     as_eps,
+    check_eps,
     check_inputs,
     clean_forward,
     input_box,
@@ -37,6 +40,7 @@ __all__ = [
     "Brent",
     "RadiusResult",
     "certified_radius",
+    "check_cap",
     "clean_margins",
     "radius_search",
 ]
@@ -186,31 +190,33 @@ def radius_search(
 
     Args:
         model: a supported ``nn.Sequential`` (see :func:`acert.bounds.margin_bounds`).
-        x: (B, ...) inputs in [0, 1].
-        y: (B,) labels.
-        eps_max: cap of the search, a number or (B,) per-sample caps, pixel units.
+        x: (B, ...) inputs in [0, 1], a torch tensor (see :func:`acert.bounds.check_inputs`).
+        y: (B,) int64 labels.
+        eps_max: cap of the search, pixel units: a number in (0, 1], or (B,) per-sample caps
+            in [0, 1] (a cap of 0 gives that sample radius 0). Pixels lie in [0, 1], so a
+            larger cap means nothing and is refused, as are NaN and inf.
         method: bound method, ``"ibp"``, ``"crown-ibp"`` or ``"crown"``.
         search: ``"brent"`` or ``"bisection"``.
-        xtol, rtol: a sample stops once ``hi - lo <= xtol + rtol * lo``; xtol defaults to
-            1e-4 times the largest cap.
-        ftol: a sample also stops at a certified point whose margin bound is <= ftol.
-        max_iter: evaluations after the one at the cap.
+        xtol, rtol: a sample stops once ``hi - lo <= xtol + rtol * lo``; xtol (> 0) defaults
+            to 1e-4 times the largest cap, rtol must be >= 0; both finite.
+        ftol: a sample also stops at a certified point whose margin bound is <= ftol (>= 0).
+        max_iter: evaluations after the one at the cap (>= 0).
         stats: clean-batch statistics for train-mode batch-norms (computed when needed).
-        logits: the clean logits, when the caller already has them.
+        logits: (B, K) the clean logits, when the caller already has them.
         guess: (B,) a radius expected to be close (e.g. the sample's radius one epoch ago);
             where it lies in (0, cap) the search starts with a bracket around it, two
             evaluations at the guess and ``guess·(1 ± spread)``, instead of one at the cap.
             Every bracket end is evaluated, so a wrong guess costs time, never soundness.
-        spread: relative distance of the second probe of a warm start.
+        spread: relative distance of the second probe of a warm start, in (0, 1).
         sound: bounds widened for floating-point rounding; False (a training objective's
             radii, not certificates) uses the plain arithmetic, about 20% cheaper.
 
     Returns:
         :class:`RadiusResult`; every radius is a point at which the bound certifies the sample.
     """
-    check_inputs(model, x, y)
-    if search not in SEARCHES:
-        raise AcertError(f"unknown radius search {search!r}; choose one of {', '.join(SEARCHES)}")
+    _check_search_arguments(
+        model, x, y, eps_max, search, xtol, rtol, ftol, max_iter, logits, guess, spread
+    )
     cap = as_eps(eps_max, x.shape[0], x)
     with torch.no_grad():
         logits, stats = _clean_pass(model, x, stats, logits)
@@ -219,6 +225,94 @@ def radius_search(
         state = _Search(model, x, y, cap, method, stats, xtol, rtol, ftol, floor, sound)
         f0 = clean_margins(logits, y) - floor
         return state.run(f0, guess, spread, SEARCHES[search](), max_iter)
+
+
+def _check_search_arguments(
+    model: nn.Sequential,
+    x: Tensor,
+    y: Tensor,
+    eps_max: object,
+    search: object,
+    xtol: object,
+    rtol: object,
+    ftol: object,
+    max_iter: object,
+    logits: object,
+    guess: object,
+    spread: object,
+) -> None:
+    """Every argument of :func:`radius_search`, checked before any work: a one-line
+    :class:`AcertError` naming the argument and the fix."""
+    check_inputs(model, x, y)
+    if search not in SEARCHES:
+        raise AcertError(f"unknown radius search {search!r}; choose one of {', '.join(SEARCHES)}")
+    check_cap(eps_max, x.shape[0])
+    for name, value, positive in (
+        ("xtol", xtol, True),
+        ("rtol", rtol, False),
+        ("ftol", ftol, False),
+    ):
+        if name == "xtol" and value is None:  # the default, from the cap
+            continue
+        valid = _is_number(value) and math.isfinite(value)
+        if not (valid and (value > 0 if positive else value >= 0)):
+            least = "> 0" if positive else ">= 0"
+            raise AcertError(f"{name} must be a finite number {least}, got {value!r}")
+    if not isinstance(max_iter, numbers.Integral) or isinstance(max_iter, bool) or max_iter < 0:
+        raise AcertError(f"max_iter must be a whole number >= 0, got {max_iter!r}")
+    if not _is_number(spread) or not 0 < spread < 1:
+        raise AcertError(
+            f"spread must lie in (0, 1), the relative distance of a warm start's second "
+            f"probe from the guess, got {spread!r}"
+        )
+    batch, classes = x.shape[0], model[-1].out_features
+    if logits is not None and (
+        not isinstance(logits, Tensor) or tuple(logits.shape) != (batch, classes)
+    ):
+        raise AcertError(
+            f"logits must be the ({batch}, {classes}) clean logits of x, got {_shape(logits)}; "
+            "pass model(x) or leave logits out"
+        )
+    if guess is not None and (
+        not isinstance(guess, Tensor) or tuple(guess.shape) != (batch,) or guess.is_complex()
+    ):
+        raise AcertError(
+            f"guess must be a ({batch},) tensor of radii, one per sample, got {_shape(guess)}"
+        )
+
+
+def check_cap(eps_max: object, batch: int | None, name: str = "eps_max") -> None:
+    """One-line :class:`AcertError` unless ``eps_max`` is a cap of a radius search: a number in
+    (0, 1], or (with a ``batch``) (B,) per-sample caps in [0, 1]. Pixels lie in [0, 1]: a larger
+    cap means nothing, and one of inf or NaN would give every radius 0."""
+    check_eps(eps_max, name)
+    if isinstance(eps_max, Tensor) and eps_max.dim() > 0:
+        if batch is None or tuple(eps_max.shape) != (batch,):
+            shape = "" if batch is None else f" or a ({batch},) tensor of per-sample caps"
+            raise AcertError(f"{name} must be a number{shape}, got shape {tuple(eps_max.shape)}")
+        caps = eps_max.double()
+        bad = ~(torch.isfinite(caps) & (caps >= 0) & (caps <= 1))
+        if bad.any():
+            raise AcertError(
+                f"per-sample {name} must lie in [0, 1] pixel units (pixels lie in [0, 1]), "
+                f"got {caps[bad][0].item():g} for sample {bad.nonzero()[0, 0].item()}"
+            )
+        return
+    value = float(eps_max)
+    if not 0 < value <= 1:  # False for NaN
+        raise AcertError(
+            f"{name} must lie in (0, 1] pixel units (pixels lie in [0, 1]), got {value:g}"
+        )
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _shape(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"shape {tuple(value.shape)}"
+    return type(value).__name__
 
 
 def _clean_pass(

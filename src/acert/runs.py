@@ -31,7 +31,7 @@ import torch
 import yaml
 from torch import nn
 
-from acert.config import TrainConfig, config_from_dict
+from acert.config import TrainConfig, check_resolved, config_from_dict
 from acert.data import dataset_info
 from acert.errors import AcertError, CheckpointError
 from acert.models import create_model
@@ -198,7 +198,7 @@ class RunDir:
             ) from err
         if not isinstance(values, dict):
             raise CheckpointError(f"{self.config_path} does not hold a mapping of config keys")
-        return config_from_dict(values)
+        return check_resolved(config_from_dict(values), str(self.config_path))
 
     def remove_temporaries(self) -> list[Path]:
         """Delete the temporary files that writes killed midway (SIGKILL, power loss) left in
@@ -246,6 +246,13 @@ class RunDir:
 def run_checkpoint(path: str | Path, which: str = "best") -> dict[str, Any]:
     """The checkpoint of a run folder (``best``, falling back to ``last``; or ``last``) or a
     checkpoint file itself: the one :func:`load` takes the model from."""
+    if not isinstance(path, str | os.PathLike):
+        raise CheckpointError(
+            f"a run is named by its path (str or pathlib.Path), got {type(path).__name__} "
+            f"{path!r:.40}; pass a run folder or a .pt checkpoint written by `acert train`"
+        )
+    if which not in ("best", "last"):
+        raise CheckpointError(f"unknown checkpoint {which!r}; choose best or last")
     path = Path(path)
     if not path.is_dir():
         return read_checkpoint(path)

@@ -10,6 +10,7 @@ t != y over the ℓ∞ ball of radius eps (pixel units, per sample) clipped to [
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -27,6 +28,8 @@ __all__ = [
     "Interval",
     "MarginEvaluator",
     "as_eps",
+    "check_batch",
+    "check_eps",
     "check_inputs",
     "clean_forward",
     "input_box",
@@ -67,29 +70,123 @@ METHODS: dict[str, Method] = {
 
 
 def check_inputs(model: nn.Module, x: Tensor, y: Tensor) -> None:
-    """Raise a one-line :class:`AcertError` unless x, y fit a supported model."""
+    """Raise a one-line :class:`AcertError` unless x, y fit a supported model.
+
+    The public entry points (:func:`margin_bounds`, :func:`acert.radius.radius_search`,
+    :func:`acert.evaluate.evaluate`) take torch tensors only: numpy arrays and lists are
+    refused, not converted, so that no dtype or device is chosen silently.
+    """
     check_supported(model)
-    if x.dim() < 2 or y.dim() != 1 or x.shape[0] != y.shape[0]:
+    check_batch(x, y)
+    num_classes = model[-1].out_features
+    if num_classes < 2:
         raise AcertError(
-            f"x must be (B, ...) and y (B,), got x {tuple(x.shape)} and y {tuple(y.shape)}"
+            f"the model has {num_classes} output{'s' * (num_classes != 1)}; certification "
+            "needs >= 2 classes "
+            "(a margin is the true logit minus another class's)"
         )
-    dtype = next(iter(model.buffers()), next(iter(model.parameters()), x)).dtype
-    if x.dtype != dtype:
-        raise AcertError(
-            f"inputs are {x.dtype} but the model computes in {dtype}; convert one to the other"
-        )
+    _check_dtypes(model, x)
+    _check_layer_inputs(model, x)
     if not torch.isfinite(x).all():
         raise AcertError("inputs contain NaN or inf; clean the data before computing bounds")
-    if x.numel() and (x.min() < 0 or x.max() > 1):
+    if x.min() < 0 or x.max() > 1:
         raise AcertError(
             f"inputs must be pixels in [0, 1], got values in [{x.min().item():.4g}, "
             f"{x.max().item():.4g}]; normalisation belongs in the model's Normalize layer"
         )
-    num_classes = model[-1].out_features
-    if y.numel() and (y.min() < 0 or y.max() >= num_classes):
+    if y.min() < 0 or y.max() >= num_classes:
         raise AcertError(
             f"labels must lie in [0, {num_classes}), got {y.min().item()}..{y.max().item()}"
         )
+
+
+_LABEL_DTYPES = (torch.int64, torch.int32)
+
+
+def check_batch(x: object, y: object) -> None:
+    """One-line :class:`AcertError` unless x is a (B, ...) and y a (B,) tensor of integer
+    labels with B >= 1: what every entry point needs before it looks at the model."""
+    for name, value in (("x", x), ("y", y)):
+        if not isinstance(value, Tensor):
+            raise AcertError(
+                f"{name} must be a torch.Tensor, got {_type_name(value)}; "
+                f"pass torch.as_tensor({name}) (numpy arrays and lists are not converted)"
+            )
+    if x.dim() < 2 or y.dim() != 1 or x.shape[0] != y.shape[0]:
+        raise AcertError(
+            f"x must be (B, ...) and y (B,), got x {tuple(x.shape)} and y {tuple(y.shape)}"
+        )
+    if x.shape[0] == 0:
+        raise AcertError("x and y hold no samples (an empty batch); pass at least one input")
+    if not x.is_floating_point():
+        raise AcertError(f"inputs must be floating-point pixels in [0, 1], got {x.dtype}")
+    if y.dtype not in _LABEL_DTYPES:
+        raise AcertError(
+            f"labels must be integer class indices (int64), got {y.dtype}; pass y.long()"
+        )
+
+
+def _check_dtypes(model: nn.Module, x: Tensor) -> None:
+    """The model's floating-point parameters and buffers share one dtype, that of x."""
+    dtypes: dict[torch.dtype, str] = {}
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if tensor.is_floating_point():
+            dtypes.setdefault(tensor.dtype, name)
+    if len(dtypes) > 1:
+        found = ", ".join(f"{dtype} ({name})" for dtype, name in dtypes.items())
+        raise AcertError(
+            f"the model mixes dtypes {found}; convert it to one: model.float() or model.double()"
+        )
+    dtype = next(iter(dtypes), x.dtype)
+    if x.dtype != dtype:
+        raise AcertError(
+            f"inputs are {x.dtype} but the model's parameters are {dtype}; "
+            f"convert one to the other: x.to({dtype}) or model.to({x.dtype})"
+        )
+
+
+def _check_layer_inputs(model: nn.Sequential, x: Tensor) -> None:
+    """Each layer gets a tensor of the rank its bound rule takes: Linear a (B, D) one, Conv2d
+    and BatchNorm2d a (B, C, H, W) one."""
+    dims = x.dim()
+    for position, layer in enumerate(model):
+        kind = type(layer).__name__
+        if isinstance(layer, nn.Linear) and dims != 2:
+            raise AcertError(
+                f"layer {position} ({kind}) gets a {dims}-D tensor, not (B, D); "
+                f"a Flatten is missing before layer {position}"
+            )
+        if isinstance(layer, nn.Conv2d | nn.BatchNorm2d) and dims != 4:
+            raise AcertError(
+                f"layer {position} ({kind}) gets a {dims}-D tensor, not (B, C, H, W); "
+                "pass images of shape (B, C, H, W) and flatten only after the last convolution"
+            )
+        if isinstance(layer, nn.Flatten):
+            dims = 2
+
+
+def check_eps(eps: object, name: str = "eps") -> None:
+    """One-line :class:`AcertError` unless ``eps`` is a number or a torch tensor of numbers
+    (its shape and values are checked where it is broadcast, :func:`as_eps`)."""
+    if isinstance(eps, Tensor):
+        if eps.dtype != torch.bool and not eps.is_complex():
+            return
+    elif isinstance(eps, numbers.Real) and not isinstance(eps, bool):
+        return
+    raise AcertError(
+        f"{name} must be a number or a torch tensor of radii in pixel units, "
+        f"got {_type_name(eps)} {_short(eps)}"
+    )
+
+
+def _type_name(value: object) -> str:
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def margin_bounds_on_box(
@@ -146,8 +243,9 @@ def margin_bounds(
         model: ``nn.Sequential`` of Normalize, Conv2d, Linear, BatchNorm1d/2d, ReLU, Flatten,
             ending in Linear. Batch-norm uses running statistics in eval mode and the clean
             batch's statistics in train mode (``stats``, computed from x when not given).
-        x: (B, C, H, W) or (B, D) inputs in [0, 1].
-        y: (B,) int64 labels.
+        x: (B, C, H, W) or (B, D) inputs in [0, 1], B >= 1, a torch tensor of the model's
+            dtype (numpy arrays and lists are refused, not converted: pass ``torch.as_tensor``).
+        y: (B,) int64 labels (int32 is accepted too).
         eps: radius in pixel units, a number or a (B,) tensor.
         method: ``"ibp"``, ``"crown-ibp"`` or ``"crown"``.
         stats: clean-batch statistics from :func:`clean_forward`.
@@ -156,6 +254,7 @@ def margin_bounds(
         (B, K-1) lower bounds; the sample is certified at eps when all are > 0.
     """
     check_inputs(model, x, y)
+    check_eps(eps)
     box = input_box(x, eps)
     try:
         if stats is None and needs_batch_stats(model):
