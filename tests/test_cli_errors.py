@@ -123,6 +123,41 @@ def test_certify_options_are_checked_before_the_work(run, argv, message, capsys)
     assert message in one_line_error(["certify", str(run), *argv], capsys)
 
 
+def copy_of(run, folder):
+    """The run's config and checkpoints in another folder."""
+    (folder / "checkpoints").mkdir(parents=True)
+    for name in ("config.yaml", "checkpoints/last.pt", "checkpoints/best.pt"):
+        (folder / name).write_bytes((run / name).read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("{}\n", "config.yaml lacks"),
+        ("", "config.yaml lacks"),
+        ("eps_max: 0.4\n", "config.yaml lacks"),
+    ],
+)
+def test_certify_a_run_whose_config_is_not_resolved(run, tmp_path, capsys, config, message):
+    """A config.yaml of {} crashed `acert certify` comparing its null eps_max."""
+    copy = copy_of(run, tmp_path / "copy")
+    (copy / "config.yaml").write_text(config)
+    err = one_line_error(["certify", str(copy)], capsys)
+    assert message in err and "not the resolved config" in err and "Traceback" not in err
+    assert not (copy / "certify_ibp.json").exists()
+
+
+def test_certify_a_run_whose_config_caps_above_one(run, tmp_path, capsys):
+    """The run's own eps_max, out of range, is named as the config key, not as --eps-max."""
+    copy = copy_of(run, tmp_path / "copy")
+    text = (copy / "config.yaml").read_text()
+    assert "eps_max: 0.4\n" in text
+    (copy / "config.yaml").write_text(text.replace("eps_max: 0.4\n", "eps_max: 5.0\n"))
+    err = one_line_error(["certify", str(copy)], capsys)
+    assert "config.yaml: eps_max must lie in (0, 1) pixel units, got 5.0" in err
+
+
 def test_certify_out_is_checked_before_the_work(run, tmp_path, capsys):
     assert "is a folder; --out takes a file name" in one_line_error(
         ["certify", str(run), "--out", str(tmp_path)], capsys

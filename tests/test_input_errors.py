@@ -1,0 +1,274 @@
+"""Bad input to the public Python API (issue 10, part 5): one-line AcertError naming the problem
+and the fix, raised at the entry point (acert.bounds.margin_bounds, acert.radius.radius_search,
+acert.evaluate.evaluate, acert.load), never a traceback from inside the bounds nor a silently
+wrong number."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import acert
+from acert.bounds import margin_bounds
+from acert.errors import AcertError
+from acert.evaluate import evaluate
+from acert.models import Normalize
+from acert.radius import radius_search
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+METHODS = ("ibp", "crown-ibp", "crown")
+
+
+def mlp(outputs: int = 3) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        Normalize([0.5] * 6, [0.3] * 6), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, outputs)
+    ).eval()
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(0)
+    return mlp(), torch.rand(4, 6, generator=g), torch.tensor([0, 1, 2, 0])
+
+
+def raises(call, *fragments: str) -> str:
+    """The one-line AcertError of ``call()``; every fragment is in its message."""
+    with pytest.raises(AcertError) as caught:
+        call()
+    message = str(caught.value)
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+# --- the model ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_single_logit_is_refused_by_margin_bounds(data, method):
+    _, x, _ = data
+    y = torch.zeros(4, dtype=torch.long)
+    raises(lambda: margin_bounds(mlp(1), x, y, 0.1, method), "1 output", ">= 2 classes")
+
+
+def test_a_single_logit_is_refused_by_the_radius_search_and_evaluate(data):
+    _, x, _ = data
+    y = torch.zeros(4, dtype=torch.long)
+    raises(lambda: radius_search(mlp(1), x, y, 0.1), "1 output", ">= 2 classes")
+    raises(lambda: evaluate(mlp(1), x, y, 0.1, pgd_steps=0), ">= 2 classes")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_missing_flatten_is_named(method):
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Linear(2 * 4 * 4, 3)).eval()
+    x, y = torch.rand(2, 1, 6, 6), torch.tensor([0, 1])
+    for call in (
+        lambda: margin_bounds(model, x, y, 0.1, method),
+        lambda: radius_search(model, x, y, 0.1, method),
+    ):
+        message = raises(call, "Flatten is missing before layer 2")
+        assert "does not fit the model" not in message
+
+
+def test_flat_inputs_to_a_convolution_are_named():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(32, 3)).eval()
+    raises(
+        lambda: margin_bounds(model, torch.rand(2, 36), torch.tensor([0, 1]), 0.1),
+        "layer 0 (Conv2d) gets a 2-D tensor",
+    )
+
+
+def test_a_model_of_mixed_dtypes_is_named(data):
+    _, x, y = data
+    half_double = mlp()
+    half_double[1].double()
+    message = raises(lambda: margin_bounds(half_double, x, y, 0.1), "mixes dtypes", "model.float()")
+    assert "torch.float64" in message and "torch.float32" in message
+    # all float64 but the Normalize buffers: the old check read the first buffer only
+    mostly_double = mlp().double()
+    mostly_double[0].float()
+    raises(lambda: radius_search(mostly_double, x.double(), y, 0.1), "mixes dtypes")
+
+
+def test_inputs_of_another_dtype_than_the_model_name_both_and_the_fix(data):
+    model, x, y = data
+    raises(
+        lambda: margin_bounds(model.double(), x, y, 0.1),
+        "inputs are torch.float32",
+        "parameters are torch.float64",
+        "x.to(torch.float64)",
+    )
+
+
+# --- x and y ------------------------------------------------------------------------------
+
+
+def test_an_empty_batch_is_refused(data):
+    model, x, y = data
+    for method in METHODS:
+        raises(lambda m=method: margin_bounds(model, x[:0], y[:0], 0.1, m), "empty batch")
+    raises(lambda: radius_search(model, x[:0], y[:0], 0.1), "empty batch")
+    raises(lambda: evaluate(model, x[:0], y[:0], 0.1, pgd_steps=0), "empty batch")
+
+
+@pytest.mark.parametrize("kind", ["numpy", "list"])
+def test_numpy_arrays_and_lists_are_refused_with_the_fix(data, kind):
+    model, x, y = data
+    convert = (lambda t: t.numpy()) if kind == "numpy" else (lambda t: t.tolist())
+    expected = "numpy.ndarray" if kind == "numpy" else "list"
+    for call, name in (
+        (lambda: margin_bounds(model, convert(x), y, 0.1), "x"),
+        (lambda: margin_bounds(model, x, convert(y), 0.1), "y"),
+        (lambda: radius_search(model, convert(x), y, 0.1), "x"),
+        (lambda: radius_search(model, x, convert(y), 0.1), "y"),
+        (lambda: evaluate(model, convert(x), convert(y), 0.1, pgd_steps=0), "x"),
+    ):
+        raises(call, f"{name} must be a torch.Tensor, got {expected}", f"torch.as_tensor({name})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bool])
+def test_labels_must_be_integer_class_indices(data, dtype):
+    model, x, y = data
+    for call in (
+        lambda: radius_search(model, x, y.to(dtype), 0.1),
+        lambda: margin_bounds(model, x, y.to(dtype), 0.1),
+        lambda: evaluate(model, x, y.to(dtype), 0.1, pgd_steps=0),
+    ):
+        message = raises(call, "labels must be integer class indices (int64)", "y.long()")
+        assert "does not fit the model" not in message
+    # int32 indices work as int64 do
+    torch.testing.assert_close(
+        radius_search(model, x, y.int(), 0.1).radius, radius_search(model, x, y, 0.1).radius
+    )
+
+
+# --- ε and the radius search's arguments ----------------------------------------------------
+
+
+def test_eps_given_as_a_string_is_refused(data):
+    model, x, y = data
+    raises(lambda: margin_bounds(model, x, y, "0.1"), "eps must be a number", "'0.1'")
+    raises(lambda: radius_search(model, x, y, "0.1"), "eps_max must be a number")
+    raises(lambda: evaluate(model, x, y, "0.1", pgd_steps=0), "eps_max must be a number")
+    raises(lambda: evaluate(model, x, y, 0.1, ["0.05"], pgd_steps=0), "cert_eps must be a number")
+
+
+@pytest.mark.parametrize("eps_max", [math.inf, 5.0, 1.5, 0.0, -0.1, math.nan])
+def test_a_cap_outside_the_pixel_range_is_refused(data, eps_max):
+    """inf gave every radius 0, 5 the same radii as 1; pixels lie in [0, 1]."""
+    model, x, y = data
+    raises(lambda: radius_search(model, x, y, eps_max), "eps_max must lie in (0, 1]")
+    raises(lambda: evaluate(model, x, y, eps_max, pgd_steps=0), "eps_max must lie in (0, 1]")
+
+
+def test_per_sample_caps_outside_the_pixel_range_are_refused(data):
+    model, x, y = data
+    caps = torch.tensor([0.1, 0.0, 2.0, 0.1])
+    raises(lambda: radius_search(model, x, y, caps), "per-sample eps_max must lie in [0, 1]", "2")
+    caps[2] = math.inf
+    raises(lambda: radius_search(model, x, y, caps), "per-sample eps_max must lie in [0, 1]")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("xtol", math.nan, "xtol must be a finite number > 0"),
+        ("xtol", math.inf, "xtol must be a finite number > 0"),
+        ("xtol", 0.0, "xtol must be a finite number > 0"),
+        ("xtol", -1e-4, "xtol must be a finite number > 0"),
+        ("rtol", math.nan, "rtol must be a finite number >= 0"),
+        ("rtol", math.inf, "rtol must be a finite number >= 0"),
+        ("rtol", -0.1, "rtol must be a finite number >= 0"),
+        ("ftol", math.nan, "ftol must be a finite number >= 0"),
+        ("ftol", math.inf, "ftol must be a finite number >= 0"),
+        ("max_iter", -1, "max_iter must be a whole number >= 0"),
+        ("max_iter", 2.5, "max_iter must be a whole number >= 0"),
+    ],
+)
+def test_tolerances_that_would_give_radius_zero_are_refused(data, option, value, message):
+    model, x, y = data
+    raises(lambda: radius_search(model, x, y, 0.1, **{option: value}), message)
+
+
+@pytest.mark.parametrize("spread", [-0.5, math.nan, 0.0, 1.0, 3.0])
+def test_a_warm_start_spread_outside_0_1_is_named(data, spread):
+    model, x, y = data
+    guess = torch.full((4,), 0.05)
+    message = raises(
+        lambda: radius_search(model, x, y, 0.1, guess=guess, spread=spread),
+        "spread must lie in (0, 1)",
+    )
+    assert "eps must be" not in message
+
+
+@pytest.mark.parametrize("shape", [(3,), (4, 1), (5,)])
+def test_a_guess_of_the_wrong_shape_is_named(data, shape):
+    model, x, y = data
+    raises(
+        lambda: radius_search(model, x, y, 0.1, guess=torch.full(shape, 0.05)),
+        "guess must be a (4,) tensor",
+        f"got shape {shape}",
+    )
+
+
+@pytest.mark.parametrize("shape", [(4, 2), (4,), (3, 3), (4, 3, 1)])
+def test_logits_of_the_wrong_shape_are_named(data, shape):
+    model, x, y = data
+    raises(
+        lambda: radius_search(model, x, y, 0.1, logits=torch.zeros(shape)),
+        "logits must be the (4, 3) clean logits of x",
+        f"got shape {shape}",
+    )
+
+
+def test_evaluate_checks_its_chunk_size(data):
+    model, x, y = data
+    raises(lambda: evaluate(model, x, y, 0.1, batch_size=0, pgd_steps=0), "batch_size must be")
+
+
+# --- runs -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [123, None, 1.5, ["run"]])
+def test_load_names_a_run_by_its_path(path):
+    raises(lambda: acert.load(path), "a run is named by its path", "pass a run folder")
+
+
+def test_load_refuses_an_unknown_checkpoint_name(tmp_path):
+    raises(lambda: acert.load(tmp_path, "worst"), "unknown checkpoint 'worst'")
+
+
+def test_a_run_config_that_is_not_resolved_is_refused(tmp_path):
+    from acert.runs import RunDir
+
+    run = RunDir(tmp_path)
+    run.config_path.write_text("{}\n")
+    raises(run.load_config, "config.yaml lacks", "eps_max", "cert_eps", "not the resolved config")
+
+
+def test_a_run_config_with_a_cap_above_one_is_refused(tmp_path):
+    import yaml
+
+    from acert.config import TrainConfig, resolve
+    from acert.runs import RunDir
+
+    run = RunDir(tmp_path)
+    stored = {**resolve(TrainConfig(epochs=1)).to_dict(), "eps_max": 5.0}
+    run.config_path.write_text(yaml.safe_dump(stored))
+    raises(run.load_config, "config.yaml: eps_max must lie in (0, 1)")
+
+
+def test_numpy_scalars_are_numbers(data):
+    """np.float64 is a number, not an array: accepted as eps and as a cap."""
+    model, x, y = data
+    margin_bounds(model, x, y, np.float64(0.1))
+    radius_search(model, x, y, np.float32(0.1))
+    with pytest.raises(AcertError, match="eps must be a number"):
+        margin_bounds(model, x, y, np.array([0.1] * 4))
