@@ -214,6 +214,24 @@ def test_onnx_file_is_valid_and_matches_torch(exported, test_split):
     assert result.predictions == expected.argmax(1).tolist()
 
 
+def test_onnx_starts_with_the_first_conv_or_gemm_and_matches_torch_to_1e_5(exported, test_split):
+    import onnx
+    import onnxruntime as ort
+
+    run, result = exported
+    proto = onnx.load(result.onnx_path)
+    ops = [node.op_type for node in proto.graph.node]
+    compute = [op for op in ops if op not in ("Flatten", "Reshape")]
+    assert compute[0] in ("Conv", "Gemm") and not {"Sub", "Div"} & set(ops)  # Normalize folded
+    session = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"])
+    x = test_split.floats(torch.tensor(result.indices))
+    points = torch.cat([x, (x - EPS).clamp(0, 1), (x + EPS).clamp(0, 1)])
+    with torch.no_grad():
+        expected = load(run)(points).numpy()
+    scale = max(1.0, float(np.abs(expected).max()))
+    assert np.abs(onnx_logits(session, points) - expected).max() < 1e-5 * scale
+
+
 @needs_onnx
 def test_equal_untrained_parameters_are_not_aliased_by_identity_nodes(tmp_path):
     import onnx
@@ -249,6 +267,26 @@ def test_instances_csv_points_to_the_written_files(exported):
     assert rows[0][:2] == ["onnx/model.onnx", f"vnnlib/prop_{result.indices[0]}.vnnlib"]
 
 
+def test_abcrown_config_runs_the_written_benchmark(exported):
+    from string import Template
+
+    import yaml
+
+    _, result = exported
+    assert result.abcrown_path == result.instances_path.parent / "abcrown.yaml"
+    config = yaml.safe_load(result.abcrown_path.read_text())
+    general = config["general"]
+    assert general["conv_mode"] == "patches" and general["device"] in ("cpu", "cuda")
+    assert config["solver"]["crown"]["compare_crown_with_ibp"] is True
+    assert float(config["bab"]["timeout"]) == acert.export.DEFAULT_TIMEOUT
+    # αβ-CROWN substitutes ${CONFIG_PATH} in root_path with the config file's folder
+    root = Path(Template(general["root_path"]).substitute(CONFIG_PATH=result.abcrown_path.parent))
+    assert (root / general["csv_name"]).resolve() == result.instances_path.resolve()
+    rows = list(csv.reader((root / general["csv_name"]).read_text().splitlines()))
+    assert all((root / r[0]).is_file() and (root / r[1]).is_file() for r in rows)
+    assert {float(r[2]) for r in rows} == {float(config["bab"]["timeout"])}
+
+
 @needs_onnx
 def test_only_correct_draws_correctly_classified_inputs(mlp_run, tmp_path):
     result = export_run(
@@ -256,6 +294,7 @@ def test_only_correct_draws_correctly_classified_inputs(mlp_run, tmp_path):
     )
     assert result.predictions == result.labels and len(result.indices) == 10
     assert (tmp_path / "instances.csv").read_text().splitlines()[0].endswith(",30")
+    assert "\n  timeout: 30  #" in (tmp_path / "abcrown.yaml").read_text()
 
 
 # ---------------------------------------------------------------------------------- errors

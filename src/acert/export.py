@@ -3,16 +3,20 @@
 
 :func:`export_run` writes three kinds of files:
 
-- ``onnx_path``: the eval-mode network *including* its :class:`~acert.models.Normalize` layer, so
-  the ONNX input is in pixel space [0, 1]. One input named ``input`` of shape (1, C, H, W)
-  (VNN-COMP benchmarks use batch 1), float32, one output ``output`` of shape (1, K), opset 13.
-  Written with torch's TorchScript exporter (``dynamo=False``): the newer torch.export-based
-  exporter needs the ``onnxscript`` package, which ``acert[export]`` does not install, while the
-  TorchScript one needs nothing beyond torch and gives a plain Sub/Div/Conv/Gemm/
-  BatchNormalization/Relu/Flatten graph (Conv + BatchNorm folded) that verifiers' ONNX readers
-  accept. Before it is written, the file is checked with ``onnx.checker`` and run with
-  onnxruntime on a few exported inputs and the corners of their boxes; a maximum absolute
-  difference to the torch model of 1e-4 or more is an error.
+- ``onnx_path``: the eval-mode network with its :class:`~acert.models.Normalize` layer folded
+  into the first Conv or Linear layer (:mod:`acert.export_fold`), so the ONNX input is in pixel
+  space [0, 1] and the graph starts with a Conv or Gemm (after a Flatten for an MLP): a leading
+  Sub/Div pair crashes some verifiers (docs/VERIFIERS.md). One input named ``input`` of shape
+  (1, C, H, W) (VNN-COMP benchmarks use batch 1), float32, one output ``output`` of shape (1, K),
+  opset 13. Written with torch's TorchScript exporter (``dynamo=False``): the newer
+  torch.export-based exporter needs the ``onnxscript`` package, which ``acert[export]`` does not
+  install, while the TorchScript one needs nothing beyond torch and gives a plain Conv/Gemm/
+  BatchNormalization/Relu/Flatten graph (Conv + BatchNorm merged) that verifiers' ONNX readers
+  accept; a conv that zero-pads a normalised input also gets an ``Add`` of a constant border map
+  after it. Before anything is written, the file is checked with ``onnx.checker`` and run with
+  onnxruntime on the centres, the lower and upper corners and a random corner of the first
+  :data:`CHECKED_INPUTS` property boxes; it is an error if it differs from the torch model by
+  :data:`ONNX_TOLERANCE` times the largest logit magnitude (at least 1) or more.
 - ``vnnlib_dir/prop_<i>.vnnlib``, one per selected input, ``i`` its row in the split: VNNLIB
   (SMT-LIB) with ``X_k`` for every pixel in the C-order of the (1, C, H, W) input and ``Y_j`` for
   every logit; the box ``max(x - eps, 0) <= X_k <= min(x + eps, 1)`` (METHOD.md, "Threat model");
@@ -22,6 +26,8 @@
   the float64 value, so the boxes are exact; all of them lie in [0, 1], so none is negative.
 - ``instances.csv`` in the parent folder of ``vnnlib_dir`` (the VNN-COMP benchmark root): rows
   ``onnx_path,vnnlib_path,timeout`` without a header, paths relative to that folder.
+- ``abcrown.yaml`` beside ``instances.csv``: an αβ-CROWN configuration that runs the benchmark
+  as written (:mod:`acert.export_abcrown`, docs/VERIFIERS.md).
 
 The inputs are a stratified, seeded subset of the split: the rows
 :func:`acert.data.stratified_subset` picks for the same ``n`` and ``seed`` (also for ``n`` below
@@ -36,11 +42,9 @@ this export does not select are left alone; ``instances.csv`` lists only the new
 
 from __future__ import annotations
 
-import io
 import math
 import numbers
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,9 +57,12 @@ from torch import Tensor, nn
 from acert.certify import load_run_inputs, run_config
 from acert.data import ImageSet, dataset_info, stratified_indices
 from acert.errors import AcertError
+from acert.export_abcrown import ABCROWN_NAME, abcrown_config
+from acert.export_onnx import ONNX_OPSET, check_points, onnx_bytes, verify_onnx
 from acert.runs import atomic_write, load
 
 __all__ = [
+    "ABCROWN_NAME",
     "DEFAULT_TIMEOUT",
     "INSTANCES_NAME",
     "ONNX_OPSET",
@@ -68,14 +75,12 @@ __all__ = [
 
 DEFAULT_TIMEOUT = 120.0
 """Seconds per instance written to instances.csv unless ``timeout`` is given."""
-ONNX_OPSET = 13
-ONNX_TOLERANCE = 1e-4
-"""Largest allowed absolute difference between onnxruntime and torch logits."""
+ONNX_TOLERANCE = 1e-5
+"""Largest allowed |onnxruntime - torch| logit difference, relative to the largest torch logit
+magnitude (at least 1)."""
 INSTANCES_NAME = "instances.csv"
-INPUT_NAME = "input"
-OUTPUT_NAME = "output"
-CHECKED_INPUTS = 4
-"""Exported inputs whose point and box corners are run through onnxruntime (12 runs)."""
+CHECKED_INPUTS = 32
+"""Exported inputs whose box centre and corners are run through onnxruntime (4 runs each)."""
 PREDICT_BATCH = 256
 _INSTALL_HINT = "pip install 'acert[export]'"
 
@@ -88,15 +93,17 @@ class ExportResult:
         onnx_path: the ONNX network.
         vnnlib_paths: one property file per input, in the order of ``indices``.
         instances_path: the VNN-COMP instances CSV.
+        abcrown_path: the αβ-CROWN configuration beside it.
         indices: row of each input in the split (ascending).
         labels: true class of each input.
         predictions: class the model predicts for each input.
-        max_abs_diff: largest |onnxruntime - torch| over the checked inputs.
+        max_abs_diff: largest |onnxruntime - torch| over the checked boxes' centres and corners.
     """
 
     onnx_path: Path
     vnnlib_paths: list[Path]
     instances_path: Path
+    abcrown_path: Path
     indices: list[int]
     labels: list[int]
     predictions: list[int]
@@ -107,7 +114,7 @@ class ExportResult:
         correct = sum(p == y for p, y in zip(self.predictions, self.labels, strict=True))
         return (
             f"wrote {self.onnx_path}, {len(self.vnnlib_paths)} properties "
-            f"({correct} correctly classified) and {self.instances_path}; "
+            f"({correct} correctly classified), {self.instances_path} and {self.abcrown_path}; "
             f"onnxruntime matches torch to {self.max_abs_diff:.1e}"
         )
 
@@ -172,12 +179,14 @@ def export_run(
             f"--n {n} exceeds the {len(data)} inputs of the {name} {split} split; lower --n"
         )
     chosen = _select(model, data, n, seed, only_correct)
-    onnx_bytes = _export_onnx(model, chosen.pixels(slice(0, 1)), onnx, name)
-    checked = chosen.pixels(slice(0, CHECKED_INPUTS))
-    max_diff = _verify_onnx(onnx_bytes, model, checked, eps, ort)
+    network = onnx_bytes(model, chosen.pixels(slice(0, 1)), onnx, name)
+    points = check_points(chosen.pixels(slice(0, CHECKED_INPUTS)), eps, seed)
+    max_diff = verify_onnx(network, model, points, ort, ONNX_TOLERANCE)
     vnnlib_paths = [vnnlib_dir / f"prop_{i}.vnnlib" for i in chosen.indices.tolist()]
     instances_path = vnnlib_dir.resolve().parent / INSTANCES_NAME
+    abcrown_path = instances_path.parent / ABCROWN_NAME
     source = f"acert export of {Path(run).resolve().name}: {name} {split} split"
+    abcrown = abcrown_config(INSTANCES_NAME, timeout, f"{source}, eps {eps!r}")
     properties = [
         _property_bytes(chosen, row, dataset_info(name).num_classes, eps, source)
         for row in range(len(vnnlib_paths))
@@ -186,14 +195,16 @@ def export_run(
     _write_all(
         [
             *zip(vnnlib_paths, properties, strict=True),
-            (onnx_path, lambda: onnx_bytes),
+            (onnx_path, lambda: network),
             (instances_path, rows.encode),
+            (abcrown_path, abcrown.encode),
         ]
     )
     return ExportResult(
         onnx_path,
         vnnlib_paths,
         instances_path,
+        abcrown_path,
         chosen.indices.tolist(),
         chosen.labels.tolist(),
         chosen.predictions.tolist(),
@@ -261,99 +272,6 @@ def _select(model: nn.Module, data: ImageSet, n: int, seed: int, only_correct: b
     indices = pool[stratified_indices(data.labels[pool], n, seed)]
     predictions = _predict(model, data, indices)
     return _Selection(data, indices, data.labels[indices], predictions)
-
-
-# ---------------------------------------------------------------------------------- ONNX
-def _export_onnx(model: nn.Module, example: Tensor, onnx: ModuleType, dataset: str) -> bytes:
-    """The model as a checked ONNX file in memory, input ``example``'s shape (1, C, H, W)."""
-    buffer = io.BytesIO()
-    try:
-        with warnings.catch_warnings():
-            # the TorchScript exporter announces its deprecation on every call
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(
-                model,
-                (example,),
-                buffer,
-                dynamo=False,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                opset_version=ONNX_OPSET,
-                do_constant_folding=True,
-            )
-    except Exception as err:  # the exporter raises many types
-        raise AcertError(
-            f"torch could not export the model to ONNX ({_first_line(err)}); "
-            "report this with the model name"
-        ) from err
-    proto = onnx.load_model_from_string(buffer.getvalue())
-    _inline_identity_initializers(proto)
-    _add_metadata(proto, dataset, tuple(example.shape))
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as err:
-        raise AcertError(
-            f"the exported ONNX model fails onnx.checker ({_first_line(err)}); "
-            "report this with the model name"
-        ) from err
-    return proto.SerializeToString()
-
-
-def _first_line(err: BaseException) -> str:
-    """The first line of an exception's message (its type if it has none), cut to 120 chars."""
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
-
-
-def _inline_identity_initializers(proto: object) -> None:
-    """Replace ``Identity`` nodes that alias an initializer by a copy of it.
-
-    The TorchScript exporter stores equal parameters (e.g. fresh batch-norm weights) once and
-    aliases the others with Identity nodes; some verifiers' ONNX readers have no Identity rule.
-    """
-    graph = proto.graph
-    initializers = {tensor.name: tensor for tensor in graph.initializer}
-    aliases = [
-        node for node in graph.node if node.op_type == "Identity" and node.input[0] in initializers
-    ]
-    for node in aliases:
-        copy = graph.initializer.add()
-        copy.CopyFrom(initializers[node.input[0]])
-        copy.name = node.output[0]
-        graph.node.remove(node)
-
-
-def _add_metadata(proto: object, dataset: str, shape: tuple[int, ...]) -> None:
-    """Say in the file what the input is."""
-    proto.producer_name = "acert"
-    entries = {
-        "acert.dataset": dataset,
-        "acert.input": f"pixels in [0, 1], shape {shape}; normalisation is inside the model",
-    }
-    for key, value in entries.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-
-
-def _verify_onnx(
-    onnx_bytes: bytes, model: nn.Module, x: Tensor, eps: float, ort: ModuleType
-) -> float:
-    """Largest |onnxruntime - torch| on ``x`` and its box corners; error if >= ONNX_TOLERANCE."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
-    points = torch.cat([x, (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)])
-    with torch.no_grad():
-        expected = model(points).numpy()
-    got = np.concatenate(
-        [session.run([OUTPUT_NAME], {INPUT_NAME: p[None].numpy()})[0] for p in points]
-    )
-    diff = float(np.abs(got - expected).max())
-    if not diff < ONNX_TOLERANCE:
-        raise AcertError(
-            f"the ONNX model differs from the torch model by {diff:.3g} (limit {ONNX_TOLERANCE}) "
-            "on the exported inputs; nothing was written, report this with the model name"
-        )
-    return diff
 
 
 # -------------------------------------------------------------------------------- VNNLIB

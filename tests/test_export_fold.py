@@ -1,0 +1,221 @@
+"""``acert.export_fold`` and the folded ONNX export: Normalize folded exactly into the first
+Conv/Linear, the conv border handled, the graph starting with Conv or Gemm (docs/VERIFIERS.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import acert.export_onnx
+from acert.config import TrainConfig, resolve
+from acert.data import load_imageset
+from acert.errors import AcertError
+from acert.export import export_run
+from acert.export_fold import AddConstant, fold_normalize
+from acert.models import Normalize
+from acert.runs import RunDir, build_model, load
+from conftest_data_helpers import write_cifar
+
+HAS_EXPORT_EXTRA = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
+needs_onnx = pytest.mark.skipif(
+    not HAS_EXPORT_EXTRA, reason="needs onnx and onnxruntime: pip install 'acert[export]'"
+)
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+FASHION_MEAN, FASHION_STD = (0.2860,), (0.3530,)
+SHAPE_ONLY = {"Flatten", "Reshape"}
+
+
+def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial running statistics and affine parameters, eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=generator))
+                m.running_var.copy_(0.2 + 2 * torch.rand(c, generator=generator))
+                m.weight.copy_(0.5 + torch.rand(c, generator=generator))
+                m.bias.copy_(torch.randn(c, generator=generator))
+    return model.eval()
+
+
+def cifar_like_cnn(padding: int = 1, mean: tuple[float, ...] = CIFAR_MEAN) -> nn.Sequential:
+    """3x8x8 input, CIFAR-10's normalisation, a padded conv + BN first, then conv, linear."""
+    torch.manual_seed(0)
+    layers = [
+        Normalize(mean, CIFAR_STD),
+        nn.Conv2d(3, 4, 3, padding=padding),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.LazyLinear(5),
+    ]
+    model = nn.Sequential(*layers)
+    model(torch.rand(1, 3, 8, 8))  # materialise the lazy linear
+    return randomise_batchnorm(model)
+
+
+def fashion_like_mlp() -> nn.Sequential:
+    """1x6x6 input, Fashion-MNIST's normalisation, Flatten + Linear first."""
+    torch.manual_seed(0)
+    layers = [Normalize(FASHION_MEAN, FASHION_STD), nn.Flatten(), nn.Linear(36, 16)]
+    layers += [nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5)]
+    return randomise_batchnorm(nn.Sequential(*layers))
+
+
+def boxes(shape: tuple[int, ...], eps: float = 0.1, count: int = 6) -> torch.Tensor:
+    """Centres and corners of ``count`` random ε-boxes (the points the export checks)."""
+    x = torch.rand(count, *shape, generator=torch.Generator().manual_seed(1))
+    return acert.export_onnx.check_points(x, eps, seed=2)
+
+
+def relative_gap(got: torch.Tensor | np.ndarray, expected: torch.Tensor) -> float:
+    got = torch.as_tensor(got, dtype=torch.float64)
+    scale = max(1.0, float(expected.abs().max()))
+    return float((got - expected.double()).abs().max()) / scale
+
+
+# ------------------------------------------------------------------------------ the fold
+@pytest.mark.parametrize(
+    ("build", "shape"), [(cifar_like_cnn, (3, 8, 8)), (fashion_like_mlp, (1, 6, 6))]
+)
+def test_the_fold_is_exact_and_drops_normalize(build, shape):
+    model = build()
+    x = boxes(shape)
+    folded = fold_normalize(model, x[:1])
+    assert not any(isinstance(m, Normalize) for m in folded)
+    assert isinstance(model[0], Normalize)  # the original is left alone
+    with torch.no_grad():
+        assert relative_gap(folded(x), model(x)) < 1e-6
+
+
+def test_a_padded_conv_gets_the_border_map_after_its_batch_norm():
+    model = cifar_like_cnn()
+    x = boxes((3, 8, 8))
+    folded = fold_normalize(model, x[:1])
+    assert [type(m).__name__ for m in folded[:4]] == [
+        "Conv2d",
+        "BatchNorm2d",
+        "AddConstant",
+        "ReLU",
+    ]
+    border = folded[2].value
+    assert border.shape == (1, 4, 8, 8)
+    assert border[..., 1:-1, 1:-1].abs().max() < 1e-6  # inside: the bias already holds the shift
+    assert border[..., 0, :].abs().min() > 1e-3 and border[..., :, -1].abs().min() > 1e-3
+    naive = nn.Sequential(*[m for m in folded if not isinstance(m, AddConstant)])
+    with torch.no_grad():
+        assert relative_gap(naive(x), model(x)) > 1e-3  # folding without it is not exact
+
+
+@pytest.mark.parametrize("case", ["padding 0", "mean 0"])
+def test_no_border_map_where_the_plain_fold_is_exact(case):
+    model = cifar_like_cnn(padding=0) if case == "padding 0" else cifar_like_cnn(mean=(0, 0, 0))
+    x = boxes((3, 8, 8))
+    folded = fold_normalize(model, x[:1])
+    assert not any(isinstance(m, AddConstant) for m in folded)
+    with torch.no_grad():
+        assert relative_gap(folded(x), model(x)) < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("second", "message"),
+    [
+        (nn.ReLU(), "cannot fold the input normalisation into ReLU"),
+        (nn.Conv2d(2, 2, 3, padding=1, groups=2), "grouped Conv2d (groups=2)"),
+    ],
+)
+def test_an_unfoldable_first_layer_is_a_one_line_error(second, message):
+    model = nn.Sequential(Normalize((0.5, 0.4), (0.2, 0.3)), second, nn.Flatten()).eval()
+    with pytest.raises(AcertError, match=re.escape(message)) as err:
+        fold_normalize(model, torch.rand(1, 2, 4, 4))
+    assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------ the ONNX
+def first_compute_node(proto) -> str:
+    return next(n.op_type for n in proto.graph.node if n.op_type not in SHAPE_ONLY)
+
+
+@needs_onnx
+@pytest.mark.parametrize(
+    ("build", "shape", "first"),
+    [(cifar_like_cnn, (3, 8, 8), "Conv"), (fashion_like_mlp, (1, 6, 6), "Gemm")],
+)
+def test_the_onnx_starts_with_conv_or_gemm_and_matches_torch(build, shape, first):
+    import onnx
+    import onnxruntime as ort
+
+    model = build()
+    x = boxes(shape)
+    data = acert.export_onnx.onnx_bytes(model, x[:1], onnx, "test")
+    proto = onnx.load_model_from_string(data)
+    ops = [node.op_type for node in proto.graph.node]
+    assert first_compute_node(proto) == first and not {"Sub", "Div"} & set(ops)
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    got = np.concatenate([session.run(["output"], {"input": p[None].numpy()})[0] for p in x])
+    with torch.no_grad():
+        assert relative_gap(got, model(x)) < 1e-5
+    assert acert.export_onnx.verify_onnx(data, model, x, ort, 1e-5) < 1e-5
+
+
+# ------------------------------------------------------------------- a CIFAR-10 export
+@pytest.fixture(scope="module")
+def cifar_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(run folder, data folder) of an untrained cnn7-tiny CIFAR-10 run with random BN stats."""
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar(root / "cifar-10-batches-py", per_batch=4)
+    torch.manual_seed(0)
+    config = resolve(TrainConfig(dataset="cifar10", model="cnn7-tiny", epochs=1, init="default"))
+    model = randomise_batchnorm(build_model(config))
+    run = RunDir(root / "run").create()
+    run.save_config(config)
+    run.save_checkpoint("last", {"config": config.to_dict(), "model": model.state_dict()})
+    return run.path, root
+
+
+@needs_onnx
+def test_a_cifar10_export_starts_with_conv_and_matches_torch_on_the_boxes(cifar_run, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    run, data_dir = cifar_run
+    eps = 8 / 255
+    result = export_run(
+        run, tmp_path / "onnx" / "net.onnx", tmp_path / "vnnlib", eps, 4, data_dir=str(data_dir)
+    )
+    proto = onnx.load(result.onnx_path)
+    ops = [node.op_type for node in proto.graph.node]
+    assert ops[:3] == ["Conv", "Add", "Relu"] and not {"Sub", "Div"} & set(ops)
+    model = load(run)
+    images = load_imageset("cifar10", "test", str(data_dir)).floats(torch.tensor(result.indices))
+    points = acert.export_onnx.check_points(images, eps, seed=6)
+    session = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"])
+    got = np.concatenate([session.run(["output"], {"input": p[None].numpy()})[0] for p in points])
+    with torch.no_grad():
+        assert relative_gap(got, model(points)) < 1e-5
+        assert result.max_abs_diff < 1e-5 * max(1.0, float(model(points).abs().max()))
+
+
+@needs_onnx
+def test_an_inexact_fold_is_caught_and_nothing_is_written(cifar_run, tmp_path, monkeypatch):
+    run, data_dir = cifar_run
+
+    def without_border_map(model, example):
+        folded = fold_normalize(model, example)
+        return nn.Sequential(*[m for m in folded if not isinstance(m, AddConstant)])
+
+    monkeypatch.setattr(acert.export_onnx, "fold_normalize", without_border_map)
+    out = tmp_path / "bench"
+    with pytest.raises(AcertError, match="differs from the torch model") as err:
+        export_run(run, out / "net.onnx", out / "vnnlib", 0.03, 4, data_dir=str(data_dir))
+    assert "\n" not in str(err.value) and not out.exists()
