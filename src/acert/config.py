@@ -63,6 +63,11 @@ class TrainConfig:
     pgd_restarts: int = 1
     sabr_lambda: float = 0.4
     mtl_alpha: float = 0.5
+    cc_alpha: float = 0.5
+    exp_alpha: float = 0.5
+    taps_head: int = 4
+    taps_grad_scale: float = 4.0
+    taps_connector: float = 0.5
     # optimisation
     epochs: int | None = None
     batch_size: int | None = None
@@ -339,6 +344,11 @@ def validate(config: TrainConfig) -> None:
         ),
         (0 <= config.sabr_lambda <= 1, f"sabr_lambda must lie in [0, 1], got {config.sabr_lambda}"),
         (0 <= config.mtl_alpha <= 1, f"mtl_alpha must lie in [0, 1], got {config.mtl_alpha}"),
+        (0 <= config.cc_alpha <= 1, f"cc_alpha must lie in [0, 1], got {config.cc_alpha}"),
+        (0 <= config.exp_alpha <= 1, f"exp_alpha must lie in [0, 1], got {config.exp_alpha}"),
+        (config.taps_head >= 1, f"taps_head must be >= 1, got {config.taps_head}"),
+        (config.taps_grad_scale > 0, f"taps_grad_scale must be > 0, got {config.taps_grad_scale}"),
+        (0 < config.taps_connector <= 1, f"taps_connector in (0, 1], got {config.taps_connector}"),
         (config.grad_clip > 0, f"grad_clip must be > 0, got {config.grad_clip}"),
         (config.radius_max_iter >= 1, "radius_max_iter must be >= 1"),
         (config.l1 >= 0, f"l1 must be >= 0, got {config.l1}"),

@@ -12,10 +12,14 @@ from acert.bounds import clean_forward, input_box
 from acert.config import TrainConfig
 from acert.errors import ConfigError
 from acert.methods import (
+    CCIBP,
     CROWNIBP,
+    EXPIBP,
     IBP,
     MTLIBP,
     SABR,
+    STAPS,
+    TAPS,
     Batch,
     PGDTraining,
     Step,
@@ -29,7 +33,7 @@ from acert.methods import crown_ibp as crown_ibp_module
 from acert.methods.base import certified_objective, ibp_pass
 from acert.models import Normalize
 
-BASELINES = ("pgd", "ibp", "crown-ibp", "sabr", "mtl-ibp")
+BASELINES = ("pgd", "ibp", "crown-ibp", "sabr", "mtl-ibp", "cc-ibp", "exp-ibp", "taps", "staps")
 
 
 @pytest.fixture(autouse=True)
@@ -70,6 +74,11 @@ def config(method: str, **overrides) -> TrainConfig:
         "kappa": 0.3,
         "sabr_lambda": 0.25,
         "mtl_alpha": 0.7,
+        "cc_alpha": 0.6,
+        "exp_alpha": 0.4,
+        "taps_head": 3,  # batch-norm, ReLU, linear: split between a linear layer and its BN
+        "taps_grad_scale": 3.0,
+        "taps_connector": 0.4,
         "lambda_tight": 0.2,
         "lambda_relu": 0.1,
         "pgd_steps": 3,
@@ -180,6 +189,19 @@ def test_create_method_passes_the_config_knobs():
     )
     assert isinstance(mtl, MTLIBP) and (mtl.alpha, mtl.attack) == (0.7, attack)
     assert isinstance(pgd, PGDTraining) and pgd.attack == attack
+    cc, exp, taps, staps = (
+        create_method(config(n)) for n in ("cc-ibp", "exp-ibp", "taps", "staps")
+    )
+    assert isinstance(cc, CCIBP) and (cc.alpha, cc.attack, cc.regularizer) == (
+        0.6,
+        attack,
+        regularizer,
+    )
+    assert isinstance(exp, EXPIBP) and (exp.alpha, exp.attack) == (0.4, attack)
+    for method in (taps, staps):
+        assert isinstance(method, TAPS) and (method.head, method.grad_scale) == (3, 3.0)
+        assert (method.connector, method.attack, method.regularizer) == (0.4, attack, regularizer)
+    assert isinstance(staps, STAPS) and staps.lam == 0.25
 
 
 def test_unknown_method_is_a_one_line_config_error():

@@ -12,21 +12,29 @@ from typing import Any
 from acert.errors import ConfigError
 from acert.methods.acert import ACERT, RadiusMemory
 from acert.methods.base import Batch, LossTerms, Step, TrainingAttack, TrainingMethod
+from acert.methods.cc_ibp import CCIBP
 from acert.methods.crown_ibp import CROWNIBP
+from acert.methods.exp_ibp import EXPIBP
 from acert.methods.ibp import IBP
 from acert.methods.mtl_ibp import MTLIBP
 from acert.methods.pgd import PGDTraining
 from acert.methods.sabr import SABR, sabr_box
 from acert.methods.standard import Standard
+from acert.methods.staps import STAPS
+from acert.methods.taps import TAPS
 from acert.methods.warmup import WarmupRegularizer
 
 __all__ = [
     "ACERT",
+    "CCIBP",
     "CROWNIBP",
+    "EXPIBP",
     "IBP",
     "METHODS",
     "MTLIBP",
     "SABR",
+    "STAPS",
+    "TAPS",
     "Batch",
     "LossTerms",
     "PGDTraining",
@@ -53,6 +61,17 @@ def _attack(config: Any) -> TrainingAttack:
     return TrainingAttack(config.pgd_steps, config.pgd_step_size, config.pgd_restarts)
 
 
+def _taps_knobs(config: Any) -> dict[str, Any]:
+    """The settings TAPS and STAPS share."""
+    return {
+        "head": config.taps_head,
+        "grad_scale": config.taps_grad_scale,
+        "connector": config.taps_connector,
+        "attack": _attack(config),
+        "regularizer": _regularizer(config),
+    }
+
+
 METHODS: dict[str, Callable[[Any], TrainingMethod]] = {
     "standard": lambda c: Standard(),
     "acert": lambda c: ACERT(
@@ -67,6 +86,10 @@ METHODS: dict[str, Callable[[Any], TrainingMethod]] = {
     "sabr": lambda c: SABR(lam=c.sabr_lambda, attack=_attack(c), regularizer=_regularizer(c)),
     "mtl-ibp": lambda c: MTLIBP(alpha=c.mtl_alpha, attack=_attack(c), regularizer=_regularizer(c)),
     "pgd": lambda c: PGDTraining(attack=_attack(c)),
+    "cc-ibp": lambda c: CCIBP(alpha=c.cc_alpha, attack=_attack(c), regularizer=_regularizer(c)),
+    "exp-ibp": lambda c: EXPIBP(alpha=c.exp_alpha, attack=_attack(c), regularizer=_regularizer(c)),
+    "taps": lambda c: TAPS(**_taps_knobs(c)),
+    "staps": lambda c: STAPS(lam=c.sabr_lambda, **_taps_knobs(c)),
 }
 
 

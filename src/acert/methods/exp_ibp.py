@@ -1,0 +1,113 @@
+"""EXP-IBP (De Palma et al. 2024, "Expressive losses for verified robustness via convex
+combinations", ICLR; METHOD.md (M19)).
+
+The convex combination is taken between the logarithms of the two losses:
+
+    L_EXP(α) = L_adv^(1-α) · L_IBP^α = exp((1-α)·log L_adv + α·log L_IBP),
+
+with ``L_adv = CE(f(x_adv), y)`` at a PGD point of the ε-ball and ``L_IBP`` the robust CE of the
+IBP margins over the ball. α = 1 is the IBP robust loss, α = 0 PGD training. Computed in log
+space; a loss that underflows to 0 is floored at the smallest normal float, so its logarithm,
+and the gradient ``L_EXP·[(1-α)·∇L_adv/L_adv + α·∇L_IBP/L_IBP]``, stay finite.
+
+Both losses are means over the whole global batch (:func:`global_mean`): the product of two
+batch means is not a mean of per-sample terms, so on several processes each takes the same
+loss as one process on the whole batch, and the averaged gradients are its gradients.
+
+The PGD point, the batch-norm statistics and the warm-up regularisers are those of
+:mod:`acert.methods.mtl_ibp`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from acert.bounds import clean_forward, input_box
+from acert.bounds.layers import forward_with_stats
+from acert.distributed import global_sum
+from acert.methods.base import (
+    Batch,
+    LossTerms,
+    Stateless,
+    Step,
+    TrainingAttack,
+    clean_terms,
+    ibp_pass,
+    standard_phase_terms,
+    with_warmup,
+)
+from acert.methods.warmup import WarmupRegularizer
+
+__all__ = ["EXPIBP", "global_mean", "log_product", "robust_cross_entropies"]
+
+
+def global_mean(values: Tensor) -> Tensor:
+    """The mean of (B,) per-sample values over the global batch (all processes), differentiable."""
+    totals = global_sum(torch.stack([values.sum(), values.new_tensor(float(values.numel()))]))
+    return totals[0] / totals[1].detach()
+
+
+def robust_cross_entropies(margin_lower: Tensor) -> Tensor:
+    """(B,) ``log(1 + Σ_t exp(-lb_t))`` per sample: :func:`acert.methods.base.robust_cross_entropy`
+    before its mean.
+
+    Args:
+        margin_lower: (B, K-1) lower bounds (or estimates) of ``f_y - f_t``.
+    """
+    return torch.logsumexp(F.pad(-margin_lower, (1, 0)), dim=1)
+
+
+def log_product(first: Tensor, second: Tensor, weight: float) -> Tensor:
+    """``first^(1-weight) · second^weight`` for positive scalars, computed in log space.
+
+    Args:
+        first: scalar, e.g. L_adv.
+        second: scalar, e.g. L_IBP.
+        weight: the exponent of ``second`` in [0, 1].
+    """
+    tiny = torch.finfo(first.dtype).tiny
+    logs = (1 - weight) * first.clamp_min(tiny).log() + weight * second.clamp_min(tiny).log()
+    return logs.exp()
+
+
+@dataclass
+class EXPIBP(Stateless):
+    """``L_adv^(1-α) · L_IBP^α`` plus warm-up regularisers; L_std and the warm-up regularisers
+    while ε_s = 0.
+
+    Attributes:
+        alpha: α, the exponent of the IBP loss (``exp_alpha``); the attack is skipped at α = 1.
+        attack: the PGD settings.
+        regularizer: the warm-up regularisers (Shi et al. 2021).
+    """
+
+    alpha: float = 0.5
+    attack: TrainingAttack = field(default_factory=TrainingAttack)
+    regularizer: WarmupRegularizer = field(default_factory=WarmupRegularizer)
+    name: str = "exp-ibp"
+
+    def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
+        logits, stats = clean_forward(model, batch.x)
+        if step.eps == 0:
+            return standard_phase_terms(model, batch, logits, stats, step, self.regularizer)
+        terms = clean_terms(logits, batch.y)
+        bounds = ibp_pass(model, input_box(batch.x, step.eps), batch.y, stats)
+        loss = loss_ibp = global_mean(robust_cross_entropies(bounds.margins))
+        terms.metrics.update(loss_ibp=loss_ibp.item(), certified=bounds.certified)
+        if self.alpha < 1:
+            x_adv = self.attack(model, batch.x, batch.y, step.eps)
+            adv_logits = forward_with_stats(model, x_adv, stats)
+            loss_adv = global_mean(F.cross_entropy(adv_logits, batch.y, reduction="none"))
+            loss = log_product(loss_adv, loss_ibp, self.alpha)
+            terms.metrics.update(
+                loss_adv=loss_adv.item(),
+                adv_acc=(adv_logits.argmax(1) == batch.y).float().mean().item(),
+            )
+        terms.metrics["loss_rob"] = loss.item()
+        return with_warmup(
+            LossTerms(loss, logits, terms.metrics), self.regularizer, model, bounds, stats, step
+        )
