@@ -158,3 +158,73 @@ def test_a_flatten_of_some_dims_is_refused():
     )
     with pytest.raises(UnsupportedModelError, match=r"only nn\.Flatten"):
         margin_bounds(model, torch.rand(3, 2, 3, 3), torch.tensor([0, 1, 0]), 0.1)
+
+
+# Red-team case 1: the exact margin of this net is -8.5e-5·x (class 1 everywhere), while its
+# float32 logits are ~1e4·x with rounding errors ~1e-3·x: the float32 prediction flips back and
+# forth over [0, 1]. The backward coefficients cancel to 1e-4 while the terms that form them, and
+# the model's own sums, are 1e8 times larger.
+CANCELLING_W1 = [
+    [1.2986961603164673],
+    [1.671994924545288],
+    [1.199515461921692],
+    [1.9421131610870361],
+    [1.365110158920288],
+    [1.1054953336715698],
+    [1.629108190536499],
+    [1.927154541015625],
+]
+CANCELLING_W2 = [
+    [-7819.5595703125, -5476.80419921875, -5763.8095703125, 8072.0712890625,
+     -4731.90283203125, -7610.35205078125, -7400.2861328125, 19256.55859375],
+    [2034.3936767578125, 7561.13623046875, -9346.8154296875, 9711.3359375,
+     1132.356689453125, 8772.7607421875, -9830.7548828125, -9614.8916015625],
+]  # fmt: skip
+
+
+def _cancelling_net() -> nn.Sequential:
+    model = nn.Sequential(nn.Linear(1, 8, bias=False), nn.ReLU(), nn.Linear(8, 2, bias=False))
+    return _with(model, **{"0_weight": CANCELLING_W1, "2_weight": CANCELLING_W2})
+
+
+def _flip_distance(model: nn.Sequential, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """(B,) distance from each 1-d input to the nearest grid point where the float32 model's
+    prediction differs from its prediction at the input (inf where none; 0 where the input
+    itself is predicted otherwise inside the grid's batch)."""
+    with torch.no_grad():
+        own, along = model(x).argmax(1), model(grid.view(-1, 1)).argmax(1)
+    other = along.unsqueeze(0) != own.unsqueeze(1)
+    distance = (grid.view(1, -1) - x).abs()
+    return torch.where(other, distance, torch.full_like(distance, float("inf"))).amin(1)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("batch", [1, 50])
+def test_cancelling_backward_coefficients_do_not_certify_a_flipping_model(method, batch):
+    """Red-team case 1: CROWN reported a radius of 0.39 at x = 0.5 (0.3 for a twin net only
+    inside a batch of 50); the float32 model flips within 1e-4 of x."""
+    model = _cancelling_net()
+    grid = torch.linspace(0, 1, 20001)
+    x = torch.cat([torch.tensor([[0.5]]), torch.rand(batch - 1, 1)])
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    radius = radius_search(model, x, y, 0.5, method).radius
+    assert ((radius == 0) | (radius < _flip_distance(model, x, grid))).all(), radius
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_subnormal_logits_are_not_over_certified(method):
+    """Red-team case 2: a last layer scaled by 2^-145 puts the logits in float32's subnormal
+    range, where rounding is absolute, not relative: radii used to pass the flip points."""
+    grid = torch.linspace(0, 1, 4001)
+    for seed in range(8):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+        with torch.no_grad():
+            model[2].weight.mul_(2.0**-145)
+            model[2].bias.mul_(2.0**-145)
+        x = grid[::400].view(-1, 1)
+        with torch.no_grad():
+            y = model(x).argmax(1)
+        radius = radius_search(model, x, y, 1.0, method).radius
+        assert ((radius == 0) | (radius < _flip_distance(model, x, grid))).all(), (seed, radius)

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from acert.bounds import ibp, patches
 from acert.bounds.interval import Interval
 from acert.bounds.layers import BatchStats, channel_affine, fold_batchnorm, folds_into
-from acert.bounds.spec import folded_margin_layer, input_lower_bound
+from acert.bounds.rounding import StepError, relu_step, step_errors
+from acert.bounds.spec import folded_margin_layer, input_lower_bound, margin_matrix
 from acert.errors import AcertError
 from acert.models import Normalize
 
@@ -216,8 +217,13 @@ class _Network:
     box: Interval
     stats: BatchStats | None
     relaxations: dict[int, Relaxation]
+    errors: dict[int, StepError]
+    """The rounding bound of each backward step (:mod:`acert.bounds.rounding`); empty for
+    the plain arithmetic of a training objective."""
 
-    def lower_bound(self, end: int, A: Tensor, bias: Tensor, rows: Tensor) -> Tensor:
+    def lower_bound(
+        self, end: int, A: Tensor, bias: Tensor, rows: Tensor, error: Tensor | None = None
+    ) -> Tensor:
         """Minimum over the input box of ``A · h + bias``, h the output of ``layers[:end]``.
 
         Args:
@@ -225,16 +231,20 @@ class _Network:
             A: (Q, S, *shape of h) coefficients.
             bias: (Q, S) constants.
             rows: (Q,) batch row of each query.
+            error: (Q, S) rounding already incurred in forming A and bias (the last layer's).
 
         Returns:
-            (Q, S) lower bounds, less the rounding allowance.
+            (Q, S) lower bounds, less the rounding of every step and of the input step.
         """
         position = end - 1
         bias_magnitude = bias.abs()  # Σ|each layer's contribution|: they may cancel in the sum
+        error = torch.zeros_like(bias) if error is None else error
         while position >= 0:
             layer = self.layers[position]
             before = self.layers[position - 1] if position > 0 else None
             previous = bias
+            if position in self.errors:
+                error = error + self.errors[position].rows(rows).cost(A, _dot)
             if folds_into(before, layer):
                 # batch-norm folded into the layer before it: one pass over A instead of two
                 ctx = _Context(rows, self.stats, self.input_shapes[position - 1], None)
@@ -250,7 +260,8 @@ class _Network:
                 position -= 1
             bias_magnitude = bias_magnitude + (bias - previous).abs()
         centre, radius = self.box.centre[rows], self.box.radius[rows]
-        return input_lower_bound(A, bias, bias_magnitude, centre, radius, _dot)
+        terms = centre[0].numel() if centre.numel() else 0
+        return input_lower_bound(A, bias, bias_magnitude, centre, radius, _dot, terms) - error
 
 
 def _input_shapes(
@@ -317,7 +328,8 @@ def _prepare(
     use_patches: bool,
     sound: bool = True,
 ) -> _Network:
-    net = _Network(layers, _input_shapes(layers, box, stats), box, stats, {})
+    errors = step_errors(layers, box, stats) if sound else {}
+    net = _Network(layers, _input_shapes(layers, box, stats), box, stats, {}, errors)
     h, start = box, 0
     relu_positions = [i for i, layer in enumerate(layers) if isinstance(layer, nn.ReLU)]
     for position in relu_positions:
@@ -325,6 +337,8 @@ def _prepare(
         if intermediate == "crown" and not _is_affine_exact(layers[:position]):
             pre = _crown_preactivation(net, position, pre, budget, use_patches)
         net.relaxations[position] = relu_relaxation(pre)
+        if sound:
+            net.errors[position] = relu_step(pre, net.relaxations[position].upper_intercept)
         h = ibp.RULES[nn.ReLU](layers[position], stats, sound)(pre)
         start = position + 1
     return net
@@ -368,13 +382,29 @@ def crown_margins(
     if bias is None:
         bias = torch.zeros(A.shape[:2], dtype=A.dtype, device=A.device)
     rows = torch.arange(y.shape[0], device=y.device)
+    error = _last_layer_error(net, len(layers) - 1, y)
     widest = max(math.prod(shape) for shape in net.input_shapes)
     chunk = max(1, memory_budget // (A.shape[1] * widest))
     return torch.cat(
         [
             net.lower_bound(
-                len(layers) - 1, A[s : s + chunk], bias[s : s + chunk], rows[s : s + chunk]
+                len(layers) - 1,
+                A[s : s + chunk],
+                bias[s : s + chunk],
+                rows[s : s + chunk],
+                None if error is None else error[s : s + chunk],
             )
             for s in range(0, y.shape[0], chunk)
         ]
     )
+
+
+def _last_layer_error(net: _Network, position: int, y: Tensor) -> Tensor | None:
+    """(B, K-1) the rounding of the logits ``z_y`` and ``z_t`` that the model computes and of
+    the folded rows ``W_y - W_t``: each logit's own rounding bound, added, so that the
+    cancellation of ``W_y`` against ``W_t`` cannot hide it; None for plain arithmetic."""
+    if position not in net.errors:
+        return None
+    step = net.errors[position]
+    spec = margin_matrix(y, step.elementwise.shape[1], step.elementwise.dtype).abs()
+    return torch.bmm(spec, step.elementwise.unsqueeze(-1)).squeeze(-1) + step.absolute[:, None]

@@ -8,9 +8,11 @@ Rounding: the intervals contain what the network computes in exact arithmetic an
 forward pass, not only what the bound's own float arithmetic happens to give. Each affine rule
 widens its output radius by a bound on those rounding errors, ``γ·(|W|(|c| + r) + |b|)`` with γ from
 :func:`acert.bounds.spec.rounding_gamma` for its fan-in, inside the same radius pass (the input
-radius becomes ``r + γ|c|``, the weights ``(1 + γ)|W|``, the radius bias ``γ|b|``); the channel
-affine maps add theirs elementwise, and the folded last layer subtracts
-:func:`acert.bounds.spec.rounding_allowance`. Active ReLUs pass (c, r) on exactly.
+radius becomes ``r + γ|c|``, the weights ``(1 + γ)|W|``, the radius bias ``γ|b|`` plus the
+underflow floor of :func:`acert.bounds.spec.underflow_floor`); the channel affine maps add
+theirs elementwise, and the folded last layer subtracts
+:func:`acert.bounds.spec.rounding_allowance` of the terms of both logits it compares
+(``|W_y| + |W_t|``, which cannot cancel). Active ReLUs pass (c, r) on exactly.
 """
 
 from __future__ import annotations
@@ -32,7 +34,13 @@ from acert.bounds.layers import (
     folded_bias_magnitude,
     folds_into,
 )
-from acert.bounds.spec import folded_margin_layer, rounding_allowance, rounding_gamma
+from acert.bounds.spec import (
+    folded_margin_layer,
+    margin_matrix,
+    rounding_allowance,
+    rounding_gamma,
+    underflow_floor,
+)
 from acert.models import Normalize
 
 __all__ = ["RULES", "BoxMap", "Program", "fan_in", "last_layer_margins", "prepare", "propagate"]
@@ -81,9 +89,14 @@ def _affine_box(
 
         return plain
     wide_weight = (1 + gamma) * weight.abs()
-    radius_bias = None
+    # the underflow of the layer's products, which no relative bound covers
+    radius_bias = torch.full(
+        weight.shape[:1], underflow_floor(fan_in(layer), weight.dtype), dtype=weight.dtype,
+        device=weight.device,
+    )  # fmt: skip
     if bias is not None:
-        radius_bias = gamma * (bias.abs() if bias_magnitude is None else bias_magnitude).detach()
+        magnitude = bias.abs() if bias_magnitude is None else bias_magnitude
+        radius_bias = radius_bias + gamma * magnitude.detach()
 
     def widened(box: Interval) -> Interval:
         centre = _apply(layer, box.centre, weight, bias)
@@ -134,7 +147,8 @@ def _channel_affine(layer: nn.Module, stats: BatchStats | None, sound: bool = Tr
             return Interval(centre, radius)
         with torch.no_grad():
             error = (box.centre.abs() + box.radius) * abs_scale.view(shape) + magnitude.view(shape)
-        return Interval(centre, radius + gamma * error)
+            error = gamma * error + underflow_floor(2, scale.dtype)
+        return Interval(centre, radius + error)
 
     return apply
 
@@ -280,7 +294,13 @@ def last_layer_margins(layer: nn.Linear, box: Interval, y: Tensor, sound: bool =
         centre = centre + bias
     if not sound:
         return centre - radius
-    magnitude = torch.einsum("bkd,bd->bk", weight.abs(), box.centre.abs()) + radius
-    if bias is not None:
-        magnitude = magnitude + bias.abs()
+    # the model computes z_y and z_t, each rounded relative to its own terms: |W_y| + |W_t|,
+    # not |W_y - W_t|, which may cancel
+    with torch.no_grad():
+        spec = margin_matrix(y, layer.out_features, weight.dtype).abs()
+        magnitude = torch.einsum(
+            "bkd,bd->bk", spec @ layer.weight.abs(), box.centre.abs() + box.radius
+        )
+        if bias is not None:
+            magnitude = magnitude + spec @ layer.bias.abs()
     return centre - radius - rounding_allowance(magnitude, fan_in(layer))

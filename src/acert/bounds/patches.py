@@ -28,6 +28,7 @@ BatchNorm2d and ReLU; the neurons after a Flatten or Linear stay on the dense pa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -80,11 +81,14 @@ class _Tables:
         relu: ReLU position -> its lower slope, upper minus lower slope, upper intercept.
         box: centre and radius of the input box.
         shapes: position (ReLU, or -1 for the input) -> (B, H, W) of its table.
+        errors: position -> the elementwise rounding bound of the backward step there
+            (:mod:`acert.bounds.rounding`) and the (B, H, W) of its table.
     """
 
     relu: dict[int, tuple[Tensor, ...]]
     box: tuple[Tensor, ...]
     shapes: dict[int, tuple[int, int, int]]
+    errors: dict[int, tuple[Tensor, tuple[int, int, int]]]
 
 
 def supports(layers: Sequence[nn.Module], shape: Sequence[int]) -> bool:
@@ -136,7 +140,12 @@ def _tables(net: _Network, end: int) -> _Tables:
             shapes[position] = (batch, height, width)
     batch, _, height, width = net.box.centre.shape
     shapes[-1] = (batch, height, width)
-    return _Tables(relu, _pixel_rows(net.box.centre, net.box.radius), shapes)
+    errors = {}
+    for position, step in net.errors.items():
+        if position < end:
+            batch, _, height, width = step.elementwise.shape
+            errors[position] = (_pixel_rows(step.elementwise)[0], (batch, height, width))
+    return _Tables(relu, _pixel_rows(net.box.centre, net.box.radius), shapes, errors)
 
 
 def _gather(tables: Sequence[Tensor], shape: Sequence[int], windows: Windows) -> list[Tensor]:
@@ -256,7 +265,10 @@ def _back_relu(
 def _input_bound(windows: Windows, bias: Tensor, bias_magnitude: Tensor, tables: _Tables) -> Tensor:
     """(Q, S) minimum over the input box, less the rounding allowance, as in the dense pass."""
     centre, radius = _gather(tables.box, tables.shapes[-1], windows)
-    return input_lower_bound(windows.coeffs, bias, bias_magnitude, centre, radius, _window_dot)
+    terms = tables.box[0].shape[1] * math.prod(tables.shapes[-1][1:])  # the dense pass's
+    return input_lower_bound(
+        windows.coeffs, bias, bias_magnitude, centre, radius, _window_dot, terms
+    )
 
 
 def lower_bound(
@@ -277,10 +289,16 @@ def lower_bound(
     tables = _tables(net, end) if tables is None else tables
     position = end - 1
     bias_magnitude = bias.abs()  # Σ|each layer's contribution|, as in the dense pass
+    error = torch.zeros_like(bias)  # the rounding of every step, as in the dense pass
     while position >= 0:
         layer = net.layers[position]
         before = net.layers[position - 1] if position > 0 else None
         previous = bias
+        if position in tables.errors:
+            table, shape = tables.errors[position]
+            elementwise = _gather([table], shape, windows)[0]
+            absolute = net.errors[position].absolute[windows.rows]
+            error = error + _window_dot(windows.coeffs.abs(), elementwise) + absolute[:, None]
         if folds_into(before, layer):
             # batch-norm folded into the convolution before it, as in the dense pass
             weight, layer_bias = fold_batchnorm(before, layer, net.stats)
@@ -297,7 +315,7 @@ def lower_bound(
                 windows, bias = _back_channel_affine(layer, windows, bias, net)
             position -= 1
         bias_magnitude = bias_magnitude + (bias - previous).abs()
-    return _input_bound(windows, bias, bias_magnitude, tables)
+    return _input_bound(windows, bias, bias_magnitude, tables) - error
 
 
 def _neuron_windows(rows: Tensor, neurons: Tensor, shape: Sequence[int], like: Tensor) -> Windows:

@@ -16,6 +16,7 @@ __all__ = [
     "other_classes",
     "rounding_allowance",
     "rounding_gamma",
+    "underflow_floor",
 ]
 
 ROUNDING_ULPS = 256
@@ -74,19 +75,37 @@ def rounding_gamma(terms: int, dtype: torch.dtype) -> float:
     return 2 * (terms + 16) * torch.finfo(dtype).eps
 
 
+def underflow_floor(terms: int, dtype: torch.dtype) -> float:
+    """Bound on the absolute rounding error of ``terms`` products that underflow.
+
+    The relative model of :func:`rounding_gamma` fails below the normal range: a product whose
+    exact value is subnormal is rounded to the subnormal grid, off by up to half the smallest
+    subnormal η whatever its relative size (sums and differences in that range are exact).
+    ``2·(terms + 16)·η`` covers that for the bound's arithmetic and the model's forward pass
+    alike, as :func:`rounding_gamma` does for the relative part. 0 when :data:`ROUNDING_ULPS`
+    is 0.
+    """
+    if ROUNDING_ULPS == 0:
+        return 0.0
+    info = torch.finfo(dtype)
+    return 2 * (terms + 16) * info.tiny * info.eps
+
+
 def rounding_allowance(magnitude: Tensor, terms: int = 0) -> Tensor:
     """What a final bound gives up so that floating-point rounding cannot make it unsound.
 
-    A bound ``Σ_i a_i z_i + b`` computed in floating point is off by at most a multiple of the
-    machine epsilon times ``Σ_i |a_i z_i| + |b|`` (its *magnitude*). The allowance is
-    ``max(ROUNDING_ULPS, 2·(terms + 16))·eps·magnitude``: :func:`rounding_gamma` for a last
-    layer of ``terms`` products, at least 256 machine epsilons (3e-5 relative in float32). It
-    carries no gradient.
+    A bound ``Σ_i a_i z_i + b`` of ``terms`` products computed in floating point is off by at
+    most a multiple of the machine epsilon times ``Σ_i |a_i z_i| + |b|`` (its *magnitude*),
+    plus the underflow of its products. The allowance is
+    ``max(ROUNDING_ULPS, 2·(terms + 16))·eps·magnitude`` (:func:`rounding_gamma` for ``terms``
+    products, at least 256 machine epsilons: 3e-5 relative in float32) plus
+    :func:`underflow_floor` of ``terms``. It carries no gradient.
     """
     if ROUNDING_ULPS == 0:
         return torch.zeros_like(magnitude)
     factor = max(ROUNDING_ULPS, 2 * (terms + 16))
-    return (factor * torch.finfo(magnitude.dtype).eps * magnitude).detach()
+    relative = factor * torch.finfo(magnitude.dtype).eps * magnitude
+    return (relative + underflow_floor(terms, magnitude.dtype)).detach()
 
 
 def input_lower_bound(
@@ -96,17 +115,19 @@ def input_lower_bound(
     centre: Tensor,
     radius: Tensor,
     dot: Callable[[Tensor, Tensor], Tensor],
+    terms: int,
 ) -> Tensor:
     """(Q, S) ``min A·x + bias`` over the box (centre, radius), less the rounding allowance of
-    its magnitude ``|A|·(|c| + r) + Σ|bias terms|``.
+    its magnitude ``|A|·(|c| + r) + Σ|bias terms|`` for sums of ``terms`` products.
 
     Args:
         A: (Q, S, ...) coefficients on the input; bias: (Q, S); bias_magnitude: (Q, S).
         centre, radius: (Q, ...) each query's input box (the same layout as A's tail).
         dot: ``(Q, S, ...) x (Q, ...) -> (Q, S)`` products for this layout.
+        terms: elements of one input (the most products a dot sums, in any layout).
     """
     magnitude_A = A.abs()
     spread = dot(magnitude_A, radius)
     magnitude = dot(magnitude_A, centre.abs() + radius) + bias_magnitude
     lower = bias + dot(A, centre) - spread
-    return lower - rounding_allowance(magnitude)
+    return lower - rounding_allowance(magnitude, terms)
