@@ -38,7 +38,15 @@ __all__ = [
     "save_figure",
 ]
 
-KNOB_SYMBOLS = {"kappa": "κ", "eps_train": "ε_train", "sabr_lambda": "λ", "mtl_alpha": "α"}
+KNOB_SYMBOLS = {
+    "kappa": "κ",
+    "eps_train": "ε_train",
+    "sabr_lambda": "λ",
+    "mtl_alpha": "α",
+    "cc_alpha": "α",
+    "exp_alpha": "α",
+    "taps_grad_scale": "w",
+}
 """How a swept config key is written next to its point in the trade-off figure."""
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
