@@ -46,12 +46,14 @@ def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def cifar_like_cnn(padding: int = 1, mean: tuple[float, ...] = CIFAR_MEAN) -> nn.Sequential:
+def cifar_like_cnn(
+    padding: int = 1, mean: tuple[float, ...] = CIFAR_MEAN, padding_mode: str = "zeros"
+) -> nn.Sequential:
     """3x8x8 input, CIFAR-10's normalisation, a padded conv + BN first, then conv, linear."""
     torch.manual_seed(0)
     layers = [
         Normalize(mean, CIFAR_STD),
-        nn.Conv2d(3, 4, 3, padding=padding),
+        nn.Conv2d(3, 4, 3, padding=padding, padding_mode=padding_mode),
         nn.BatchNorm2d(4),
         nn.ReLU(),
         nn.Conv2d(4, 4, 3, stride=2, padding=1),
@@ -117,9 +119,16 @@ def test_a_padded_conv_gets_the_border_map_after_its_batch_norm():
         assert relative_gap(naive(x), model(x)) > 1e-3  # folding without it is not exact
 
 
-@pytest.mark.parametrize("case", ["padding 0", "mean 0"])
+PLAIN_FOLDS = {
+    "padding 0": {"padding": 0},
+    "mean 0": {"mean": (0.0, 0.0, 0.0)},
+    "reflect padding": {"padding_mode": "reflect"},  # pads with copies of normalised pixels
+}
+
+
+@pytest.mark.parametrize("case", list(PLAIN_FOLDS))
 def test_no_border_map_where_the_plain_fold_is_exact(case):
-    model = cifar_like_cnn(padding=0) if case == "padding 0" else cifar_like_cnn(mean=(0, 0, 0))
+    model = cifar_like_cnn(**PLAIN_FOLDS[case])
     x = boxes((3, 8, 8))
     folded = fold_normalize(model, x[:1])
     assert not any(isinstance(m, AddConstant) for m in folded)

@@ -326,7 +326,7 @@ def _property_bytes(
             f"{source}, input {index}, label {label}, the model predicts "
             f"{int(chosen.predictions[row])}",
             f"box: l-inf ball of radius {eps!r} around the pixels, clipped to [0, 1]; "
-            "normalisation is inside the ONNX model",
+            "the normalisation is folded into the ONNX model's first layer",
             f"X_0..X_{x.numel() - 1}: the {shape} ONNX input flattened in C order; "
             f"Y_0..Y_{num_classes - 1}: its logits",
         ]

@@ -22,6 +22,7 @@ def abcrown_config(instances_name: str, timeout: float, source: str) -> str:
         timeout: seconds per instance, the value in every row of that CSV.
         source: one line saying what was exported (written as a comment).
     """
+    source = " ".join(source.split())  # one comment line, whatever the run folder is called
     return f"""\
 # alpha-beta-CROWN configuration for {source}
 # Written by acert export beside {instances_name}; see docs/VERIFIERS.md in acert.
