@@ -1,7 +1,7 @@
 """Hand-off to complete verifiers: a trained run as a VNN-COMP benchmark (the work behind
 ``acert export``).
 
-:func:`export_run` writes three kinds of files:
+:func:`export_run` writes four kinds of files:
 
 - ``onnx_path``: the eval-mode network with its :class:`~acert.models.Normalize` layer folded
   into the first Conv or Linear layer (:mod:`acert.export_fold`), so the ONNX input is in pixel
