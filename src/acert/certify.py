@@ -1,7 +1,9 @@
 """Certify a trained run: the work behind ``acert certify``.
 
 Loads the run's best model and its dataset split, computes certified radii with the chosen
-bound, and writes the metrics (JSON) and radii next to the run.
+bound — or the best of several, per sample — and writes the metrics (JSON) and radii next to
+the run. :class:`CertificateChecks` adds checks of the radii: a float64 re-check, and attack
+radii (:func:`acert.attacks.attack_radii`), an upper bound beside every certified radius.
 """
 
 from __future__ import annotations
@@ -9,21 +11,44 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from acert.attacks import AttackSearch, attack_radii
 from acert.bounds import METHODS as BOUND_METHODS
 from acert.bounds import crown
 from acert.config import TrainConfig, available_device, config_from_dict
 from acert.data import SPLITS, ImageSet, dataset_info, load_imageset, stratified_subset
 from acert.errors import AcertError, CheckpointError
-from acert.evaluate import evaluate, float64_violations
+from acert.evaluate import Evaluation, attack_check, best_label, evaluate, float64_violations
 from acert.runs import RunDir, atomic_write, check_writable_file, load, read_checkpoint
 
-__all__ = ["CertifyResult", "certify_run", "load_run_inputs", "run_config"]
+__all__ = [
+    "CertificateChecks",
+    "CertifyResult",
+    "certify_run",
+    "load_run_inputs",
+    "parse_bound",
+    "run_config",
+]
+
+
+@dataclass(frozen=True)
+class CertificateChecks:
+    """Checks of the certified radii beside the certification.
+
+    Attributes:
+        float64: re-check every reported radius with the model in float64 and record the
+            samples whose float32 certificate does not hold there (``float64_check``).
+        attack: find every sample's attack radius with these settings and compare
+            (``acr_attack``, ``acr_gap``, ``attack_check``); None: no attack radii.
+    """
+
+    float64: bool = False
+    attack: AttackSearch | None = None
 
 
 @dataclass
@@ -33,6 +58,7 @@ class CertifyResult:
     metrics: dict[str, Any]
     radii: torch.Tensor
     path: Path
+    attack_radii: torch.Tensor | None = None
 
 
 def run_config(path: str | Path) -> TrainConfig:
@@ -59,14 +85,15 @@ def certify_run(
     device: str = "cpu",
     out: str | Path | None = None,
     progress: bool = False,
-    check_float64: bool = False,
+    checks: CertificateChecks | None = None,
     crown_memory_mib: float | None = None,
 ) -> CertifyResult:
     """Evaluate a trained run with a chosen bound; see ``acert certify --help``.
 
     Args:
         run: run folder or checkpoint.
-        bound: ``"ibp"``, ``"crown-ibp"`` or ``"crown"``.
+        bound: ``"ibp"``, ``"crown-ibp"``, ``"crown"``, or a best-of certificate (see
+            :func:`parse_bound`): ``"best"`` (all bounds) or ``"best:ibp,crown"``.
         eps: radii for certified (and PGD) accuracy; default: the run's ``cert_eps``.
         eps_max: cap of the radius search and the ACR; default: the run's.
         dataset, data_dir: override the run's dataset (same input shape and classes).
@@ -75,19 +102,21 @@ def certify_run(
         pgd_steps: PGD steps; 0 skips the attack.
         batch_size: inputs per bound pass.
         device: where to compute.
-        out: JSON path; default ``<run>/certify_<bound>.json``.
+        out: JSON path; default ``<run>/certify_<bound>.json`` (radii beside it).
         progress: show a progress bar.
-        check_float64: re-check every reported radius with the model in float64 and record
-            the samples whose float32 certificate does not hold there.
+        checks: float64 re-check and attack radii (default: neither).
         crown_memory_mib: cap of each CROWN backward chunk's coefficients, MiB.
     """
     config = run_config(run)
     eps_max = config.eps_max if eps_max is None else eps_max
     eps = _certification_eps(config, eps, eps_max)
-    _check_options(bound, batch_size, crown_memory_mib)
+    bounds = parse_bound(bound)
+    checks = checks or CertificateChecks()
+    _check_options(batch_size, crown_memory_mib, checks)
     available_device(device)
     name = dataset or config.dataset
-    target = Path(out) if out else _default_target(run, bound, config, name, split, eps_max)
+    label = best_label(bounds)
+    target = Path(out) if out else _default_target(run, label, config, name, split, eps_max)
     check_writable_file(target, "--out")
     data = load_run_inputs(config, name, split, data_dir)
     if limit is not None:
@@ -109,7 +138,7 @@ def certify_run(
             y,
             eps_max,
             eps,
-            bound,
+            bounds,
             pgd_eps=eps,
             pgd_steps=pgd_steps,
             batch_size=batch_size,
@@ -117,19 +146,102 @@ def certify_run(
             progress=progress,
         )
     metrics = {**result.to_dict(), "dataset": name, "split": split}
-    if check_float64:
-        violations = float64_violations(model, x, y, result.radii, bound, batch_size)
+    if checks.float64:
+        violations = _float64_check(model, x, y, result, bounds, batch_size)
         metrics["float64_check"] = {
             "checked": int((result.radii > 0).sum()),
             "violations": int(violations.numel()),
             "violating_samples": violations.tolist(),
         }
+    attacked = None
+    if checks.attack is not None:
+        attacked = _attack_radii(model, x, y, eps_max, checks.attack, batch_size, device)
+        check = attack_check(result.radii, attacked, eps_max)
+        metrics["acr_attack"] = check.pop("acr_attack")
+        metrics["acr_gap"] = check.pop("gap")
+        metrics["attack_check"] = {**asdict(checks.attack), **check}
     atomic_write(
         target, lambda stream: stream.write((json.dumps(metrics, indent=2) + "\n").encode())
     )
     radii_path = target.with_suffix(".radii.pt")
     atomic_write(radii_path, lambda stream: torch.save(result.radii, stream))
-    return CertifyResult(metrics, result.radii, target)
+    if attacked is not None:
+        attack_path = target.with_suffix(".attack_radii.pt")
+        atomic_write(attack_path, lambda stream: torch.save(attacked, stream))
+    return CertifyResult(metrics, result.radii, target, attacked)
+
+
+def parse_bound(text: str) -> tuple[str, ...]:
+    """The bounds a ``--bound`` names: one of :data:`acert.bounds.METHODS`; ``"best"``, all of
+    them; or ``"best:ibp,crown"``, those named. Several bounds make a best-of certificate:
+    per sample the largest of their radii (each is sound, so their maximum is)."""
+    name, sep, names = text.strip().lower().partition(":")
+    if not sep and name in BOUND_METHODS:
+        return (name,)
+    choices = f"choose one of {', '.join(BOUND_METHODS)}, best (all of them) or best:ibp,crown"
+    if name != "best":
+        raise AcertError(f"unknown bound {text!r}; {choices}")
+    if not sep:
+        return tuple(BOUND_METHODS)
+    chosen = {part.strip() for part in names.split(",") if part.strip()}
+    unknown = sorted(chosen - set(BOUND_METHODS))
+    if unknown:
+        raise AcertError(f"unknown bound {unknown[0]!r} in --bound {text}; {choices}")
+    if len(chosen) < 2:
+        raise AcertError(
+            f"--bound {text} names {len(chosen)} bound; a best-of needs two or more, "
+            "e.g. best:ibp,crown (or pass the one bound alone)"
+        )
+    return tuple(bound for bound in BOUND_METHODS if bound in chosen)
+
+
+def _float64_check(
+    model: torch.nn.Sequential,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    result: Evaluation,
+    bounds: tuple[str, ...],
+    batch_size: int,
+) -> torch.Tensor:
+    """The samples whose reported radius fails in float64, each re-checked with the bound
+    that gave it its radius (the first of the best ones, for a best-of)."""
+    if len(bounds) == 1:
+        return float64_violations(model, x, y, result.radii, bounds[0], batch_size)
+    winner = torch.stack([result.bound_radii[bound] for bound in bounds]).argmax(0)
+    bad = []
+    for i, bound in enumerate(bounds):
+        rows = torch.nonzero(winner == i, as_tuple=True)[0]
+        if rows.numel():
+            failed = float64_violations(
+                model, x[rows], y[rows], result.radii[rows], bound, batch_size
+            )
+            bad.append(rows[failed])
+    return torch.sort(torch.cat(bad)).values if bad else torch.empty(0, dtype=torch.long)
+
+
+def _attack_radii(
+    model: torch.nn.Sequential,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps_max: float,
+    search: AttackSearch,
+    batch_size: int,
+    device: str,
+) -> torch.Tensor:
+    """:func:`acert.attacks.attack_radii` of every sample, ``batch_size`` at a time."""
+    generator = torch.Generator().manual_seed(0)
+    parts = [
+        attack_radii(
+            model,
+            x[start : start + batch_size].to(device),
+            y[start : start + batch_size].to(device),
+            eps_max,
+            search,
+            generator,
+        ).cpu()
+        for start in range(0, x.shape[0], batch_size)
+    ]
+    return torch.cat(parts)
 
 
 def load_run_inputs(
@@ -165,9 +277,11 @@ def _certification_eps(config: TrainConfig, eps: list[float] | None, eps_max: fl
     return list(eps)
 
 
-def _check_options(bound: str, batch_size: int, crown_memory_mib: float | None) -> None:
-    if bound not in BOUND_METHODS:
-        raise AcertError(f"unknown bound {bound!r}; choose one of {', '.join(BOUND_METHODS)}")
+def _check_options(
+    batch_size: int, crown_memory_mib: float | None, checks: CertificateChecks
+) -> None:
+    if checks.attack is not None:
+        checks.attack.check()
     if batch_size < 1:
         raise AcertError(f"--batch-size must be >= 1, got {batch_size}")
     if crown_memory_mib is not None and not 0 < crown_memory_mib < math.inf:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from acert._certify_cli import add_certify_parser, print_evaluation
 from acert.errors import AcertError
 
 __all__ = ["main"]
@@ -124,61 +125,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"\ninterrupted; continue with: acert train --out {out} --resume", file=sys.stderr)
         return 130
     if main_process:
-        _print_evaluation(result.test.to_dict())
+        print_evaluation(result.test.to_dict())
         print(f"run folder: {out}")
     return 0
-
-
-def _print_evaluation(metrics: dict[str, Any]) -> None:
-    rows = [
-        ("samples", f"{metrics['n']}"),
-        ("bound", metrics["bound"]),
-        ("clean accuracy", f"{100 * metrics['clean_accuracy']:.2f}%"),
-        ("ACR", f"{metrics['acr']:.5f} ({metrics['acr_percent_of_eps_max']:.1f}% of eps_max)"),
-        ("eps_max", f"{metrics['eps_max']:.6g}"),
-        ("acceps", f"{metrics['acceps']:.4f}"),
-    ]
-    rows += [
-        (f"certified acc @ {eps}", f"{100 * v:.2f}%")
-        for eps, v in metrics["certified_accuracy"].items()
-    ]
-    rows += [(f"PGD acc @ {eps}", f"{100 * v:.2f}%") for eps, v in metrics["pgd_accuracy"].items()]
-    rows.append(("bound evals / sample", f"{metrics['radius_evaluations_per_sample']:.2f}"))
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"  {name:<{width}}  {value}")
-
-
-def cmd_certify(args: argparse.Namespace) -> int:
-    from acert.certify import certify_run
-
-    result = certify_run(
-        args.run,
-        bound=args.bound,
-        eps=args.eps,
-        eps_max=args.eps_max,
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        split=args.split,
-        limit=args.limit,
-        pgd_steps=args.pgd_steps,
-        batch_size=args.batch_size,
-        device=args.device,
-        out=args.out,
-        progress=not args.quiet,
-        check_float64=args.check_float64,
-        crown_memory_mib=args.crown_memory_mib,
-    )
-    _print_evaluation(result.metrics)
-    check = result.metrics.get("float64_check")
-    if check is not None:
-        print(
-            f"  float64 re-check          {check['violations']} of {check['checked']} "
-            f"certificates fail in float64"
-            + (f": samples {check['violating_samples'][:20]}" if check["violations"] else "")
-        )
-    print(f"written: {result.path}")
-    return 0 if check is None or check["violations"] == 0 else 1
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -327,31 +276,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_flags(train)
     train.set_defaults(handler=cmd_train)
 
-    certify = sub.add_parser("certify", help="certified radii, ACR and accuracies of a trained run")
-    certify.add_argument("run", help="run folder or checkpoint")
-    certify.add_argument("--bound", default="ibp", help="ibp, crown-ibp or crown")
-    certify.add_argument("--eps", type=float, nargs="+", help="eps values for certified accuracy")
-    certify.add_argument("--eps-max", type=float, help="cap of the radius search and the ACR")
-    certify.add_argument("--dataset", help="dataset (default: the run's)")
-    certify.add_argument("--data-dir", help="folder holding the dataset files")
-    certify.add_argument("--split", default="test", help="train or test")
-    certify.add_argument(
-        "--limit", type=int, help="certify a stratified subset of this many inputs"
-    )
-    certify.add_argument("--pgd-steps", type=int, default=20, help="PGD steps (0: skip PGD)")
-    certify.add_argument("--batch-size", type=int, default=256)
-    certify.add_argument("--device", default="cpu")
-    certify.add_argument("--out", help="JSON file to write (default: in the run folder)")
-    certify.add_argument("--quiet", action="store_true")
-    certify.add_argument(
-        "--check-float64",
-        action="store_true",
-        help="re-check every reported radius in float64 (exit status 1 if any fails)",
-    )
-    certify.add_argument(
-        "--crown-memory-mib", type=float, help="cap of each CROWN backward chunk (MiB)"
-    )
-    certify.set_defaults(handler=cmd_certify)
+    add_certify_parser(sub)
     _add_export_parser(sub)
     _add_bench_parser(sub)
 

@@ -2,9 +2,12 @@
 
 - clean accuracy;
 - per-sample certified radii (:mod:`acert.radius`) and their mean, the ACR, under the cap ε_max;
+  with several bounds, per sample the largest of their radii (:func:`best_of`);
 - certified accuracy at each requested ε, by one bound evaluation at that ε;
 - acceps = sqrt((ACR / ε_max) · clean accuracy), the model-selection score;
-- PGD accuracy at each ε, an empirical upper bound on the certified accuracy.
+- PGD accuracy at each ε, an empirical upper bound on the certified accuracy;
+- :func:`attack_check`: certified radii against attack radii (:func:`acert.attacks.attack_radii`),
+  an upper bound no sound certified radius exceeds.
 """
 
 from __future__ import annotations
@@ -13,17 +16,27 @@ import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from acert.attacks import pgd_attack
-from acert.bounds import check_eps, check_inputs, margin_bounds
+from acert.bounds import METHODS, check_eps, check_inputs, margin_bounds
 from acert.errors import AcertError
 from acert.radius import check_cap, radius_search
 
-__all__ = ["Evaluation", "acceps", "attacked_radii", "evaluate", "float64_violations"]
+__all__ = [
+    "Evaluation",
+    "acceps",
+    "attack_check",
+    "attacked_radii",
+    "best_label",
+    "best_of",
+    "evaluate",
+    "float64_violations",
+]
 
 
 def acceps(acr: float, eps_max: float, clean_accuracy: float) -> float:
@@ -45,9 +58,12 @@ class Evaluation:
     pgd_accuracy: dict[float, float]
     radius_evaluations: float
     radii: Tensor = field(repr=False)
+    bound_radii: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    """Each bound's own radii when several were asked for (``radii`` is their maximum)."""
 
     def to_dict(self) -> dict:
         """JSON-ready metrics (radii left out)."""
+        best = {"best_of": best_of(self.bound_radii)} if len(self.bound_radii) > 1 else {}
         return {
             "n": self.n,
             "bound": self.bound,
@@ -61,7 +77,37 @@ class Evaluation:
             },
             "pgd_accuracy": {f"{eps:.6g}": acc for eps, acc in self.pgd_accuracy.items()},
             "radius_evaluations_per_sample": self.radius_evaluations,
+            **best,
         }
+
+
+def best_label(bounds: Sequence[str]) -> str:
+    """The name of a best-of certificate: ``"best"`` over every bound of
+    :data:`acert.bounds.METHODS`, else ``"best-ibp+crown"`` and the like."""
+    if len(bounds) == 1:
+        return bounds[0]
+    if set(bounds) == set(METHODS):
+        return "best"
+    return "best-" + "+".join(bounds)
+
+
+def best_of(bound_radii: dict[str, Tensor]) -> dict[str, Any]:
+    """Which bound gave each sample its best radius, and each bound's own ACR.
+
+    ``won[b]`` counts the samples whose radius under ``b`` is strictly larger than under
+    every other bound; ``won["tie"]`` those where several share the largest (among them the
+    misclassified samples, 0 under every bound, and those certified at the cap by several),
+    so the counts add up to the number of samples.
+    """
+    names = list(bound_radii)
+    stacked = torch.stack([bound_radii[name].double() for name in names])
+    at_top = stacked == stacked.max(0).values
+    alone = at_top.sum(0) == 1
+    winners = at_top[:, alone].double().argmax(0)
+    won = {name: int((winners == i).sum()) for i, name in enumerate(names)}
+    won["tie"] = int((~alone).sum())
+    acr = {name: stacked[i].mean().item() for i, name in enumerate(names)}
+    return {"bounds": names, "won": won, "acr": acr}
 
 
 def attacked_radii(
@@ -80,7 +126,7 @@ def evaluate(
     y: Tensor,
     eps_max: float,
     cert_eps: Sequence[float] = (),
-    bound: str = "ibp",
+    bound: str | Sequence[str] = "ibp",
     pgd_eps: Sequence[float] | None = None,
     pgd_steps: int = 20,
     batch_size: int = 256,
@@ -95,7 +141,9 @@ def evaluate(
             refused, not converted: pass ``torch.as_tensor``).
         eps_max: cap of the radius search and of the ACR, a number in (0, 1].
         cert_eps: radii at which the certified accuracy is reported.
-        bound: ``"ibp"``, ``"crown-ibp"`` or ``"crown"``.
+        bound: ``"ibp"``, ``"crown-ibp"`` or ``"crown"``, or several of them: then each
+            sample's radius is the largest of the bounds' radii (each is sound, so their
+            maximum is) and a sample is certified at ε when any of the bounds certifies it.
         pgd_eps: radii for the PGD accuracy (default: ``cert_eps``); pass ``[]`` to skip.
         pgd_steps: PGD steps (one random restart); 0 skips the attack (no PGD accuracy).
         batch_size: samples per bound pass.
@@ -105,34 +153,41 @@ def evaluate(
     model = model.to(device).eval()
     _check_arguments(model, x, y, eps_max, cert_eps, batch_size)
     pgd_eps = attacked_radii(cert_eps, pgd_eps, pgd_steps)
-    radii, evaluations, correct = [], [], []
+    bounds = [bound] if isinstance(bound, str) else list(dict.fromkeys(bound))
+    label = best_label(bounds)
+    per_bound: dict[str, list[Tensor]] = {name: [] for name in bounds}
+    evaluations, correct = [], []
     certified = {eps: 0 for eps in cert_eps}
     robust = {eps: 0 for eps in pgd_eps}
     generator = torch.Generator().manual_seed(0)
     chunks = range(0, x.shape[0], batch_size)
-    for start in tqdm(chunks, desc=f"certify ({bound})", disable=not progress, leave=False):
+    for start in tqdm(chunks, desc=f"certify ({label})", disable=not progress, leave=False):
         xb = x[start : start + batch_size].to(device)
         yb = y[start : start + batch_size].to(device)
         with torch.no_grad():
             correct.append(model(xb).argmax(1) == yb)
-            result = radius_search(model, xb, yb, eps_max, bound)
+            spent = torch.zeros(xb.shape[0], dtype=torch.float64)
+            for name in bounds:
+                result = radius_search(model, xb, yb, eps_max, name)
+                per_bound[name].append(result.radius.cpu())
+                spent += result.evaluations.cpu()
             for eps in cert_eps:
-                certified[eps] += (
-                    (margin_bounds(model, xb, yb, eps, bound).min(1).values > 0).sum().item()
-                )
-        radii.append(result.radius.cpu())
-        evaluations.append(result.evaluations.cpu())
+                # a sample counts only where the model's own forward pass classifies it right
+                by_bound = _certified_by_any(model, xb, yb, eps, bounds)
+                certified[eps] += (by_bound & correct[-1]).sum().item()
+        evaluations.append(spent)
         for eps in pgd_eps:
             adversarial = pgd_attack(model, xb, yb, eps, steps=pgd_steps, generator=generator)
             with torch.no_grad():
                 robust[eps] += (model(adversarial).argmax(1) == yb).sum().item()
     n = x.shape[0]
-    radius = torch.cat(radii)
+    bound_radii = {name: torch.cat(parts) for name, parts in per_bound.items()}
+    radius = torch.stack(list(bound_radii.values())).max(0).values
     clean = torch.cat(correct).float().mean().item()
     acr = radius.mean().item()
     return Evaluation(
         n=n,
-        bound=bound,
+        bound=label,
         eps_max=eps_max,
         clean_accuracy=clean,
         acr=acr,
@@ -141,7 +196,22 @@ def evaluate(
         pgd_accuracy={eps: count / n for eps, count in robust.items()},
         radius_evaluations=torch.cat(evaluations).float().mean().item(),
         radii=radius,
+        bound_radii=bound_radii if len(bounds) > 1 else {},
     )
+
+
+def _certified_by_any(
+    model: nn.Sequential, x: Tensor, y: Tensor, eps: float, bounds: Sequence[str]
+) -> Tensor:
+    """(B,) whether any of the bounds certifies each sample at eps (each bound evaluated only
+    on the samples the ones before it left uncertified)."""
+    certified = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    for name in bounds:
+        rest = torch.nonzero(~certified, as_tuple=True)[0]
+        if rest.numel() == 0:
+            break
+        certified[rest] = margin_bounds(model, x[rest], y[rest], eps, name).min(1).values > 0
+    return certified
 
 
 def _check_arguments(
@@ -199,3 +269,39 @@ def float64_violations(
         failed = torch.nonzero(certified, as_tuple=True)[0][lb.min(1).values <= 0]
         bad.append(failed.cpu() + start)
     return torch.cat(bad) if bad else torch.empty(0, dtype=torch.long)
+
+
+def attack_check(certified: Tensor, attacked: Tensor, eps_max: float) -> dict[str, Any]:
+    """Certified radii against attack radii, JSON-ready.
+
+    A sound certified radius never exceeds the distance of an input the model misclassifies,
+    so a sample whose attack radius lies below its certified radius (capped at ``eps_max``,
+    as both are) exposes an unsound certificate or a wrong attack.
+
+    Args:
+        certified: (N,) certified radii; attacked: (N,) attack radii, pixel units.
+        eps_max: the cap both share.
+
+    Returns:
+        ``acr_attack`` (mean attack radius), ``gap`` (it minus the ACR), ``violations`` (how
+        many samples break the order), ``violating_samples`` (their indices) and, when there
+        are any, ``worst``: the sample with the largest excess and both of its radii.
+    """
+    claimed = torch.clamp(certified.double().cpu(), max=eps_max)
+    attacked = attacked.double().cpu()
+    excess = claimed - attacked
+    bad = torch.nonzero(excess > 0, as_tuple=True)[0]
+    check: dict[str, Any] = {
+        "acr_attack": attacked.mean().item(),
+        "gap": (attacked - certified.double().cpu()).mean().item(),
+        "violations": int(bad.numel()),
+        "violating_samples": bad.tolist(),
+    }
+    if bad.numel():
+        worst = int(excess.argmax())
+        check["worst"] = {
+            "sample": worst,
+            "certified": certified[worst].item(),
+            "attack": attacked[worst].item(),
+        }
+    return check

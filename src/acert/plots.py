@@ -2,7 +2,8 @@
 
 - :func:`radius_histogram`: the certified radii of one run;
 - :func:`plot_tradeoff`: ACR (% of ε_max) against clean accuracy, one line per method, with the
-  Pareto front — the accuracy–robustness trade-off the ACERT paper compares methods by;
+  Pareto front — the accuracy–robustness trade-off the ACERT paper compares methods by — and,
+  for runs certified with ``--attack``, the interval from certified to attack ACR;
 - :func:`plot_certified_accuracy`: certified accuracy against ε from per-sample radii;
 - :func:`plot_study`: all three for a study folder (``acert plot``).
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -142,10 +143,12 @@ def _bound_scores(row: dict[str, Any], bound: str) -> dict[str, float] | None:
 
 @dataclass
 class Tradeoff:
-    """A written trade-off figure: its path and the Pareto front as indices into ``rows``."""
+    """A written trade-off figure: its path, the Pareto front and the runs drawn with a
+    certified–attack interval, as indices into ``rows``."""
 
     path: Path
     front: list[int]
+    intervals: list[int] = field(default_factory=list)
 
 
 def _n_text(values: Sequence[int]) -> str:
@@ -164,6 +167,24 @@ def _draw_method(axes, rows, indices, scores, style: int) -> list[tuple[float, f
     return [(x, y, label) for x, y, label in zip(xs, ys, labels, strict=True) if label]
 
 
+def _draw_intervals(axes, rows, indices, bound: str) -> list[int]:
+    """Per run certified with ``--attack`` under ``bound``, a vertical bar from its certified
+    ACR up to its attack ACR (both of ``certify_<bound>.json``, on the same samples): the true
+    mean robust radius lies between them. Returns the rows drawn."""
+    drawn = []
+    for i in indices:
+        top = rows[i].get(f"{bound}_acr_attack_pct")
+        if top is None:
+            continue
+        label = None if drawn else "certified – attack ACR"
+        x = 100 * rows[i][f"{bound}_clean_acc"]
+        bottom = rows[i][f"{bound}_acr_pct"]
+        axes.vlines(x, bottom, top, colors="grey", lw=4, alpha=0.35, zorder=1, label=label)
+        axes.plot([x], [top], marker="_", ms=10, color="grey", zorder=1)
+        drawn.append(i)
+    return drawn
+
+
 def _draw_front(axes, scores: dict[int, dict[str, float]], front: list[int]) -> None:
     xs = [scores[i]["clean"] for i in front]
     ys = [scores[i]["acr_pct"] for i in front]
@@ -175,7 +196,8 @@ def _draw_front(axes, scores: dict[int, dict[str, float]], front: list[int]) -> 
 def plot_tradeoff(
     rows: Sequence[dict[str, Any]], path: str | Path, bound: str = "ibp", title: str | None = None
 ) -> Tradeoff:
-    """ACR as % of ε_max against clean accuracy, one line per method, Pareto front dashed.
+    """ACR as % of ε_max against clean accuracy, one line per method, Pareto front dashed;
+    a grey bar up to the attack ACR for each run certified with ``--attack``.
 
     Args:
         rows: study table rows (:func:`acert.study.study_table`); rows without metrics for
@@ -185,7 +207,8 @@ def plot_tradeoff(
         title: figure title (default: dataset, bound and n).
 
     Returns:
-        The path and the indices (into ``rows``) of the points on the Pareto front.
+        The path, the indices (into ``rows``) of the points on the Pareto front and those of
+        the runs drawn with a certified–attack interval.
     """
     scores = {i: s for i, row in enumerate(rows) if (s := _bound_scores(row, bound)) is not None}
     if not scores:
@@ -202,6 +225,7 @@ def plot_tradeoff(
         chosen = [i for i in indices if str(rows[i]["method"]) == method]
         labels += _draw_method(axes, rows, chosen, scores, style)
     _draw_front(axes, scores, front)
+    intervals = _draw_intervals(axes, rows, indices, bound)
     datasets = ", ".join(sorted({str(rows[i].get("dataset")) for i in indices}))
     eps_max = sorted({f"{rows[i]['eps_max']:g}" for i in indices})
     axes.set_xlabel("clean accuracy (%)")
@@ -214,7 +238,7 @@ def plot_tradeoff(
     axes.margins(x=0.08, y=0.1)
     axes.legend(fontsize=9, loc="best")
     place_labels(axes, labels, [(s["clean"], s["acr_pct"]) for s in scores.values()])
-    return Tradeoff(save_figure(figure, path), front)
+    return Tradeoff(save_figure(figure, path), front, intervals)
 
 
 def certified_accuracy_curve(radii: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

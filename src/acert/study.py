@@ -10,7 +10,10 @@ training, so that figures can be drawn from it anywhere. Its columns:
   ``acr_pct`` (ACR as % of ε_max), ``cert_acc_<eps>`` and ``pgd_acc_<eps>`` at the dataset's
   certification radii, ``acceps``, ``train_seconds``;
 - per bound with a ``certify_<bound>.json``: ``<bound>_n``, ``<bound>_clean_acc``,
-  ``<bound>_acr``, ``<bound>_acr_pct``, ``<bound>_acceps``, ``<bound>_cert_acc_<eps>``.
+  ``<bound>_acr``, ``<bound>_acr_pct``, ``<bound>_acceps``, ``<bound>_cert_acc_<eps>``, and
+  where it was certified with ``--attack``, ``<bound>_acr_attack`` and ``<bound>_acr_attack_pct``
+  (the mean attack radius, an upper bound beside the ACR). A best-of certificate
+  (``--bound best``) is a bound of its own, ``best``.
 
 Accuracies are fractions in [0, 1]; the Markdown version shows them in percent.
 """
@@ -133,11 +136,17 @@ def _training_columns(test: dict[str, Any]) -> dict[str, Any]:
 
 
 def _bound_columns(bound: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    attack = metrics.get("acr_attack")
+    attack_columns = {}
+    if attack is not None:
+        attack_columns[f"{bound}_acr_attack"] = attack
+        attack_columns[f"{bound}_acr_attack_pct"] = 100 * attack / metrics["eps_max"]
     return {
         f"{bound}_n": metrics["n"],
         f"{bound}_clean_acc": metrics["clean_accuracy"],
         f"{bound}_acr": metrics["acr"],
         f"{bound}_acr_pct": metrics["acr_percent_of_eps_max"],
+        **attack_columns,
         f"{bound}_acceps": metrics["acceps"],
         **_accuracies(f"{bound}_cert_acc", metrics["certified_accuracy"]),
     }
@@ -273,9 +282,11 @@ def _swept(rows: list[dict[str, Any]]) -> set[str]:
 
 
 def _bound_markdown_columns(columns: list[str]) -> list[tuple[str, str, Any]]:
-    """n, ACR and certified accuracy per bound, the bounds side by side for each quantity."""
+    """n, ACR, attack ACR and certified accuracy per bound, the bounds side by side for each
+    quantity; a quantity no run has under a bound gets no column."""
     bounds = _ordered_bounds(column[: -len("_n")] for column in columns if column.endswith("_n"))
     quantities = [("n", "n", str), ("ACR", "acr", _number(".4g"))]
+    quantities.append(("ACR attack", "acr_attack", _number(".4g")))
     quantities += [
         (f"cert {eps_label(eps)} %", f"cert_acc_{eps}", _percent)
         for eps in _suffixes(columns, "cert_acc_")
@@ -284,6 +295,7 @@ def _bound_markdown_columns(columns: list[str]) -> list[tuple[str, str, Any]]:
         (f"{title} {bound.upper()}", f"{bound}_{suffix}", formatter)
         for title, suffix, formatter in quantities
         for bound in bounds
+        if f"{bound}_{suffix}" in columns
     ]
 
 
@@ -318,7 +330,8 @@ def write_study_table(study_dir: str | Path) -> tuple[Path, Path]:
     note = (
         "\nAccuracies in %, ACR in pixel units. The first block is the training evaluation "
         "(bound in `test_metrics.json`); the bound columns come from `certify_<bound>.json`, "
-        "on n test inputs each.\n"
+        "on n test inputs each; ACR attack is the mean radius at which PGD flips the "
+        "prediction (`acert certify --attack`), an upper bound beside the certified ACR.\n"
     )
     paths = (study / TABLE_CSV, study / TABLE_MD)
     for path, text in zip(
