@@ -3,6 +3,8 @@ formula and the properties that tie it to IBP and to PGD training, on the tiny n
 test_baselines; then short real runs that train, resume and certify with each of them."""
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +28,7 @@ from acert.methods import (
 )
 from acert.methods.base import ibp_pass, robust_cross_entropy
 from acert.methods.cc_ibp import logit_margins
-from acert.methods.exp_ibp import log_product
+from acert.methods.exp_ibp import global_mean, log_product, robust_cross_entropies
 from acert.methods.taps import connect, taps_objective, taps_pass
 from acert.runs import RunDir
 from acert.train import run
@@ -150,6 +152,17 @@ def test_the_latent_estimate_lies_between_the_ibp_bound_and_the_clean_margin():
     assert torch.all(estimates <= lowest + 1e-4)
 
 
+@pytest.mark.parametrize("head", [1, 3, 4, 6])
+def test_the_split_ibp_pass_is_the_ibp_pass_of_the_whole_network(head):
+    model, batch, _, stats, result = taps_setup(head=head)
+    whole = ibp_pass(model, input_box(batch.x, 0.05), batch.y, stats)
+    assert torch.allclose(result.bounds.margins, whole.margins, atol=1e-5)
+    assert len(result.bounds.preactivations) == len(whole.preactivations) == 2
+    for got, expected in zip(result.bounds.preactivations, whole.preactivations, strict=True):
+        assert torch.allclose(got.lower, expected.lower, atol=1e-5)
+        assert torch.allclose(got.upper, expected.upper, atol=1e-5)
+
+
 def test_a_linear_head_makes_the_estimate_the_exact_ibp_bound():
     """On one linear layer IBP is exact and PGD reaches the minimising vertex."""
     _, _, _, _, result = taps_setup(head=1)
@@ -211,6 +224,53 @@ def test_a_head_as_long_as_the_network_is_a_config_error():
         resolve(TrainConfig(method="cc-ibp", cc_alpha=1.5))
 
 
+# --- two processes -------------------------------------------------------------------------------
+
+
+def test_product_losses_on_two_processes_are_the_one_process_losses():
+    """L_TAPS·L_IBP and L_adv^(1-α)·L_IBP^α of global-batch means: two processes holding 5 and 6
+    of 11 samples, weighting their losses and averaging their gradients as training does, get
+    one process's loss and gradients (a product of per-process means would not)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from test_distributed import torchrun
+
+    done = torchrun(__file__, "product-losses")
+    assert done.stdout.count("product losses ok") == 2
+
+
+def _product_losses(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """TAPS's objective plus EXP-IBP's, of per-sample margins (11, 3)."""
+    taps, _, _ = taps_objective(first, second, grad_scale=3.0)
+    losses = (robust_cross_entropies(first), robust_cross_entropies(second))
+    return taps + log_product(global_mean(losses[0]), global_mean(losses[1]), 0.3)
+
+
+def _product_losses_worker() -> None:
+    import torch.distributed as dist
+
+    from acert.distributed import World, shard
+
+    generator = torch.Generator().manual_seed(2)
+    first = torch.randn(11, 3, generator=generator)
+    second = first - torch.rand(11, 3, generator=generator)
+    one = [first.clone().requires_grad_(), second.clone().requires_grad_()]
+    expected = _product_losses(*one)  # before the group exists: one process
+    expected.backward()
+    dist.init_process_group("gloo")
+    rows, weight = shard(11, World(dist.get_rank(), 2))
+    mine = [first.clone().requires_grad_(), second.clone().requires_grad_()]
+    loss = _product_losses(mine[0][rows], mine[1][rows])
+    (weight * loss).backward()
+    for leaf in mine:
+        dist.all_reduce(leaf.grad)
+        leaf.grad /= 2
+    dist.destroy_process_group()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    for got, reference in zip(mine, one, strict=True):
+        assert torch.allclose(got.grad, reference.grad, rtol=1e-5, atol=1e-7)
+    print("product losses ok", flush=True)
+
+
 # --- short real runs ----------------------------------------------------------------------------
 
 
@@ -262,3 +322,7 @@ def test_a_run_trains_resumes_to_the_same_weights_and_certifies(method, tmp_path
     assert RunDir(tmp_path / "resumed").test_metrics_path.is_file()
     assert resumed.test.n == 40 and 0 <= resumed.test.acr <= 0.1
     assert resumed.test.acr == pytest.approx(straight.test.acr, rel=1e-5)
+
+
+if __name__ == "__main__":
+    {"product-losses": _product_losses_worker}[sys.argv[1]]()
