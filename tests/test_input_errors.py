@@ -102,7 +102,7 @@ def test_inputs_of_another_dtype_than_the_model_name_both_and_the_fix(data):
     raises(
         lambda: margin_bounds(model.double(), x, y, 0.1),
         "inputs are torch.float32",
-        "parameters are torch.float64",
+        "the model computes in torch.float64 (its parameters)",
         "x.to(torch.float64)",
     )
 

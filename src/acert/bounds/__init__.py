@@ -140,7 +140,7 @@ def _check_dtypes(model: nn.Module, x: Tensor) -> None:
     dtype = next(iter(dtypes), x.dtype)
     if x.dtype != dtype:
         raise AcertError(
-            f"inputs are {x.dtype} but the model's parameters are {dtype}; "
+            f"inputs are {x.dtype} but the model computes in {dtype} (its parameters); "
             f"convert one to the other: x.to({dtype}) or model.to({x.dtype})"
         )
 
