@@ -74,7 +74,7 @@ def test_cc_ibp_is_the_robust_cross_entropy_of_the_combined_margins():
     expected = robust_cross_entropy(alpha * lower + (1 - alpha) * adv).item()
     assert got.loss.item() == pytest.approx(expected, rel=1e-5)
     # margins at x_adv lie above their IBP bounds: L_adv <= L_CC <= α·L_IBP + (1-α)·L_adv
-    loss_ibp, loss_adv = got.metrics["loss_ibp"], got.metrics["loss_adv"]
+    loss_ibp, loss_adv = got.metrics["loss_rob"], got.metrics["loss_adv"]
     assert loss_adv < got.loss.item() < alpha * loss_ibp + (1 - alpha) * loss_adv
 
 
@@ -88,7 +88,7 @@ def ibp_margins(model: nn.Sequential, batch: Batch, eps: float) -> torch.Tensor:
 def test_exp_ibp_is_the_weighted_geometric_mean_of_the_two_losses():
     model, batch = small_net(), make_batch()
     terms = EXPIBP(alpha=0.3, attack=TrainingAttack(steps=4)).loss(model, batch, no_warmup())
-    loss_ibp, loss_adv = terms.metrics["loss_ibp"], terms.metrics["loss_adv"]
+    loss_ibp, loss_adv = terms.metrics["loss_rob"], terms.metrics["loss_adv"]
     assert loss_adv < loss_ibp
     assert terms.loss.item() == pytest.approx(loss_adv**0.7 * loss_ibp**0.3, rel=1e-5)
     assert loss_adv < terms.loss.item() < 0.3 * loss_ibp + 0.7 * loss_adv  # AM-GM
@@ -195,9 +195,9 @@ def test_taps_objective_is_the_product_with_the_taps_gradient_scaled():
 def test_taps_loss_is_the_product_of_its_two_terms():
     model, batch = small_net(), make_batch()
     terms = TAPS(grad_scale=2.0).loss(model, batch, no_warmup())
-    product = terms.metrics["loss_taps"] * terms.metrics["loss_ibp"]
+    product = terms.metrics["loss_taps"] * terms.metrics["loss_rob"]
     assert terms.loss.item() == pytest.approx(product, rel=1e-6)
-    assert terms.metrics["loss_taps"] < terms.metrics["loss_ibp"]
+    assert terms.metrics["loss_taps"] < terms.metrics["loss_rob"]
 
 
 def test_staps_small_box_gives_a_smaller_ibp_loss_than_the_ball():
@@ -206,7 +206,7 @@ def test_staps_small_box_gives_a_smaller_ibp_loss_than_the_ball():
     whole = TAPS().loss(copy.deepcopy(model), batch, at)
     torch.manual_seed(0)
     small = STAPS(lam=0.2).loss(copy.deepcopy(model), batch, at)
-    assert small.metrics["loss_ibp"] < whole.metrics["loss_ibp"]
+    assert small.metrics["loss_rob"] < whole.metrics["loss_rob"]
     box, centre = STAPS(lam=0.2).box(copy.deepcopy(model), batch, at)
     assert torch.all(box.radius <= 0.2 * at.eps + 1e-7)
     assert torch.equal(centre, box.centre)

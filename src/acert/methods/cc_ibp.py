@@ -79,7 +79,7 @@ class CCIBP(Stateless):
         bounds = ibp_pass(model, input_box(batch.x, step.eps), batch.y, stats)
         margins = bounds.margins
         terms.metrics.update(
-            loss_ibp=robust_cross_entropy(bounds.margins).item(), certified=bounds.certified
+            loss_rob=robust_cross_entropy(bounds.margins).item(), certified=bounds.certified
         )
         if self.alpha < 1:
             x_adv = self.attack(model, batch.x, batch.y, step.eps)
@@ -91,7 +91,6 @@ class CCIBP(Stateless):
                 adv_acc=(adv_logits.argmax(1) == batch.y).float().mean().item(),
             )
         loss = robust_cross_entropy(margins)
-        terms.metrics["loss_rob"] = loss.item()
         return with_warmup(
             LossTerms(loss, logits, terms.metrics), self.regularizer, model, bounds, stats, step
         )

@@ -97,7 +97,7 @@ class EXPIBP(Stateless):
         terms = clean_terms(logits, batch.y)
         bounds = ibp_pass(model, input_box(batch.x, step.eps), batch.y, stats)
         loss = loss_ibp = global_mean(robust_cross_entropies(bounds.margins))
-        terms.metrics.update(loss_ibp=loss_ibp.item(), certified=bounds.certified)
+        terms.metrics.update(loss_rob=loss_ibp.item(), certified=bounds.certified)
         if self.alpha < 1:
             x_adv = self.attack(model, batch.x, batch.y, step.eps)
             adv_logits = forward_with_stats(model, x_adv, stats)
@@ -107,7 +107,6 @@ class EXPIBP(Stateless):
                 loss_adv=loss_adv.item(),
                 adv_acc=(adv_logits.argmax(1) == batch.y).float().mean().item(),
             )
-        terms.metrics["loss_rob"] = loss.item()
         return with_warmup(
             LossTerms(loss, logits, terms.metrics), self.regularizer, model, bounds, stats, step
         )

@@ -282,9 +282,8 @@ class TAPS(Stateless):
             result.estimates, result.bounds.margins, self.grad_scale
         )
         terms.metrics.update(
-            loss_rob=loss.item(),
+            loss_rob=loss_ibp.item(),
             loss_taps=loss_taps.item(),
-            loss_ibp=loss_ibp.item(),
             certified=result.bounds.certified,
             taps_certified=(result.estimates.min(1).values > 0).float().mean().item(),
         )
