@@ -265,3 +265,18 @@ def test_study_table_and_tradeoff_show_the_attack_acr_where_present(tmp_path):
     assert second.split(" | ")[column] == "0.2" and first.split(" | ")[column] == ""
     assert plot_tradeoff(rows, tmp_path / "crown.png", bound="crown").intervals == [1]
     assert plot_tradeoff(rows, tmp_path / "ibp.png", bound="ibp").intervals == []
+
+
+def test_plot_draws_a_best_of_certificate(tmp_path, capsys):
+    from test_plots import make_run
+
+    study = tmp_path / "study"
+    for kappa, clean, acr in ((0.0, 0.8, 0.1), (0.5, 0.9, 0.05)):
+        run = make_run(study, "acert", {"kappa": kappa}, clean, acr)
+        metrics = json.loads((run / "certify_crown.json").read_text())
+        (run / "certify_best.json").write_text(json.dumps({**metrics, "bound": "best"}))
+        torch.save(torch.load(run / "certify_crown.radii.pt"), run / "certify_best.radii.pt")
+    assert main(["plot", str(study), "--bound", "best"]) == 0
+    assert (study / "plots-best" / "tradeoff.png").is_file()
+    assert main(["plot", str(study), "--bound", "best:ibp"]) == 2
+    assert "a best-of needs two or more" in capsys.readouterr().err

@@ -228,13 +228,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    from acert.certify import parse_bound
+    from acert.evaluate import best_label
     from acert.plots import plot_study
-    from acert.sweep import parse_bounds
 
-    bounds = parse_bounds([args.bound])
-    if len(bounds) != 1:
-        raise AcertError(f"--bound takes one bound, got {args.bound!r}; plot each in turn")
-    for path in plot_study(args.study, out=args.out, bound=bounds[0], runs=args.runs):
+    bound = best_label(parse_bound(args.bound))  # one bound, or a best-of certificate's name
+    for path in plot_study(args.study, out=args.out, bound=bound, runs=args.runs):
         print(f"written: {path}")
     return 0
 
@@ -284,7 +283,11 @@ def _parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="trade-off, certified accuracy and radius figures")
     plot.add_argument("study", help="study folder (acert sweep --study)")
     plot.add_argument("--out", help="folder for the PNG files (default: STUDY/plots-BOUND)")
-    plot.add_argument("--bound", default="ibp", help="whose certificates: ibp, crown-ibp, crown")
+    plot.add_argument(
+        "--bound",
+        default="ibp",
+        help="whose certificates: ibp, crown-ibp, crown, best, best:ibp,crown",
+    )
     plot.add_argument(
         "--runs", nargs="+", metavar="RUN", help="runs to draw radii of (default: best per method)"
     )
