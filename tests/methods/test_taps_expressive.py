@@ -216,6 +216,8 @@ def test_a_head_as_long_as_the_network_is_a_config_error():
     model, batch = small_net(), make_batch()
     with pytest.raises(ConfigError, match=r"taps_head must lie in \[1, 8\]"):
         TAPS(head=len(model)).loss(model, batch, no_warmup())
+    with pytest.raises(ConfigError, match="taps_head"):  # already in the standard phase
+        STAPS(head=len(model)).loss(model, batch, step(eps=0.0))
     with pytest.raises(ConfigError, match="taps_head"):
         resolve(TrainConfig(method="taps", taps_head=0))
     with pytest.raises(ConfigError, match="taps_connector"):

@@ -57,7 +57,7 @@ from acert.methods.base import (
 from acert.methods.exp_ibp import global_mean, robust_cross_entropies
 from acert.methods.warmup import WarmupRegularizer
 
-__all__ = ["TAPS", "TAPSPass", "connect", "latent_attack", "taps_pass"]
+__all__ = ["TAPS", "TAPSPass", "check_head", "connect", "latent_attack", "taps_pass"]
 
 CONNECTOR_TOLERANCE = 1e-5
 """Floor of the connector's slack ``c·w`` (a box of zero width splits its gradient in halves)."""
@@ -194,6 +194,15 @@ class TAPSPass:
     estimates: Tensor
 
 
+def check_head(model: nn.Sequential, head: int) -> None:
+    """A ConfigError unless ``head`` leaves a non-empty feature extractor before it."""
+    if not 1 <= head < len(model):
+        raise ConfigError(
+            f"taps_head must lie in [1, {len(model) - 1}] for this {len(model)}-layer model, "
+            f"got {head}"
+        )
+
+
 def taps_pass(
     model: nn.Sequential,
     box: Interval,
@@ -216,11 +225,7 @@ def taps_pass(
         attack: its ``steps`` and ``restarts`` drive the latent PGD (its step size does not).
         connector: the connector's c.
     """
-    if not 1 <= head < len(model):
-        raise ConfigError(
-            f"taps_head must lie in [1, {len(model) - 1}] for this {len(model)}-layer model, "
-            f"got {head}"
-        )
+    check_head(model, head)
     extractor, classifier = model[:-head], model[-head:]
     latent, early = ibp_rules.propagate(extractor, box, stats, sound=False)
     hidden, late = ibp_rules.propagate(classifier[:-1], latent, stats, sound=False)
@@ -270,6 +275,7 @@ class TAPS(Stateless):
         return input_box(batch.x, step.eps), batch.x
 
     def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
+        check_head(model, self.head)  # from the first step, the standard phase's too
         logits, stats = clean_forward(model, batch.x)
         if step.eps == 0:
             return standard_phase_terms(model, batch, logits, stats, step, self.regularizer)
