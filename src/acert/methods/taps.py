@@ -57,7 +57,15 @@ from acert.methods.base import (
 from acert.methods.exp_ibp import global_mean, robust_cross_entropies
 from acert.methods.warmup import WarmupRegularizer
 
-__all__ = ["TAPS", "TAPSPass", "check_head", "connect", "latent_attack", "taps_pass"]
+__all__ = [
+    "TAPS",
+    "TAPSPass",
+    "check_head",
+    "connect",
+    "latent_attack",
+    "taps_objective",
+    "taps_pass",
+]
 
 CONNECTOR_TOLERANCE = 1e-5
 """Floor of the connector's slack ``c·w`` (a box of zero width splits its gradient in halves)."""
