@@ -17,6 +17,7 @@ import acert.radius
 from acert.attacks import margin_loss, pgd_attack
 from acert.bounds import clean_forward, input_box, margin_bounds, margin_evaluator
 from acert.bounds.layers import forward_with_stats
+from acert.errors import UnsupportedModelError
 from acert.models import Normalize
 from acert.radius import (
     SAFETY_MARGIN,
@@ -355,11 +356,14 @@ def test_train_mode_radius_is_certified_with_the_given_stats(tiny_net, method):
                     ref.running_mean.copy_(stats[layer][0])
                     ref.running_var.copy_(stats[layer][1])
         assert_nearly_certified(frozen, x, y_sub, r, method)
-    # without stats the searched batch's own statistics are used, which differ
-    own = radius_search(model, x, y_sub, 0.3, method).radius
+    # the searched batch's own statistics give other radii; without any, no radius is a
+    # certificate of model(x), which then depends on the whole batch: refused
     own_stats = clean_forward(model, x, update_running_stats=False)[1]
+    own = radius_search(model, x, y_sub, 0.3, method, stats=own_stats).radius
     assert_nearly_certified(model, x, y_sub, own, method, stats=own_stats)
     assert (own - r).abs().max() > 1e-4
+    with pytest.raises(UnsupportedModelError, match=r"model\.eval"):
+        radius_search(model, x, y_sub, 0.3, method)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, state[key], atol=0, rtol=0)
     assert model.training

@@ -24,11 +24,14 @@ from acert.bounds import (
     as_eps,
     check_eps,
     check_inputs,
-    clean_forward,
     input_box,
     margin_evaluator,
 )
-from acert.bounds.layers import forward_with_stats, needs_batch_stats
+from acert.bounds.layers import (
+    check_fixed_normalisation,
+    forward_with_stats,
+    needs_batch_stats,
+)
 from acert.bounds.spec import other_classes
 from acert.errors import AcertError
 
@@ -318,11 +321,12 @@ def _shape(value: object) -> str:
 def _clean_pass(
     model: nn.Sequential, x: Tensor, stats: BatchStats | None, logits: Tensor | None
 ) -> tuple[Tensor, BatchStats | None]:
-    """The clean logits of x and the batch-norm statistics the bounds use (computed from x
-    when a train-mode batch-norm has none given), or a one-line error for a misfit input."""
+    """The clean logits of x and the batch-norm statistics the bounds use (a batch-norm that
+    normalises with the current batch needs them given: no radius is a certificate of it), or
+    a one-line error for a misfit input."""
+    if stats is None:
+        check_fixed_normalisation(model)
     try:
-        if needs_batch_stats(model) and stats is None:
-            return clean_forward(model, x, update_running_stats=False)
         if logits is None and needs_batch_stats(model):
             # the clean logits under the given statistics (not those of x's own batch)
             return forward_with_stats(model, x, stats), stats

@@ -184,7 +184,7 @@ def test_zero_eps_gives_the_clean_margins(
     stats = clean_forward(model, x, update_running_stats=False)[1]
     clean = margins_at(model, x, y, stats)
     for eps in (0.0, torch.zeros(5)):
-        lb = margin_bounds(model, x, y, eps, method)
+        lb = margin_bounds(model, x, y, eps, method, stats=stats)
         torch.testing.assert_close(lb, clean, atol=TOL, rtol=0)
 
 

@@ -18,7 +18,12 @@ from torch import Tensor, nn
 
 from acert.bounds import crown, ibp
 from acert.bounds.interval import Interval, as_eps, input_box
-from acert.bounds.layers import BatchStats, check_supported, clean_forward, needs_batch_stats
+from acert.bounds.layers import (
+    BatchStats,
+    check_fixed_normalisation,
+    check_supported,
+    clean_forward,
+)
 from acert.bounds.spec import margin_matrix, other_classes
 from acert.errors import AcertError
 
@@ -241,8 +246,9 @@ def margin_bounds(
 
     Args:
         model: ``nn.Sequential`` of Normalize, Conv2d, Linear, BatchNorm1d/2d, ReLU, Flatten,
-            ending in Linear. Batch-norm uses running statistics in eval mode and the clean
-            batch's statistics in train mode (``stats``, computed from x when not given).
+            ending in Linear. Batch-norm uses running statistics in eval mode; one that
+            normalises with the current batch (train mode) needs ``stats`` (a training
+            objective's bounds) and is refused without them: no certificate holds for it.
         x: (B, C, H, W) or (B, D) inputs in [0, 1], B >= 1, a torch tensor of the model's
             dtype (numpy arrays and lists are refused, not converted: pass ``torch.as_tensor``).
         y: (B,) int64 labels (int32 is accepted too).
@@ -255,10 +261,10 @@ def margin_bounds(
     """
     check_inputs(model, x, y)
     check_eps(eps)
+    if stats is None:
+        check_fixed_normalisation(model)
     box = input_box(x, eps)
     try:
-        if stats is None and needs_batch_stats(model):
-            stats = clean_forward(model, x, update_running_stats=False)[1]
         return margin_bounds_on_box(model, box, y, method, stats)
     except RuntimeError as err:
         first_line = str(err).strip().splitlines()[0]

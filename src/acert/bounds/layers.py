@@ -23,6 +23,7 @@ __all__ = [
     "BatchStats",
     "channel_affine",
     "channel_shift_magnitude",
+    "check_fixed_normalisation",
     "check_supported",
     "clean_forward",
     "fold_batchnorm",
@@ -57,6 +58,7 @@ def check_supported(model: nn.Module) -> nn.Sequential:
             f"bounds need a non-empty torch.nn.Sequential, got {type(model).__name__}; "
             "build the model from acert.models or as nn.Sequential(Normalize(...), ...)"
         )
+    _check_computes_its_layers(model)
     for position, layer in enumerate(model):
         # exact types: a subclass may override forward, and the rules dispatch on type(layer)
         if type(layer) not in SUPPORTED_LAYERS:
@@ -83,6 +85,48 @@ def check_supported(model: nn.Module) -> nn.Sequential:
             f"got {type(model[-1]).__name__}"
         )
     return model
+
+
+def _check_computes_its_layers(model: nn.Sequential) -> None:
+    """Refuse a model whose forward pass is not the chain of its layers: the bounds follow the
+    layers, so a ``forward`` of its own (a subclass's, or one set on the instance) or a hook
+    that changes inputs or outputs would make them bound another function than the model's."""
+    name = type(model).__name__
+    if type(model).forward is not nn.Sequential.forward or "forward" in vars(model):
+        raise UnsupportedModelError(
+            f"{name} defines its own forward, which the bounds cannot follow; certify an "
+            "nn.Sequential of its layers (nn.Sequential(*model)) that computes the same function"
+        )
+    hooked = [
+        f"{where} ({type(module).__name__})"
+        for where, module in [("the model", model)]
+        + [(f"layer {i}", layer) for i, layer in enumerate(model)]
+        if module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module)
+    ]
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        hooked.append("every module (a global forward hook)")
+    if hooked:
+        raise UnsupportedModelError(
+            f"forward hooks or a replaced forward on {', '.join(hooked)} change what the model "
+            "computes, which the bounds cannot follow; remove them (handle.remove()) first"
+        )
+
+
+def check_fixed_normalisation(model: nn.Sequential) -> None:
+    """Refuse batch-norms that normalise with the current batch: a certificate is about
+    ``model(x)``, whose output would then depend on the other inputs of the batch (train mode,
+    or ``track_running_stats=False``); fixed running statistics make it a function of x."""
+    for position, layer in enumerate(model):
+        if uses_batch_stats(layer):
+            fix = (
+                "call model.eval() first"
+                if layer.running_mean is not None
+                else "train it with track_running_stats=True, then call model.eval()"
+            )
+            raise UnsupportedModelError(
+                f"layer {position} ({type(layer).__name__}) normalises with the statistics of "
+                f"the current batch, so no input's prediction can be certified alone; {fix}"
+            )
 
 
 def uses_batch_stats(layer: nn.Module) -> bool:

@@ -1,0 +1,117 @@
+"""Models whose forward pass is not what the bounds follow are refused when certifying (red-team
+cases 3 and 4): a Sequential subclass with its own forward, forward hooks, and batch-norm that
+normalises with the current batch."""
+
+import pytest
+import torch
+from torch import nn
+
+import acert.evaluate
+from acert.bounds import METHODS, margin_bounds
+from acert.errors import UnsupportedModelError
+from acert.evaluate import evaluate
+from acert.radius import radius_search
+
+
+class Negated(nn.Sequential):
+    """The red team's model: the layers' logits, negated."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -super().forward(x)
+
+
+def _layers() -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)]
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(6, 1, 2, 2, generator=g), torch.arange(6) % 3
+
+
+def _certifying_calls(model: nn.Module) -> list:
+    x, y = _data()
+    calls = []
+    for method in METHODS:
+        calls.append(lambda m=method: margin_bounds(model, x, y, 0.1, m))
+        calls.append(lambda m=method: radius_search(model, x, y, 0.5, m))
+        calls.append(lambda m=method: evaluate(model, x, y, 0.5, [0.1], m, pgd_steps=0))
+    return calls
+
+
+def test_a_sequential_subclass_with_its_own_forward_is_refused():
+    for call in _certifying_calls(Negated(*_layers()).eval()):
+        with pytest.raises(UnsupportedModelError, match="defines its own forward"):
+            call()
+
+
+def test_a_forward_replaced_on_the_instance_is_refused():
+    model = nn.Sequential(*_layers()).eval()
+    model.forward = lambda x: -nn.Sequential.forward(model, x)
+    for call in _certifying_calls(model):
+        with pytest.raises(UnsupportedModelError, match="own forward"):
+            call()
+
+
+@pytest.mark.parametrize("where", ["model", "layer", "pre", "global"])
+def test_forward_hooks_are_refused(where):
+    model = nn.Sequential(*_layers()).eval()
+    flip = lambda module, inputs, output: -output  # noqa: E731
+    if where == "model":
+        handle = model.register_forward_hook(flip)
+    elif where == "layer":
+        handle = model[3].register_forward_hook(flip)
+    elif where == "pre":
+        handle = model[1].register_forward_pre_hook(lambda module, inputs: (2 * inputs[0],))
+    else:
+        handle = nn.modules.module.register_module_forward_hook(flip)
+    try:
+        for call in _certifying_calls(model):
+            with pytest.raises(UnsupportedModelError, match="hook"):
+                call()
+    finally:
+        handle.remove()
+    margin_bounds(model, *_data(), 0.1)  # without the hook it certifies again
+
+
+def _with_batchnorm(track_running_stats: bool) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(4, 8),
+        nn.BatchNorm1d(8, track_running_stats=track_running_stats),
+        nn.ReLU(),
+        nn.Linear(8, 3),
+    )
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_batch_norm_with_batch_statistics_is_refused(method):
+    x, y = _data()
+    train_mode = _with_batchnorm(True).train()
+    for call in (
+        lambda: margin_bounds(train_mode, x, y, 0.1, method),
+        lambda: radius_search(train_mode, x, y, 0.5, method),
+        lambda: radius_search(train_mode, x[:1], y[:1], 0.5, method),  # model(x) would raise
+    ):
+        with pytest.raises(UnsupportedModelError, match=r"layer 2 \(BatchNorm1d\).*model.eval"):
+            call()
+    untracked = _with_batchnorm(False).eval()
+    with pytest.raises(UnsupportedModelError, match="track_running_stats=True"):
+        evaluate(untracked, x, y, 0.5, [0.1], method, pgd_steps=0)
+    # the same network with running statistics in eval mode certifies
+    evaluate(_with_batchnorm(True).eval(), x, y, 0.5, [0.1], method, pgd_steps=0)
+
+
+def test_a_sample_counts_as_certified_only_where_the_model_classifies_it(monkeypatch):
+    """Even a bound that certified everything could not make certified accuracy exceed clean
+    accuracy: evaluate counts a sample only where the model's forward pass is right."""
+    x, y = _data()
+    model = nn.Sequential(*_layers()).eval()
+    monkeypatch.setattr(
+        acert.evaluate, "_certified_by_any", lambda m, xb, yb, eps, bounds: torch.ones_like(yb) > 0
+    )
+    result = evaluate(model, x, y, 0.5, [0.1], "ibp", pgd_steps=0)
+    assert result.clean_accuracy < 1
+    assert result.certified_accuracy[0.1] == pytest.approx(result.clean_accuracy)
