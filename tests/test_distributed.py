@@ -56,11 +56,12 @@ import yaml
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from acert._train_ddp import distributed_loss
 from acert.bounds import clean_forward
 from acert.cli import main
 from acert.config import TrainConfig, resolve
-from acert.distributed import World, distributed_loss, shard
 from acert.methods import Batch, Step, WarmupRegularizer, create_method
+from acert.process_group import World, shard
 from acert.runs import RunDir, build_model
 from acert.schedules import EpsSchedule
 from acert.train import run, training_sets

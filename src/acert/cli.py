@@ -110,7 +110,7 @@ def _default_out(config) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from acert.config import resolve
-    from acert.distributed import launched_world
+    from acert.process_group import launched_world
     from acert.train import run
 
     main_process = launched_world().is_main  # under torchrun only rank 0 prints

@@ -5,7 +5,7 @@ builds those objects from a :class:`~acert.config.TrainConfig`, owns the run fol
 interrupted run from its last completed epoch, selects the best epoch by validation acceps
 (METHOD.md, "Certified radius and ACR") and writes the final test metrics.
 
-Started by ``torchrun``, a run trains on several processes (:mod:`acert.distributed`): each
+Started by ``torchrun``, a run trains on several processes (:mod:`acert.process_group`): each
 takes its share of every global batch, rank 0 alone writes the run folder, logs and progress.
 """
 
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from acert._train_ddp import distributed_loss
 from acert._train_state import TrainState, checkpoint_payload, start_or_resume
 from acert.config import TrainConfig, available_device, resolve
 from acert.data import (
@@ -33,13 +34,15 @@ from acert.data import (
     split_train_val,
     stratified_subset,
 )
-from acert.distributed import (
+from acert.errors import AcertError, ConfigError
+from acert.evaluate import Evaluation
+from acert.evaluate_sharded import evaluate_sharded
+from acert.methods import Batch, Step, TrainingMethod, create_method
+from acert.process_group import (
     World,
     barrier,
     broadcast_object,
     check_last_batch,
-    distributed_loss,
-    evaluate_sharded,
     launched_world,
     local_batch_size,
     mean_metrics,
@@ -48,9 +51,6 @@ from acert.distributed import (
     seed_process,
     shard,
 )
-from acert.errors import AcertError, ConfigError
-from acert.evaluate import Evaluation
-from acert.methods import Batch, Step, TrainingMethod, create_method
 from acert.runs import RunDir, build_model
 from acert.schedules import EpsSchedule
 
@@ -100,7 +100,7 @@ def fit(
         model: the network (put in train mode).
         method: its ``loss(model, batch, step)`` gives the objective.
         loader: training batches ``(x, y, idx)``; the global batches when several processes
-            train, each process taking its share (:func:`acert.distributed.shard`).
+            train, each process taking its share (:func:`acert.process_group.shard`).
         schedule: training ε of each step.
         optimizer, scheduler: stepped once per batch.
         epochs: total epochs of the run.

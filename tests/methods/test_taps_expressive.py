@@ -250,7 +250,7 @@ def _product_losses(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
 def _product_losses_worker() -> None:
     import torch.distributed as dist
 
-    from acert.distributed import World, shard
+    from acert.process_group import World, shard
 
     generator = torch.Generator().manual_seed(2)
     first = torch.randn(11, 3, generator=generator)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from acert import distributed
+from acert import process_group as distributed
 from acert.errors import UnsupportedModelError
 from acert.models import Normalize
 

@@ -28,7 +28,6 @@ from torch import Tensor, nn
 
 from acert.bounds import clean_forward, input_box
 from acert.bounds.layers import forward_with_stats
-from acert.distributed import global_sum
 from acert.methods.base import (
     Batch,
     LossTerms,
@@ -41,6 +40,7 @@ from acert.methods.base import (
     with_warmup,
 )
 from acert.methods.warmup import WarmupRegularizer
+from acert.process_group import global_sum
 
 __all__ = ["EXPIBP", "global_mean", "log_product", "robust_cross_entropies"]
 

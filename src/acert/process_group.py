@@ -1,4 +1,4 @@
-"""Training on several processes: ``torchrun --nproc_per_node N -m acert train ...``.
+"""Arithmetic over the processes of a run (``torchrun --nproc_per_node N -m acert train``).
 
 A run on N processes reproduces the run of one process, up to the order of floating-point
 reductions:
@@ -8,11 +8,13 @@ reductions:
   it (:func:`shard`);
 - train-mode batch-norm normalises with the statistics of the *global* batch
   (:func:`batch_moments`, called by :func:`acert.bounds.clean_forward`), and so do the bounds;
-- gradients are averaged by ``DistributedDataParallel`` wrapped around the whole loss of a
-  method (:func:`distributed_loss`), so the reducer sees every pass the method makes over the
-  layers, not only ``model(x)``;
-- epoch metrics are means over all processes (:func:`mean_metrics`); evaluations are sharded by
-  whole evaluation batches and summed (:func:`evaluate_sharded`).
+- loss terms that are nonlinear in batch means take them over all processes (:func:`global_sum`);
+- epoch metrics are means over all processes (:func:`mean_metrics`).
+
+The gradients are averaged by :func:`acert._train_ddp.distributed_loss`, evaluations are
+shared out by :func:`acert.evaluate_sharded.evaluate_sharded`. This module sits below every
+other (bounds, methods, evaluation and training use it) and imports only torch, numpy and
+:mod:`acert.errors`.
 
 Nothing here needs ``torch.distributed`` when one process runs: every helper is the identity.
 Every collective is issued by every process in the same order; a method must therefore build
@@ -22,24 +24,18 @@ the same computation (no branches on values of its own shard) on every process.
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
-import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 from acert.errors import ConfigError
-
-if TYPE_CHECKING:  # acert.bounds imports this module: no acert imports at run time
-    from acert.evaluate import Evaluation
-    from acert.methods import Batch, LossTerms, Step, TrainingMethod
 
 __all__ = [
     "World",
@@ -48,8 +44,6 @@ __all__ = [
     "batch_moments",
     "broadcast_object",
     "check_last_batch",
-    "distributed_loss",
-    "evaluate_sharded",
     "global_sum",
     "launched_world",
     "local_batch_size",
@@ -246,7 +240,7 @@ def sum_over_processes(values: Tensor) -> Tensor:
     return total.to(values.device)
 
 
-# ---------------------------------------------------------------------------------- training
+# ------------------------------------------------------------------------------- batches
 def shard(batch_size: int, world: World) -> tuple[slice, float]:
     """This process's rows of a global batch, and the weight of its loss.
 
@@ -259,34 +253,6 @@ def shard(batch_size: int, world: World) -> tuple[slice, float]:
     lo = batch_size * world.rank // world.world_size
     hi = batch_size * (world.rank + 1) // world.world_size
     return slice(lo, hi), world.world_size * (hi - lo) / batch_size
-
-
-class _MethodLoss(nn.Module):
-    """A method's loss as the forward pass of a module that owns the model's parameters."""
-
-    def __init__(self, model: nn.Sequential, method: TrainingMethod) -> None:
-        super().__init__()
-        self.model = model
-        self.method = method
-
-    def forward(self, batch: Batch, step: Step) -> LossTerms:
-        return self.method.loss(self.model, batch, step)
-
-
-def distributed_loss(
-    model: nn.Sequential, method: TrainingMethod, world: World
-) -> Callable[[Batch, Step], LossTerms]:
-    """``loss(batch, step) -> LossTerms``; across processes, one that averages the gradients.
-
-    ``DistributedDataParallel`` prepares its gradient reducer in its forward pass, and a method
-    runs the model layer by layer (clean pass, bound passes), not through ``model(x)``; so the
-    whole ``method.loss`` is the forward pass of the wrapped module, and every parameter the
-    loss touches, in any pass, is reduced. The model is used, not copied.
-    """
-    if not world.enabled:
-        return functools.partial(method.loss, model)
-    # device_ids=None: the batches are already on the model's device (cpu or cuda:LOCAL_RANK)
-    return nn.parallel.DistributedDataParallel(_MethodLoss(model, method), device_ids=None)
 
 
 def mean_metrics(totals: dict[str, tuple[float, float]]) -> dict[str, float]:
@@ -302,93 +268,3 @@ def mean_metrics(totals: dict[str, tuple[float, float]]) -> dict[str, float]:
         k: (s / n if n else float("nan")) for k, (s, n) in zip(keys, flat.tolist(), strict=True)
     }
     return {key: means[key] for key in totals}
-
-
-# -------------------------------------------------------------------------------- evaluation
-def _rows(n: int, chunk: int, world: World) -> slice:
-    """A contiguous share of whole evaluation batches, the first shares the larger ones (so
-    each batch is one a single process evaluates and gives the same per-sample results)."""
-    chunks = math.ceil(n / chunk)
-    lo = math.ceil(chunks * world.rank / world.world_size) * chunk
-    hi = math.ceil(chunks * (world.rank + 1) / world.world_size) * chunk
-    return slice(min(lo, n), min(hi, n))
-
-
-def _counts(part: Evaluation, size: int) -> Tensor:
-    """[bound evaluations, correct, certified per ε, PGD-robust per ε] of ``size`` samples."""
-    fractions = [
-        part.clean_accuracy,
-        *part.certified_accuracy.values(),
-        *part.pgd_accuracy.values(),
-    ]
-    counts = [part.radius_evaluations * size, *(round(f * size) for f in fractions)]
-    return torch.tensor(counts, dtype=torch.float64)
-
-
-def evaluate_sharded(
-    model: nn.Sequential,
-    x: Tensor,
-    y: Tensor,
-    eps_max: float,
-    world: World,
-    cert_eps: Sequence[float] = (),
-    bound: str = "ibp",
-    pgd_eps: Sequence[float] | None = None,
-    batch_size: int = 256,
-    **kwargs: Any,
-) -> Evaluation:
-    """:func:`acert.evaluate.evaluate` with the samples shared out among the processes.
-
-    Each process evaluates a contiguous run of whole ``batch_size`` batches; the counts and
-    the per-sample radii are summed, so every process returns the evaluation of all samples.
-    Clean and certified accuracy and the radii are one process's; PGD starts are drawn per
-    process, so PGD accuracy can differ by the luck of the random starts.
-
-    Args:
-        model, x, y, eps_max, cert_eps, bound, pgd_eps, batch_size: as for ``evaluate``.
-        world: the processes.
-        **kwargs: further ``evaluate`` arguments (pgd_steps, device, progress).
-    """
-    from acert.evaluate import (  # see the TYPE_CHECKING imports
-        Evaluation,
-        acceps,
-        attacked_radii,
-        evaluate,
-    )
-
-    cert_eps = list(dict.fromkeys(cert_eps))
-    pgd_eps = attacked_radii(cert_eps, pgd_eps, kwargs.get("pgd_steps", 20))
-    run = functools.partial(
-        evaluate,
-        eps_max=eps_max,
-        cert_eps=cert_eps,
-        bound=bound,
-        pgd_eps=pgd_eps,
-        batch_size=batch_size,
-        **kwargs,
-    )
-    if not world.enabled:
-        return run(model, x, y)
-    n, rows = x.shape[0], _rows(x.shape[0], batch_size, world)
-    head = 2 + len(cert_eps) + len(pgd_eps)
-    totals = torch.zeros(head + n, dtype=torch.float64)
-    if rows.stop > rows.start:
-        part = run(model, x[rows], y[rows])
-        totals[:head] = _counts(part, rows.stop - rows.start)
-        totals[head:][rows] = part.radii.double()
-    totals = sum_over_processes(totals)
-    correct, certified = totals[1].item(), totals[2 : 2 + len(cert_eps)].tolist()
-    robust, radii = totals[2 + len(cert_eps) : head].tolist(), totals[head:].float()
-    clean, acr = correct / n, radii.mean().item()
-    return Evaluation(
-        n=n,
-        bound=bound,
-        eps_max=eps_max,
-        clean_accuracy=clean,
-        acr=acr,
-        acceps=acceps(acr, eps_max, clean),
-        certified_accuracy={e: c / n for e, c in zip(cert_eps, certified, strict=True)},
-        pgd_accuracy={e: c / n for e, c in zip(pgd_eps, robust, strict=True)},
-        radius_evaluations=totals[0].item() / n,
-        radii=radii,
-    )
