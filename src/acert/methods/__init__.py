@@ -16,6 +16,7 @@ from acert.methods.cc_ibp import CCIBP
 from acert.methods.crown_ibp import CROWNIBP
 from acert.methods.exp_ibp import EXPIBP
 from acert.methods.ibp import IBP
+from acert.methods.loop import ACERTLoss, TrainingLoss
 from acert.methods.mtl_ibp import MTLIBP
 from acert.methods.pgd import PGDTraining
 from acert.methods.sabr import SABR, sabr_box
@@ -35,12 +36,14 @@ __all__ = [
     "SABR",
     "STAPS",
     "TAPS",
+    "ACERTLoss",
     "Batch",
     "LossTerms",
     "PGDTraining",
     "Standard",
     "Step",
     "TrainingAttack",
+    "TrainingLoss",
     "TrainingMethod",
     "WarmupRegularizer",
     "create_method",

@@ -129,6 +129,7 @@ class ACERT:
             model, batch, radii, step, logits, stats, self.kappa, self.regularizer
         )
         terms.metrics["radius_evals"] = evaluations
+        terms.radii = radii.detach()
         return terms
 
     def state_dict(self) -> dict:

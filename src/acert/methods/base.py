@@ -92,11 +92,13 @@ class LossTerms:
         loss: scalar to minimise.
         logits: (B, K) clean logits (for the training accuracy).
         metrics: named scalars for the logs (e.g. ``loss_rob``, ``radius``).
+        radii: (B,) the per-sample training radii of an adaptive method (ACERT), else None.
     """
 
     loss: Tensor
     logits: Tensor
     metrics: dict[str, float] = field(default_factory=dict)
+    radii: Tensor | None = None
 
 
 class TrainingMethod(Protocol):
