@@ -37,11 +37,7 @@ def test_sample_indices_warm_start_and_their_absence_leaves_the_memory_alone():
     assert remembered.numel() == 62 and torch.isnan(remembered[:50]).all()
     assert not torch.isnan(remembered[50:]).any()
     loss_fn(model, x, y, 0.2)  # no idx: cold searches, nothing remembered or mixed up
-    assert (
-        torch.equal(loss_fn.method.memory.radius, remembered, equal_nan=True)
-        if hasattr(torch, "equal_nan")
-        else torch.allclose(loss_fn.method.memory.radius, remembered, equal_nan=True)
-    )
+    assert torch.allclose(loss_fn.method.memory.radius, remembered, equal_nan=True)
     assert loss_fn.method.memory is not None
 
 
