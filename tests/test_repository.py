@@ -1,5 +1,10 @@
-"""The README's quick start stays true: CI runs exactly its test command."""
+"""The repository stays as documented: CI runs exactly the README's quick-start test command,
+and the package's imports point one way, down its layers, without circles."""
 
+import ast
+import textwrap
+from collections.abc import Collection, Mapping, Sequence
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,3 +23,240 @@ def test_quick_start_has_two_commands_and_ci_runs_the_test_one():
     assert tests.endswith("pytest")
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert ci_lines[-1] == tests
+
+
+# ----------------------------------------------------------------------------- import layers
+# The package's layers, top to bottom (docs/ARCHITECTURE.md, "Layers"). A module may import
+# modules of its own layer or of a layer below it, never one above, and no import circle is
+# allowed, inside a layer either. Names are ``fnmatch`` patterns ("acert.bounds.*").
+#
+# Every import statement counts wherever it stands: at module level, inside a function, under
+# ``if TYPE_CHECKING:``. A lazy import only hides an arrow from the interpreter; the code still
+# needs the module to run, and a type-only import still ties the two modules' designs together.
+# ``from p import n`` is an arrow to the module p.n when there is one, else to p; importing p.n
+# is no arrow to p. ``importlib`` calls are not read (only ``acert/__init__.py``'s lazy
+# re-exports use one, and that facade sits at the top).
+LAYERS: dict[str, tuple[str, ...]] = {
+    "interface": ("acert", "acert.__main__", "acert.cli", "acert._certify_cli"),
+    "workflows": (
+        "acert.train",
+        "acert._train_state",
+        "acert._train_ddp",
+        "acert.certify",
+        "acert.sweep",
+        "acert.export",
+        "acert.export_*",
+        "acert.bench",
+    ),
+    "records": ("acert.config", "acert.runs", "acert.study", "acert.plots", "acert._plot_labels"),
+    "methods and evaluation": (
+        "acert.methods",
+        "acert.methods.*",
+        "acert.evaluate",
+        "acert.evaluate_sharded",
+    ),
+    "radii": ("acert.radius", "acert.attacks"),
+    "bounds": ("acert.bounds", "acert.bounds.*"),
+    "models": ("acert.models",),
+    "foundation": (
+        "acert.errors",
+        "acert.process_group",
+        "acert.schedules",
+        "acert.data",
+        "acert.data.*",
+        "acert._data_*",
+    ),
+}
+
+Graph = dict[str, set[str]]
+
+
+def package_modules(src: Path, package: str) -> dict[str, Path]:
+    """Dotted name -> file of every module of ``package`` under ``src``."""
+    modules = {}
+    for path in sorted((src / package).rglob("*.py")):
+        parts = path.relative_to(src).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def imported_modules(module: str, path: Path, known: Collection[str]) -> set[str]:
+    """The modules of ``known`` that ``module`` (its file ``path``) imports, anywhere in it."""
+    here = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = here.split(".")[: len(here.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            names = [
+                f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base
+                for alias in node.names
+            ]
+        else:
+            continue
+        for name in names:
+            while name and name not in known:  # `import acert.x.y` of a module acert.x.y
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                found.add(name)
+    return found
+
+
+def import_graph(src: Path, package: str) -> Graph:
+    modules = package_modules(src, package)
+    return {name: imported_modules(name, path, modules) for name, path in modules.items()}
+
+
+def circles(graph: Graph) -> list[list[str]]:
+    """The import circles: strongly connected sets of two or more modules (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            members = []
+            while not members or members[-1] != node:
+                members.append(stack.pop())
+            if len(members) > 1:
+                found.append(sorted(members))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return sorted(found)
+
+
+def layer_of(module: str, layers: Mapping[str, Sequence[str]]) -> list[int]:
+    """The positions (0 = top) of the layers that place ``module``."""
+    return [
+        i
+        for i, patterns in enumerate(layers.values())
+        if any(fnmatchcase(module, pattern) for pattern in patterns)
+    ]
+
+
+def upward_arrows(graph: Graph, layers: Mapping[str, Sequence[str]]) -> list[str]:
+    """Every import of a module in a higher layer, as 'importer (layer) -> imported (layer)';
+    modules not placed exactly once are left to :func:`misplaced`."""
+    names = list(layers)
+    placed = {m: found[0] for m in graph if len(found := layer_of(m, layers)) == 1}
+    return [
+        f"{module} ({names[placed[module]]}) -> {target} ({names[placed[target]]})"
+        for module, imported in sorted(graph.items())
+        for target in sorted(imported)
+        if module in placed and target in placed and placed[target] < placed[module]
+    ]
+
+
+def misplaced(graph: Graph, layers: Mapping[str, Sequence[str]]) -> list[str]:
+    """Modules that no layer, or more than one, places."""
+    return [m for m in sorted(graph) if len(layer_of(m, layers)) != 1]
+
+
+def test_every_module_sits_in_exactly_one_layer():
+    assert misplaced(import_graph(ROOT / "src", "acert"), LAYERS) == []
+
+
+# Circles of one package each, through a type-only import, that their packages' own moves
+# remove (issue 11): acert/data/ replaces the data modules, bounds/ is another engineer's.
+OPEN_CIRCLES = [
+    ["acert._data_batches", "acert.data"],
+    ["acert.bounds.crown", "acert.bounds.patches"],
+]
+
+
+def test_the_package_has_no_import_circle():
+    found = circles(import_graph(ROOT / "src", "acert"))
+    assert [circle for circle in found if circle not in OPEN_CIRCLES] == []
+
+
+def test_no_import_points_up_the_layers():
+    assert upward_arrows(import_graph(ROOT / "src", "acert"), LAYERS) == []
+
+
+def _write(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(textwrap.dedent(text))
+
+
+def test_the_checks_report_planted_circles_and_upward_arrows(tmp_path: Path):
+    layers = {
+        "top": ("pkg", "pkg.radius"),
+        "middle": ("pkg.bounds", "pkg.bounds.*"),
+        "bottom": ("pkg.models", "pkg.errors"),
+    }
+    _write(
+        tmp_path,
+        {
+            "pkg/__init__.py": "",
+            "pkg/errors.py": "",
+            "pkg/radius.py": "from pkg.bounds import ibp\nimport pkg.errors\n",
+            "pkg/bounds/__init__.py": "from . import ibp\nfrom .ibp import rule\n",
+            "pkg/bounds/ibp.py": "from ..models import Net\n\ndef rule():\n    pass\n",
+            "pkg/bounds/spec.py": "",
+            "pkg/models.py": "from pkg.errors import Error\n",
+        },
+    )
+    clean = import_graph(tmp_path, "pkg")
+    assert clean == {
+        "pkg": set(),
+        "pkg.bounds": {"pkg.bounds.ibp"},
+        "pkg.bounds.ibp": {"pkg.models"},
+        "pkg.bounds.spec": set(),
+        "pkg.errors": set(),
+        "pkg.models": {"pkg.errors"},
+        "pkg.radius": {"pkg.bounds.ibp", "pkg.errors"},
+    }
+    assert circles(clean) == []
+    assert upward_arrows(clean, layers) == []
+    assert misplaced(clean, layers) == []
+
+    _write(
+        tmp_path,
+        {
+            # a lazy import: a circle across layers, and its upward arrow
+            "pkg/bounds/ibp.py": """\
+                from ..models import Net
+
+                def rule():
+                    from pkg import radius
+            """,
+            # a type-only import: a circle inside one layer
+            "pkg/errors.py": """\
+                from typing import TYPE_CHECKING
+
+                if TYPE_CHECKING:
+                    from pkg.models import Net
+            """,
+            # an upward arrow without a circle
+            "pkg/models.py": """\
+                from pkg.errors import Error
+
+                def net():
+                    from .bounds.spec import margin
+            """,
+            "pkg/extra.py": "",
+        },
+    )
+    planted = import_graph(tmp_path, "pkg")
+    assert circles(planted) == [["pkg.bounds.ibp", "pkg.radius"], ["pkg.errors", "pkg.models"]]
+    assert upward_arrows(planted, layers) == [
+        "pkg.bounds.ibp (middle) -> pkg.radius (top)",
+        "pkg.models (bottom) -> pkg.bounds.spec (middle)",
+    ]
+    assert misplaced(planted, layers) == ["pkg.extra"]
