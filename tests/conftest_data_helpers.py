@@ -1,4 +1,5 @@
-"""Writers of tiny synthetic dataset files for tests/test_data.py (idx, CIFAR, TinyImageNet)."""
+"""Helpers of the tests of acert.data: writers of tiny synthetic dataset files (idx, CIFAR,
+TinyImageNet), numbered image sets, and the check of a one-line DatasetError."""
 
 from __future__ import annotations
 
@@ -8,12 +9,25 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from acert.data import ImageSet
+from acert.errors import DatasetError
 
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
+
+
+def one_line_error(func, *args, match: str | None = None, **kwargs) -> str:
+    """Call func, expect a DatasetError with a one-line message (containing ``match``)."""
+    with pytest.raises(DatasetError) as info:
+        func(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message, message
+    if match is not None:
+        assert match in message, message
+    return message
 
 
 def idx_bytes(array: np.ndarray, magic: int | None = None) -> bytes:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import yaml
 
-from acert.data import dataset_info
+from acert.data import DATASETS, dataset_info
 from acert.errors import ConfigError
 
 __all__ = [
@@ -91,38 +91,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "mnist5k": {
-        "model": "cnn7-tiny",
-        "epochs": 30,
-        "batch_size": 64,
-        "lr": 2e-3,
-        "reg_epochs": 12,
-        "lambda_tight": 0.5,
-        "lambda_relu": 0.5,
-        "l1": 0.0,
-    },
-    "mnist": {"model": "cnn7", "epochs": 100, "batch_size": 128, "lr": 1e-3, "reg_epochs": 20},
-    "fashion-mnist": {
-        "model": "cnn7",
-        "epochs": 100,
-        "batch_size": 128,
-        "lr": 1e-3,
-        "reg_epochs": 20,
-    },
-    "cifar10": {"model": "cnn7", "epochs": 200, "batch_size": 128, "lr": 2e-3, "reg_epochs": 80},
-    "tinyimagenet": {
-        "model": "cnn7-tinyimagenet",
-        "epochs": 200,
-        "batch_size": 256,
-        "lr": 2e-3,
-        "reg_epochs": 80,
-        "lambda_tight": 0.2,
-        "lambda_relu": 0.2,
-        "l1": 1e-4,
-    },
-}
-"""Per-dataset values for the fields left ``None`` (METHOD.md, "Optimisation"; mnist5k is ours)."""
+PRESETS: dict[str, dict[str, Any]] = {name: d.preset.values() for name, d in DATASETS.items()}
+"""Per-dataset values for the fields left ``None``: a view of each dataset record's ``preset``
+(:mod:`acert.data.registry`; METHOD.md, "Optimisation")."""
 
 _GENERIC = {"lambda_tight": 0.5, "lambda_relu": 0.5, "l1": 0.0}
 
@@ -265,7 +236,7 @@ def _default_val_size(preset: int, train_limit: int | None) -> int:
 def resolve(config: TrainConfig) -> TrainConfig:
     """Fill every ``None`` from the dataset (registry and preset) and check the values."""
     info = dataset_info(config.dataset)
-    preset = {**_GENERIC, **PRESETS.get(config.dataset, {})}
+    preset = {**_GENERIC, **info.preset.values()}
     filled: dict[str, Any] = {
         **{k: v for k, v in preset.items() if getattr(config, k) is None},
         "val_size": _default_val_size(info.val_size, config.train_limit)

