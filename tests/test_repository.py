@@ -55,7 +55,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "acert.evaluate",
         "acert.evaluate_sharded",
     ),
-    "radii": ("acert.radius", "acert.attacks"),
+    "radii": ("acert.radius", "acert.radius.*", "acert.attacks"),
     "bounds": ("acert.bounds", "acert.bounds.*"),
     "models": ("acert.models",),
     "foundation": (
@@ -64,7 +64,6 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "acert.schedules",
         "acert.data",
         "acert.data.*",
-        "acert._data_*",
     ),
 }
 
@@ -171,12 +170,9 @@ def test_every_module_sits_in_exactly_one_layer():
     assert misplaced(import_graph(ROOT / "src", "acert"), LAYERS) == []
 
 
-# Circles of one package each, through a type-only import, that their packages' own moves
-# remove (issue 11): acert/data/ replaces the data modules, bounds/ is another engineer's.
-OPEN_CIRCLES = [
-    ["acert._data_batches", "acert.data"],
-    ["acert.bounds.crown", "acert.bounds.patches"],
-]
+# A circle inside bounds/ through a type-only import (patches.py names crown's _Network), open
+# while bounds/ is being reorganised (issue 11).
+OPEN_CIRCLES = [["acert.bounds.crown", "acert.bounds.patches"]]
 
 
 def test_the_package_has_no_import_circle():
