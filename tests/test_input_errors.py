@@ -16,8 +16,9 @@ import acert
 from acert.bounds import margin_bounds
 from acert.errors import AcertError
 from acert.evaluate import evaluate
+from acert.methods import ACERT
 from acert.models import Normalize
-from acert.radius import radius_search
+from acert.radius import KnownBatch, SearchSettings, radius_search
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -190,29 +191,41 @@ def test_per_sample_caps_outside_the_pixel_range_are_refused(data):
         ("ftol", math.inf, "ftol must be a finite number >= 0"),
         ("max_iter", -1, "max_iter must be a whole number >= 0"),
         ("max_iter", 2.5, "max_iter must be a whole number >= 0"),
+        ("max_iter", True, "max_iter must be a whole number >= 0"),
+        ("strategy", "newton", "unknown radius search 'newton'; choose one of brent, bisection"),
+        ("strategy", None, "unknown radius search None"),
+        ("sound", "yes", "sound must be True (certificates) or False"),
+        ("spread", -0.5, "spread must lie in (0, 1)"),
+        ("spread", math.nan, "spread must lie in (0, 1)"),
+        ("spread", 0.0, "spread must lie in (0, 1)"),
+        ("spread", 1.0, "spread must lie in (0, 1)"),
+        ("spread", 3.0, "spread must lie in (0, 1)"),
     ],
 )
-def test_tolerances_that_would_give_radius_zero_are_refused(data, option, value, message):
-    model, x, y = data
-    raises(lambda: radius_search(model, x, y, 0.1, **{option: value}), message)
+def test_search_settings_that_would_give_radius_zero_are_refused_when_made(option, value, message):
+    """Each setting has its one range check, in SearchSettings itself: nothing to search yet."""
+    raises(lambda: SearchSettings(**{option: value}), message)
 
 
-@pytest.mark.parametrize("spread", [-0.5, math.nan, 0.0, 1.0, 3.0])
-def test_a_warm_start_spread_outside_0_1_is_named(data, spread):
+def test_search_settings_come_as_one_object(data):
     model, x, y = data
-    guess = torch.full((4,), 0.05)
-    message = raises(
-        lambda: radius_search(model, x, y, 0.1, guess=guess, spread=spread),
-        "spread must lie in (0, 1)",
+    raises(
+        lambda: radius_search(model, x, y, 0.1, "ibp", "bisection"),
+        "settings must be an acert.radius.SearchSettings, got str",
+        "SearchSettings(strategy='bisection'",
     )
-    assert "eps must be" not in message
+    raises(
+        lambda: radius_search(model, x, y, 0.1, known={"logits": model(x)}),
+        "known must be an acert.radius.KnownBatch, got dict",
+    )
+    raises(lambda: ACERT(search="bisection"), "search must be an acert.radius.SearchSettings")
 
 
 @pytest.mark.parametrize("shape", [(3,), (4, 1), (5,)])
 def test_a_guess_of_the_wrong_shape_is_named(data, shape):
     model, x, y = data
     raises(
-        lambda: radius_search(model, x, y, 0.1, guess=torch.full(shape, 0.05)),
+        lambda: radius_search(model, x, y, 0.1, known=KnownBatch(guess=torch.full(shape, 0.05))),
         "guess must be a (4,) tensor",
         f"got shape {shape}",
     )
@@ -222,7 +235,7 @@ def test_a_guess_of_the_wrong_shape_is_named(data, shape):
 def test_logits_of_the_wrong_shape_are_named(data, shape):
     model, x, y = data
     raises(
-        lambda: radius_search(model, x, y, 0.1, logits=torch.zeros(shape)),
+        lambda: radius_search(model, x, y, 0.1, known=KnownBatch(logits=torch.zeros(shape))),
         "logits must be the (4, 3) clean logits of x",
         f"got shape {shape}",
     )

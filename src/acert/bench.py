@@ -36,7 +36,7 @@ from acert.data import BatchLoader, load_imageset, stratified_subset
 from acert.errors import AcertError
 from acert.methods import ACERT, Batch, Step, create_method
 from acert.models import create_model
-from acert.radius import SEARCHES, radius_search
+from acert.radius import SEARCHES, KnownBatch, SearchSettings, radius_search
 from acert.runs import RunDir, build_model, model_from_checkpoint, run_checkpoint
 from acert.train import run as train_run
 from acert.train import training_sets
@@ -273,10 +273,13 @@ def _radius_counts(reference: _Reference, settings: BenchSettings, device) -> di
     tol = 1e-4 * config.eps_max
     out: dict[str, float] = {"radius_samples": int(correct.sum())}
     for name in SEARCHES:
-        result = radius_search(model, x, y, config.eps_max, "ibp", search=name, xtol=tol)
+        search = SearchSettings(strategy=name, xtol=tol)
+        result = radius_search(model, x, y, config.eps_max, "ibp", search)
         out[f"radius_evals_per_sample_{name}"] = result.mean_evaluations
-    previous = radius_search(earlier, x, y, config.eps_max, "ibp", xtol=tol).radius
-    warm = radius_search(model, x, y, config.eps_max, "ibp", xtol=tol, guess=previous)
+    brent = SearchSettings(xtol=tol)
+    previous = radius_search(earlier, x, y, config.eps_max, "ibp", brent).radius
+    warm_start = KnownBatch(guess=previous)
+    warm = radius_search(model, x, y, config.eps_max, "ibp", brent, known=warm_start)
     out["radius_evals_per_sample_brent_warm"] = warm.mean_evaluations
     return out
 

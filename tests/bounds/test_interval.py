@@ -9,7 +9,7 @@ import torch
 from acert.bounds import Interval, input_box, margin_bounds, margin_matrix, other_classes
 from acert.bounds.interval import as_eps
 from acert.errors import AcertError
-from acert.radius import radius_search
+from acert.radius import SearchSettings, radius_search
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -121,7 +121,7 @@ def test_radius_search_input_errors(tiny_net, mode):
         (lambda: radius_search(model, x, y, -0.1), "eps"),
         (lambda: radius_search(model, x, y, float("nan")), "eps"),
         (lambda: radius_search(model, x, y, torch.tensor([0.1, 0.2])), r"\(3,\)"),
-        (lambda: radius_search(model, x, y, 0.1, search="newton"), "newton"),
+        (lambda: radius_search(model, x, y, 0.1, settings=SearchSettings("newton")), "newton"),
         (lambda: radius_search(model, x, y, 0.1, method="lp"), "lp"),
         (lambda: radius_search(model, x * 2, y, 0.1), r"\[0, 1\]"),
         (lambda: radius_search(model, x, y + 1, 0.1), "labels"),

@@ -7,9 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from acert.methods import ACERT, Batch, Step, WarmupRegularizer
+from acert.config import TrainConfig
+from acert.methods import ACERT, Batch, Step, WarmupRegularizer, create_method
 from acert.methods.base import robust_cross_entropy
 from acert.models import Normalize
+from acert.radius import TRAINING_SEARCH, SearchSettings
 
 
 def linear_model() -> nn.Sequential:
@@ -115,3 +117,27 @@ def test_loss_has_gradients_through_the_bounds():
     terms = ACERT(kappa=0.0).loss(model, Batch(x, y, torch.arange(16)), step(0.05, warmup=True))
     terms.loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_the_training_search_is_method_md_and_the_config_sets_strategy_and_limit():
+    """ACERT's radii come from one SearchSettings: METHOD.md's training search by default; the
+    config's radius_search and radius_max_iter change that one object, and the loss obeys it."""
+    assert (
+        ACERT().search
+        == TRAINING_SEARCH
+        == SearchSettings("brent", xtol=1e-6, rtol=1e-4, ftol=1e-5, max_iter=10, sound=False)
+    )
+    assert create_method(TrainConfig(method="acert")).search == TRAINING_SEARCH
+    config = TrainConfig(
+        method="acert", radius_search="bisection", radius_max_iter=2, radius_warm_start=False
+    )
+    method = create_method(config)
+    assert method.search == SearchSettings(
+        "bisection", xtol=1e-6, rtol=1e-4, ftol=1e-5, max_iter=2, sound=False
+    )
+    assert method.memory is None
+    # bisection on [0, 0.3] for sample 0 (root 0.1): the cap, then 0.15 and 0.075, then stop
+    model, b = linear_model(), batch()
+    radii, evaluations = method.adaptive_radii(model, b, step(0.3), model(b.x), {})
+    assert radii[0] == torch.tensor(0.075) and radii[1].item() == pytest.approx(0.3, rel=1e-6)
+    assert evaluations == pytest.approx((3 + 1 + 0) / 3)

@@ -7,6 +7,7 @@ A method reads only the config fields it needs (``kappa``, ``eps_train``, ...).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from acert.errors import ConfigError
@@ -24,6 +25,7 @@ from acert.methods.standard import Standard
 from acert.methods.staps import STAPS
 from acert.methods.taps import TAPS
 from acert.methods.warmup import WarmupRegularizer
+from acert.radius import TRAINING_SEARCH, SearchSettings
 
 __all__ = [
     "ACERT",
@@ -60,6 +62,11 @@ def _regularizer(config: Any) -> WarmupRegularizer:
     return WarmupRegularizer(tight, relu)
 
 
+def _radius_search(config: Any) -> SearchSettings:
+    """ACERT's training search with the config's strategy and iteration limit."""
+    return replace(TRAINING_SEARCH, strategy=config.radius_search, max_iter=config.radius_max_iter)
+
+
 def _attack(config: Any) -> TrainingAttack:
     return TrainingAttack(config.pgd_steps, config.pgd_step_size, config.pgd_restarts)
 
@@ -80,8 +87,7 @@ METHODS: dict[str, Callable[[Any], TrainingMethod]] = {
     "acert": lambda c: ACERT(
         kappa=c.kappa,
         regularizer=_regularizer(c),
-        search=c.radius_search,
-        max_iter=c.radius_max_iter,
+        search=_radius_search(c),
         memory=RadiusMemory() if c.radius_warm_start else None,
     ),
     "ibp": lambda c: IBP(kappa=c.kappa, regularizer=_regularizer(c)),

@@ -22,7 +22,8 @@ from acert.methods.base import (
     standard_phase_terms,
 )
 from acert.methods.warmup import WarmupRegularizer
-from acert.radius import radius_search
+from acert.radius import TRAINING_SEARCH, KnownBatch, SearchSettings, radius_search
+from acert.radius.settings import check_settings
 
 __all__ = ["ACERT", "RadiusMemory"]
 
@@ -73,44 +74,33 @@ class ACERT:
     Attributes:
         kappa: weight κ of the clean loss in ``(1-κ)·L_rob + κ·L_std``.
         regularizer: the warm-up regularisers.
-        search: radius search strategy (``"brent"`` or ``"bisection"``).
-        max_iter, xtol, rtol, ftol: the cheap training search (10, 1e-6, 1e-4, 1e-5).
+        search: the radius search of the training radii (:data:`acert.radius.TRAINING_SEARCH`:
+            Brent, at most 10 iterations, xtol 1e-6, rtol 1e-4, ftol 1e-5, plain arithmetic);
+            change it with ``dataclasses.replace(TRAINING_SEARCH, max_iter=20)``.
         min_warmup_eps: floor of the radii during warm-up (1e-6).
         memory: last radius per training sample for warm starts (None: cold searches).
     """
 
     kappa: float = 0.0
     regularizer: WarmupRegularizer = field(default_factory=WarmupRegularizer)
-    search: str = "brent"
-    max_iter: int = 10
-    xtol: float = 1e-6
-    rtol: float = 1e-4
-    ftol: float = 1e-5
+    search: SearchSettings = TRAINING_SEARCH
     min_warmup_eps: float = MIN_WARMUP_EPS
     memory: RadiusMemory | None = field(default_factory=RadiusMemory)
     name: str = "acert"
 
+    def __post_init__(self) -> None:
+        check_settings(self.search, "search")
+
     def adaptive_radii(
         self, model: nn.Sequential, batch: Batch, step: Step, logits: Tensor, stats: BatchStats
     ) -> tuple[Tensor, float]:
-        """(B,) IBP certified radii capped at ε_s, 0 if misclassified (METHOD.md step 3), in
-        the plain interval arithmetic of the training objective."""
+        """(B,) IBP certified radii capped at ε_s, 0 if misclassified (METHOD.md step 3), by
+        the search of ``self.search``, warm-started from the memory."""
+        guess = None if self.memory is None else self.memory.guess(batch.idx)
+        known = KnownBatch(logits=logits.detach(), stats=stats, guess=guess)
         with torch.no_grad():
             result = radius_search(
-                model,
-                batch.x,
-                batch.y,
-                step.eps,
-                "ibp",
-                search=self.search,
-                xtol=self.xtol,
-                rtol=self.rtol,
-                ftol=self.ftol,
-                max_iter=self.max_iter,
-                stats=stats,
-                logits=logits.detach(),
-                guess=None if self.memory is None else self.memory.guess(batch.idx),
-                sound=False,  # a training target, not a certificate
+                model, batch.x, batch.y, step.eps, "ibp", self.search, known=known
             )
         if self.memory is not None:
             self.memory.remember(batch.idx, result.radius, step.eps)

@@ -86,7 +86,7 @@ class TrainingLoss:
 
 class ACERTLoss(TrainingLoss):
     """The ACERT loss for your own loop; ``settings`` are :class:`~acert.methods.ACERT`'s
-    (``regularizer``, ``search``, ``max_iter``, ``xtol``, ``rtol``, ``ftol``, ...)."""
+    (``regularizer``, ``search``: a :class:`~acert.radius.SearchSettings`, ``memory``, ...)."""
 
     def __init__(self, eps_max: float, kappa: float = 0.0, **settings: Any) -> None:
         super().__init__(ACERT(kappa=kappa, **settings), eps_max)
