@@ -60,6 +60,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "models": ("acert.models",),
     "foundation": (
         "acert.errors",
+        "acert._threads",
         "acert.process_group",
         "acert.schedules",
         "acert.data",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from acert._certify_cli import add_certify_parser, print_evaluation
+from acert._threads import quiet_waiting
 from acert.errors import AcertError
 
 __all__ = ["main"]
@@ -374,6 +375,8 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``acert`` console script."""
+    if "torch" not in sys.modules:  # OpenMP reads its wait policy when torch loads it
+        quiet_waiting()  # idle threads sleep: no collapse beside a busy process
     args = _parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
