@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-import acert.certify
+import acert.certify_runs
 from acert.attacks import AttackSearch, attack_radii
-from acert.certify import parse_bound
+from acert.certify_runs import parse_bound
 from acert.cli import main
 from acert.errors import AcertError
 from acert.evaluate import attack_check, best_of
@@ -156,7 +156,7 @@ def test_certify_says_unsound_and_exits_1_when_an_attack_radius_is_below(
     def tiny_radii(model, x, y, eps_max, search, generator):
         return torch.full((x.shape[0],), 1e-4, dtype=torch.float64)
 
-    monkeypatch.setattr(acert.certify, "attack_radii", tiny_radii)
+    monkeypatch.setattr(acert.certify_runs, "attack_radii", tiny_radii)
     out = tmp_path / "m.json"
     argv = ["certify", str(run), "--limit", "30", "--pgd-steps", "0", "--attack", "--quiet"]
     assert main([*argv, "--out", str(out)]) == 1

@@ -42,11 +42,12 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "acert.train",
         "acert._train_state",
         "acert._train_ddp",
-        "acert.certify",
+        "acert.certify_runs",
         "acert.sweep",
         "acert.export",
         "acert.export_*",
         "acert.bench",
+        "acert._bench_timing",
     ),
     "records": ("acert.config", "acert.runs", "acert.study", "acert.plots", "acert._plot_labels"),
     "methods and evaluation": (

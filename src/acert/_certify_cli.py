@@ -79,7 +79,7 @@ def _attack_search(args: argparse.Namespace):
 
 def cmd_certify(args: argparse.Namespace) -> int:
     """Certify a run, print the metrics; exit status 1 when a check finds a bad certificate."""
-    from acert.certify import CertificateChecks, certify_run
+    from acert.certify_runs import CertificateChecks, certify_run
 
     checks = CertificateChecks(float64=args.check_float64, attack=_attack_search(args))
     result = certify_run(

@@ -231,7 +231,7 @@ class _Reference:
 def _reference_runs(settings: BenchSettings, device: torch.device) -> _Reference:
     """The given run, or a short ACERT run on mnist5k and its model one epoch earlier."""
     if settings.run is not None:
-        from acert.certify import run_config
+        from acert.certify_runs import run_config
 
         payload = run_checkpoint(settings.run)
         model = model_from_checkpoint(payload, settings.run).to(device)

@@ -229,7 +229,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from acert.certify import parse_bound
+    from acert.certify_runs import parse_bound
     from acert.evaluate import best_label
     from acert.plots import plot_study
 

@@ -22,6 +22,7 @@ from acert.data import DATASETS, dataset_info
 from acert.errors import ConfigError
 
 __all__ = [
+    "GIVEN_MODEL",
     "PRESETS",
     "SYSTEM_KEYS",
     "TrainConfig",
@@ -96,6 +97,10 @@ PRESETS: dict[str, dict[str, Any]] = {name: d.preset.values() for name, d in DAT
 (:mod:`acert.data.registry`; METHOD.md, "Optimisation")."""
 
 _GENERIC = {"lambda_tight": 0.5, "lambda_relu": 0.5, "l1": 0.0}
+
+GIVEN_MODEL = "given"
+"""The ``model`` of a run whose network was given from Python (``acert.fit``): no registry
+builds it; the run folder keeps it (``model.pt``)."""
 
 SYSTEM_KEYS = ("device", "threads", "data_dir", "out")
 """Config keys that say where and how a run computes, not what it computes: they may differ
@@ -356,7 +361,7 @@ def validate(config: TrainConfig) -> None:
     from acert.radius import SEARCHES
 
     for key, name, known in (
-        ("model", config.model, list_models()),
+        ("model", config.model, [*list_models(), GIVEN_MODEL]),
         ("method", config.method, list_methods()),
         ("eval_bound", config.eval_bound, sorted(BOUNDS)),
         ("radius_search", config.radius_search, sorted(SEARCHES)),

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from acert.certify import load_run_inputs, run_config
+from acert.certify_runs import load_run_inputs, run_config
 from acert.data import ImageSet, dataset_info, stratified_indices
 from acert.errors import AcertError
 from acert.export_abcrown import ABCROWN_NAME, abcrown_config

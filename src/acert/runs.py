@@ -31,7 +31,7 @@ import torch
 import yaml
 from torch import nn
 
-from acert.config import TrainConfig, check_resolved, config_from_dict
+from acert.config import GIVEN_MODEL, TrainConfig, check_resolved, config_from_dict
 from acert.data import dataset_info
 from acert.errors import AcertError, CheckpointError
 from acert.models import create_model
@@ -173,6 +173,12 @@ class RunDir:
     test_metrics_path = property(lambda self: self.path / "test_metrics.json")
     radii_path = property(lambda self: self.path / "radii.pt")
     histogram_path = property(lambda self: self.path / "radius_histogram.png")
+    architecture_path = property(lambda self: self.path / "model.pt")
+    """A network given from Python (``acert.fit``): the module itself, pickled."""
+
+    def save_architecture(self, model: nn.Module) -> None:
+        """Keep a network given from Python (no registry builds it) beside the checkpoints."""
+        atomic_write(self.architecture_path, lambda f: torch.save(model, f))
 
     def checkpoint_path(self, name: str) -> Path:
         return self.path / "checkpoints" / f"{name}.pt"
@@ -260,11 +266,26 @@ def run_checkpoint(path: str | Path, which: str = "best") -> dict[str, Any]:
     return run.load_checkpoint(which if run.has_checkpoint(which) else "last")
 
 
+def _given_architecture(path: str | Path) -> nn.Sequential:
+    """The network a run of ``acert.fit`` keeps in its folder (``path``: the folder or one of
+    its checkpoints). It is a pickle, so load only runs you trust, as with any torch module."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent.parent
+    file = RunDir(folder).architecture_path
+    if not file.is_file():
+        raise CheckpointError(
+            f"{path} was trained on a network given from Python, kept in {file}, which is "
+            "missing; load the checkpoint into your own network with load_state_dict"
+        )
+    return torch.load(file, map_location="cpu", weights_only=False)
+
+
 def model_from_checkpoint(payload: dict[str, Any], path: str | Path) -> nn.Sequential:
     """The model of a checkpoint's payload, in eval mode (``path`` names it in errors)."""
     try:
         config = config_from_dict(payload["config"])
-        model = build_model(config)
+        given = config.model == GIVEN_MODEL
+        model = _given_architecture(path) if given else build_model(config)
         model.load_state_dict(payload["model"])
     except (KeyError, RuntimeError) as err:
         raise CheckpointError(

@@ -24,7 +24,7 @@ from typing import Any
 
 from acert import train as training
 from acert.bounds import METHODS as BOUND_METHODS
-from acert.certify import certify_run
+from acert.certify_runs import certify_run
 from acert.config import TrainConfig, changed_keys, config_from_dict, parse_override, resolve
 from acert.data import dataset_info
 from acert.errors import ConfigError

@@ -62,6 +62,32 @@ class TrainingDivergedError(AcertError):
 
 
 @dataclass
+class RunInputs:
+    """What a run trains, selects on and tests: built from a config (:func:`run_inputs`) or
+    given from Python (``acert.fit``).
+
+    Attributes:
+        model: the network to train.
+        method: the training method (one object with one loss).
+        train, val: the training set and the validation set of model selection (may be empty).
+        test: the set of the final evaluation, read when training ends (None: no evaluation).
+    """
+
+    model: nn.Sequential
+    method: TrainingMethod
+    train: ImageSet
+    val: ImageSet
+    test: Callable[[], ImageSet | None]
+
+
+def run_inputs(config: TrainConfig) -> RunInputs:
+    """The model, method and data sets a resolved config names (seed the run first)."""
+    model, method = build_model(config), create_method(config)
+    train_set, val_set = training_sets(config)
+    return RunInputs(model, method, train_set, val_set, lambda: _test_set(config))
+
+
+@dataclass
 class TrainResult:
     """A finished run: the best model (eval mode), its history and its test evaluation."""
 
@@ -247,6 +273,7 @@ def run(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    inputs: RunInputs | None = None,
 ) -> TrainResult:
     """Train the model a config describes, with checkpoints, model selection and a test evaluation.
 
@@ -260,6 +287,7 @@ def run(
         resume: continue the run in ``out`` from its last completed epoch.
         progress: progress bars.
         log: where epoch summaries go (default: printed, flushed at once).
+        inputs: the model, method and data to train on (default: those ``config`` names).
     """
     config = resolve(config)
     world = launched_world()
@@ -268,12 +296,20 @@ def run(
     with process_group(world, device):
         config, out = broadcast_object((config, out))
         return _run(
-            config, out, resume, progress and world.is_main, log or _print_now, world, device
+            config,
+            inputs,
+            out,
+            resume,
+            progress and world.is_main,
+            log or _print_now,
+            world,
+            device,
         )
 
 
 def _run(
     config: TrainConfig,
+    inputs: RunInputs | None,
     out: str | Path | None,
     resume: bool,
     progress: bool,
@@ -285,9 +321,9 @@ def _run(
     if config.threads:
         torch.set_num_threads(config.threads)
     _seed_everything(config.seed)
-    model = build_model(config).to(device)
-    method = create_method(config)
-    train_set, val_set = training_sets(config)
+    inputs = inputs or run_inputs(config)
+    model, method = inputs.model.to(device), inputs.method
+    train_set, val_set = inputs.train, inputs.val
     loader = _loader(config, train_set, device, world)
     run_dir = RunDir(out) if out is not None else None
     if run_dir is not None and world.is_main:
@@ -357,8 +393,11 @@ def _run(
     final_started = time.perf_counter()
     if run_dir is not None and run_dir.has_checkpoint("best"):
         model.load_state_dict(run_dir.load_checkpoint("best")["model"])
-    test = _final_evaluation(model.eval(), config, device, progress, world)
-    if run_dir is not None and world.is_main:
+    test_set = inputs.test()
+    test = None
+    if test_set is not None:
+        test = _final_evaluation(model.eval(), test_set, config, device, progress, world)
+    if run_dir is not None and world.is_main and test is not None:
         seconds = state.seconds + time.perf_counter() - final_started
         _write_results(run_dir, test, state, seconds)
     return TrainResult(
@@ -389,12 +428,22 @@ def _print_now(line: str) -> None:
     sys.stdout.flush()
 
 
-def _final_evaluation(
-    model: nn.Sequential, config: TrainConfig, device, progress: bool, world: World
-) -> Evaluation:
+def _test_set(config: TrainConfig) -> ImageSet:
+    """The test split a config names (its ``eval_limit`` stratified subset)."""
     test = load_imageset(config.dataset, "test", config.data_dir)
     if config.eval_limit is not None:
         test = stratified_subset(test, config.eval_limit, seed=config.seed)
+    return test
+
+
+def _final_evaluation(
+    model: nn.Sequential,
+    test: ImageSet,
+    config: TrainConfig,
+    device: torch.device,
+    progress: bool,
+    world: World,
+) -> Evaluation:
     return evaluate_sharded(
         model,
         test.floats(),

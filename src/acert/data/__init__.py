@@ -22,6 +22,7 @@ standard files; the module is not called ``download``, the name of the public fu
 from __future__ import annotations
 
 from acert.data.batches import AUGMENTATIONS, BatchLoader, augment
+from acert.data.given import as_imageset
 from acert.data.imageset import ImageSet, split_train_val, stratified_indices, stratified_subset
 from acert.data.loading import default_data_dir, download, load, load_imageset
 from acert.data.registry import (
@@ -32,6 +33,7 @@ from acert.data.registry import (
     Preset,
     PyPIPackage,
     dataset_info,
+    given_dataset,
     list_datasets,
 )
 
@@ -49,10 +51,12 @@ __all__ = [
     "ImageSet",
     "Preset",
     "PyPIPackage",
+    "as_imageset",
     "augment",
     "dataset_info",
     "default_data_dir",
     "download",
+    "given_dataset",
     "list_datasets",
     "load",
     "load_imageset",

@@ -156,6 +156,6 @@ class BatchLoader:
         generator = torch.Generator().manual_seed(int(state[0]))
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            x = self.data.images[idx].to(self.device).to(torch.float32).div_(255.0)
+            x = self.data.floats(idx).to(self.device)
             x = augment(x, self.augmentation, generator)
             yield x, self.data.labels[idx].to(self.device), idx.to(self.device)

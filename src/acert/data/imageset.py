@@ -12,10 +12,11 @@ from acert.errors import DatasetError
 
 @dataclass
 class ImageSet:
-    """A labelled image set kept compactly in memory.
+    """A labelled image set kept in memory.
 
     Attributes:
-        images: uint8 (N, C, H, W), pixel values 0..255.
+        images: uint8 (N, C, H, W), pixel values 0..255 (a dataset's files, compactly), or
+            float32 (N, ...) pixels in [0, 1] (data given from Python, :func:`as_imageset`).
         labels: int64 (N,).
     """
 
@@ -23,9 +24,11 @@ class ImageSet:
     labels: Tensor
 
     def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+        compact = self.images.dtype == torch.uint8 and self.images.dim() == 4
+        pixels = self.images.dtype == torch.float32 and self.images.dim() >= 2
+        if not (compact or pixels):
             raise DatasetError(
-                "ImageSet images must be uint8 (N, C, H, W), got "
+                "ImageSet images must be uint8 (N, C, H, W) or float32 (N, ...) pixels, got "
                 f"{self.images.dtype} {tuple(self.images.shape)}"
             )
         if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
@@ -37,9 +40,16 @@ class ImageSet:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of one image."""
+        return tuple(self.images.shape[1:])
+
     def floats(self, idx: Tensor | None = None) -> Tensor:
-        """Pixels of rows ``idx`` (all if None) as float32 (n, C, H, W) in [0, 1]."""
+        """Pixels of rows ``idx`` (all if None) as float32 (n, ...) in [0, 1], a new tensor."""
         rows = self.images if idx is None else self.images[idx]
+        if rows.dtype == torch.float32:
+            return rows.clone()
         return rows.to(torch.float32).div_(255.0)
 
     def subset(self, idx: Tensor) -> ImageSet:

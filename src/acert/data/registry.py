@@ -40,6 +40,7 @@ __all__ = [
     "Preset",
     "PyPIPackage",
     "dataset_info",
+    "given_dataset",
     "list_datasets",
 ]
 
@@ -302,13 +303,59 @@ _ALL = (
 DATASETS: dict[str, Dataset] = {dataset.name: dataset for dataset in _ALL}
 
 
+GIVEN_PREFIX = "given-"
+"""Names of data given from Python (:func:`given_dataset`): ``given-1x28x28-10``."""
+
+
+def _no_files(folder: Path, split: str) -> Arrays:
+    raise DatasetError(
+        "data given from Python has no files to read; pass it to acert.fit or acert.certify"
+    )
+
+
+def given_dataset(shape: tuple[int, ...], num_classes: int) -> Dataset:
+    """The record of data given from Python (``acert.fit``): its shape and classes, no files,
+    no normalisation (the model holds it), no augmentation, no split of its own, and generic
+    training settings; its name encodes the shape and classes so that a run folder's config
+    names it again."""
+    return Dataset(
+        name=f"{GIVEN_PREFIX}{'x'.join(map(str, shape))}-{num_classes}",
+        description="data given from Python",
+        shape=tuple(shape),  # type: ignore[arg-type]
+        num_classes=num_classes,
+        split_sizes={},
+        mean=(0.0,),
+        std=(1.0,),
+        eps_max=0.1,
+        cert_eps=(0.1,),
+        val_size=0,
+        augmentation="none",
+        preset=Preset("given", 30, 64, 1e-3, 12, lambda_tight=0.5, lambda_relu=0.5, l1=0.0),
+        reader=_no_files,
+        markers={},
+    )
+
+
+def _given_from_name(name: str) -> Dataset | None:
+    shape, _, classes = name.removeprefix(GIVEN_PREFIX).rpartition("-")
+    try:
+        dims = tuple(int(d) for d in shape.split("x"))
+        return given_dataset(dims, int(classes))
+    except ValueError:
+        return None
+
+
 def list_datasets() -> list[str]:
     """Names of all registered datasets, sorted."""
     return sorted(DATASETS)
 
 
 def dataset_info(name: str) -> Dataset:
-    """The :class:`Dataset` registered under ``name``; DatasetError for an unknown name."""
+    """The :class:`Dataset` registered under ``name`` (or of data given from Python, by its
+    ``given-...`` name); DatasetError for an unknown name."""
+    given = _given_from_name(name) if name.startswith(GIVEN_PREFIX) else None
+    if given is not None:
+        return given
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(list_datasets())}")
     return DATASETS[name]

@@ -1,0 +1,190 @@
+"""The Python API on a network and data of your own: ``acert.fit`` and ``acert.certify``.
+
+    model = acert.fit(model, (x, y), eps_max=0.3, epochs=20)
+    report = acert.certify(model, (x_test, y_test), eps_max=0.3, eps=(0.1, 0.3))
+    report.acr, report.radii, report.certified_accuracy[0.3]
+
+``model`` is any network the bounds support (an ``nn.Sequential`` of the layer kinds of
+:mod:`acert.bounds`, ending in ``nn.Linear``; normalisation in a ``Normalize`` layer); data is
+an ``(x, y)`` pair of tensors, a ``torch.utils.data.Dataset`` of ``(image, label)`` or a
+``DataLoader`` (:func:`acert.data.as_imageset`), with pixels in [0, 1]. ``fit`` runs the
+project's training loop (ε schedule, warm-up, model selection, checkpoints) and, with ``out``,
+writes the usual run folder: resumable, and ``acert.load(out)`` returns the trained network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from acert.bounds.layers import check_supported
+from acert.config import GIVEN_MODEL, TrainConfig, config_from_dict, resolve
+from acert.data import ImageSet, as_imageset, given_dataset
+from acert.errors import AcertError, ConfigError
+from acert.evaluate import Evaluation, evaluate
+from acert.methods import TrainingMethod, create_method, list_methods
+from acert.runs import RunDir
+from acert.train import RunInputs, run
+
+__all__ = ["certify", "fit"]
+
+WARMUP_SHARE = 0.4
+"""Epochs of the ε ramp, as a share of the epochs, when ``reg_epochs`` is not given (the
+presets ramp over 20-40% of training: docs/METHOD.md, "Settings per dataset")."""
+
+
+def fit(
+    model: nn.Module,
+    train: Any,
+    *,
+    eps_max: float,
+    epochs: int,
+    method: str | TrainingMethod = "acert",
+    val: Any = None,
+    out: str | Path | None = None,
+    device: str | torch.device | None = None,
+    **config: Any,
+) -> nn.Sequential:
+    """Train ``model`` on ``train`` with a certified-training method; returns it in eval mode.
+
+    Args:
+        model: a network the bounds support (see the module docstring); trained in place.
+        train: the training data: ``(x, y)`` tensors, a ``Dataset`` or a ``DataLoader``.
+        eps_max: the training ε at the end of the ramp and the radius cap, pixel units.
+        epochs: training epochs.
+        method: a method name (``acert list``) or a method object, e.g.
+            ``acert.methods.ACERT(kappa=0.25)``.
+        val: validation data (same forms) for model selection by acceps; without it the
+            last epoch's model is kept.
+        out: run folder (checkpoints, metrics, config, the network): resumable with
+            ``resume=True``, read back with ``acert.load(out)``.
+        device: where to train (``"cpu"``, ``"cuda"``; default cpu).
+        **config: any config key (``acert train --help``): ``batch_size``, ``lr``,
+            ``kappa``, ``reg_epochs``, ``seed``, ..., and ``resume`` and ``progress``.
+    """
+    resume, progress = bool(config.pop("resume", False)), bool(config.pop("progress", True))
+    network = check_supported(model)
+    classes = network[-1].out_features
+    train_set = as_imageset(train, "train", classes)
+    val_set = _validation(val, train_set, classes)
+    name, method_object = _method(method)
+    settings = _config(train_set, classes, name, eps_max, epochs, device, out, config)
+    if method_object is None:
+        method_object = create_method(settings)
+    if out is not None and not (resume and RunDir(out).architecture_path.is_file()):
+        RunDir(out).create().save_architecture(network)
+    inputs = RunInputs(network, method_object, train_set, val_set, lambda: None)
+    result = run(settings, out, resume, progress, None if progress else _quiet, inputs)
+    return result.model.eval()
+
+
+def certify(
+    model: nn.Module,
+    data: Any,
+    *,
+    eps_max: float,
+    bound: str | Sequence[str] = "ibp",
+    eps: Sequence[float] = (),
+    pgd_steps: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Evaluation:
+    """Certificates of ``model`` on ``data``: per-sample radii, ACR, clean accuracy and the
+    certified accuracy at each ε of ``eps``.
+
+    Args:
+        model: a network the bounds support, in eval mode (batch-norm with running statistics).
+        data: ``(x, y)`` tensors, a ``Dataset`` or a ``DataLoader``; pixels in [0, 1].
+        eps_max: cap of the radii and of the ACR, pixel units.
+        bound: ``"ibp"``, ``"crown-ibp"``, ``"crown"``, or several: per sample the largest of
+            their radii (each is sound).
+        eps: radii at which the certified accuracy is reported.
+        pgd_steps: PGD steps for an empirical (attacked) accuracy at each ε; 0 skips it.
+        device: where to compute.
+        progress: a progress bar over the batches.
+
+    Returns:
+        :class:`~acert.evaluate.Evaluation`: ``radii`` (N,), ``acr``, ``clean_accuracy``,
+        ``certified_accuracy`` {ε: fraction}, ``pgd_accuracy``, ``acceps``.
+    """
+    network = check_supported(model)
+    data_set = as_imageset(data, "data", network[-1].out_features)
+    return evaluate(
+        network,
+        data_set.floats(),
+        data_set.labels,
+        eps_max,
+        list(eps),
+        bound,
+        pgd_steps=pgd_steps,
+        device=device,
+        progress=progress,
+    )
+
+
+def _validation(val: Any, train: ImageSet, classes: int) -> ImageSet:
+    if val is None:
+        return train.subset(torch.empty(0, dtype=torch.int64))
+    val_set = as_imageset(val, "val", classes)
+    if val_set.shape != train.shape:
+        raise AcertError(
+            f"val's images are {val_set.shape} but train's are {train.shape}; pass the same kind"
+        )
+    return val_set
+
+
+def _method(method: str | TrainingMethod) -> tuple[str, TrainingMethod | None]:
+    """The method's config name, and the object when one was given."""
+    if isinstance(method, str):
+        return method, None
+    name = getattr(method, "name", None)
+    if name not in list_methods() or not callable(getattr(method, "loss", None)):
+        raise ConfigError(
+            f"method must be a name ({', '.join(list_methods())}) or a method object of "
+            f"acert.methods, got {type(method).__name__}"
+        )
+    return name, method
+
+
+def _config(
+    train: ImageSet,
+    classes: int,
+    method: str,
+    eps_max: float,
+    epochs: int,
+    device: str | torch.device | None,
+    out: str | Path | None,
+    extra: dict[str, Any],
+) -> TrainConfig:
+    """The resolved config of a run on given data and a given network."""
+    reserved = {"dataset", "model", "data_dir", "train_limit", "out"} & set(extra)
+    if reserved:
+        raise ConfigError(
+            f"{', '.join(sorted(reserved))} name a registry's data or network; acert.fit takes "
+            "them as arguments (model, train, out)"
+        )
+    values = {
+        "dataset": given_dataset(train.shape, classes).name,
+        "model": GIVEN_MODEL,
+        "method": method,
+        "eps_max": eps_max,
+        "epochs": epochs,
+        "device": "cpu" if device is None else str(device),
+        "out": None if out is None else str(out),
+        "eval_pgd_steps": 0,
+        **extra,
+    }
+    if isinstance(epochs, int) and "reg_epochs" not in extra:
+        values["reg_epochs"] = WARMUP_SHARE * epochs
+    if isinstance(epochs, int) and epochs < 2 and "stn_epochs" not in extra:
+        values["stn_epochs"] = 0.0
+    values.setdefault("cert_eps", [eps_max])
+    return resolve(config_from_dict(values))
+
+
+def _quiet(_line: str) -> None:
+    pass
