@@ -1,15 +1,20 @@
 """`acert bench` measures every figure issue 4 asks for, as finite positive numbers."""
 
+import contextlib
 import json
 import math
+import subprocess
 
 import pytest
 import torch
 
+from acert._bench_timing import busy_process, busy_ratio
 from acert.bench import BenchSettings, bench, format_table
 from acert.cli import main
 from acert.config import TrainConfig
 from acert.train import run
+
+CPU = torch.device("cpu")
 
 KEYS = (
     "ibp_over_forward",
@@ -20,6 +25,7 @@ KEYS = (
     "acert_step_over_ibp_step",
     "acert_cold_step_over_ibp_step",
     "ibp_step_over_standard_step",
+    "busy_step_over_alone_step",
     "train_samples_per_second",
 )
 
@@ -111,3 +117,34 @@ def test_a_given_run_warm_starts_the_acert_step_from_its_saved_radius_memory(
     settings = BenchSettings(step_batch=8, repeats=1, run=str(trained_run))
     out = bench_module._step_times(reference, settings, torch.device("cpu"))
     assert out["acert_step_over_ibp_step"] > 0
+
+
+def test_the_busy_process_runs_during_the_block_and_is_gone_after_it():
+    with busy_process() as process:
+        assert process.poll() is None
+    assert process.returncode is not None
+    with pytest.raises(KeyError), busy_process() as failing:
+        raise KeyError
+    assert failing.returncode is not None
+
+
+def test_busy_ratio_times_the_step_alone_and_beside_the_busy_process(monkeypatch):
+    """The step runs once untimed, then `steps` times in each alone and busy round; the busy
+    rounds run while the second process is alive."""
+    import acert._bench_timing as timing
+
+    live: list[subprocess.Popen] = []
+    seen: list[bool] = []
+    real = timing.busy_process
+
+    @contextlib.contextmanager
+    def tracked(seconds: float = 600.0):
+        with real(seconds) as process:
+            live.append(process)
+            yield process
+            live.clear()
+
+    monkeypatch.setattr(timing, "busy_process", tracked)
+    out = busy_ratio(lambda: seen.append(any(p.poll() is None for p in live)), CPU, 2, steps=3)
+    assert seen == [False] + ([False] * 3 + [True] * 3) * 2
+    assert out["busy_step_over_alone_step"] > 0 and out["alone_step_seconds"] > 0

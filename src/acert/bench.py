@@ -8,6 +8,8 @@ targets in docs/PERFORMANCE.md refer to.
 - radius search: mean bound evaluations per correctly classified sample to reach 1e-4·ε_max,
   for every search strategy, cold and warm-started from the previous epoch's radii;
 - training steps: ACERT / IBP / standard, same batch, backward included;
+- the ACERT step beside a second CPU-bound process / alone (docs/PERFORMANCE.md, "A busy
+  machine");
 - peak memory of each (PyTorch's allocator statistics on CUDA; the profiler's allocation
   records on the CPU);
 - training throughput of the default ``acert train`` in samples per second.
@@ -15,21 +17,26 @@ targets in docs/PERFORMANCE.md refer to.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from acert._bench_timing import (
+    busy_ratio,
+    median_ratio,
+    peak_memory,
+    round_robin,
+    synchronise,
+)
 from acert.bounds import clean_forward, input_box, margin_bounds_on_box
 from acert.config import TrainConfig, available_device, resolve
 from acert.data import BatchLoader, load_imageset, stratified_subset
@@ -88,75 +95,6 @@ class BenchSettings:
         if len(self.shape) != 3 or min(self.shape) <= 0:
             raise AcertError(f"--shape must be C,H,W with positive sizes, got {self.shape}")
         available_device(self.device)
-
-
-def _synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def round_robin(
-    fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int
-) -> dict[str, list[float]]:
-    """Seconds of every call, the functions taking turns (one warm-up round first), so that a
-    slow spell of the machine hits all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for round_ in range(repeats + 1):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            _synchronise(device)
-            if round_:
-                times[name].append(time.perf_counter() - start)
-    return times
-
-
-def median_ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> float:
-    """Median over rounds of ``numerator / denominator`` timed in the same round."""
-    ratios = [a / b for a, b in zip(times[numerator], times[denominator], strict=True)]
-    return statistics.median(ratios)
-
-
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silence the profiler's native start/stop lines on file descriptor 2."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
-    """Peak bytes of tensor memory allocated while ``fn`` runs (above what was live before)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        baseline = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - baseline
-    from torch.profiler import ProfilerActivity, profile
-
-    with (
-        _quiet_stderr(),
-        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler,
-    ):
-        fn()
-    records = sorted(
-        (event.time_range.start, event.self_cpu_memory_usage)
-        for event in profiler.events()
-        if event.self_cpu_memory_usage
-    )
-    live = peak = 0
-    for _, change in records:
-        live += change
-        peak = max(peak, live)
-    return peak
 
 
 def _bound_inputs(
@@ -324,10 +262,12 @@ def _step_times(
 
         steps[name] = one_step
     times = round_robin(steps, device, settings.repeats)
+    busy = busy_ratio(steps["acert"], device, settings.repeats)
     out: dict[str, float] = {
         "acert_step_over_ibp_step": median_ratio(times, "acert", "ibp"),
         "acert_cold_step_over_ibp_step": median_ratio(times, "acert_cold", "ibp"),
         "ibp_step_over_standard_step": median_ratio(times, "ibp", "standard"),
+        **{f"acert_{key}": value for key, value in busy.items()},
     }
     for name, one_step in steps.items():
         out[f"{name}_step_seconds"] = statistics.median(times[name])
@@ -373,7 +313,7 @@ def _throughput(
         nn.utils.clip_grad_norm_(trained.parameters(), default.grad_clip)
         optimizer.step()
         seen += x.shape[0]
-    _synchronise(device)
+    synchronise(device)
     return seen / (time.perf_counter() - start)
 
 
@@ -402,12 +342,14 @@ def bench(settings: BenchSettings, log: Callable[[str], None] = print) -> dict[s
         "acert_step_over_ibp_step": raw["acert_step_over_ibp_step"],
         "acert_cold_step_over_ibp_step": raw["acert_cold_step_over_ibp_step"],
         "ibp_step_over_standard_step": raw["ibp_step_over_standard_step"],
+        "busy_step_over_alone_step": raw["acert_busy_step_over_alone_step"],
         "train_samples_per_second": throughput,
     }
     machine = {
         "device": str(device),
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch": torch.__version__,
         "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
@@ -456,6 +398,12 @@ def format_table(results: dict[str, Any]) -> str:
             "IBP step / standard step",
             f"{results['ibp_step_over_standard_step']:.2f}x",
             f"{1e3 * raw['standard_step_seconds']:.1f} ms standard",
+        ),
+        (
+            "ACERT step beside a busy process / alone",
+            f"{results['busy_step_over_alone_step']:.2f}x",
+            f"{1e3 * raw['acert_busy_step_seconds']:.1f} / "
+            f"{1e3 * raw['acert_alone_step_seconds']:.1f} ms",
         ),
         ("training throughput", f"{results['train_samples_per_second']:.0f} samples/s", ""),
     ]
