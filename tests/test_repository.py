@@ -37,7 +37,7 @@ def test_quick_start_has_two_commands_and_ci_runs_the_test_one():
 # is no arrow to p. ``importlib`` calls are not read (only ``acert/__init__.py``'s lazy
 # re-exports use one, and that facade sits at the top).
 LAYERS: dict[str, tuple[str, ...]] = {
-    "interface": ("acert", "acert.__main__", "acert.cli", "acert._certify_cli"),
+    "interface": ("acert", "acert.__main__", "acert.api", "acert.cli", "acert._certify_cli"),
     "workflows": (
         "acert.train",
         "acert._train_state",
