@@ -40,6 +40,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "interface": ("acert", "acert.__main__", "acert.api", "acert.cli", "acert._certify_cli"),
     "workflows": (
         "acert.train",
+        "acert.train_loop",
         "acert._train_state",
         "acert._train_ddp",
         "acert.certify_runs",
