@@ -20,26 +20,13 @@ Shi et al. 2021 regularisers on the IBP pass during warm-up).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from acert.bounds import clean_forward, input_box
-from acert.bounds.layers import forward_with_stats
 from acert.bounds.spec import other_classes
-from acert.methods.base import (
-    Batch,
-    LossTerms,
-    Stateless,
-    Step,
-    TrainingAttack,
-    clean_terms,
-    ibp_pass,
-    robust_cross_entropy,
-    standard_phase_terms,
-    with_warmup,
-)
-from acert.methods.warmup import WarmupRegularizer
+from acert.methods.base import robust_cross_entropy
+from acert.methods.expressive import ExpressiveLoss
 
 __all__ = ["CCIBP", "logit_margins"]
 
@@ -56,41 +43,18 @@ def logit_margins(logits: Tensor, y: Tensor) -> Tensor:
 
 
 @dataclass
-class CCIBP(Stateless):
-    """Robust CE of ``(1-α)·m_adv + α·m_IBP`` plus warm-up regularisers; L_std and the warm-up
-    regularisers while ε_s = 0.
+class CCIBP(ExpressiveLoss):
+    """Robust CE of ``(1-α)·m_adv + α·m_IBP`` (docs/METHOD.md (M18)); α is ``cc_alpha``."""
 
-    Attributes:
-        alpha: α, the weight of the IBP margins (``cc_alpha``); the attack is skipped at α = 1.
-        attack: the PGD settings.
-        regularizer: the warm-up regularisers (Shi et al. 2021).
-    """
-
-    alpha: float = 0.5
-    attack: TrainingAttack = field(default_factory=TrainingAttack)
-    regularizer: WarmupRegularizer = field(default_factory=WarmupRegularizer)
     name: str = "cc-ibp"
 
-    def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
-        logits, stats = clean_forward(model, batch.x)
-        if step.eps == 0:
-            return standard_phase_terms(model, batch, logits, stats, step, self.regularizer)
-        terms = clean_terms(logits, batch.y)
-        bounds = ibp_pass(model, input_box(batch.x, step.eps), batch.y, stats)
-        margins = bounds.margins
-        terms.metrics.update(
-            loss_rob=robust_cross_entropy(bounds.margins).item(), certified=bounds.certified
-        )
-        if self.alpha < 1:
-            x_adv = self.attack(model, batch.x, batch.y, step.eps)
-            adv_logits = forward_with_stats(model, x_adv, stats)
-            adv_margins = logit_margins(adv_logits, batch.y)
-            margins = self.alpha * bounds.margins + (1 - self.alpha) * adv_margins
-            terms.metrics.update(
-                loss_adv=robust_cross_entropy(adv_margins).item(),
-                adv_acc=(adv_logits.argmax(1) == batch.y).float().mean().item(),
-            )
-        loss = robust_cross_entropy(margins)
-        return with_warmup(
-            LossTerms(loss, logits, terms.metrics), self.regularizer, model, bounds, stats, step
-        )
+    def combine(
+        self, ibp_margins: Tensor, adv_logits: Tensor | None, y: Tensor, metrics: dict
+    ) -> Tensor:
+        metrics["loss_rob"] = robust_cross_entropy(ibp_margins).item()
+        margins = ibp_margins
+        if adv_logits is not None:
+            adv_margins = logit_margins(adv_logits, y)
+            margins = self.alpha * ibp_margins + (1 - self.alpha) * adv_margins
+            metrics["loss_adv"] = robust_cross_entropy(adv_margins).item()
+        return robust_cross_entropy(margins)

@@ -20,26 +20,13 @@ The PGD point, the batch-norm statistics and the warm-up regularisers are those 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from acert.bounds import clean_forward, input_box
-from acert.bounds.layers import forward_with_stats
-from acert.methods.base import (
-    Batch,
-    LossTerms,
-    Stateless,
-    Step,
-    TrainingAttack,
-    clean_terms,
-    ibp_pass,
-    standard_phase_terms,
-    with_warmup,
-)
-from acert.methods.warmup import WarmupRegularizer
+from acert.methods.expressive import ExpressiveLoss
 from acert.process_group import global_sum
 
 __all__ = ["EXPIBP", "global_mean", "log_product", "robust_cross_entropies"]
@@ -75,38 +62,18 @@ def log_product(first: Tensor, second: Tensor, weight: float) -> Tensor:
 
 
 @dataclass
-class EXPIBP(Stateless):
-    """``L_adv^(1-α) · L_IBP^α`` plus warm-up regularisers; L_std and the warm-up regularisers
-    while ε_s = 0.
+class EXPIBP(ExpressiveLoss):
+    """``L_adv^(1-α) · L_IBP^α`` (docs/METHOD.md (M19)); α is ``exp_alpha``."""
 
-    Attributes:
-        alpha: α, the exponent of the IBP loss (``exp_alpha``); the attack is skipped at α = 1.
-        attack: the PGD settings.
-        regularizer: the warm-up regularisers (Shi et al. 2021).
-    """
-
-    alpha: float = 0.5
-    attack: TrainingAttack = field(default_factory=TrainingAttack)
-    regularizer: WarmupRegularizer = field(default_factory=WarmupRegularizer)
     name: str = "exp-ibp"
 
-    def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
-        logits, stats = clean_forward(model, batch.x)
-        if step.eps == 0:
-            return standard_phase_terms(model, batch, logits, stats, step, self.regularizer)
-        terms = clean_terms(logits, batch.y)
-        bounds = ibp_pass(model, input_box(batch.x, step.eps), batch.y, stats)
-        loss = loss_ibp = global_mean(robust_cross_entropies(bounds.margins))
-        terms.metrics.update(loss_rob=loss_ibp.item(), certified=bounds.certified)
-        if self.alpha < 1:
-            x_adv = self.attack(model, batch.x, batch.y, step.eps)
-            adv_logits = forward_with_stats(model, x_adv, stats)
-            loss_adv = global_mean(F.cross_entropy(adv_logits, batch.y, reduction="none"))
-            loss = log_product(loss_adv, loss_ibp, self.alpha)
-            terms.metrics.update(
-                loss_adv=loss_adv.item(),
-                adv_acc=(adv_logits.argmax(1) == batch.y).float().mean().item(),
-            )
-        return with_warmup(
-            LossTerms(loss, logits, terms.metrics), self.regularizer, model, bounds, stats, step
-        )
+    def combine(
+        self, ibp_margins: Tensor, adv_logits: Tensor | None, y: Tensor, metrics: dict
+    ) -> Tensor:
+        loss_ibp = global_mean(robust_cross_entropies(ibp_margins))
+        metrics["loss_rob"] = loss_ibp.item()
+        if adv_logits is None:
+            return loss_ibp
+        loss_adv = global_mean(F.cross_entropy(adv_logits, y, reduction="none"))
+        metrics["loss_adv"] = loss_adv.item()
+        return log_product(loss_adv, loss_ibp, self.alpha)
