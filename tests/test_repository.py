@@ -50,7 +50,14 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "acert.bench",
         "acert._bench_timing",
     ),
-    "records": ("acert.config", "acert.runs", "acert.study", "acert.plots", "acert._plot_labels"),
+    "records": (
+        "acert.config",
+        "acert.loggers",
+        "acert.runs",
+        "acert.study",
+        "acert.plots",
+        "acert._plot_labels",
+    ),
     "methods and evaluation": (
         "acert.methods",
         "acert.methods.*",

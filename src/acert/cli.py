@@ -46,6 +46,8 @@ CONFIG_HELP = {
     "cert_eps": "comma-separated eps values for certified accuracy",
     "eval_bound": "bound of the final evaluation: ibp, crown-ibp or crown",
     "device": "cpu, cuda or cuda:N",
+    "threads": "CPU threads of the run (default: PyTorch's, one per core)",
+    "logger": "csv (metrics.csv) or tensorboard (event files in RUN/tensorboard as well)",
     "out": "run folder",
 }
 

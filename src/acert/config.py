@@ -23,6 +23,7 @@ from acert.errors import ConfigError
 
 __all__ = [
     "GIVEN_MODEL",
+    "LOGGERS",
     "PRESETS",
     "SYSTEM_KEYS",
     "TrainConfig",
@@ -86,6 +87,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None
+    logger: str = "csv"
     out: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,7 +104,11 @@ GIVEN_MODEL = "given"
 """The ``model`` of a run whose network was given from Python (``acert.fit``): no registry
 builds it; the run folder keeps it (``model.pt``)."""
 
-SYSTEM_KEYS = ("device", "threads", "data_dir", "out")
+LOGGERS = ("csv", "tensorboard")
+"""Values of the config key ``logger``: metrics.csv alone, or TensorBoard event files beside it
+(:mod:`acert.loggers`)."""
+
+SYSTEM_KEYS = ("device", "threads", "logger", "data_dir", "out")
 """Config keys that say where and how a run computes, not what it computes: they may differ
 when a run is resumed or found again by a sweep."""
 
@@ -350,6 +356,10 @@ def validate(config: TrainConfig) -> None:
         (
             config.threads is None or config.threads >= 1,
             f"threads must be >= 1 or null (PyTorch's default), got {config.threads}",
+        ),
+        (
+            config.logger in LOGGERS,
+            f"unknown logger {config.logger!r}; choose one of {', '.join(LOGGERS)}",
         ),
     ]
     for ok, message in checks:

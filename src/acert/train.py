@@ -37,6 +37,7 @@ from acert.data import (
 from acert.errors import ConfigError
 from acert.evaluate import Evaluation
 from acert.evaluate_sharded import evaluate_sharded
+from acert.loggers import check_logger, open_logger
 from acert.methods import TrainingMethod, create_method
 from acert.process_group import (
     World,
@@ -181,6 +182,7 @@ def run(
         inputs: the model, method and data to train on (default: those ``config`` names).
     """
     config = resolve(config)
+    check_logger(config.logger)  # a missing package fails before anything trains
     world = launched_world()
     local_batch_size(config.batch_size, world.world_size)
     device = process_device(available_device(config.device), world)
@@ -228,10 +230,12 @@ def _run(
             run_dir, config, resume, model, method, optimizer, scheduler, world.is_main
         )
     x_val, y_val = (val_set.floats(), val_set.labels) if len(val_set) else (None, None)
+    board = open_logger(config, out) if world.is_main else None  # --logger tensorboard
     started, first_epoch = time.perf_counter(), state.epoch
     clock = [started]
 
     def end_of_epoch(state: TrainState, row: dict[str, Any]) -> None:
+        val = None
         if x_val is not None:
             val = evaluate_sharded(
                 model, x_val, y_val, config.eps_max, world, pgd_eps=[], device=device
@@ -253,6 +257,8 @@ def _run(
             if improved:
                 run_dir.save_checkpoint("best", payload)
             run_dir.write_metrics(state.history)
+        if board is not None:
+            board.epoch(row, val.radii if val is not None else None)
         if world.is_main:
             per_epoch = (now - started) / (state.epoch - first_epoch)
             log(_format_row(row, config.epochs, per_epoch))
@@ -281,6 +287,8 @@ def _run(
             f"{err}; {run_dir.checkpoint_path('last')} keeps the last good epoch; lower --lr "
             "or check the data, and train into another --out"
         ) from None
+    if board is not None:
+        board.close()
     final_started = time.perf_counter()
     if run_dir is not None and run_dir.has_checkpoint("best"):
         model.load_state_dict(run_dir.load_checkpoint("best")["model"])
