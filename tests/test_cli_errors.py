@@ -39,7 +39,7 @@ def one_line_error(argv, capsys) -> str:
         (["--batch-size", "1"], "batch_size must be >= 2"),
         (["--threads", "0"], "threads must be >= 1"),
         (["--l1", "-1"], "l1 must be >= 0"),
-        (["--lambda-tight", "-5"], "lambda_tight and lambda_relu must be >= 0"),
+        (["--lambda-tight", "-5"], "lambda_tight must be >= 0"),
         (["--device", "tpu:0"], "device 'tpu:0'"),
         (["--set", "eps-max=0.2"], "certification eps 0.3 must lie in (0, eps_max=0.2]"),
         (["--resume"], "--resume needs --out"),

@@ -1,7 +1,26 @@
+import dataclasses
+from pathlib import Path
+
 import pytest
 
-from acert.config import TrainConfig, config_from_dict, load_yaml, parse_override, resolve
-from acert.errors import ConfigError
+from acert.cli import main
+from acert.config import (
+    TrainConfig,
+    check_key,
+    config_from_dict,
+    config_key,
+    flag_help,
+    load_yaml,
+    markdown_table,
+    parse_override,
+    resolve,
+)
+from acert.config.docs import BEGIN, END
+from acert.errors import AcertError, ConfigError
+from acert.methods import TrainingAttack
+from acert.radius import SearchSettings
+from acert.radius.settings import STRATEGY
+from acert.ranges import Range
 
 
 def test_resolve_fills_dataset_presets_and_keeps_explicit_values():
@@ -77,8 +96,115 @@ def test_yaml_and_overrides(tmp_path):
 
 
 def test_shipped_config_files_resolve():
-    from pathlib import Path
-
     for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
         config = resolve(config_from_dict(load_yaml(path)))
         assert config.dataset in path.stem
+
+
+# --- every key documented once ----------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_docs_config_md_holds_the_generated_tables():
+    text = (ROOT / "docs" / "CONFIG.md").read_text()
+    generated = text.split(BEGIN + "\n", 1)[1].split(END, 1)[0]
+    assert generated == markdown_table(), "docs/CONFIG.md is stale: run python -m acert.config"
+
+
+def test_every_key_has_help_and_a_row_and_a_flag_that_says_it(capsys):
+    names = [item.name for item in dataclasses.fields(TrainConfig)]
+    table = markdown_table()
+    for name in names:
+        assert len(config_key(name).help) > 10, name
+        assert f"| `{name}` |" in table
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    printed = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    for name in names:
+        flag = "--" + name.replace("_", "-")
+        assert f"{flag} V {' '.join(flag_help(name).split())}" in printed
+    assert "[in [0, 1]; default 0.0]" in flag_help("kappa")
+    assert "[>= 1; default the dataset's (docs/CONFIG.md)]" in flag_help("epochs")
+
+
+def _out_of_range(rule: Range) -> list[float]:
+    """Values just outside ``rule``, and values just inside it."""
+    step = 1 if rule.whole else 0.5
+    bad, good = [], []
+    if rule.low is not None:
+        (bad if rule.low_open else good).append(rule.low)
+        bad.append(rule.low - step)
+        good.append(rule.low + (step if rule.high is None else (rule.high - rule.low) / 2))
+    if rule.high is not None:
+        (bad if rule.high_open else good).append(rule.high)
+        bad.append(rule.high + step)
+    return bad, good
+
+
+RANGED = [
+    item.name
+    for item in dataclasses.fields(TrainConfig)
+    if isinstance(config_key(item.name).rule, Range)
+]
+
+
+@pytest.mark.parametrize("name", RANGED)
+def test_each_range_is_checked_once_by_resolve_with_a_message_that_names_it(name):
+    rule = config_key(name).rule
+    bad, good = _out_of_range(rule)
+    assert bad and good
+    base = {"eps_max": 0.5} if name == "eps_train" else {}  # cert_eps may go up to 0.4
+    for value in bad:
+        with pytest.raises(ConfigError) as err:
+            resolve(config_from_dict({**base, name: value}))
+        message = str(err.value)
+        assert message.startswith(f"{name} must ") and f"got {value!r}" in message
+        assert rule._interval() in message and "\n" not in message
+    for value in good:
+        if name == "eps_max":
+            base = {"cert_eps": [value]}
+        assert getattr(resolve(config_from_dict({**base, name: value})), name) == value
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("init", "xavier", "unknown init 'xavier'; choose one of ibp, default"),
+        ("method", "trades", "unknown method 'trades'; choose one of acert"),
+        ("radius_search", "golden", "unknown radius_search 'golden'; choose one of brent"),
+        ("logger", "wandb", "unknown logger 'wandb'; choose one of csv, tensorboard"),
+        ("device", "tpu", "unknown device 'tpu'; use cpu, cuda or cuda:N"),
+        ("dataset", "imagenet", "unknown dataset 'imagenet'; choose one of cifar10"),
+        ("train_limit", 3, "train_limit must be >= 10 (an image of every class), got 3"),
+        ("eval_limit", 9, "eval_limit must be >= 10 (an image of every class), got 9"),
+        ("cert_eps", [0.1, 0.5], "certification eps 0.5 must lie in (0, eps_max=0.4]"),
+        ("cert_eps", [0.0], "certification eps 0.0 must lie in (0, eps_max=0.4]"),
+    ],
+)
+def test_names_and_checks_between_keys_are_one_line_errors(name, value, message):
+    with pytest.raises(AcertError) as err:
+        resolve(config_from_dict({name: value}))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_objects_that_take_a_key_check_it_with_the_keys_own_rule():
+    """TrainingAttack and SearchSettings refuse exactly what the config refuses, in its words."""
+    for key, value, build in [
+        ("pgd_steps", -1, lambda v: TrainingAttack(steps=v)),
+        ("pgd_step_size", 0.0, lambda v: TrainingAttack(step_size=v)),
+        ("pgd_restarts", 0, lambda v: TrainingAttack(restarts=v)),
+    ]:
+        with pytest.raises(ConfigError) as from_object:
+            build(value)
+        with pytest.raises(ConfigError) as from_config:
+            resolve(config_from_dict({key: value}))
+        assert str(from_object.value) == str(from_config.value)
+    assert config_key("radius_search").rule is STRATEGY
+    with pytest.raises(AcertError, match="unknown radius search 'golden'; choose one of brent"):
+        SearchSettings(strategy="golden")
+    with pytest.raises(ConfigError, match=r"pgd_steps must be a whole number >= 0, got 2\.5"):
+        TrainingAttack(steps=2.5)
+    check_key("kappa", 0.5)
+    with pytest.raises(ConfigError, match=r"kappa must lie in \[0, 1\], got 2"):
+        check_key("kappa", 2)

@@ -52,6 +52,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "records": (
         "acert.config",
+        "acert.config.*",
         "acert.loggers",
         "acert.runs",
         "acert.study",
@@ -69,6 +70,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "models": ("acert.models",),
     "foundation": (
         "acert.errors",
+        "acert.ranges",
         "acert._threads",
         "acert.process_group",
         "acert.schedules",

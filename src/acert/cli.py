@@ -21,39 +21,9 @@ from acert.errors import AcertError
 
 __all__ = ["main"]
 
-CONFIG_HELP = {
-    "dataset": "dataset name (see `acert list`)",
-    "data_dir": "folder holding the dataset files",
-    "train_limit": "train on a stratified, seeded subset of this many training images",
-    "val_size": "validation images carved from the training split (0: select the last epoch)",
-    "model": "architecture (see `acert list`)",
-    "method": "training method (see `acert list`)",
-    "kappa": "ACERT/IBP weight of the clean loss, the trade-off knob",
-    "eps_max": "training cap and ACR cap, pixel units",
-    "eps_train": "fixed training eps of the IBP-family baselines",
-    "pgd_steps": "steps of the training attacks (and of TAPS/STAPS's latent search)",
-    "pgd_restarts": "random starts of the training attacks (and of TAPS/STAPS's latent search)",
-    "sabr_lambda": "SABR/STAPS box radius as a fraction of eps, in [0, 1]",
-    "cc_alpha": "CC-IBP weight of the IBP margins against the adversarial ones, in [0, 1]",
-    "exp_alpha": "EXP-IBP exponent of the IBP loss (L_adv^(1-a) * L_IBP^a), in [0, 1]",
-    "taps_head": "TAPS/STAPS split: the model's last layers that form the PGD-searched head",
-    "taps_grad_scale": "TAPS/STAPS factor w on the gradient of L_TAPS in L_TAPS * L_IBP",
-    "taps_connector": "TAPS/STAPS gradient connector c: share of the box width at each end",
-    "epochs": "training epochs",
-    "batch_size": "batch size",
-    "lr": "Adam learning rate (OneCycle peak)",
-    "reg_epochs": "epochs of the eps ramp and warm-up regularisers",
-    "cert_eps": "comma-separated eps values for certified accuracy",
-    "eval_bound": "bound of the final evaluation: ibp, crown-ibp or crown",
-    "device": "cpu, cuda or cuda:N",
-    "threads": "CPU threads of the run (default: PyTorch's, one per core)",
-    "logger": "csv (metrics.csv) or tensorboard (event files in RUN/tensorboard as well)",
-    "out": "run folder",
-}
-
 
 def _add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
-    from acert.config import TrainConfig
+    from acert.config import TrainConfig, flag_help
 
     group = parser.add_argument_group("config keys (each also settable by --set KEY=V)")
     for item in dataclasses.fields(TrainConfig):
@@ -65,7 +35,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ())
             dest=f"cfg_{item.name}",
             default=None,
             metavar="V",
-            help=CONFIG_HELP.get(item.name, f"config key {item.name} (default {item.default})"),
+            help=flag_help(item.name),
         )
 
 

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
-from acert.config import LOGGERS, TrainConfig
+from acert.config import LOGGERS, TrainConfig, check_key
 from acert.errors import ConfigError
 
 __all__ = ["LOGGERS", "EpochLogger", "TensorBoardLogger", "check_logger", "open_logger"]
@@ -60,8 +60,7 @@ class EpochLogger(Protocol):
 
 def check_logger(name: str) -> None:
     """A ConfigError naming the fix when logger ``name`` is unknown or its package missing."""
-    if name not in LOGGERS:
-        raise ConfigError(f"unknown logger {name!r}; choose one of {', '.join(LOGGERS)}")
+    check_key("logger", name)
     if name == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError(
             "--logger tensorboard needs the tensorboard package; install it with "

@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from acert.errors import ConfigError
+from acert.ranges import OneOf
 
 __all__ = [
+    "INITS",
     "MODELS",
     "Normalize",
     "cnn7",
@@ -128,6 +130,10 @@ def mlp(
     return nn.Sequential(*layers)
 
 
+INITS = OneOf(("ibp", "default"))
+"""Initialisations of :func:`create_model` (config key ``init``): :func:`ibp_init_` or PyTorch's."""
+
+
 def ibp_init_(model: nn.Module) -> nn.Module:
     """IBP initialisation of Shi et al. 2021 (METHOD.md, "Warm-up regularisers and initialisation").
 
@@ -190,8 +196,7 @@ def create_model(
     """
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
-    if init not in ("ibp", "default"):
-        raise ConfigError(f"unknown init {init!r}; choose 'ibp' or 'default'")
+    INITS.check(init, "init")
     if len(in_shape) != 3:
         raise ConfigError(f"in_shape must be (C, H, W), got {tuple(in_shape)}")
     if len(mean) != in_shape[0]:

@@ -20,10 +20,13 @@ from acert.attacks import eval_mode, pgd_attack
 from acert.bounds import BatchStats, Interval, input_box
 from acert.bounds import ibp as ibp_rules
 from acert.bounds.layers import forward_with_stats
-from acert.errors import ConfigError
 from acert.methods.warmup import WarmupRegularizer
+from acert.ranges import above, at_least
 
 __all__ = [
+    "ATTACK_RESTARTS",
+    "ATTACK_STEPS",
+    "ATTACK_STEP_SIZE",
     "Batch",
     "IBPPass",
     "LossTerms",
@@ -279,6 +282,16 @@ def certified_objective(
     return terms
 
 
+ATTACK_STEPS = at_least(0, whole=True)
+"""Steps of a training attack (config key ``pgd_steps``)."""
+
+ATTACK_STEP_SIZE = above(0, null="2.5·ε/steps")
+"""Step length of a training attack in pixel units (config key ``pgd_step_size``)."""
+
+ATTACK_RESTARTS = at_least(1, whole=True)
+"""Random starts of a training attack (config key ``pgd_restarts``)."""
+
+
 @dataclass(frozen=True)
 class TrainingAttack:
     """PGD inside a training loss (Madry et al. 2018), on the clipped ε-ball, CE objective.
@@ -298,12 +311,9 @@ class TrainingAttack:
     restarts: int = 1
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.restarts < 1:
-            raise ConfigError(
-                f"pgd_steps must be >= 0 and pgd_restarts >= 1, got {self.steps}, {self.restarts}"
-            )
-        if self.step_size is not None and self.step_size <= 0:
-            raise ConfigError(f"pgd_step_size must be > 0 or null, got {self.step_size}")
+        ATTACK_STEPS.check(self.steps, "pgd_steps")
+        ATTACK_STEP_SIZE.check(self.step_size, "pgd_step_size")
+        ATTACK_RESTARTS.check(self.restarts, "pgd_restarts")
 
     def __call__(self, model: nn.Sequential, x: Tensor, y: Tensor, eps: float) -> Tensor:
         """(B, ...) the adversarial points found in ``{x' : |x' - x|_∞ <= eps} ∩ [0, 1]``."""

@@ -13,8 +13,19 @@ from dataclasses import dataclass
 
 from acert.errors import AcertError
 from acert.radius.strategies import SEARCHES
+from acert.ranges import OneOf
 
-__all__ = ["EVALUATION_SEARCH", "TRAINING_SEARCH", "SearchSettings", "check_settings"]
+__all__ = [
+    "EVALUATION_SEARCH",
+    "STRATEGY",
+    "TRAINING_SEARCH",
+    "SearchSettings",
+    "check_settings",
+]
+
+STRATEGY = OneOf(tuple(SEARCHES))
+"""The strategies of a radius search (:data:`acert.radius.SEARCHES`; config key
+``radius_search``)."""
 
 
 @dataclass(frozen=True)
@@ -42,10 +53,7 @@ class SearchSettings:
     sound: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.strategy, str) or self.strategy not in SEARCHES:
-            raise AcertError(
-                f"unknown radius search {self.strategy!r}; choose one of {', '.join(SEARCHES)}"
-            )
+        STRATEGY.check(self.strategy, "radius search")
         if self.xtol is not None and not (_is_finite(self.xtol) and self.xtol > 0):
             raise AcertError(f"xtol must be a finite number > 0 (or None), got {self.xtol!r}")
         if not (_is_finite(self.rtol) and self.rtol >= 0):
