@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+import acert.bounds.crown
 import acert.certify_runs
 from acert.attacks import AttackSearch, attack_radii
-from acert.certify_runs import parse_bound
+from acert.certify_runs import DataSelection, certify_run, parse_bound, run_settings
 from acert.cli import main
 from acert.errors import AcertError
 from acert.evaluate import attack_check, best_of
@@ -280,3 +281,27 @@ def test_plot_draws_a_best_of_certificate(tmp_path, capsys):
     assert (study / "plots-best" / "tradeoff.png").is_file()
     assert main(["plot", str(study), "--bound", "best:ibp"]) == 2
     assert "a best-of needs two or more" in capsys.readouterr().err
+
+
+def test_certify_run_takes_settings_objects_and_caps_crown_memory(run, tmp_path, monkeypatch):
+    """The Python form of acert certify: run_settings (defaults from the run) and a
+    DataSelection; crown_memory_mib caps each CROWN backward chunk of the evaluation."""
+    settings = run_settings(run, "crown", pgd_steps=0)
+    assert settings.eps_max == EPS_MAX and settings.bounds == ("crown",)
+    data = DataSelection(limit=20)
+    plain = certify_run(run, settings, data, out=tmp_path / "plain.json")
+    budgets, real = [], acert.bounds.crown.memory_budget
+
+    def recording(elements):
+        budgets.append(elements)
+        return real(elements)
+
+    monkeypatch.setattr(acert.bounds.crown, "memory_budget", recording)
+    capped_settings = run_settings(run, "crown", pgd_steps=0, crown_memory_mib=0.01)
+    capped = certify_run(run, capped_settings, data, out=tmp_path / "capped.json")
+    assert budgets == [int(0.01 * 2**20 / 4)]  # float32 inputs: 4 bytes per element
+    assert plain.metrics["n"] == capped.metrics["n"] == 20
+    assert plain.metrics["bound"] == "crown" and plain.metrics["pgd_accuracy"] == {}
+    torch.testing.assert_close(capped.radii, plain.radii, atol=1e-4, rtol=0)
+    with pytest.raises(AcertError, match=r"data must be an acert\.certify_runs\.DataSelection"):
+        certify_run(run, settings, {"limit": 20})

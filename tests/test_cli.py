@@ -99,7 +99,7 @@ def test_certify_rejects_eps_beyond_eps_max_and_corrupt_checkpoints(trained_run,
     assert main(["certify", str(trained_run), "--eps", "0.5"]) == 2
     assert "certification eps 0.5 exceeds eps_max=0.4; raise --eps-max" in capsys.readouterr().err
     assert main(["certify", str(trained_run), "--eps", "-0.1"]) == 2
-    assert "certification eps -0.1 must lie in (0, 1)" in capsys.readouterr().err
+    assert "cert_eps must lie in (0, 1] pixel units, got -0.1" in capsys.readouterr().err
     corrupt = tmp_path / "bad.pt"
     corrupt.write_bytes(b"not a checkpoint")
     assert main(["certify", str(corrupt)]) == 2

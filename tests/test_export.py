@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 
 import acert.export
+from acert.certify_runs import DataSelection
 from acert.config import TrainConfig, resolve
 from acert.data import ImageSet, load_imageset, stratified_subset
 from acert.errors import AcertError
-from acert.export import ExportResult, export_run
+from acert.export import ExportResult, PropertySettings, export_run
 from acert.runs import RunDir, build_model, load
 
 HAS_EXPORT_EXTRA = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
@@ -79,7 +80,9 @@ def exported(request, tmp_path_factory) -> tuple[Path, ExportResult]:
     root = tmp_path_factory.mktemp(request.param)
     run = make_run(root / "run", request.param)
     bench = root / "bench"
-    result = export_run(run, bench / "onnx" / "model.onnx", bench / "vnnlib", EPS, N)
+    result = export_run(
+        run, bench / "onnx" / "model.onnx", bench / "vnnlib", PropertySettings(EPS, N)
+    )
     return run, result
 
 
@@ -178,7 +181,9 @@ def test_properties_state_the_clipped_box_and_the_unsafe_region(exported, test_s
 @needs_onnx
 def test_box_bounds_are_written_exactly_even_for_a_tiny_eps(mlp_run, tmp_path, test_split):
     eps = 1e-6
-    result = export_run(mlp_run, tmp_path / "model.onnx", tmp_path / "props", eps, 1, seed=4)
+    result = export_run(
+        mlp_run, tmp_path / "model.onnx", tmp_path / "props", PropertySettings(eps, 1, seed=4)
+    )
     assert len(result.indices) == 1  # fewer inputs than classes is allowed
     prop = parse_vnnlib(result.vnnlib_paths[0].read_text())
     x = test_split.floats()[result.indices[0]].double().flatten().tolist()
@@ -237,7 +242,7 @@ def test_equal_untrained_parameters_are_not_aliased_by_identity_nodes(tmp_path):
     import onnx
 
     run = make_run(tmp_path / "run", "mlp-small", train=False)  # fresh BN: equal weight tensors
-    result = export_run(run, tmp_path / "model.onnx", tmp_path / "props", EPS, 2)
+    result = export_run(run, tmp_path / "model.onnx", tmp_path / "props", PropertySettings(EPS, 2))
     proto = onnx.load(result.onnx_path)
     assert "Identity" not in {node.op_type for node in proto.graph.node}
     assert result.max_abs_diff < 1e-4
@@ -289,9 +294,8 @@ def test_abcrown_config_runs_the_written_benchmark(exported):
 
 @needs_onnx
 def test_only_correct_draws_correctly_classified_inputs(mlp_run, tmp_path):
-    result = export_run(
-        mlp_run, tmp_path / "m.onnx", tmp_path / "p", EPS, 10, seed=3, only_correct=True, timeout=30
-    )
+    properties = PropertySettings(EPS, 10, seed=3, timeout=30, only_correct=True)
+    result = export_run(mlp_run, tmp_path / "m.onnx", tmp_path / "p", properties)
     assert result.predictions == result.labels and len(result.indices) == 10
     assert (tmp_path / "instances.csv").read_text().splitlines()[0].endswith(",30")
     assert "\n  timeout: 30  #" in (tmp_path / "abcrown.yaml").read_text()
@@ -299,20 +303,27 @@ def test_only_correct_draws_correctly_classified_inputs(mlp_run, tmp_path):
 
 # ---------------------------------------------------------------------------------- errors
 BAD_CALLS = {
-    "eps zero": ({"eps": 0.0}, "--eps must lie in"),
-    "eps one": ({"eps": 1.0}, "--eps must lie in"),
-    "eps negative": ({"eps": -0.1}, "--eps must lie in"),
-    "eps nan": ({"eps": math.nan}, "--eps must lie in"),
-    "n zero": ({"n": 0}, "--n must be a positive"),
-    "n fractional": ({"n": 2.5}, "--n must be a positive whole number"),
+    "eps zero": ({"eps": 0.0}, "eps must lie in (0, 1) pixel units, got 0.0"),
+    "eps one": ({"eps": 1.0}, "eps must lie in (0, 1)"),
+    "eps negative": ({"eps": -0.1}, "eps must lie in (0, 1)"),
+    "eps nan": ({"eps": math.nan}, "eps must lie in (0, 1)"),
+    "eps text": ({"eps": "0.1"}, "eps must lie in (0, 1)"),
+    "n zero": ({"n": 0}, "n must be a positive whole number of properties, got 0"),
+    "n fractional": ({"n": 2.5}, "n must be a positive whole number"),
     "n too big": ({"n": 1001}, "exceeds the 1000 inputs of the mnist5k test split"),
-    "timeout": ({"timeout": 0.0}, "--timeout must be"),
+    "timeout": ({"timeout": 0.0}, "timeout must be a positive number of seconds"),
+    "seed": ({"seed": 1.5}, "seed must be a whole number"),
+    "only correct": ({"only_correct": "yes"}, "only_correct must be True or False"),
     "split": ({"split": "val"}, "unknown split 'val'"),
+    "limit": ({"limit": 10}, "an export draws properties.n inputs itself; leave data.limit"),
     "missing run": ({"run": "missing"}, "does not exist"),
     "other shape": ({"dataset": "cifar10"}, "does not fit the run's model"),
     "too few correct": ({"n": 1000, "only_correct": True}, "are classified correctly"),
     "onnx is a folder": ({"onnx_path": "."}, "is a folder"),
 }
+
+
+PROPERTY_FIELDS = ("eps", "n", "seed", "timeout", "only_correct")
 
 
 @needs_onnx
@@ -325,7 +336,9 @@ def test_bad_input_gives_a_one_line_error_and_writes_nothing(name, mlp_run, tmp_
     call["run"] = tmp_path / call["run"] if call["run"] == "missing" else call["run"]
     call["onnx_path"] = tmp_path if call["onnx_path"] == "." else call["onnx_path"]
     with pytest.raises(AcertError, match=re.escape(message)) as err:
-        export_run(**call)
+        properties = PropertySettings(**{k: call.pop(k) for k in PROPERTY_FIELDS if k in call})
+        data = DataSelection(**{k: call.pop(k) for k in ("dataset", "split", "limit") if k in call})
+        export_run(**call, properties=properties, data=data)
     assert "\n" not in str(err.value)
     assert not out.exists()
 
@@ -333,7 +346,7 @@ def test_bad_input_gives_a_one_line_error_and_writes_nothing(name, mlp_run, tmp_
 def test_missing_onnxruntime_names_the_extra(mlp_run, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes the import fail
     with pytest.raises(AcertError, match=re.escape("pip install 'acert[export]'")) as err:
-        export_run(mlp_run, tmp_path / "m.onnx", tmp_path / "p", EPS, 5)
+        export_run(mlp_run, tmp_path / "m.onnx", tmp_path / "p", PropertySettings(EPS, 5))
     assert "\n" not in str(err.value) and files_under(tmp_path) == []
 
 
@@ -341,7 +354,7 @@ def test_missing_onnxruntime_names_the_extra(mlp_run, tmp_path, monkeypatch):
 def test_an_onnx_mismatch_leaves_no_file(mlp_run, tmp_path, monkeypatch):
     monkeypatch.setattr(acert.export, "ONNX_TOLERANCE", 0.0)  # any difference, even 0, fails
     with pytest.raises(AcertError, match="differs from the torch model") as err:
-        export_run(mlp_run, tmp_path / "m.onnx", tmp_path / "p", EPS, 5)
+        export_run(mlp_run, tmp_path / "m.onnx", tmp_path / "p", PropertySettings(EPS, 5))
     assert "\n" not in str(err.value) and files_under(tmp_path) == []
 
 
@@ -362,6 +375,6 @@ def test_a_failed_write_removes_what_this_export_wrote(mlp_run, tmp_path, monkey
 
     monkeypatch.setattr(acert.export, "atomic_write", full_disk_on_third_file)
     with pytest.raises(AcertError, match=r"could not write .*No space left on device") as err:
-        export_run(mlp_run, tmp_path / "m.onnx", tmp_path / "p", EPS, 5)
+        export_run(mlp_run, tmp_path / "m.onnx", tmp_path / "p", PropertySettings(EPS, 5))
     assert "\n" not in str(err.value)
     assert len(calls) == 3 and files_under(tmp_path) == []  # no temporaries, no finished files

@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 import acert.export_onnx
+from acert.certify_runs import DataSelection
 from acert.config import TrainConfig, resolve
 from acert.data import load_imageset
 from acert.errors import AcertError
-from acert.export import export_run
+from acert.export import PropertySettings, export_run
 from acert.export_fold import AddConstant, fold_normalize
 from acert.models import Normalize
 from acert.runs import RunDir, build_model, load
@@ -200,7 +201,11 @@ def test_a_cifar10_export_starts_with_conv_and_matches_torch_on_the_boxes(cifar_
     run, data_dir = cifar_run
     eps = 8 / 255
     result = export_run(
-        run, tmp_path / "onnx" / "net.onnx", tmp_path / "vnnlib", eps, 4, data_dir=str(data_dir)
+        run,
+        tmp_path / "onnx" / "net.onnx",
+        tmp_path / "vnnlib",
+        PropertySettings(eps, 4),
+        DataSelection(data_dir=str(data_dir)),
     )
     proto = onnx.load(result.onnx_path)
     ops = [node.op_type for node in proto.graph.node]
@@ -226,5 +231,11 @@ def test_an_inexact_fold_is_caught_and_nothing_is_written(cifar_run, tmp_path, m
     monkeypatch.setattr(acert.export_onnx, "fold_normalize", without_border_map)
     out = tmp_path / "bench"
     with pytest.raises(AcertError, match="differs from the torch model") as err:
-        export_run(run, out / "net.onnx", out / "vnnlib", 0.03, 4, data_dir=str(data_dir))
+        export_run(
+            run,
+            out / "net.onnx",
+            out / "vnnlib",
+            PropertySettings(0.03, 4),
+            DataSelection(data_dir=str(data_dir)),
+        )
     assert "\n" not in str(err.value) and not out.exists()

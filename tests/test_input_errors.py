@@ -15,7 +15,7 @@ from torch import nn
 import acert
 from acert.bounds import margin_bounds
 from acert.errors import AcertError
-from acert.evaluate import evaluate
+from acert.evaluate import EvaluationSettings, evaluate
 from acert.methods import ACERT
 from acert.models import Normalize
 from acert.radius import KnownBatch, SearchSettings, radius_search
@@ -23,6 +23,7 @@ from acert.radius import KnownBatch, SearchSettings, radius_search
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 METHODS = ("ibp", "crown-ibp", "crown")
+NO_ATTACK = EvaluationSettings(0.1, pgd_steps=0)
 
 
 def mlp(outputs: int = 3) -> nn.Sequential:
@@ -63,7 +64,7 @@ def test_a_single_logit_is_refused_by_the_radius_search_and_evaluate(data):
     _, x, _ = data
     y = torch.zeros(4, dtype=torch.long)
     raises(lambda: radius_search(mlp(1), x, y, 0.1), "1 output", ">= 2 classes")
-    raises(lambda: evaluate(mlp(1), x, y, 0.1, pgd_steps=0), ">= 2 classes")
+    raises(lambda: evaluate(mlp(1), x, y, NO_ATTACK), ">= 2 classes")
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -116,7 +117,7 @@ def test_an_empty_batch_is_refused(data):
     for method in METHODS:
         raises(lambda m=method: margin_bounds(model, x[:0], y[:0], 0.1, m), "empty batch")
     raises(lambda: radius_search(model, x[:0], y[:0], 0.1), "empty batch")
-    raises(lambda: evaluate(model, x[:0], y[:0], 0.1, pgd_steps=0), "empty batch")
+    raises(lambda: evaluate(model, x[:0], y[:0], NO_ATTACK), "empty batch")
 
 
 @pytest.mark.parametrize("kind", ["numpy", "list"])
@@ -129,7 +130,7 @@ def test_numpy_arrays_and_lists_are_refused_with_the_fix(data, kind):
         (lambda: margin_bounds(model, x, convert(y), 0.1), "y"),
         (lambda: radius_search(model, convert(x), y, 0.1), "x"),
         (lambda: radius_search(model, x, convert(y), 0.1), "y"),
-        (lambda: evaluate(model, convert(x), convert(y), 0.1, pgd_steps=0), "x"),
+        (lambda: evaluate(model, convert(x), convert(y), NO_ATTACK), "x"),
     ):
         raises(call, f"{name} must be a torch.Tensor, got {expected}", f"torch.as_tensor({name})")
 
@@ -140,7 +141,7 @@ def test_labels_must_be_integer_class_indices(data, dtype):
     for call in (
         lambda: radius_search(model, x, y.to(dtype), 0.1),
         lambda: margin_bounds(model, x, y.to(dtype), 0.1),
-        lambda: evaluate(model, x, y.to(dtype), 0.1, pgd_steps=0),
+        lambda: evaluate(model, x, y.to(dtype), NO_ATTACK),
     ):
         message = raises(call, "labels must be integer class indices (int64)", "y.long()")
         assert "does not fit the model" not in message
@@ -157,8 +158,9 @@ def test_eps_given_as_a_string_is_refused(data):
     model, x, y = data
     raises(lambda: margin_bounds(model, x, y, "0.1"), "eps must be a number", "'0.1'")
     raises(lambda: radius_search(model, x, y, "0.1"), "eps_max must be a number")
-    raises(lambda: evaluate(model, x, y, "0.1", pgd_steps=0), "eps_max must be a number")
-    raises(lambda: evaluate(model, x, y, 0.1, ["0.05"], pgd_steps=0), "cert_eps must be a number")
+    raises(lambda: EvaluationSettings("0.1"), "eps_max must be a number")
+    raises(lambda: EvaluationSettings(0.1, ["0.05"]), "cert_eps must be a number")
+    raises(lambda: EvaluationSettings(0.1, pgd_eps=["0.05"]), "pgd_eps must be a number")
 
 
 @pytest.mark.parametrize("eps_max", [math.inf, 5.0, 1.5, 0.0, -0.1, math.nan])
@@ -166,7 +168,7 @@ def test_a_cap_outside_the_pixel_range_is_refused(data, eps_max):
     """inf gave every radius 0, 5 the same radii as 1; pixels lie in [0, 1]."""
     model, x, y = data
     raises(lambda: radius_search(model, x, y, eps_max), "eps_max must lie in (0, 1]")
-    raises(lambda: evaluate(model, x, y, eps_max, pgd_steps=0), "eps_max must lie in (0, 1]")
+    raises(lambda: EvaluationSettings(eps_max), "eps_max must lie in (0, 1]")
 
 
 def test_per_sample_caps_outside_the_pixel_range_are_refused(data):
@@ -241,9 +243,48 @@ def test_logits_of_the_wrong_shape_are_named(data, shape):
     )
 
 
-def test_evaluate_checks_its_chunk_size(data):
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("cert_eps", (0.1, 1.5), "cert_eps must lie in (0, 1] pixel units, got 1.5"),
+        ("cert_eps", (0.0,), "cert_eps must lie in (0, 1]"),
+        ("cert_eps", (math.nan,), "cert_eps must lie in (0, 1]"),
+        ("cert_eps", 0.1, "cert_eps must be a sequence of radii such as (0.1, 0.2)"),
+        ("cert_eps", "0.1", "cert_eps must be a sequence of radii"),
+        ("cert_eps", (torch.tensor([0.1, 0.2]),), "cert_eps holds a tensor of shape (2,)"),
+        ("pgd_eps", (-0.1,), "pgd_eps must lie in (0, 1]"),
+        ("bounds", "alpha-crown", "unknown bound 'alpha-crown'; choose one of ibp, crown-ibp"),
+        ("bounds", ("ibp", 3), "unknown bound 3"),
+        ("bounds", (), "bounds must name one or more of ibp, crown-ibp, crown"),
+        ("pgd_steps", -1, "pgd_steps must be a whole number >= 0 (0 skips the attack)"),
+        ("pgd_steps", 2.5, "pgd_steps must be a whole number >= 0"),
+        ("batch_size", 0, "batch_size must be a whole number >= 1, got 0"),
+        ("batch_size", True, "batch_size must be a whole number >= 1"),
+        ("crown_memory_mib", math.nan, "crown_memory_mib must be a positive number of MiB"),
+        ("crown_memory_mib", 0, "crown_memory_mib must be a positive number of MiB"),
+        ("crown_memory_mib", math.inf, "crown_memory_mib must be a positive number of MiB"),
+    ],
+)
+def test_evaluation_settings_are_refused_when_made(option, value, message):
+    """Each setting has its one range check, in EvaluationSettings itself: no data yet."""
+    raises(lambda: EvaluationSettings(0.1, **{option: value}), message)
+
+
+def test_evaluation_settings_come_as_one_object_and_keep_each_value_once(data):
     model, x, y = data
-    raises(lambda: evaluate(model, x, y, 0.1, batch_size=0, pgd_steps=0), "batch_size must be")
+    raises(
+        lambda: evaluate(model, x, y, 0.1),
+        "settings must be an acert.evaluate.EvaluationSettings, got float",
+        "EvaluationSettings(eps_max=0.1",
+    )
+    settings = EvaluationSettings(0.1, [0.05, 0.1, 0.05], "crown", pgd_eps=[0.1, 0.1])
+    assert settings.cert_eps == (0.05, 0.1) and settings.pgd_eps == (0.1,)
+    assert settings.bounds == ("crown",) and settings.label == "crown"
+    assert EvaluationSettings(0.1, bounds=["ibp", "crown", "ibp"]).bounds == ("ibp", "crown")
+    # a radius given twice was counted twice: certified accuracy above the clean one
+    result = evaluate(model, x, y, EvaluationSettings(0.1, [0.05, 0.05], pgd_steps=0))
+    assert list(result.certified_accuracy) == [0.05]
+    assert result.certified_accuracy[0.05] <= result.clean_accuracy
 
 
 # --- runs -----------------------------------------------------------------------------------

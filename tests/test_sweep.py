@@ -62,7 +62,7 @@ def counted(monkeypatch):
         return train(config, **kwargs)
 
     def counting_certify(run, **kwargs):
-        calls["certify"].append(kwargs["bound"])
+        calls["certify"].append(kwargs["settings"].label)
         return certify(run, **kwargs)
 
     monkeypatch.setattr(acert.train, "run", counting_train)

@@ -79,25 +79,27 @@ def _attack_search(args: argparse.Namespace):
 
 def cmd_certify(args: argparse.Namespace) -> int:
     """Certify a run, print the metrics; exit status 1 when a check finds a bad certificate."""
-    from acert.certify_runs import CertificateChecks, certify_run
+    from acert.certify_runs import CertificateChecks, DataSelection, certify_run, run_settings
 
-    checks = CertificateChecks(float64=args.check_float64, attack=_attack_search(args))
-    result = certify_run(
+    settings = run_settings(
         args.run,
         bound=args.bound,
         eps=args.eps,
         eps_max=args.eps_max,
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        split=args.split,
-        limit=args.limit,
         pgd_steps=args.pgd_steps,
         batch_size=args.batch_size,
+        crown_memory_mib=args.crown_memory_mib,
+    )
+    data = DataSelection(args.dataset, args.data_dir, args.split, args.limit)
+    checks = CertificateChecks(float64=args.check_float64, attack=_attack_search(args))
+    result = certify_run(
+        args.run,
+        settings,
+        data,
+        checks=checks,
         device=args.device,
         out=args.out,
         progress=not args.quiet,
-        checks=checks,
-        crown_memory_mib=args.crown_memory_mib,
     )
     metrics = result.metrics
     print_evaluation(metrics)

@@ -25,7 +25,7 @@ from acert.bounds.layers import check_supported
 from acert.config import GIVEN_MODEL, TrainConfig, config_from_dict, resolve
 from acert.data import ImageSet, as_imageset, given_dataset
 from acert.errors import AcertError, ConfigError
-from acert.evaluate import Evaluation, evaluate
+from acert.evaluate import Evaluation, EvaluationSettings, evaluate
 from acert.methods import TrainingMethod, create_method, list_methods
 from acert.runs import RunDir
 from acert.train import RunInputs, run
@@ -113,16 +113,9 @@ def certify(
     """
     network = check_supported(model)
     data_set = as_imageset(data, "data", network[-1].out_features)
+    settings = EvaluationSettings(eps_max, eps, bound, pgd_steps=pgd_steps)
     return evaluate(
-        network,
-        data_set.floats(),
-        data_set.labels,
-        eps_max,
-        list(eps),
-        bound,
-        pgd_steps=pgd_steps,
-        device=device,
-        progress=progress,
+        network, data_set.floats(), data_set.labels, settings, device=device, progress=progress
     )
 
 

@@ -8,10 +8,10 @@ radii (:func:`acert.attacks.attack_radii`), an upper bound beside every certifie
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
-from dataclasses import asdict, dataclass
+import numbers
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +19,29 @@ import torch
 
 from acert.attacks import AttackSearch, attack_radii
 from acert.bounds import METHODS as BOUND_METHODS
-from acert.bounds import crown
 from acert.config import TrainConfig, available_device, config_from_dict
 from acert.data import SPLITS, ImageSet, dataset_info, load_imageset, stratified_subset
 from acert.errors import AcertError, CheckpointError
-from acert.evaluate import Evaluation, attack_check, best_label, evaluate, float64_violations
+from acert.evaluate import (
+    Evaluation,
+    EvaluationSettings,
+    attack_check,
+    check_settings,
+    evaluate,
+    float64_violations,
+)
 from acert.runs import RunDir, atomic_write, check_writable_file, load, read_checkpoint
 
 __all__ = [
     "CertificateChecks",
     "CertifyResult",
+    "DataSelection",
     "certify_run",
+    "check_selection",
     "load_run_inputs",
     "parse_bound",
     "run_config",
+    "run_settings",
 ]
 
 
@@ -49,6 +58,46 @@ class CertificateChecks:
 
     float64: bool = False
     attack: AttackSearch | None = None
+
+
+@dataclass(frozen=True)
+class DataSelection:
+    """Which data a run is certified (or exported) on; checked when the object is made.
+
+    Attributes:
+        dataset: dataset name (default None: the run's); same input shape and classes.
+        data_dir: folder holding the dataset files (default None: the run's).
+        split: ``"test"`` or ``"train"``.
+        limit: a stratified subset of this many inputs (seeded with the run's seed), >= 1;
+            None: the whole split.
+    """
+
+    dataset: str | None = None
+    data_dir: str | Path | None = None
+    split: str = "test"
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dataset is not None and not isinstance(self.dataset, str):
+            raise AcertError(f"dataset must be a dataset name or None, got {self.dataset!r}")
+        if self.data_dir is not None and not isinstance(self.data_dir, (str, Path)):
+            raise AcertError(f"data_dir must be a folder path or None, got {self.data_dir!r}")
+        if self.split not in SPLITS:
+            raise AcertError(f"unknown split {self.split!r}; choose one of {', '.join(SPLITS)}")
+        limit = self.limit
+        whole = isinstance(limit, numbers.Integral) and not isinstance(limit, bool)
+        if limit is not None and not (whole and limit >= 1):
+            raise AcertError(f"limit must be a whole number >= 1 (or None: all), got {limit!r}")
+
+
+def check_selection(value: object) -> DataSelection:
+    """``value`` if it is a :class:`DataSelection`, else a one-line :class:`AcertError`."""
+    if not isinstance(value, DataSelection):
+        raise AcertError(
+            f"data must be an acert.certify_runs.DataSelection, got {type(value).__name__}; "
+            "e.g. DataSelection(split='train')"
+        )
+    return value
 
 
 @dataclass
@@ -71,81 +120,92 @@ def run_config(path: str | Path) -> TrainConfig:
     return config_from_dict(read_checkpoint(path)["config"])
 
 
-def certify_run(
-    run: str | Path,
+def run_settings(
+    run: str | Path | TrainConfig,
     bound: str = "ibp",
-    eps: list[float] | None = None,
+    eps: Sequence[float] | None = None,
     eps_max: float | None = None,
-    dataset: str | None = None,
-    data_dir: str | None = None,
-    split: str = "test",
-    limit: int | None = None,
     pgd_steps: int = 20,
     batch_size: int = 256,
+    crown_memory_mib: float | None = None,
+) -> EvaluationSettings:
+    """The settings of a certification of ``run`` (a run folder, checkpoint or its config):
+    what ``acert certify`` passes to :func:`certify_run`.
+
+    Args:
+        run: run folder, checkpoint or the run's config.
+        bound: ``"ibp"``, ``"crown-ibp"``, ``"crown"``, or a best-of certificate (see
+            :func:`parse_bound`): ``"best"`` (all bounds) or ``"best:ibp,crown"``.
+        eps: radii for certified (and PGD) accuracy; default: the run's ``cert_eps`` up to
+            ``eps_max`` (``eps_max`` itself if none is).
+        eps_max: cap of the radius search and the ACR; default: the run's.
+        pgd_steps, batch_size, crown_memory_mib: as in :class:`EvaluationSettings`.
+    """
+    config = run if isinstance(run, TrainConfig) else run_config(run)
+    bounds = parse_bound(bound)
+    eps_max = config.eps_max if eps_max is None else eps_max
+    settings = EvaluationSettings(
+        eps_max,
+        cert_eps=() if eps is None else eps,
+        bounds=bounds,
+        pgd_steps=pgd_steps,
+        batch_size=batch_size,
+        crown_memory_mib=crown_memory_mib,
+    )
+    if eps is not None:
+        return settings
+    # the run's radii, as far as the cap allows
+    own = tuple(e for e in config.cert_eps if e <= settings.eps_max) or (settings.eps_max,)
+    return replace(settings, cert_eps=own)
+
+
+def certify_run(
+    run: str | Path,
+    settings: EvaluationSettings | None = None,
+    data: DataSelection | None = None,
+    *,
+    checks: CertificateChecks | None = None,
     device: str = "cpu",
     out: str | Path | None = None,
     progress: bool = False,
-    checks: CertificateChecks | None = None,
-    crown_memory_mib: float | None = None,
 ) -> CertifyResult:
     """Evaluate a trained run with a chosen bound; see ``acert certify --help``.
 
     Args:
         run: run folder or checkpoint.
-        bound: ``"ibp"``, ``"crown-ibp"``, ``"crown"``, or a best-of certificate (see
-            :func:`parse_bound`): ``"best"`` (all bounds) or ``"best:ibp,crown"``.
-        eps: radii for certified (and PGD) accuracy; default: the run's ``cert_eps``.
-        eps_max: cap of the radius search and the ACR; default: the run's.
-        dataset, data_dir: override the run's dataset (same input shape and classes).
-        split: ``"test"`` or ``"train"``.
-        limit: certify a stratified subset of this many inputs.
-        pgd_steps: PGD steps; 0 skips the attack.
-        batch_size: inputs per bound pass.
+        settings: cap, radii, bounds, attack steps, chunk size and CROWN memory cap; default:
+            :func:`run_settings` of the run (its cap and ``cert_eps``, IBP, 20 PGD steps).
+            No certification radius may exceed the cap.
+        data: the dataset, split and subset to certify on (default: the run's test split).
+        checks: float64 re-check and attack radii (default: neither).
         device: where to compute.
         out: JSON path; default ``<run>/certify_<bound>.json`` (radii beside it).
         progress: show a progress bar.
-        checks: float64 re-check and attack radii (default: neither).
-        crown_memory_mib: cap of each CROWN backward chunk's coefficients, MiB.
     """
     config = run_config(run)
-    eps_max = config.eps_max if eps_max is None else eps_max
-    eps = _certification_eps(config, eps, eps_max)
-    bounds = parse_bound(bound)
+    settings = run_settings(config) if settings is None else settings
+    settings = check_settings(settings)
+    data = DataSelection() if data is None else data
     checks = checks or CertificateChecks()
-    _check_options(batch_size, crown_memory_mib, checks)
+    _check_certification(settings, data, checks)
     available_device(device)
-    name = dataset or config.dataset
-    label = best_label(bounds)
-    target = Path(out) if out else _default_target(run, label, config, name, split, eps_max)
+    eps_max, bounds = settings.eps_max, settings.bounds
+    name = data.dataset or config.dataset
+    target = Path(out) if out else _default_target(run, settings, config, name, data.split)
     check_writable_file(target, "--out")
-    data = load_run_inputs(config, name, split, data_dir)
-    if limit is not None:
+    images = load_run_inputs(config, data)
+    if data.limit is not None:
         classes = dataset_info(name).num_classes
-        if limit < classes:
+        if data.limit < classes:
             raise AcertError(
-                f"--limit {limit} cannot cover the {classes} classes; use >= {classes}"
+                f"--limit {data.limit} cannot cover the {classes} classes; use >= {classes}"
             )
-        data = stratified_subset(data, limit, seed=config.seed)
+        images = stratified_subset(images, data.limit, seed=config.seed)
     model = load(run)
-    x, y = data.floats(), data.labels
-    budget = contextlib.nullcontext()
-    if crown_memory_mib is not None:
-        budget = crown.memory_budget(max(1, int(crown_memory_mib * 2**20 / x.element_size())))
-    with budget:
-        result = evaluate(
-            model,
-            x,
-            y,
-            eps_max,
-            eps,
-            bounds,
-            pgd_eps=eps,
-            pgd_steps=pgd_steps,
-            batch_size=batch_size,
-            device=device,
-            progress=progress,
-        )
-    metrics = {**result.to_dict(), "dataset": name, "split": split}
+    x, y = images.floats(), images.labels
+    result = evaluate(model, x, y, settings, device=device, progress=progress)
+    metrics = {**result.to_dict(), "dataset": name, "split": data.split}
+    batch_size = settings.batch_size
     if checks.float64:
         violations = _float64_check(model, x, y, result, bounds, batch_size)
         metrics["float64_check"] = {
@@ -244,57 +304,43 @@ def _attack_radii(
     return torch.cat(parts)
 
 
-def load_run_inputs(
-    config: TrainConfig, name: str, split: str, data_dir: str | None = None
-) -> ImageSet:
-    """A split of dataset ``name`` for the run trained with ``config``; its images must fit the
-    run's model (same shape and classes)."""
-    if split not in SPLITS:
-        raise AcertError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+def load_run_inputs(config: TrainConfig, data: DataSelection) -> ImageSet:
+    """The split ``data`` names (all of it: ``data.limit`` is left to the caller) for the run
+    trained with ``config``; its images must fit the run's model (same shape and classes)."""
+    name = data.dataset or config.dataset
     info, trained = dataset_info(name), dataset_info(config.dataset)
     if (info.shape, info.num_classes) != (trained.shape, trained.num_classes):
         raise AcertError(
             f"dataset {name} (shape {info.shape}, {info.num_classes} classes) does not fit the "
             f"run's model trained on {config.dataset}; pass a dataset of the same shape and classes"
         )
-    return load_imageset(name, split, data_dir or config.data_dir)
+    return load_imageset(name, data.split, data.data_dir or config.data_dir)
 
 
-def _certification_eps(config: TrainConfig, eps: list[float] | None, eps_max: float) -> list[float]:
-    """The radii of the certified accuracies: ``eps``, or the run's own below ``eps_max``."""
-    if not 0 < eps_max < 1:
-        raise AcertError(f"--eps-max must lie in (0, 1) pixel units, got {eps_max}")
-    if eps is None:  # the run's radii, as far as the cap allows
-        return [e for e in config.cert_eps if e <= eps_max] or [eps_max]
-    for value in eps:
-        if not 0 < value < 1:
-            raise AcertError(f"certification eps {value} must lie in (0, 1) pixel units")
-        if value > eps_max:
+def _check_certification(
+    settings: EvaluationSettings, data: DataSelection, checks: CertificateChecks
+) -> None:
+    """What a certification asks beyond its settings' own checks: certification radii up to
+    the cap, a data selection, valid attack settings."""
+    for value in settings.cert_eps:
+        if value > settings.eps_max:
             raise AcertError(
-                f"certification eps {value} exceeds eps_max={eps_max}; "
+                f"certification eps {value} exceeds eps_max={settings.eps_max}; "
                 "raise --eps-max or lower --eps"
             )
-    return list(eps)
-
-
-def _check_options(
-    batch_size: int, crown_memory_mib: float | None, checks: CertificateChecks
-) -> None:
+    check_selection(data)
     if checks.attack is not None:
         checks.attack.check()
-    if batch_size < 1:
-        raise AcertError(f"--batch-size must be >= 1, got {batch_size}")
-    if crown_memory_mib is not None and not 0 < crown_memory_mib < math.inf:
-        raise AcertError(f"--crown-memory-mib must be a positive number, got {crown_memory_mib}")
 
 
 def _default_target(
-    run: str | Path, bound: str, config: TrainConfig, dataset: str, split: str, eps_max: float
+    run: str | Path, settings: EvaluationSettings, config: TrainConfig, dataset: str, split: str
 ) -> Path:
     """``certify_<bound>.json`` beside the run for its own test set and cap (what studies
     read); a name that says what differs otherwise, so that it replaces nothing of theirs."""
     run_path = Path(run)
     folder = run_path if run_path.is_dir() else run_path.parent
+    eps_max = settings.eps_max
     differs = [
         part
         for part, same in (
@@ -304,4 +350,4 @@ def _default_target(
         )
         if not same
     ]
-    return folder / ("_".join([f"certify_{bound}", *differs]) + ".json")
+    return folder / ("_".join([f"certify_{settings.label}", *differs]) + ".json")

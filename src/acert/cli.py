@@ -104,21 +104,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from acert.export import export_run
+    from acert.certify_runs import DataSelection
+    from acert.export import PropertySettings, export_run
 
-    result = export_run(
-        args.run,
-        args.onnx,
-        args.vnnlib,
-        args.eps,
-        args.n,
-        dataset=args.dataset,
-        split=args.split,
-        data_dir=args.data_dir,
-        seed=args.seed,
-        timeout=args.timeout,
-        only_correct=args.only_correct,
-    )
+    properties = PropertySettings(args.eps, args.n, args.seed, args.timeout, args.only_correct)
+    data = DataSelection(args.dataset, args.data_dir, args.split)
+    result = export_run(args.run, args.onnx, args.vnnlib, properties, data)
     print(result.summary())
     return 0
 

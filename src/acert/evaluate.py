@@ -12,9 +12,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,17 +25,19 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from acert.attacks import pgd_attack
-from acert.bounds import METHODS, check_eps, check_inputs, margin_bounds
+from acert.bounds import METHODS, check_eps, check_inputs, crown, margin_bounds
 from acert.errors import AcertError
 from acert.radius import check_cap, radius_search
 
 __all__ = [
     "Evaluation",
+    "EvaluationSettings",
     "acceps",
     "attack_check",
     "attacked_radii",
     "best_label",
     "best_of",
+    "check_settings",
     "evaluate",
     "float64_violations",
 ]
@@ -81,6 +85,109 @@ class Evaluation:
         }
 
 
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """What an evaluation computes and how; a bad value is refused here, when the object is made.
+
+    Attributes:
+        eps_max: cap of the radius search and of the ACR, a number in (0, 1].
+        cert_eps: radii at which the certified accuracy is reported, each in (0, 1]; kept as a
+            tuple, a radius given twice once.
+        bounds: ``"ibp"``, ``"crown-ibp"`` or ``"crown"``, or several of them (a tuple; one
+            name alone is taken as a tuple of one): then each sample's radius is the largest
+            of the bounds' radii (each is sound, so their maximum is) and a sample is
+            certified at ε when any of the bounds certifies it.
+        pgd_eps: radii for the PGD accuracy, each in (0, 1] (None: ``cert_eps``; ``()``: none).
+        pgd_steps: PGD steps (one random restart), >= 0; 0 skips the attack.
+        batch_size: samples per bound pass, >= 1.
+        crown_memory_mib: cap of each CROWN backward chunk's coefficients in MiB (> 0), or
+            None: no cap (:func:`acert.bounds.crown.memory_budget`).
+    """
+
+    eps_max: float
+    cert_eps: tuple[float, ...] = ()
+    bounds: tuple[str, ...] = ("ibp",)
+    pgd_eps: tuple[float, ...] | None = None
+    pgd_steps: int = 20
+    batch_size: int = 256
+    crown_memory_mib: float | None = None
+
+    def __post_init__(self) -> None:
+        check_cap(self.eps_max, None)
+        object.__setattr__(self, "cert_eps", _radii(self.cert_eps, "cert_eps"))
+        object.__setattr__(self, "bounds", _bound_names(self.bounds))
+        if self.pgd_eps is not None:
+            object.__setattr__(self, "pgd_eps", _radii(self.pgd_eps, "pgd_eps"))
+        if not (_is_whole(self.pgd_steps) and self.pgd_steps >= 0):
+            raise AcertError(
+                f"pgd_steps must be a whole number >= 0 (0 skips the attack), "
+                f"got {self.pgd_steps!r}"
+            )
+        if not (_is_whole(self.batch_size) and self.batch_size >= 1):
+            raise AcertError(f"batch_size must be a whole number >= 1, got {self.batch_size!r}")
+        mib = self.crown_memory_mib
+        if mib is not None and not (_is_real(mib) and 0 < mib < math.inf):
+            raise AcertError(
+                f"crown_memory_mib must be a positive number of MiB (None: no cap), got {mib!r}"
+            )
+
+    @property
+    def label(self) -> str:
+        """The name of the certificate (:func:`best_label` of ``bounds``)."""
+        return best_label(self.bounds)
+
+    def memory_budget(self, x: Tensor) -> contextlib.AbstractContextManager[None]:
+        """The CROWN memory cap for inputs like ``x`` (a no-op without ``crown_memory_mib``)."""
+        if self.crown_memory_mib is None:
+            return contextlib.nullcontext()
+        return crown.memory_budget(max(1, int(self.crown_memory_mib * 2**20 / x.element_size())))
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_whole(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _radii(values: object, name: str) -> tuple[float, ...]:
+    """``values`` as a tuple of radii in (0, 1], each once."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise AcertError(f"{name} must be a sequence of radii such as (0.1, 0.2), got {values!r}")
+    radii = tuple(values)
+    for eps in radii:
+        check_eps(eps, name)
+        if isinstance(eps, Tensor) and eps.numel() != 1:
+            raise AcertError(
+                f"{name} holds a tensor of shape {tuple(eps.shape)}; pass one number per radius"
+            )
+        if not 0 < float(eps) <= 1:  # False for NaN
+            raise AcertError(f"{name} must lie in (0, 1] pixel units, got {float(eps):g}")
+    return tuple(dict.fromkeys(radii))
+
+
+def _bound_names(bounds: object) -> tuple[str, ...]:
+    """``bounds`` as a tuple of bound names, each once."""
+    names = (bounds,) if isinstance(bounds, str) else bounds
+    if not isinstance(names, Iterable) or not (names := tuple(names)):
+        raise AcertError(f"bounds must name one or more of {', '.join(METHODS)}, got {bounds!r}")
+    for name in names:
+        if not isinstance(name, str) or name not in METHODS:
+            raise AcertError(f"unknown bound {name!r}; choose one of {', '.join(METHODS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def check_settings(value: object) -> EvaluationSettings:
+    """``value`` if it is an :class:`EvaluationSettings`, else a one-line :class:`AcertError`."""
+    if not isinstance(value, EvaluationSettings):
+        raise AcertError(
+            f"settings must be an acert.evaluate.EvaluationSettings, got {type(value).__name__}; "
+            "e.g. EvaluationSettings(eps_max=0.1, cert_eps=(0.1,))"
+        )
+    return value
+
+
 def best_label(bounds: Sequence[str]) -> str:
     """The name of a best-of certificate: ``"best"`` over every bound of
     :data:`acert.bounds.METHODS`, else ``"best-ibp+crown"`` and the like."""
@@ -124,12 +231,8 @@ def evaluate(
     model: nn.Sequential,
     x: Tensor,
     y: Tensor,
-    eps_max: float,
-    cert_eps: Sequence[float] = (),
-    bound: str | Sequence[str] = "ibp",
-    pgd_eps: Sequence[float] | None = None,
-    pgd_steps: int = 20,
-    batch_size: int = 256,
+    settings: EvaluationSettings,
+    *,
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> Evaluation:
@@ -138,48 +241,48 @@ def evaluate(
     Args:
         model: supported ``nn.Sequential``; put in eval mode for the evaluation.
         x: (N, ...) inputs in [0, 1]; y: (N,) int64 labels; torch tensors (numpy arrays are
-            refused, not converted: pass ``torch.as_tensor``).
-        eps_max: cap of the radius search and of the ACR, a number in (0, 1].
-        cert_eps: radii at which the certified accuracy is reported.
-        bound: ``"ibp"``, ``"crown-ibp"`` or ``"crown"``, or several of them: then each
-            sample's radius is the largest of the bounds' radii (each is sound, so their
-            maximum is) and a sample is certified at ε when any of the bounds certifies it.
-        pgd_eps: radii for the PGD accuracy (default: ``cert_eps``); pass ``[]`` to skip.
-        pgd_steps: PGD steps (one random restart); 0 skips the attack (no PGD accuracy).
-        batch_size: samples per bound pass.
+            refused, not converted: pass ``torch.as_tensor``). The whole data set is checked
+            before any work (a bad label in the last chunk is found before the first is
+            certified).
+        settings: the cap, the radii, the bounds, the attack and the chunk size.
         device: where to compute.
         progress: show a progress bar.
     """
+    settings = check_settings(settings)
     model = model.to(device).eval()
-    _check_arguments(model, x, y, eps_max, cert_eps, batch_size)
-    pgd_eps = attacked_radii(cert_eps, pgd_eps, pgd_steps)
-    bounds = [bound] if isinstance(bound, str) else list(dict.fromkeys(bound))
-    label = best_label(bounds)
+    check_inputs(model, x, y)
+    eps_max, cert_eps, bounds = settings.eps_max, settings.cert_eps, settings.bounds
+    pgd_eps = attacked_radii(cert_eps, settings.pgd_eps, settings.pgd_steps)
+    batch_size = settings.batch_size
     per_bound: dict[str, list[Tensor]] = {name: [] for name in bounds}
     evaluations, correct = [], []
     certified = {eps: 0 for eps in cert_eps}
     robust = {eps: 0 for eps in pgd_eps}
     generator = torch.Generator().manual_seed(0)
     chunks = range(0, x.shape[0], batch_size)
-    for start in tqdm(chunks, desc=f"certify ({label})", disable=not progress, leave=False):
-        xb = x[start : start + batch_size].to(device)
-        yb = y[start : start + batch_size].to(device)
-        with torch.no_grad():
-            correct.append(model(xb).argmax(1) == yb)
-            spent = torch.zeros(xb.shape[0], dtype=torch.float64)
-            for name in bounds:
-                result = radius_search(model, xb, yb, eps_max, name)
-                per_bound[name].append(result.radius.cpu())
-                spent += result.evaluations.cpu()
-            for eps in cert_eps:
-                # a sample counts only where the model's own forward pass classifies it right
-                by_bound = _certified_by_any(model, xb, yb, eps, bounds)
-                certified[eps] += (by_bound & correct[-1]).sum().item()
-        evaluations.append(spent)
-        for eps in pgd_eps:
-            adversarial = pgd_attack(model, xb, yb, eps, steps=pgd_steps, generator=generator)
+    bar = tqdm(chunks, desc=f"certify ({settings.label})", disable=not progress, leave=False)
+    with settings.memory_budget(x):
+        for start in bar:
+            xb = x[start : start + batch_size].to(device)
+            yb = y[start : start + batch_size].to(device)
             with torch.no_grad():
-                robust[eps] += (model(adversarial).argmax(1) == yb).sum().item()
+                correct.append(model(xb).argmax(1) == yb)
+                spent = torch.zeros(xb.shape[0], dtype=torch.float64)
+                for name in bounds:
+                    result = radius_search(model, xb, yb, eps_max, name)
+                    per_bound[name].append(result.radius.cpu())
+                    spent += result.evaluations.cpu()
+                for eps in cert_eps:
+                    # a sample counts only where the model's own forward pass classifies it right
+                    by_bound = _certified_by_any(model, xb, yb, eps, bounds)
+                    certified[eps] += (by_bound & correct[-1]).sum().item()
+            evaluations.append(spent)
+            for eps in pgd_eps:
+                adversarial = pgd_attack(
+                    model, xb, yb, eps, steps=settings.pgd_steps, generator=generator
+                )
+                with torch.no_grad():
+                    robust[eps] += (model(adversarial).argmax(1) == yb).sum().item()
     n = x.shape[0]
     bound_radii = {name: torch.cat(parts) for name, parts in per_bound.items()}
     radius = torch.stack(list(bound_radii.values())).max(0).values
@@ -187,7 +290,7 @@ def evaluate(
     acr = radius.mean().item()
     return Evaluation(
         n=n,
-        bound=label,
+        bound=settings.label,
         eps_max=eps_max,
         clean_accuracy=clean,
         acr=acr,
@@ -212,24 +315,6 @@ def _certified_by_any(
             break
         certified[rest] = margin_bounds(model, x[rest], y[rest], eps, name).min(1).values > 0
     return certified
-
-
-def _check_arguments(
-    model: nn.Sequential,
-    x: Tensor,
-    y: Tensor,
-    eps_max: object,
-    cert_eps: Sequence[object],
-    batch_size: object,
-) -> None:
-    """One line naming the problem, before any work: the whole data set (a bad label in the
-    last chunk is found before the first is certified), the cap, the radii, the chunk size."""
-    check_inputs(model, x, y)
-    check_cap(eps_max, None)
-    for eps in cert_eps:
-        check_eps(eps, "cert_eps")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise AcertError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
 
 
 def float64_violations(

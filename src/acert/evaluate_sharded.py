@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from acert.evaluate import Evaluation, acceps, attacked_radii, evaluate
+from acert.evaluate import (
+    Evaluation,
+    EvaluationSettings,
+    acceps,
+    attacked_radii,
+    check_settings,
+    evaluate,
+)
 from acert.process_group import World, sum_over_processes
 
 __all__ = ["evaluate_sharded"]
@@ -41,40 +46,30 @@ def evaluate_sharded(
     model: nn.Sequential,
     x: Tensor,
     y: Tensor,
-    eps_max: float,
+    settings: EvaluationSettings,
     world: World,
-    cert_eps: Sequence[float] = (),
-    bound: str = "ibp",
-    pgd_eps: Sequence[float] | None = None,
-    batch_size: int = 256,
-    **kwargs: Any,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> Evaluation:
     """:func:`acert.evaluate.evaluate` with the samples shared out among the processes.
 
-    Each process evaluates a contiguous run of whole ``batch_size`` batches; the counts and
-    the per-sample radii are summed, so every process returns the evaluation of all samples.
-    Clean and certified accuracy and the radii are one process's; PGD starts are drawn per
-    process, so PGD accuracy can differ by the luck of the random starts.
+    Each process evaluates a contiguous run of whole ``settings.batch_size`` batches; the
+    counts and the per-sample radii are summed, so every process returns the evaluation of all
+    samples. Clean and certified accuracy and the radii are one process's; PGD starts are
+    drawn per process, so PGD accuracy can differ by the luck of the random starts.
 
     Args:
-        model, x, y, eps_max, cert_eps, bound, pgd_eps, batch_size: as for ``evaluate``.
+        model, x, y, settings, device, progress: as for ``evaluate``.
         world: the processes.
-        **kwargs: further ``evaluate`` arguments (pgd_steps, device, progress).
     """
-    cert_eps = list(dict.fromkeys(cert_eps))
-    pgd_eps = attacked_radii(cert_eps, pgd_eps, kwargs.get("pgd_steps", 20))
-    run = functools.partial(
-        evaluate,
-        eps_max=eps_max,
-        cert_eps=cert_eps,
-        bound=bound,
-        pgd_eps=pgd_eps,
-        batch_size=batch_size,
-        **kwargs,
-    )
+    settings = check_settings(settings)
+    eps_max, cert_eps = settings.eps_max, settings.cert_eps
+    pgd_eps = attacked_radii(cert_eps, settings.pgd_eps, settings.pgd_steps)
+    run = functools.partial(evaluate, settings=settings, device=device, progress=progress)
     if not world.enabled:
         return run(model, x, y)
-    n, rows = x.shape[0], _rows(x.shape[0], batch_size, world)
+    n, rows = x.shape[0], _rows(x.shape[0], settings.batch_size, world)
     head = 2 + len(cert_eps) + len(pgd_eps)
     totals = torch.zeros(head + n, dtype=torch.float64)
     if rows.stop > rows.start:
@@ -87,7 +82,7 @@ def evaluate_sharded(
     clean, acr = correct / n, radii.mean().item()
     return Evaluation(
         n=n,
-        bound=bound,
+        bound=settings.label,
         eps_max=eps_max,
         clean_accuracy=clean,
         acr=acr,

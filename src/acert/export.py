@@ -29,7 +29,7 @@
 - ``abcrown.yaml`` beside ``instances.csv``: an αβ-CROWN configuration that runs the benchmark
   as written (:mod:`acert.export_abcrown`, docs/VERIFIERS.md).
 
-The inputs are a stratified, seeded subset of the split: the rows
+The inputs (:class:`PropertySettings`) are a stratified, seeded subset of the split: the rows
 :func:`acert.data.stratified_subset` picks for the same ``n`` and ``seed`` (also for ``n`` below
 the number of classes, which that function refuses); with ``only_correct`` the subset is drawn
 from the correctly classified rows only.
@@ -42,8 +42,6 @@ this export does not select are left alone; ``instances.csv`` lists only the new
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,11 +52,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from acert.certify_runs import load_run_inputs, run_config
+from acert.certify_runs import DataSelection, load_run_inputs, run_config
 from acert.data import ImageSet, dataset_info, stratified_indices
 from acert.errors import AcertError
 from acert.export_abcrown import ABCROWN_NAME, abcrown_config
 from acert.export_onnx import ONNX_OPSET, check_points, onnx_bytes, verify_onnx
+from acert.export_settings import DEFAULT_TIMEOUT, PropertySettings, check_export_settings
 from acert.runs import atomic_write, load
 
 __all__ = [
@@ -68,13 +67,12 @@ __all__ = [
     "ONNX_OPSET",
     "ONNX_TOLERANCE",
     "ExportResult",
+    "PropertySettings",
     "box_bounds",
     "export_run",
     "vnnlib_property",
 ]
 
-DEFAULT_TIMEOUT = 120.0
-"""Seconds per instance written to instances.csv unless ``timeout`` is given."""
 ONNX_TOLERANCE = 1e-5
 """Largest allowed |onnxruntime - torch| logit difference, relative to the largest torch logit
 magnitude (at least 1)."""
@@ -137,15 +135,8 @@ def export_run(
     run: str | Path,
     onnx_path: str | Path,
     vnnlib_dir: str | Path,
-    eps: float,
-    n: int,
-    *,
-    dataset: str | None = None,
-    split: str = "test",
-    data_dir: str | None = None,
-    seed: int = 0,
-    timeout: float = DEFAULT_TIMEOUT,
-    only_correct: bool = False,
+    properties: PropertySettings,
+    data: DataSelection | None = None,
 ) -> ExportResult:
     """Export a trained run as ONNX + VNNLIB properties + instances.csv; see the module docstring.
 
@@ -153,32 +144,29 @@ def export_run(
         run: run folder or checkpoint (its best model, else its last).
         onnx_path: ONNX file to write.
         vnnlib_dir: folder for ``prop_<i>.vnnlib``; ``instances.csv`` goes to its parent.
-        eps: ℓ∞ radius in pixel units, 0 < eps < 1.
-        n: number of properties, 1 <= n <= size of the split.
-        dataset: dataset to draw the inputs from (default: the run's); same shape and classes.
-        split: ``"test"`` or ``"train"``.
-        data_dir: folder holding the dataset files (default: the run's).
-        seed: seed of the stratified draw.
-        timeout: seconds per instance written to instances.csv.
-        only_correct: draw only from inputs the model classifies correctly.
+        properties: radius, number, seed, timeout and whether only correctly classified
+            inputs are drawn.
+        data: dataset, data folder and split to draw the inputs from (default: the run's test
+            split); no ``limit``, ``properties.n`` says how many.
 
     Returns:
         The written paths, the chosen inputs and the ONNX check's largest difference.
     """
-    _check_arguments(eps, n, timeout)
-    eps, n = float(eps), int(n)
+    data = DataSelection() if data is None else data
+    check_export_settings(properties, data)
+    eps, n, seed = float(properties.eps), int(properties.n), properties.seed
     onnx, ort = _require_onnx()
     onnx_path, vnnlib_dir = Path(onnx_path), Path(vnnlib_dir)
     _check_targets(onnx_path, vnnlib_dir)
     config = run_config(run)
     model = load(run)
-    name = dataset or config.dataset
-    data = load_run_inputs(config, name, split, data_dir)
-    if n > len(data):
+    name, split = data.dataset or config.dataset, data.split
+    images = load_run_inputs(config, data)
+    if n > len(images):
         raise AcertError(
-            f"--n {n} exceeds the {len(data)} inputs of the {name} {split} split; lower --n"
+            f"--n {n} exceeds the {len(images)} inputs of the {name} {split} split; lower --n"
         )
-    chosen = _select(model, data, n, seed, only_correct)
+    chosen = _select(model, images, n, seed, properties.only_correct)
     network = onnx_bytes(model, chosen.pixels(slice(0, 1)), onnx, name)
     points = check_points(chosen.pixels(slice(0, CHECKED_INPUTS)), eps, seed)
     max_diff = verify_onnx(network, model, points, ort, ONNX_TOLERANCE)
@@ -186,15 +174,16 @@ def export_run(
     instances_path = vnnlib_dir.resolve().parent / INSTANCES_NAME
     abcrown_path = instances_path.parent / ABCROWN_NAME
     source = f"acert export of {Path(run).resolve().name}: {name} {split} split"
+    timeout = properties.timeout
     abcrown = abcrown_config(INSTANCES_NAME, timeout, f"{source}, eps {eps!r}")
-    properties = [
+    contents = [
         _property_bytes(chosen, row, dataset_info(name).num_classes, eps, source)
         for row in range(len(vnnlib_paths))
     ]
     rows = _instances_csv(instances_path.parent, onnx_path, vnnlib_paths, timeout)
     _write_all(
         [
-            *zip(vnnlib_paths, properties, strict=True),
+            *zip(vnnlib_paths, contents, strict=True),
             (onnx_path, lambda: network),
             (instances_path, rows.encode),
             (abcrown_path, abcrown.encode),
@@ -213,16 +202,6 @@ def export_run(
 
 
 # ------------------------------------------------------------------------------- checks
-def _check_arguments(eps: float, n: int, timeout: float) -> None:
-    """One-line errors for values out of range (NaN included)."""
-    if not 0 < eps < 1:
-        raise AcertError(f"--eps must lie in (0, 1) pixel units, got {eps}")
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:
-        raise AcertError(f"--n must be a positive whole number of properties, got {n!r}")
-    if not 0 < timeout < math.inf:
-        raise AcertError(f"--timeout must be a positive number of seconds, got {timeout}")
-
-
 def _require_onnx() -> tuple[ModuleType, ModuleType]:
     """The ``onnx`` and ``onnxruntime`` modules, or an error naming the extra to install."""
     try:

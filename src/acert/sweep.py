@@ -24,7 +24,7 @@ from typing import Any
 
 from acert import train as training
 from acert.bounds import METHODS as BOUND_METHODS
-from acert.certify_runs import certify_run
+from acert.certify_runs import DataSelection, certify_run, run_settings
 from acert.config import TrainConfig, changed_keys, config_from_dict, parse_override, resolve
 from acert.data import dataset_info
 from acert.errors import ConfigError
@@ -213,9 +213,8 @@ def certify_finished(
         if target.is_file() and _certified_with(read_json(target), limit, config):
             continue
         log(f"{Path(folder).name}: certifying with {bound}" + (f" (n={limit})" if limit else ""))
-        result = certify_run(
-            folder, bound=bound, limit=limit, pgd_steps=0, device=device, progress=progress
-        )
+        settings, data = run_settings(folder, bound, pgd_steps=0), DataSelection(limit=limit)
+        result = certify_run(folder, settings=settings, data=data, device=device, progress=progress)
         text = json.dumps({**result.metrics, "limit": limit}, indent=2) + "\n"
         atomic_write(target, lambda stream, text=text: stream.write(text.encode()))
 

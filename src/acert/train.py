@@ -35,7 +35,7 @@ from acert.data import (
     stratified_subset,
 )
 from acert.errors import ConfigError
-from acert.evaluate import Evaluation
+from acert.evaluate import Evaluation, EvaluationSettings
 from acert.evaluate_sharded import evaluate_sharded
 from acert.loggers import check_logger, open_logger
 from acert.methods import TrainingMethod, create_method
@@ -230,6 +230,7 @@ def _run(
             run_dir, config, resume, model, method, optimizer, scheduler, world.is_main
         )
     x_val, y_val = (val_set.floats(), val_set.labels) if len(val_set) else (None, None)
+    val_settings = EvaluationSettings(config.eps_max, pgd_eps=())  # IBP radii, no attack
     board = open_logger(config, out) if world.is_main else None  # --logger tensorboard
     started, first_epoch = time.perf_counter(), state.epoch
     clock = [started]
@@ -237,9 +238,7 @@ def _run(
     def end_of_epoch(state: TrainState, row: dict[str, Any]) -> None:
         val = None
         if x_val is not None:
-            val = evaluate_sharded(
-                model, x_val, y_val, config.eps_max, world, pgd_eps=[], device=device
-            )
+            val = evaluate_sharded(model, x_val, y_val, val_settings, world, device=device)
             model.train()
             row.update(val_acc=val.clean_accuracy, val_acr=val.acr, val_acceps=val.acceps)
         eligible = (
@@ -343,17 +342,11 @@ def _final_evaluation(
     progress: bool,
     world: World,
 ) -> Evaluation:
+    settings = EvaluationSettings(
+        config.eps_max, config.cert_eps, (config.eval_bound,), pgd_steps=config.eval_pgd_steps
+    )
     return evaluate_sharded(
-        model,
-        test.floats(),
-        test.labels,
-        config.eps_max,
-        world,
-        config.cert_eps,
-        config.eval_bound,
-        pgd_steps=config.eval_pgd_steps,
-        device=device,
-        progress=progress,
+        model, test.floats(), test.labels, settings, world, device=device, progress=progress
     )
 
 

@@ -9,7 +9,7 @@ from torch import nn
 import acert.evaluate
 from acert.bounds import METHODS, margin_bounds
 from acert.errors import UnsupportedModelError
-from acert.evaluate import evaluate
+from acert.evaluate import EvaluationSettings, evaluate
 from acert.radius import radius_search
 
 
@@ -30,13 +30,17 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.rand(6, 1, 2, 2, generator=g), torch.arange(6) % 3
 
 
+def _settings(bound: str) -> EvaluationSettings:
+    return EvaluationSettings(0.5, (0.1,), (bound,), pgd_steps=0)
+
+
 def _certifying_calls(model: nn.Module) -> list:
     x, y = _data()
     calls = []
     for method in METHODS:
         calls.append(lambda m=method: margin_bounds(model, x, y, 0.1, m))
         calls.append(lambda m=method: radius_search(model, x, y, 0.5, m))
-        calls.append(lambda m=method: evaluate(model, x, y, 0.5, [0.1], m, pgd_steps=0))
+        calls.append(lambda m=method: evaluate(model, x, y, _settings(m)))
     return calls
 
 
@@ -99,9 +103,9 @@ def test_batch_norm_with_batch_statistics_is_refused(method):
             call()
     untracked = _with_batchnorm(False).eval()
     with pytest.raises(UnsupportedModelError, match="track_running_stats=True"):
-        evaluate(untracked, x, y, 0.5, [0.1], method, pgd_steps=0)
+        evaluate(untracked, x, y, _settings(method))
     # the same network with running statistics in eval mode certifies
-    evaluate(_with_batchnorm(True).eval(), x, y, 0.5, [0.1], method, pgd_steps=0)
+    evaluate(_with_batchnorm(True).eval(), x, y, _settings(method))
 
 
 def test_a_sample_counts_as_certified_only_where_the_model_classifies_it(monkeypatch):
@@ -112,6 +116,6 @@ def test_a_sample_counts_as_certified_only_where_the_model_classifies_it(monkeyp
     monkeypatch.setattr(
         acert.evaluate, "_certified_by_any", lambda m, xb, yb, eps, bounds: torch.ones_like(yb) > 0
     )
-    result = evaluate(model, x, y, 0.5, [0.1], "ibp", pgd_steps=0)
+    result = evaluate(model, x, y, _settings("ibp"))
     assert result.clean_accuracy < 1
     assert result.certified_accuracy[0.1] == pytest.approx(result.clean_accuracy)
