@@ -110,15 +110,15 @@ def test_no_attack_steps_reports_no_pgd_accuracy(run):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--batch-size", "0"], "batch_size must be a whole number >= 1"),
+        (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
         (["--device", "gpu"], "unknown device 'gpu'"),
-        (["--crown-memory-mib", "nan"], "crown_memory_mib must be a positive number"),
+        (["--crown-memory-mib", "nan"], "crown_memory_mib must be > 0"),
         (["--limit", "5"], "--limit 5 cannot cover the 10 classes"),
         (["--bound", "alpha-crown"], "unknown bound 'alpha-crown'"),
         (["--dataset", "cifar10"], "dataset cifar10 (shape (3, 32, 32), 10 classes) does not fit"),
         (["--split", "val"], "unknown split 'val'"),
-        (["--limit", "0"], "limit must be a whole number >= 1"),
-        (["--pgd-steps", "-1"], "pgd_steps must be a whole number >= 0"),
+        (["--limit", "0"], "limit must be >= 1 or null (the whole split), got 0"),
+        (["--pgd-steps", "-1"], "pgd_steps must be >= 0 (0 skips the attack)"),
         (["--eps-max", "1.5"], "eps_max must lie in (0, 1]"),
     ],
 )

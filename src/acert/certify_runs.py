@@ -9,7 +9,6 @@ radii (:func:`acert.attacks.attack_radii`), an upper bound beside every certifie
 from __future__ import annotations
 
 import json
-import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -30,6 +29,7 @@ from acert.evaluate import (
     evaluate,
     float64_violations,
 )
+from acert.ranges import OneOf, at_least
 from acert.runs import RunDir, atomic_write, check_writable_file, load, read_checkpoint
 
 __all__ = [
@@ -60,6 +60,13 @@ class CertificateChecks:
     attack: AttackSearch | None = None
 
 
+SPLIT = OneOf(SPLITS)
+"""A dataset split (:data:`acert.data.SPLITS`)."""
+
+LIMIT = at_least(1, whole=True, null="the whole split")
+"""Inputs of a stratified subset to certify."""
+
+
 @dataclass(frozen=True)
 class DataSelection:
     """Which data a run is certified (or exported) on; checked when the object is made.
@@ -82,12 +89,8 @@ class DataSelection:
             raise AcertError(f"dataset must be a dataset name or None, got {self.dataset!r}")
         if self.data_dir is not None and not isinstance(self.data_dir, (str, Path)):
             raise AcertError(f"data_dir must be a folder path or None, got {self.data_dir!r}")
-        if self.split not in SPLITS:
-            raise AcertError(f"unknown split {self.split!r}; choose one of {', '.join(SPLITS)}")
-        limit = self.limit
-        whole = isinstance(limit, numbers.Integral) and not isinstance(limit, bool)
-        if limit is not None and not (whole and limit >= 1):
-            raise AcertError(f"limit must be a whole number >= 1 (or None: all), got {limit!r}")
+        SPLIT.check(self.split, "split")
+        LIMIT.check(self.limit, "limit")
 
 
 def check_selection(value: object) -> DataSelection:

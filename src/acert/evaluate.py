@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,8 +27,14 @@ from acert.attacks import pgd_attack
 from acert.bounds import METHODS, check_eps, check_inputs, crown, margin_bounds
 from acert.errors import AcertError
 from acert.radius import check_cap, radius_search
+from acert.ranges import OneOf, above, at_least, between
 
 __all__ = [
+    "BATCH_SIZE",
+    "BOUND",
+    "CROWN_MEMORY_MIB",
+    "PGD_STEPS",
+    "RADIUS",
     "Evaluation",
     "EvaluationSettings",
     "acceps",
@@ -85,6 +90,22 @@ class Evaluation:
         }
 
 
+RADIUS = between(0, 1, low_open=True, unit="pixel units")
+"""A radius of the certified or PGD accuracy."""
+
+BOUND = OneOf(lambda: sorted(METHODS))
+"""A bound that certifies (:data:`acert.bounds.METHODS`; config key ``eval_bound``)."""
+
+PGD_STEPS = at_least(0, whole=True, why="0 skips the attack")
+"""PGD steps of an evaluation's attack (config key ``eval_pgd_steps``)."""
+
+BATCH_SIZE = at_least(1, whole=True)
+"""Samples per bound pass of an evaluation."""
+
+CROWN_MEMORY_MIB = above(0, null="no cap")
+"""Cap of each CROWN backward chunk's coefficients, MiB."""
+
+
 @dataclass(frozen=True)
 class EvaluationSettings:
     """What an evaluation computes and how; a bad value is refused here, when the object is made.
@@ -118,18 +139,9 @@ class EvaluationSettings:
         object.__setattr__(self, "bounds", _bound_names(self.bounds))
         if self.pgd_eps is not None:
             object.__setattr__(self, "pgd_eps", _radii(self.pgd_eps, "pgd_eps"))
-        if not (_is_whole(self.pgd_steps) and self.pgd_steps >= 0):
-            raise AcertError(
-                f"pgd_steps must be a whole number >= 0 (0 skips the attack), "
-                f"got {self.pgd_steps!r}"
-            )
-        if not (_is_whole(self.batch_size) and self.batch_size >= 1):
-            raise AcertError(f"batch_size must be a whole number >= 1, got {self.batch_size!r}")
-        mib = self.crown_memory_mib
-        if mib is not None and not (_is_real(mib) and 0 < mib < math.inf):
-            raise AcertError(
-                f"crown_memory_mib must be a positive number of MiB (None: no cap), got {mib!r}"
-            )
+        PGD_STEPS.check(self.pgd_steps, "pgd_steps")
+        BATCH_SIZE.check(self.batch_size, "batch_size")
+        CROWN_MEMORY_MIB.check(self.crown_memory_mib, "crown_memory_mib")
 
     @property
     def label(self) -> str:
@@ -143,14 +155,6 @@ class EvaluationSettings:
         return crown.memory_budget(max(1, int(self.crown_memory_mib * 2**20 / x.element_size())))
 
 
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _is_whole(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _radii(values: object, name: str) -> tuple[float, ...]:
     """``values`` as a tuple of radii in (0, 1], each once."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
@@ -162,8 +166,7 @@ def _radii(values: object, name: str) -> tuple[float, ...]:
             raise AcertError(
                 f"{name} holds a tensor of shape {tuple(eps.shape)}; pass one number per radius"
             )
-        if not 0 < float(eps) <= 1:  # False for NaN
-            raise AcertError(f"{name} must lie in (0, 1] pixel units, got {float(eps):g}")
+        RADIUS.check(float(eps), name)
     return tuple(dict.fromkeys(radii))
 
 
@@ -173,8 +176,7 @@ def _bound_names(bounds: object) -> tuple[str, ...]:
     if not isinstance(names, Iterable) or not (names := tuple(names)):
         raise AcertError(f"bounds must name one or more of {', '.join(METHODS)}, got {bounds!r}")
     for name in names:
-        if not isinstance(name, str) or name not in METHODS:
-            raise AcertError(f"unknown bound {name!r}; choose one of {', '.join(METHODS)}")
+        BOUND.check(name, "bound")
     return tuple(dict.fromkeys(names))
 
 

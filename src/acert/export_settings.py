@@ -3,17 +3,33 @@ check of :func:`acert.export.export_run`'s settings objects."""
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 
 from acert.certify_runs import DataSelection, check_selection
 from acert.errors import AcertError
+from acert.ranges import above, at_least, between
 
-__all__ = ["DEFAULT_TIMEOUT", "PropertySettings", "check_export_settings"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "EPS",
+    "PROPERTIES",
+    "TIMEOUT",
+    "PropertySettings",
+    "check_export_settings",
+]
 
 DEFAULT_TIMEOUT = 120.0
 """Seconds per instance written to instances.csv unless ``timeout`` is given."""
+
+EPS = between(0, 1, low_open=True, high_open=True, unit="pixel units")
+"""The ℓ∞ radius of the exported properties."""
+
+PROPERTIES = at_least(1, whole=True, why="properties to write")
+"""How many properties an export writes."""
+
+TIMEOUT = above(0, why="seconds per instance")
+"""The per-instance timeout written to instances.csv."""
 
 
 @dataclass(frozen=True)
@@ -35,25 +51,13 @@ class PropertySettings:
     only_correct: bool = False
 
     def __post_init__(self) -> None:
-        eps, n, timeout = self.eps, self.n, self.timeout
-        if not (_is_real(eps) and 0 < eps < 1):  # False for NaN
-            raise AcertError(f"eps must lie in (0, 1) pixel units, got {eps!r}")
-        if not (_is_whole(n) and n > 0):
-            raise AcertError(f"n must be a positive whole number of properties, got {n!r}")
-        if not _is_whole(self.seed):
+        EPS.check(self.eps, "eps")
+        PROPERTIES.check(self.n, "n")
+        if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
             raise AcertError(f"seed must be a whole number, got {self.seed!r}")
-        if not (_is_real(timeout) and 0 < timeout < math.inf):
-            raise AcertError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        TIMEOUT.check(self.timeout, "timeout")
         if not isinstance(self.only_correct, bool):
             raise AcertError(f"only_correct must be True or False, got {self.only_correct!r}")
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _is_whole(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_export_settings(properties: PropertySettings, data: DataSelection) -> None:

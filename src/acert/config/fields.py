@@ -16,6 +16,7 @@ from typing import Any
 
 from acert.config.devices import parse_device
 from acert.data import dataset_info
+from acert.evaluate import BOUND, PGD_STEPS
 from acert.methods.base import ATTACK_RESTARTS, ATTACK_STEP_SIZE, ATTACK_STEPS
 from acert.models import INITS
 from acert.radius.settings import STRATEGY
@@ -77,12 +78,6 @@ def _methods() -> list[str]:
     from acert.methods import list_methods
 
     return list_methods()
-
-
-def _bounds() -> list[str]:
-    from acert.bounds import METHODS
-
-    return sorted(METHODS)
 
 
 _UNIT = between(0, 1)
@@ -238,14 +233,8 @@ class TrainConfig:
         "radii (pixel units) at which the final evaluation reports certified and PGD "
         "accuracy; comma-separated on the command line",
     )
-    eval_bound: str = key(
-        "ibp", "the bound that certifies the final test evaluation", OneOf(_bounds)
-    )
-    eval_pgd_steps: int = key(
-        20,
-        "PGD steps of the final test evaluation's attack",
-        at_least(0, whole=True, why="0 skips the attack"),
-    )
+    eval_bound: str = key("ibp", "the bound that certifies the final test evaluation", BOUND)
+    eval_pgd_steps: int = key(20, "PGD steps of the final test evaluation's attack", PGD_STEPS)
     eval_limit: int | None = key(
         None,
         "evaluate on a stratified, seeded subset of this many test images; null: all of them",
