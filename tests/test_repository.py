@@ -45,6 +45,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "acert._train_ddp",
         "acert.certify_runs",
         "acert.sweep",
+        "acert._sweep_jobs",
+        "acert._sweep_point",
         "acert.export",
         "acert.export_*",
         "acert.bench",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from acert._certify_cli import add_certify_parser, print_evaluation
+from acert._sweep_jobs import add_launcher_flags
 from acert._threads import quiet_waiting
 from acert.errors import AcertError
 
@@ -163,6 +164,7 @@ def _sweep_grid(values: dict[str, Any], specs: list[str]) -> dict[str, list[Any]
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from acert._sweep_jobs import launcher_options
     from acert.config import config_from_dict
     from acert.errors import ConfigError
     from acert.sweep import sweep
@@ -173,6 +175,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     grid = _sweep_grid(values, args.grid or [])
     base = config_from_dict(values)
     study = Path(args.study) if args.study else Path("runs") / f"{base.dataset}-study"
+    options = launcher_options(args)
     print(f"acert sweep: {base.dataset} -> {study}", flush=True)
     try:
         sweep(
@@ -183,6 +186,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             certify_limit=args.certify_limit,
             progress=not args.quiet,
             log=_say,
+            jobs=args.jobs,
+            launcher=args.launcher,
+            launcher_options=options,
         )
     except KeyboardInterrupt:
         print("\ninterrupted; run the same acert sweep command to continue", file=sys.stderr)
@@ -325,6 +331,7 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
         "--set", action="append", metavar="KEY=VALUE", help="override any config key"
     )
     sweep.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_launcher_flags(sweep)
     _add_config_flags(sweep, skip=("out",))
     sweep.set_defaults(handler=cmd_sweep)
 

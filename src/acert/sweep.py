@@ -9,6 +9,12 @@ a run folder with ``test_metrics.json`` is finished and skipped, one with
 ``checkpoints/last.pt`` is resumed, any other starts afresh. Every finished run is then
 certified with each requested bound (``certify_<bound>.json``, kept while its subset size
 matches), and the study table (:mod:`acert.study`) is rewritten after every point.
+
+``jobs=N`` runs up to N points at once, each a fresh process (:mod:`acert._sweep_point`) with
+its share of the cores as ``threads``; ``launcher="slurm"`` makes each point a SLURM job and
+``"local"`` the same submitit job run here (:mod:`acert._sweep_jobs`). Either way a point is
+trained, resumed or skipped by the state of its folder, exactly as in one process, its output
+kept in the folder's ``sweep.log``.
 """
 
 from __future__ import annotations
@@ -18,16 +24,18 @@ import difflib
 import itertools
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from acert import train as training
+from acert._sweep_jobs import Job, Launcher, make_launcher, point_command, run_jobs
+from acert._threads import job_environment, thread_share
 from acert.bounds import METHODS as BOUND_METHODS
 from acert.certify_runs import DataSelection, certify_run, run_settings
 from acert.config import TrainConfig, changed_keys, config_from_dict, parse_override, resolve
 from acert.data import dataset_info
-from acert.errors import ConfigError
+from acert.errors import AcertError, ConfigError
 from acert.methods import create_method
 from acert.runs import RunDir, atomic_write, build_model, make_folder
 from acert.study import (
@@ -189,6 +197,12 @@ def _certified_with(metrics: dict[str, Any], limit: int | None, config: dict[str
     return limit is None or metrics.get("n") == limit
 
 
+def _has_certificate(folder: str | Path, bound: str, limit: int | None) -> bool:
+    target = certify_path(folder, bound)
+    config = RunDir(folder).load_config().to_dict()
+    return target.is_file() and _certified_with(read_json(target), limit, config)
+
+
 def certify_finished(
     folder: str | Path,
     bounds: Sequence[str],
@@ -207,16 +221,96 @@ def certify_finished(
         progress: progress bars.
         log: where to report.
     """
-    config = RunDir(folder).load_config().to_dict()
     for bound in bounds:
         target = certify_path(folder, bound)
-        if target.is_file() and _certified_with(read_json(target), limit, config):
+        if _has_certificate(folder, bound, limit):
             continue
         log(f"{Path(folder).name}: certifying with {bound}" + (f" (n={limit})" if limit else ""))
         settings, data = run_settings(folder, bound, pgd_steps=0), DataSelection(limit=limit)
         result = certify_run(folder, settings=settings, data=data, device=device, progress=progress)
         text = json.dumps({**result.metrics, "limit": limit}, indent=2) + "\n"
         atomic_write(target, lambda stream, text=text: stream.write(text.encode()))
+
+
+def point_spec(
+    config: TrainConfig,
+    folder: Path,
+    point: dict[str, Any],
+    bounds: Sequence[str],
+    limit: int | None,
+) -> str:
+    """The JSON that tells :func:`run_point` (in a job of its own) what to do."""
+    record = {"config": config.to_dict(), "folder": str(folder), "point": point}
+    return json.dumps({**record, "bounds": list(bounds), "certify_limit": limit})
+
+
+def run_point(spec: str, log: Log = print) -> None:
+    """Train, resume or skip one point and certify it, as :func:`sweep` does in its loop."""
+    values = json.loads(spec)
+    config = config_from_dict(values["config"])
+    folder = Path(values["folder"])
+    _train_point(config, folder, values["point"], False, log)
+    certify_finished(folder, values["bounds"], values["certify_limit"], config.device, False, log)
+
+
+_Open = tuple[TrainConfig, dict[str, Any], Path, str]
+
+
+def _open_points(
+    configs: Sequence[TrainConfig],
+    points: Sequence[dict[str, Any]],
+    folders: Sequence[Path],
+    bounds: Sequence[str],
+    limit: int | None,
+    log: Log,
+) -> list[_Open]:
+    """The points still to train or certify, with their folder's state."""
+    todo = []
+    for number, (config, point, folder) in enumerate(zip(configs, points, folders, strict=True)):
+        state = run_state(folder)
+        if state == "finished" and all(_has_certificate(folder, b, limit) for b in bounds):
+            log(f"[{number + 1}/{len(points)}] {folder.name}: finished, skipped")
+        else:
+            todo.append((config, point, folder, state))
+    return todo
+
+
+def _run_as_jobs(
+    study: Path,
+    todo: list[_Open],
+    bounds: Sequence[str],
+    limit: int | None,
+    jobs: int | None,
+    starter: Launcher,
+    options: Mapping[str, Any],
+    log: Log,
+) -> None:
+    """Run the open points as jobs, at most ``jobs`` at once; one line if any failed."""
+    if not todo:
+        return
+    slots = len(todo) if jobs is None and starter.kind == "slurm" else min(jobs or 1, len(todo))
+    work = []
+    for config, point, folder, state in todo:
+        threads = config.threads or (
+            options.get("cpus_per_task") if starter.kind == "slurm" else thread_share(slots)
+        )
+        config = dataclasses.replace(config, threads=threads)
+        make_folder(folder, "--study")
+        spec = point_spec(config, folder, point, bounds, limit)
+        job = Job(folder.name, point_command(spec), job_environment(threads), folder / "sweep.log")
+        work.append(job)
+        doing = {"new": "training", "interrupted": "resuming"}.get(state, "certifying")
+        cores = f"--threads {threads}" if threads else "PyTorch's default threads"
+        log(f"{folder.name}: {doing} in a {starter.kind} job ({cores})")
+    log(f"{len(work)} points, {slots} at once; each point's output: RUN/sweep.log")
+    failures, unstarted = run_jobs(starter, work, slots, log, lambda _: write_study_table(study))
+    if failures:
+        job, reason = failures[0]
+        left = f"; {len(unstarted)} not started" if unstarted else ""
+        raise AcertError(
+            f"{len(failures)} of {len(work)} sweep points failed{left}; {job.name}: {reason} "
+            f"(log: {job.log}); fix it and run the same acert sweep to continue"
+        )
 
 
 def _check_certify_limit(limit: int | None, configs: Sequence[TrainConfig]) -> None:
@@ -236,6 +330,9 @@ def sweep(
     certify_limit: int | None = None,
     progress: bool = False,
     log: Log = print,
+    jobs: int | None = 1,
+    launcher: str = "processes",
+    launcher_options: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Train every point of a grid into a study folder, certify the runs and tabulate the study.
 
@@ -247,6 +344,10 @@ def sweep(
         certify_limit: certify a stratified subset of this many test inputs per bound.
         progress: progress bars.
         log: where progress lines and epoch summaries go.
+        jobs: points run at once (None: one for ``processes`` and ``local``, all for
+            ``slurm``); with one ``processes`` job the points train in this process.
+        launcher: ``processes``, ``local`` (submitit's LocalExecutor) or ``slurm``.
+        launcher_options: submitit parameters (``timeout_min``, ``partition``, ...).
 
     Returns:
         The run folders of the grid's points, in grid order.
@@ -259,14 +360,29 @@ def sweep(
     points = grid_points(base_config, grid)
     configs = [_point_config(base_config, point) for point in points]
     _check_certify_limit(certify_limit, configs)
+    if jobs is not None and jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     study = Path(study_dir)
     folders = [study / run_name(c.method, p) for c, p in zip(configs, points, strict=True)]
+    inline = launcher == "processes" and jobs in (None, 1) and not launcher_options
+    starter = (
+        None if inline else make_launcher(launcher, study / "submitit", launcher_options or {})
+    )
+    for config, folder in zip(configs, folders, strict=True):
+        if run_state(folder) != "new":
+            _check_same_settings(folder, config)
     make_folder(study, "--study")
-    for number, (config, point, folder) in enumerate(zip(configs, points, folders, strict=True)):
-        log(f"[{number + 1}/{len(points)}] {folder.name}")
-        _train_point(config, folder, point, progress, log)
-        certify_finished(folder, bounds, certify_limit, config.device, progress, log)
-        write_study_table(study)
+    if starter is None:
+        for number, (config, point, folder) in enumerate(
+            zip(configs, points, folders, strict=True)
+        ):
+            log(f"[{number + 1}/{len(points)}] {folder.name}")
+            _train_point(config, folder, point, progress, log)
+            certify_finished(folder, bounds, certify_limit, config.device, progress, log)
+            write_study_table(study)
+    else:
+        todo = _open_points(configs, points, folders, bounds, certify_limit, log)
+        _run_as_jobs(study, todo, bounds, certify_limit, jobs, starter, launcher_options or {}, log)
     for folder in find_runs(study):
         if run_state(folder) == "finished":
             certify_finished(folder, bounds, certify_limit, base_config.device, progress, log)
