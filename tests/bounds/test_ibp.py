@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import acert.bounds as bounds
 from acert.attacks import pgd_attack
 from acert.bounds import (
     Interval,
@@ -27,7 +28,7 @@ from acert.models import Normalize
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-METHODS = ("ibp", "crown-ibp", "crown")
+METHODS = tuple(bounds.METHODS)
 TOL = 1e-5
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import acert.bounds as bounds
 from acert.bounds import clean_forward, margin_bounds
 from acert.errors import UnsupportedModelError
 from acert.models import Normalize, cnn7, mlp
@@ -15,7 +16,7 @@ from acert.radius import radius_search
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-METHODS = ("ibp", "crown-ibp", "crown")
+METHODS = tuple(bounds.METHODS)
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:

@@ -15,6 +15,7 @@ import acert.data
 from acert.bounds import clean_forward, crown, input_box, margin_bounds, patches
 from acert.bounds.crown import crown_margins, relu_relaxation
 from acert.bounds.interval import Interval
+from acert.bounds.kinds import walk
 from acert.models import Normalize, create_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -97,7 +98,7 @@ def _bounds_and_preactivations(monkeypatch, model, box, y, stats, use_patches):
         seen.append(pre)
         return relu_relaxation(pre)
 
-    monkeypatch.setattr("acert.bounds.crown.relu_relaxation", recording)
+    monkeypatch.setattr("acert.bounds.activations.relu_relaxation", recording)
     lb = crown_margins(model, box, y, stats, use_patches=use_patches)
     monkeypatch.undo()
     return lb, seen
@@ -140,16 +141,16 @@ def test_conv_nets_use_the_patch_path(monkeypatch):
     calls = []
     original = patches.preactivation_bounds
 
-    def counting(net, end, ibp_bounds, budget):
+    def counting(net, end, ibp_bounds, undecided, budget):
         calls.append(end)
-        return original(net, end, ibp_bounds, budget)
+        return original(net, end, ibp_bounds, undecided, budget)
 
     monkeypatch.setattr(patches, "preactivation_bounds", counting)
     in_shape, convs, batch_norm = CASES["k3-s1-p1-odd"]
     model = _conv_net(in_shape, convs, batch_norm)
     x = torch.rand(2, *in_shape, generator=torch.Generator().manual_seed(2))
     crown_margins(model, input_box(x, 0.1), torch.tensor([0, 1]))
-    relus = [i for i, layer in enumerate(model) if isinstance(layer, nn.ReLU)]
+    relus = [step.index for step in walk(model) if isinstance(step.layer, nn.ReLU)]
     # the first ReLU's IBP bounds are exact (one affine map), the last follows a Linear
     assert calls == relus[1:-1]
 
@@ -201,7 +202,7 @@ def test_border_neurons_mask_the_padding_region(exact_arithmetic):
     neurons = torch.arange(out[0].numel()).repeat(2)
     windows = patches._neuron_windows(rows, neurons, shape, out)
     bias = torch.zeros(rows.numel(), 2)
-    bounds = patches.lower_bound(net, len(model), windows, bias)
+    bounds = patches.lower_bound(net, len(net.steps), windows, bias)
     x_req = box.centre.clone().requires_grad_(True)
     flat = model(x_req).flatten(1)
     for row, neuron, bound in zip(rows.tolist(), neurons.tolist(), bounds, strict=True):
@@ -214,7 +215,7 @@ def test_border_neurons_mask_the_padding_region(exact_arithmetic):
     dense_A = torch.zeros(rows.numel(), 2, out[0].numel())
     dense_A[torch.arange(rows.numel()), 0, neurons] = 1.0
     dense_A[torch.arange(rows.numel()), 1, neurons] = -1.0
-    dense = net.lower_bound(len(model), dense_A.view(-1, 2, *shape), bias, rows)
+    dense = net.lower_bound(len(net.steps), dense_A.view(-1, 2, *shape), bias, rows)
     _assert_same(bounds, dense)
 
 
@@ -251,9 +252,9 @@ def _record_preactivation_calls(monkeypatch) -> list[tuple]:
     calls = []
     original = crown._crown_preactivation
 
-    def recording(net, end, ibp_bounds, budget, use_patches):
+    def recording(net, end, ibp_bounds, undecided, budget, use_patches):
         calls.append((net, end, ibp_bounds))
-        return original(net, end, ibp_bounds, budget, use_patches)
+        return original(net, end, ibp_bounds, undecided, budget, use_patches)
 
     monkeypatch.setattr(crown, "_crown_preactivation", recording)
     return calls
@@ -292,7 +293,8 @@ def test_patches_equal_dense_on_cnn7_tiny_digits(monkeypatch, digits_model, marg
     lb = crown_margins(model, box, y)
     monkeypatch.undo()
     conv_calls = [call for call in calls if call[2].centre.dim() == 4]
-    assert [end for _, end, _ in conv_calls] == [6, 9, 12, 15]
+    # the ReLU steps after the 2nd to 5th convolution (each folded with its batch-norm)
+    assert [end for _, end, _ in conv_calls] == [4, 6, 8, 10]
     g = torch.Generator().manual_seed(0)
     border = 0
     for net, end, ibp_bounds in conv_calls:
@@ -300,8 +302,9 @@ def test_patches_equal_dense_on_cnn7_tiny_digits(monkeypatch, digits_model, marg
         assert keep.sum() > 100
         border += int((keep & _border(keep.shape)).sum())
         pre = _only(ibp_bounds, keep)
-        ours = patches.preactivation_bounds(net, end, pre, 2**22)
-        theirs = crown._dense_preactivation(net, end, pre, 2**24)
+        unstable = (pre.lower < 0) & (pre.upper > 0)
+        ours = patches.preactivation_bounds(net, end, pre, unstable, 2**22)
+        theirs = crown._dense_preactivation(net, end, pre, unstable, 2**24)
         _assert_same(ours.lower, theirs.lower)
         _assert_same(ours.upper, theirs.upper)
         assert (ours.lower[keep] > ibp_bounds.lower[keep] + 1e-3).float().mean() > 0.5

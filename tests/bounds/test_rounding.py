@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import acert.bounds as bounds
 from acert.bounds import ibp as ibp_rules
 from acert.bounds import margin_bounds
 from acert.bounds.interval import input_box
@@ -16,7 +17,7 @@ from acert.evaluate import float64_violations
 from acert.models import Normalize
 from acert.radius import radius_search
 
-METHODS = ("ibp", "crown-ibp", "crown")
+METHODS = tuple(bounds.METHODS)
 
 
 def _with(model: nn.Sequential, **weights: list) -> nn.Sequential:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from acert.bounds import crown, ibp
 from acert.bounds.interval import Interval, as_eps, input_box
+from acert.bounds.kinds import LAYER_KINDS, check_shapes
 from acert.bounds.layers import (
     BatchStats,
     check_fixed_normalisation,
@@ -28,6 +29,7 @@ from acert.bounds.spec import margin_matrix, other_classes
 from acert.errors import AcertError
 
 __all__ = [
+    "LAYER_KINDS",
     "METHODS",
     "BatchStats",
     "Interval",
@@ -91,7 +93,7 @@ def check_inputs(model: nn.Module, x: Tensor, y: Tensor) -> None:
             "(a margin is the true logit minus another class's)"
         )
     _check_dtypes(model, x)
-    _check_layer_inputs(model, x)
+    check_shapes(model, tuple(x.shape[1:]))
     if not torch.isfinite(x).all():
         raise AcertError("inputs contain NaN or inf; clean the data before computing bounds")
     if x.min() < 0 or x.max() > 1:
@@ -148,26 +150,6 @@ def _check_dtypes(model: nn.Module, x: Tensor) -> None:
             f"inputs are {x.dtype} but the model computes in {dtype} (its parameters); "
             f"convert one to the other: x.to({dtype}) or model.to({x.dtype})"
         )
-
-
-def _check_layer_inputs(model: nn.Sequential, x: Tensor) -> None:
-    """Each layer gets a tensor of the rank its bound rule takes: Linear a (B, D) one, Conv2d
-    and BatchNorm2d a (B, C, H, W) one."""
-    dims = x.dim()
-    for position, layer in enumerate(model):
-        kind = type(layer).__name__
-        if isinstance(layer, nn.Linear) and dims != 2:
-            raise AcertError(
-                f"layer {position} ({kind}) gets a {dims}-D tensor, not (B, D); "
-                f"a Flatten is missing before layer {position}"
-            )
-        if isinstance(layer, nn.Conv2d | nn.BatchNorm2d) and dims != 4:
-            raise AcertError(
-                f"layer {position} ({kind}) gets a {dims}-D tensor, not (B, C, H, W); "
-                "pass images of shape (B, C, H, W) and flatten only after the last convolution"
-            )
-        if isinstance(layer, nn.Flatten):
-            dims = 2
 
 
 def check_eps(eps: object, name: str = "eps") -> None:
@@ -245,10 +227,11 @@ def margin_bounds(
     """Lower bounds of ``f_y - f_t`` for every t != y over the clipped ℓ∞ ball.
 
     Args:
-        model: ``nn.Sequential`` of Normalize, Conv2d, Linear, BatchNorm1d/2d, ReLU, Flatten,
-            ending in Linear. Batch-norm uses running statistics in eval mode; one that
-            normalises with the current batch (train mode) needs ``stats`` (a training
-            objective's bounds) and is refused without them: no certificate holds for it.
+        model: ``nn.Sequential`` of the layers of :data:`LAYER_KINDS` (Normalize, Conv2d,
+            Linear, BatchNorm1d/2d, ReLU, Flatten), ending in Linear. Batch-norm uses running
+            statistics in eval mode; one that normalises with the current batch (train mode)
+            needs ``stats`` (a training objective's bounds) and is refused without them: no
+            certificate holds for it.
         x: (B, C, H, W) or (B, D) inputs in [0, 1], B >= 1, a torch tensor of the model's
             dtype (numpy arrays and lists are refused, not converted: pass ``torch.as_tensor``).
         y: (B,) int64 labels (int32 is accepted too).

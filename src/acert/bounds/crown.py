@@ -1,44 +1,49 @@
 """Backward linear relaxation: CROWN (Zhang et al. 2018) and CROWN-IBP (Zhang et al. 2020).
 
-A lower bound of a linear function ``A · h_k + bias`` of some layer's output is pushed back
-layer by layer to the input, one rule per layer kind (``BACKWARD_RULES``). At a ReLU with
-pre-activation bounds [l, u] the upper line is the chord and the lower line has slope 1 when
-u >= -l, else 0 (the adaptive rule, METHOD.md "Threat model and certificates"); stable ReLUs are
-exact. At the input the linear function is minimised over the clipped box in closed form.
+A lower bound of a linear function ``A · h_k + bias`` of some step's output is pushed back
+step by step to the input along the walk over the model (:func:`acert.bounds.kinds.walk`),
+each step by its kind's backward rule (``LayerKind.backward``). A nonlinear kind (ReLU,
+MaxPool2d) is relaxed by linear bounds from bounds on its input (``LayerKind.relaxer``; ReLU's
+adaptive rule of METHOD.md "Threat model and certificates"). At a residual block's join the
+coefficients go on along both branches: they are kept for the skip and added to the body's at
+the fork. At the input the linear function is minimised over the clipped box in closed form.
 
-CROWN bounds every ReLU's pre-activation with the same backward pass (intersected with IBP,
-which is sound and never looser); CROWN-IBP takes the intermediate bounds from IBP and runs the
-backward pass only from the output.
+CROWN bounds the input of every relaxed step with the same backward pass, for the neurons
+whose bounds can tighten its relaxation (intersected with IBP, which is sound and never
+looser); CROWN-IBP takes the intermediate bounds from IBP and runs the backward pass only from
+the output.
 
 Backward state has shape (Q, S, *layer shape): Q queries, each tied to one batch row by
 ``rows`` (Q,), S specification rows per query. Queries are processed in chunks so that the
 coefficient tensors stay under ``memory_budget`` elements.
 
-The intermediate bounds of the convolutional part (every layer before the first Flatten or
-Linear) run on patches instead (:mod:`acert.bounds.patches`): a neuron's coefficients only on
-its receptive field, the same bounds up to rounding at a fraction of the time and memory. The
-neurons after a Flatten/Linear and the output margins use the dense pass here, which is also
-kept for every layer with ``use_patches=False``.
+The intermediate bounds of the convolutional part (the steps before the first one whose kind
+has no patch rule: Flatten, Linear, MaxPool2d) run on patches instead
+(:mod:`acert.bounds.patches`): a neuron's coefficients only on its receptive field, the same
+bounds up to rounding at a fraction of the time and memory. The neurons after those and the
+output margins use the dense pass here, which is also kept for every step with
+``use_patches=False``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from acert.bounds import ibp, patches
+from acert.bounds.activations import Relaxation, relu_relaxation
+from acert.bounds.channels import BatchStats
 from acert.bounds.interval import Interval
-from acert.bounds.layers import BatchStats, channel_affine, fold_batchnorm, folds_into
-from acert.bounds.rounding import StepError, relu_step, step_errors
+from acert.bounds.kinds import walk
+from acert.bounds.rounding import StepError, step_errors
 from acert.bounds.spec import folded_margin_layer, input_lower_bound, margin_matrix
+from acert.bounds.steps import BackwardContext, Step, dense_dot
 from acert.errors import AcertError
-from acert.models import Normalize
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
@@ -67,156 +72,15 @@ def memory_budget(elements: int) -> Iterator[None]:
         _budget.pop()
 
 
-@dataclass(frozen=True)
-class Relaxation:
-    """Linear bounds ``lower_slope·z <= relu(z) <= upper_slope·z + upper_intercept`` on [l, u]."""
-
-    lower_slope: Tensor
-    upper_slope: Tensor
-    upper_intercept: Tensor
-
-
-def relu_relaxation(pre: Interval) -> Relaxation:
-    """The CROWN relaxation of ReLU on the pre-activation interval ``pre`` (B, ...)."""
-    lower, upper = pre.lower, pre.upper
-    unstable = (lower < 0) & (upper > 0)
-    active = (lower >= 0).to(lower.dtype)
-    width = torch.where(unstable, upper - lower, torch.ones_like(lower))
-    upper_slope = torch.where(unstable, upper / width, active)
-    upper_intercept = torch.where(unstable, -lower * upper_slope, torch.zeros_like(lower))
-    lower_slope = torch.where(unstable, (upper >= -lower).to(lower.dtype), active)
-    return Relaxation(lower_slope, upper_slope, upper_intercept)
-
-
-@dataclass
-class _Context:
-    """What the backward rules need besides the coefficients."""
-
-    rows: Tensor
-    stats: BatchStats | None
-    input_shape: tuple[int, ...]
-    relaxation: Relaxation | None
-
-
-def _dot(A: Tensor, v: Tensor) -> Tensor:
-    """(Q, S) ``Σ A[q, s, ...] · v[q, ...]`` as a batched matrix product (no full-size temporary).
-
-    Args:
-        A: (Q, S, *shape) coefficients.
-        v: (Q, *shape) one vector per query.
-    """
-    return torch.bmm(A.flatten(2), v.flatten(1).unsqueeze(-1)).squeeze(-1)
-
-
-def _back_linear(layer: nn.Linear, A: Tensor, bias: Tensor, ctx: _Context) -> tuple[Tensor, Tensor]:
-    return _back_linear_with(layer, layer.weight, layer.bias, A, bias, ctx)
-
-
-def _back_linear_with(
-    layer: nn.Linear,
-    weight: Tensor,
-    layer_bias: Tensor | None,
-    A: Tensor,
-    bias: Tensor,
-    ctx: _Context,
-) -> tuple[Tensor, Tensor]:
-    if layer_bias is not None:
-        bias = bias + A @ layer_bias
-    return A @ weight, bias
-
-
-def _back_conv(layer: nn.Conv2d, A: Tensor, bias: Tensor, ctx: _Context) -> tuple[Tensor, Tensor]:
-    return _back_conv_with(layer, layer.weight, layer.bias, A, bias, ctx)
-
-
-def _back_conv_with(
-    layer: nn.Conv2d,
-    weight: Tensor,
-    layer_bias: Tensor | None,
-    A: Tensor,
-    bias: Tensor,
-    ctx: _Context,
-) -> tuple[Tensor, Tensor]:
-    queries, specs = A.shape[:2]
-    if layer_bias is not None:
-        bias = bias + A.sum((-2, -1)) @ layer_bias
-    out_h, out_w = A.shape[-2:]
-    in_h, in_w = ctx.input_shape[-2:]
-    output_padding = tuple(
-        size_in - ((size_out - 1) * stride - 2 * pad + dil * (k - 1) + 1)
-        for size_in, size_out, stride, pad, dil, k in zip(
-            (in_h, in_w),
-            (out_h, out_w),
-            layer.stride,
-            layer.padding,
-            layer.dilation,
-            layer.kernel_size,
-            strict=True,
-        )
-    )
-    A_in = F.conv_transpose2d(
-        A.flatten(0, 1),
-        weight,
-        None,
-        layer.stride,
-        layer.padding,
-        output_padding,
-        layer.groups,
-        layer.dilation,
-    )
-    return A_in.view(queries, specs, *ctx.input_shape), bias
-
-
-def _back_channel_affine(
-    layer: nn.Module, A: Tensor, bias: Tensor, ctx: _Context
-) -> tuple[Tensor, Tensor]:
-    scale, shift = channel_affine(layer, ctx.stats)
-    shape = (1, 1, -1) + (1,) * (A.dim() - 3)
-    per_channel = A.flatten(3).sum(-1) if A.dim() > 3 else A
-    # shift broadcasts like the forward pass does (Normalize may hold one value for all channels)
-    return A * scale.view(shape), bias + per_channel @ shift.expand(per_channel.shape[-1])
-
-
-def _back_relu(layer: nn.ReLU, A: Tensor, bias: Tensor, ctx: _Context) -> tuple[Tensor, Tensor]:
-    relax = ctx.relaxation
-    assert relax is not None
-    lower_slope, upper_slope, upper_intercept = (
-        t[ctx.rows].unsqueeze(1)
-        for t in (relax.lower_slope, relax.upper_slope, relax.upper_intercept)
-    )
-    positive = A.clamp(min=0)
-    negative = A - positive
-    bias = bias + _dot(negative, upper_intercept.squeeze(1))
-    return positive * lower_slope + negative * upper_slope, bias
-
-
-def _back_flatten(
-    layer: nn.Flatten, A: Tensor, bias: Tensor, ctx: _Context
-) -> tuple[Tensor, Tensor]:
-    return A.reshape(*A.shape[:2], *ctx.input_shape), bias
-
-
-BackwardRule = Callable[[nn.Module, Tensor, Tensor, _Context], tuple[Tensor, Tensor]]
-BACKWARD_RULES: dict[type[nn.Module], BackwardRule] = {
-    nn.Linear: _back_linear,
-    nn.Conv2d: _back_conv,
-    Normalize: _back_channel_affine,
-    nn.BatchNorm1d: _back_channel_affine,
-    nn.BatchNorm2d: _back_channel_affine,
-    nn.ReLU: _back_relu,
-    nn.Flatten: _back_flatten,
-}
-
-
 @dataclass
 class _Network:
-    """A model prepared for backward passes: layers, their input shapes, ReLU relaxations."""
+    """A model prepared for backward passes: its steps, their input shapes, the relaxations."""
 
-    layers: Sequence[nn.Module]
+    steps: tuple[Step, ...]
     input_shapes: list[tuple[int, ...]]
     box: Interval
     stats: BatchStats | None
-    relaxations: dict[int, Relaxation]
+    relaxations: dict[int, object]
     errors: dict[int, StepError]
     """The rounding bound of each backward step (:mod:`acert.bounds.rounding`); empty for
     the plain arithmetic of a training objective."""
@@ -224,10 +88,10 @@ class _Network:
     def lower_bound(
         self, end: int, A: Tensor, bias: Tensor, rows: Tensor, error: Tensor | None = None
     ) -> Tensor:
-        """Minimum over the input box of ``A · h + bias``, h the output of ``layers[:end]``.
+        """Minimum over the input box of ``A · h + bias``, h the output of ``steps[:end]``.
 
         Args:
-            end: number of leading layers the linear function sits on.
+            end: number of leading steps the linear function sits on.
             A: (Q, S, *shape of h) coefficients.
             bias: (Q, S) constants.
             rows: (Q,) batch row of each query.
@@ -236,72 +100,68 @@ class _Network:
         Returns:
             (Q, S) lower bounds, less the rounding of every step and of the input step.
         """
-        position = end - 1
-        bias_magnitude = bias.abs()  # Σ|each layer's contribution|: they may cancel in the sum
+        bias_magnitude = bias.abs()  # Σ|each step's contribution|: they may cancel in the sum
         error = torch.zeros_like(bias) if error is None else error
-        while position >= 0:
-            layer = self.layers[position]
-            before = self.layers[position - 1] if position > 0 else None
+        skips: list[tuple[int, Tensor]] = []  # (fork, coefficients on the skip) per open join
+        for step in reversed(self.steps[:end]):
             previous = bias
-            if position in self.errors:
-                error = error + self.errors[position].rows(rows).cost(A, _dot)
-            if folds_into(before, layer):
-                # batch-norm folded into the layer before it: one pass over A instead of two
-                ctx = _Context(rows, self.stats, self.input_shapes[position - 1], None)
-                weight, layer_bias = fold_batchnorm(before, layer, self.stats)
-                with_rule = _back_linear_with if isinstance(before, nn.Linear) else _back_conv_with
-                A, bias = with_rule(before, weight, layer_bias, A, bias, ctx)
-                position -= 2
-            else:
-                ctx = _Context(
-                    rows, self.stats, self.input_shapes[position], self.relaxations.get(position)
-                )
-                A, bias = BACKWARD_RULES[type(layer)](layer, A, bias, ctx)
-                position -= 1
+            if step.role == "fork" and skips and skips[-1][0] == step.index:
+                A = A + skips.pop()[1]
+            if step.index in self.errors:
+                error = error + self.errors[step.index].rows(rows).cost(A, dense_dot)
+            ctx = BackwardContext(
+                rows, self.stats, self.input_shapes[step.index], self.relaxations.get(step.index)
+            )
+            A, bias = step.kind.backward(step, A, bias, ctx)
+            if step.role == "join":
+                skips.append((step.partner, A))
             bias_magnitude = bias_magnitude + (bias - previous).abs()
         centre, radius = self.box.centre[rows], self.box.radius[rows]
         terms = centre[0].numel() if centre.numel() else 0
-        return input_lower_bound(A, bias, bias_magnitude, centre, radius, _dot, terms) - error
+        return input_lower_bound(A, bias, bias_magnitude, centre, radius, dense_dot, terms) - error
 
 
-def _input_shapes(
-    layers: Sequence[nn.Module], box: Interval, stats: BatchStats | None
-) -> list[tuple[int, ...]]:
-    shapes = []
-    h = box.centre[:1]
-    with torch.no_grad():
-        for layer in layers:
-            shapes.append(tuple(h.shape[1:]))
-            h = ibp.RULES[type(layer)](layer, stats, True)(Interval(h, torch.zeros_like(h))).centre
+def _input_shapes(steps: Sequence[Step], box: Interval) -> list[tuple[int, ...]]:
+    shapes, shape = [], tuple(box.shape[1:])
+    for step in steps:
+        shapes.append(shape)
+        shape = tuple(step.kind.shape(step.layer, shape))
     return shapes
 
 
-def _is_affine_exact(layers: Sequence[nn.Module]) -> bool:
-    """IBP is exact on a chain with no ReLU and at most one non-diagonal affine map."""
-    if any(isinstance(layer, nn.ReLU) for layer in layers):
+def _is_affine_exact(steps: Sequence[Step]) -> bool:
+    """IBP is exact on a chain of elementwise steps with at most one other affine one."""
+    if any(step.kind.exactness == "relaxed" for step in steps):
         return False
-    return sum(isinstance(layer, nn.Linear | nn.Conv2d) for layer in layers) <= 1
+    return sum(step.kind.exactness == "affine" for step in steps) <= 1
 
 
 def _crown_preactivation(
-    net: _Network, end: int, ibp_bounds: Interval, budget: int, use_patches: bool
+    net: _Network,
+    end: int,
+    ibp_bounds: Interval,
+    undecided: Tensor,
+    budget: int,
+    use_patches: bool,
 ) -> Interval:
-    """CROWN bounds of the output of ``layers[:end]`` for its IBP-unstable neurons, ∩ IBP:
-    on patches (:mod:`acert.bounds.patches`) for a conv-stage layer, else dense."""
-    if use_patches and patches.supports(net.layers[:end], ibp_bounds.shape[1:]):
-        return patches.preactivation_bounds(net, end, ibp_bounds, budget)
-    return _dense_preactivation(net, end, ibp_bounds, budget)
+    """CROWN bounds of the output of ``steps[:end]`` for its ``undecided`` neurons, ∩ IBP:
+    on patches (:mod:`acert.bounds.patches`) for a conv-stage step, else dense."""
+    if use_patches and patches.supports(net.steps[:end], ibp_bounds.shape[1:]):
+        return patches.preactivation_bounds(net, end, ibp_bounds, undecided, budget)
+    return _dense_preactivation(net, end, ibp_bounds, undecided, budget)
 
 
-def _dense_preactivation(net: _Network, end: int, ibp_bounds: Interval, budget: int) -> Interval:
+def _dense_preactivation(
+    net: _Network, end: int, ibp_bounds: Interval, undecided: Tensor, budget: int
+) -> Interval:
     """CROWN bounds by the dense backward pass: coefficients on whole layer tensors."""
     lower, upper = ibp_bounds.lower.flatten(1).clone(), ibp_bounds.upper.flatten(1).clone()
-    unstable = (lower < 0) & (upper > 0)
+    unstable = undecided.flatten(1)
     shape = ibp_bounds.shape[1:]
     widest = max(math.prod(s) for s in [*net.input_shapes[:end], tuple(shape)])
     chunk = max(1, budget // (2 * widest))
-    # one sample at a time: its unstable neurons are the specification rows of one query, so
-    # the per-sample relaxations broadcast instead of being copied for every neuron
+    # one sample at a time: its neurons are the specification rows of one query, so the
+    # per-sample relaxations broadcast instead of being copied for every neuron
     for row in torch.nonzero(unstable.any(1), as_tuple=True)[0].tolist():
         neurons = torch.nonzero(unstable[row], as_tuple=True)[0]
         for start in range(0, neurons.numel(), chunk):
@@ -328,19 +188,27 @@ def _prepare(
     use_patches: bool,
     sound: bool = True,
 ) -> _Network:
-    errors = step_errors(layers, box, stats) if sound else {}
-    net = _Network(layers, _input_shapes(layers, box, stats), box, stats, {}, errors)
-    h, start = box, 0
-    relu_positions = [i for i, layer in enumerate(layers) if isinstance(layer, nn.ReLU)]
-    for position in relu_positions:
-        pre, _ = ibp.propagate(layers[start:position], h, stats, sound)
-        if intermediate == "crown" and not _is_affine_exact(layers[:position]):
-            pre = _crown_preactivation(net, position, pre, budget, use_patches)
-        net.relaxations[position] = relu_relaxation(pre)
+    """The network's steps with the relaxation of every relaxed step: IBP up to it, then (for
+    CROWN) the backward pass's bounds of its input, which IBP then carries on from."""
+    steps = walk(layers)
+    errors = step_errors(steps, box, stats) if sound else {}
+    net = _Network(steps, _input_shapes(steps, box), box, stats, {}, errors)
+    relaxed = [step.index for step in steps if step.kind.relaxer is not None]
+    if not relaxed:
+        return net
+
+    def refine(step: Step, pre: Interval) -> Interval:
+        relaxer = step.kind.relaxer
+        assert relaxer is not None
+        if intermediate == "crown" and not _is_affine_exact(steps[: step.index]):
+            undecided = relaxer.undecided(step.layer, pre)
+            pre = _crown_preactivation(net, step.index, pre, undecided, budget, use_patches)
+        net.relaxations[step.index] = relaxer.relax(step.layer, pre)
         if sound:
-            net.errors[position] = relu_step(pre, net.relaxations[position].upper_intercept)
-        h = ibp.RULES[nn.ReLU](layers[position], stats, sound)(pre)
-        start = position + 1
+            net.errors[step.index] = relaxer.rounding(step.layer, pre, net.relaxations[step.index])
+        return pre
+
+    ibp.program(steps, stats, sound).run(box, end=relaxed[-1] + 1, refine=refine)
     return net
 
 
@@ -368,7 +236,7 @@ def crown_margins(
             (:mod:`acert.bounds.patches`); False runs the dense pass everywhere (the same bounds
             up to rounding, much slower; kept for tests and comparisons).
         sound: IBP intermediate bounds widened for rounding (False for a training objective:
-            see :data:`acert.bounds.ibp.Rule`).
+            see :data:`acert.bounds.steps.IntervalRule`).
 
     Returns:
         (B, K-1) lower bounds, classes in increasing order with y left out.
@@ -378,17 +246,18 @@ def crown_margins(
     assert isinstance(last, nn.Linear)
     memory_budget = _budget[-1] if memory_budget is None else memory_budget
     net = _prepare(layers, box, stats, intermediate, memory_budget, use_patches, sound)
+    end = len(net.steps) - 1  # the last layer is folded with the specification
     A, bias = folded_margin_layer(last, y)
     if bias is None:
         bias = torch.zeros(A.shape[:2], dtype=A.dtype, device=A.device)
     rows = torch.arange(y.shape[0], device=y.device)
-    error = _last_layer_error(net, len(layers) - 1, y)
+    error = _last_layer_error(net, end, y)
     widest = max(math.prod(shape) for shape in net.input_shapes)
     chunk = max(1, memory_budget // (A.shape[1] * widest))
     return torch.cat(
         [
             net.lower_bound(
-                len(layers) - 1,
+                end,
                 A[s : s + chunk],
                 bias[s : s + chunk],
                 rows[s : s + chunk],

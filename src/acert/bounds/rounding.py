@@ -23,137 +23,49 @@ contain the float forward pass), the rewrite is off by at most
 - ``absolute`` (one number per sample): the underflow of the products that form ``A'``, which
   no relative bound covers, ``floor(fan-out)·Σ h̄``.
 
-The backward pass adds these up and subtracts them with the allowance of the input step
-(:func:`acert.bounds.spec.input_lower_bound`). Flatten is exact. docs/ARCHITECTURE.md,
-"Soundness", explains the rounding model.
+Each kind gives its own bound (``LayerKind.rounding``, or its relaxer's for ReLU and
+MaxPool2d): the affine kinds in :mod:`acert.bounds.affine`, average pooling as a convolution of
+fan-in kh·kw, a residual block's addition in :mod:`acert.bounds.residual`; Flatten, Identity and
+Dropout are exact. The backward pass adds these up and subtracts them with the allowance of the
+input step (:func:`acert.bounds.spec.input_lower_bound`). docs/ARCHITECTURE.md, "Soundness",
+explains the rounding model.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
 
 from acert.bounds import ibp
+from acert.bounds.activations import relu_step
+from acert.bounds.affine import fan_out
+from acert.bounds.channels import BatchStats
 from acert.bounds.interval import Interval
-from acert.bounds.layers import (
-    BatchStats,
-    channel_affine,
-    channel_shift_magnitude,
-    fold_batchnorm,
-    folded_bias_magnitude,
-    folds_into,
-)
-from acert.bounds.spec import rounding_gamma, underflow_floor
-from acert.models import Normalize
+from acert.bounds.steps import Step, StepError
 
 __all__ = ["StepError", "fan_out", "relu_step", "step_errors"]
 
 
-@dataclass(frozen=True)
-class StepError:
-    """The rounding bound of one backward step: ``Σ |A|·elementwise + absolute``.
-
-    Attributes:
-        elementwise: (B, *output shape of the step).
-        absolute: (B,).
-    """
-
-    elementwise: Tensor
-    absolute: Tensor
-
-    def rows(self, rows: Tensor) -> StepError:
-        """The bounds of the given batch rows (one per query)."""
-        return StepError(self.elementwise[rows], self.absolute[rows])
-
-    def cost(self, A: Tensor, dot: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-        """(Q, S) the bound for coefficients A (Q, S, ...) on this step's output, one batch
-        row per query (see :meth:`rows`), ``dot`` the products of their layout."""
-        return dot(A.abs(), self.elementwise) + self.absolute.unsqueeze(1)
-
-
-def fan_out(layer: nn.Linear | nn.Conv2d) -> int:
-    """Most products summed into one input coefficient of a backward step through ``layer``."""
-    if isinstance(layer, nn.Linear):
-        return layer.out_features
-    return layer.out_channels // layer.groups * math.prod(layer.kernel_size)
-
-
-def _affine(
-    layer: nn.Linear | nn.Conv2d, weight: Tensor, bias_magnitude: Tensor | None, h: Tensor
-) -> StepError:
-    terms = ibp.fan_in(layer) + fan_out(layer)
-    gamma = rounding_gamma(terms, h.dtype)
-    if isinstance(layer, nn.Linear):
-        magnitude = F.linear(h, weight.abs(), bias_magnitude)
-    else:
-        magnitude = F.conv2d(
-            h, weight.abs(), bias_magnitude, layer.stride, layer.padding, layer.dilation,
-            layer.groups,
-        )  # fmt: skip
-    elementwise = gamma * magnitude + underflow_floor(ibp.fan_in(layer), h.dtype)
-    absolute = underflow_floor(fan_out(layer), h.dtype) * h.flatten(1).sum(1)
-    return StepError(elementwise, absolute)
-
-
-def _channel_affine(layer: nn.Module, stats: BatchStats | None, h: Tensor) -> StepError:
-    scale, _ = channel_affine(layer, stats)
-    shape = (1, -1) + (1,) * (h.dim() - 2)
-    shift = channel_shift_magnitude(layer, stats).expand(scale.shape).view(shape)
-    terms = h[0].numel() + 4  # the backward pass sums A·shift over the whole layer
-    magnitude = h * scale.abs().view(shape) + shift
-    elementwise = rounding_gamma(terms, h.dtype) * magnitude + underflow_floor(4, h.dtype)
-    return StepError(elementwise, underflow_floor(4, h.dtype) * h.flatten(1).sum(1))
-
-
-def relu_step(pre: Interval, intercept: Tensor) -> StepError:
-    """The rounding bound of a backward step through a ReLU relaxed on ``pre`` with upper
-    intercepts ``intercept``: the slopes' products with A and the float relaxation lines, off
-    relative to ``h̄``, and ``A · intercept`` summed over the whole layer."""
-    with torch.no_grad():
-        h = torch.maximum(pre.lower.abs(), pre.upper.abs())
-        terms = h[0].numel() + 4
-        elementwise = rounding_gamma(4, h.dtype) * (h + intercept.abs())
-        elementwise = elementwise + rounding_gamma(terms, h.dtype) * intercept.abs()
-        absolute = underflow_floor(terms, h.dtype) * (h + intercept.abs()).flatten(1).sum(1)
-    return StepError(elementwise, absolute)
-
-
 def step_errors(
-    layers: Sequence[nn.Module], box: Interval, stats: BatchStats | None
+    steps: Sequence[Step], box: Interval, stats: BatchStats | None
 ) -> dict[int, StepError]:
-    """The rounding bound of every backward step through an affine layer, keyed by the
-    position of the step's last layer (a batch-norm's, when it is folded into the layer before
-    it); Flatten has none, and a ReLU's comes with its relaxation (:func:`relu_step`).
+    """The rounding bound of every backward step whose kind has a rounding rule, by step index
+    (a ReLU's, or any relaxed kind's, comes with its relaxation: ``Relaxer.rounding``).
 
     Args:
-        layers: the network's layers.
+        steps: the walk over the network's layers.
         box: the input box (B, ...), clipped to the domain.
         stats: clean-batch statistics for train-mode batch-norms.
     """
     errors: dict[int, StepError] = {}
-    position = 0
+
+    def observe(step: Step, before: Interval, after: Interval) -> None:
+        if step.kind.rounding is not None:
+            error = step.kind.rounding(step, stats, before, after)
+            if error is not None:
+                errors[step.index] = error
+
     with torch.no_grad():
-        while position < len(layers):
-            layer = layers[position]
-            following = layers[position + 1] if position + 1 < len(layers) else None
-            magnitude = torch.maximum(box.lower.abs(), box.upper.abs())
-            if folds_into(layer, following):
-                weight, _ = fold_batchnorm(layer, following, stats)
-                bias = folded_bias_magnitude(layer, following, stats)
-                errors[position + 1] = _affine(layer, weight, bias, magnitude)
-                box = ibp.prepare([layer, following], stats)(box)[0]
-                position += 2
-                continue
-            if isinstance(layer, nn.Linear | nn.Conv2d):
-                bias = None if layer.bias is None else layer.bias.abs()
-                errors[position] = _affine(layer, layer.weight, bias, magnitude)
-            elif isinstance(layer, Normalize | nn.BatchNorm1d | nn.BatchNorm2d):
-                errors[position] = _channel_affine(layer, stats, magnitude)
-            box = ibp.RULES[type(layer)](layer, stats, True)(box)
-            position += 1
+        ibp.program(steps, stats, True).run(box, observe=observe)
     return errors

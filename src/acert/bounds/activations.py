@@ -1,0 +1,193 @@
+"""Layer kinds that act elementwise or reshape: ReLU and Flatten.
+
+ReLU: IBP applies it to the ends of the interval. CROWN relaxes it on its pre-activation
+bounds [l, u]: the upper line is the chord, the lower line has slope 1 when u >= -l, else 0
+(the adaptive rule, METHOD.md "Threat model and certificates"); stable ReLUs are exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from acert.bounds.channels import BatchStats
+from acert.bounds.interval import Interval
+from acert.bounds.spec import rounding_gamma, underflow_floor
+from acert.bounds.steps import (
+    BackwardContext,
+    BoxMap,
+    LayerKind,
+    PatchContext,
+    Relaxer,
+    Step,
+    StepError,
+    dense_dot,
+)
+from acert.bounds.windows import Windows, window_dot
+
+__all__ = [
+    "FLATTEN",
+    "RELU",
+    "Relaxation",
+    "relu_box",
+    "relu_relaxation",
+    "relu_step",
+]
+
+
+def relu_box(box: Interval) -> Interval:
+    """ReLU of both ends: an active unit (l >= 0) keeps (c, r), an inactive one (u <= 0) gets
+    (0, 0), an unstable one [0, u] = (u/2, u/2); with ``h = relu(u)/2`` that is
+    ``(max(c, h), min(r, h))``.
+
+    The same interval as ``((relu(u) + relu(l))/2, (relu(u) - relu(l))/2)``, but an active
+    unit's (c, r) is passed on exactly (rounding is monotone, so the computed h lies in
+    [r, c] when ``c >= r``) instead of being recomputed from two nearly equal ends, which in
+    float32 loses a radius below ~1e-7·|c| (the ε = 1e-6 passes of the warm-up); and it takes
+    fewer passes over the tensors.
+    """
+    if torch.is_grad_enabled():
+        half_upper = torch.relu(box.centre + box.radius) * 0.5
+        return Interval(
+            torch.maximum(box.centre, half_upper), torch.minimum(box.radius, half_upper)
+        )
+    # the same arithmetic with fewer fresh tensors: without autograd they are the main cost
+    half_upper = torch.lerp(box.centre, box.radius, 0.5).relu_()  # relu(u)/2 in two passes
+    radius = torch.minimum(box.radius, half_upper)
+    return Interval(torch.maximum(box.centre, half_upper, out=half_upper), radius)
+
+
+@dataclass(frozen=True)
+class Relaxation:
+    """Linear bounds ``lower_slope·z <= relu(z) <= upper_slope·z + upper_intercept`` on [l, u]."""
+
+    lower_slope: Tensor
+    upper_slope: Tensor
+    upper_intercept: Tensor
+
+
+def relu_relaxation(pre: Interval) -> Relaxation:
+    """The CROWN relaxation of ReLU on the pre-activation interval ``pre`` (B, ...)."""
+    lower, upper = pre.lower, pre.upper
+    unstable = (lower < 0) & (upper > 0)
+    active = (lower >= 0).to(lower.dtype)
+    width = torch.where(unstable, upper - lower, torch.ones_like(lower))
+    upper_slope = torch.where(unstable, upper / width, active)
+    upper_intercept = torch.where(unstable, -lower * upper_slope, torch.zeros_like(lower))
+    lower_slope = torch.where(unstable, (upper >= -lower).to(lower.dtype), active)
+    return Relaxation(lower_slope, upper_slope, upper_intercept)
+
+
+def relu_step(pre: Interval, intercept: Tensor) -> StepError:
+    """The rounding bound of a backward step through a ReLU relaxed on ``pre`` with upper
+    intercepts ``intercept``: the slopes' products with A and the float relaxation lines, off
+    relative to ``h̄``, and ``A · intercept`` summed over the whole layer."""
+    with torch.no_grad():
+        h = torch.maximum(pre.lower.abs(), pre.upper.abs())
+        terms = h[0].numel() + 4
+        elementwise = rounding_gamma(4, h.dtype) * (h + intercept.abs())
+        elementwise = elementwise + rounding_gamma(terms, h.dtype) * intercept.abs()
+        absolute = underflow_floor(terms, h.dtype) * (h + intercept.abs()).flatten(1).sum(1)
+    return StepError(elementwise, absolute)
+
+
+def _relu_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxMap:
+    return relu_box
+
+
+def _back_relu(step: Step, A: Tensor, bias: Tensor, ctx: BackwardContext) -> tuple[Tensor, Tensor]:
+    relax = ctx.relaxation
+    assert relax is not None
+    lower_slope, upper_slope, upper_intercept = (
+        t[ctx.rows].unsqueeze(1)
+        for t in (relax.lower_slope, relax.upper_slope, relax.upper_intercept)
+    )
+    positive = A.clamp(min=0)
+    negative = A - positive
+    bias = bias + dense_dot(negative, upper_intercept.squeeze(1))
+    return positive * lower_slope + negative * upper_slope, bias
+
+
+def _patch_relu(
+    step: Step, windows: Windows, bias: Tensor, ctx: PatchContext
+) -> tuple[Windows, Tensor]:
+    """The lower line for positive coefficients, the upper line and its intercept for
+    negative ones, with the slopes gathered on the windows."""
+    coeffs = windows.coeffs
+    assert ctx.relaxation is not None
+    lower_slope, slope_gap, intercept = ctx.relaxation
+    negative = coeffs.clamp(max=0)
+    bias = bias + window_dot(negative, intercept)
+    # coeffs·lower + negative·(upper - lower): the lower slope is 0 or 1, so this is the dense
+    # pass's positive·lower + negative·upper up to a rounding, in three passes instead of five
+    relaxed = coeffs * lower_slope.unsqueeze(1)
+    relaxed.addcmul_(negative, slope_gap.unsqueeze(1))
+    return Windows(relaxed, windows.origin, windows.rows), bias
+
+
+def _relax_relu(layer: nn.Module, pre: Interval) -> Relaxation:
+    return relu_relaxation(pre)
+
+
+def _unstable(layer: nn.Module, pre: Interval) -> Tensor:
+    return (pre.lower < 0) & (pre.upper > 0)
+
+
+def _relu_rounding(layer: nn.Module, pre: Interval, relaxation: Relaxation) -> StepError:
+    return relu_step(pre, relaxation.upper_intercept)
+
+
+def _relu_table(relax: Relaxation) -> tuple[Tensor, ...]:
+    return relax.lower_slope, relax.upper_slope - relax.lower_slope, relax.upper_intercept
+
+
+def _same_shape(layer: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return shape
+
+
+RELU = LayerKind(
+    type=nn.ReLU,
+    shape=_same_shape,
+    interval=_relu_interval,
+    backward=_back_relu,
+    patches=_patch_relu,
+    rounding=None,
+    relaxer=Relaxer(_relax_relu, _unstable, _relu_rounding, _relu_table),
+    example=lambda: (nn.ReLU(), (2, 4, 4)),
+    exactness="relaxed",
+)
+
+
+def _flatten_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxMap:
+    layer = step.layer
+    return lambda box: Interval(layer(box.centre), layer(box.radius))
+
+
+def _back_flatten(
+    step: Step, A: Tensor, bias: Tensor, ctx: BackwardContext
+) -> tuple[Tensor, Tensor]:
+    return A.reshape(*A.shape[:2], *ctx.input_shape), bias
+
+
+def _check_flatten(layer: nn.Module) -> str | None:
+    if (layer.start_dim, layer.end_dim) != (1, -1):
+        return (
+            f"flattens dims {layer.start_dim}..{layer.end_dim}; "
+            "only nn.Flatten() of every dim after the batch is supported"
+        )
+    return None
+
+
+FLATTEN = LayerKind(
+    type=nn.Flatten,
+    shape=lambda layer, shape: (math.prod(shape),),
+    interval=_flatten_interval,
+    backward=_back_flatten,
+    patches=None,
+    rounding=None,
+    example=lambda: (nn.Flatten(), (2, 4, 4)),
+    check=_check_flatten,
+)

@@ -1,0 +1,420 @@
+"""Layer kinds that are affine maps: Linear and Conv2d (each with a batch-norm after it folded
+in), and the per-channel maps Normalize, BatchNorm1d and BatchNorm2d.
+
+IBP sends the box (c, r) to ``(W c + b, |W| r)``, widened by a bound on the rounding of the
+model's and the bound's arithmetic, ``γ·(|W|(|c| + r) + |b|)`` with γ from
+:func:`acert.bounds.spec.rounding_gamma` for its fan-in, inside the same radius pass (the input
+radius becomes ``r + γ|c|``, the weights ``(1 + γ)|W|``, the radius bias ``γ|b|`` plus the
+underflow floor of :func:`acert.bounds.spec.underflow_floor`); the channel affine maps add
+theirs elementwise. CROWN's backward step is the transpose; its rounding is bounded by
+``γ·(|W|·h̄ + |b|)`` on the step's output (:mod:`acert.bounds.rounding`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from acert.bounds.channels import (
+    BatchStats,
+    channel_affine,
+    channel_shift_magnitude,
+    fold_batchnorm,
+    folded_bias_magnitude,
+    uses_batch_stats,
+)
+from acert.bounds.interval import Interval
+from acert.bounds.spec import rounding_gamma, underflow_floor
+from acert.bounds.steps import (
+    BackwardContext,
+    BoxMap,
+    Geometry,
+    LayerKind,
+    PatchContext,
+    Step,
+    StepError,
+)
+from acert.bounds.windows import Windows, conv_transpose_windows
+from acert.models import Normalize
+
+__all__ = [
+    "BATCHNORM1D",
+    "BATCHNORM2D",
+    "CONV2D",
+    "LINEAR",
+    "NORMALIZE",
+    "affine_error",
+    "conv_transpose_dense",
+    "fan_in",
+    "fan_out",
+    "random_batchnorm",
+    "spatial_shape",
+]
+
+
+def fan_in(layer: nn.Linear | nn.Conv2d) -> int:
+    """Products summed into one output of the layer, its bias included."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features + 1
+    return layer.in_channels // layer.groups * math.prod(layer.kernel_size) + 1
+
+
+def fan_out(layer: nn.Linear | nn.Conv2d) -> int:
+    """Most products summed into one input coefficient of a backward step through ``layer``."""
+    if isinstance(layer, nn.Linear):
+        return layer.out_features
+    return layer.out_channels // layer.groups * math.prod(layer.kernel_size)
+
+
+def _weights(step: Step, stats: BatchStats | None) -> tuple[Tensor, Tensor | None]:
+    """(weight, bias) of the step: the layer's own, or with its batch-norm folded in."""
+    if step.norm is None:
+        return step.layer.weight, step.layer.bias
+    return fold_batchnorm(step.layer, step.norm, stats)
+
+
+# --- IBP ------------------------------------------------------------------------------------
+
+
+def _apply(layer: nn.Module, t: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``layer``'s affine map (linear or convolution) with the given parameters."""
+    if isinstance(layer, nn.Linear):
+        return F.linear(t, weight, bias)
+    return F.conv2d(t, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def _affine_box(
+    layer: nn.Module,
+    weight: Tensor,
+    bias: Tensor | None,
+    bias_magnitude: Tensor | None = None,
+    sound: bool = True,
+) -> BoxMap:
+    """``(W c + b, |W| r)`` widened by the rounding of the layer (module docstring).
+
+    Args:
+        layer: the linear or convolution layer whose shape parameters apply.
+        weight, bias: the affine map (the layer's own, or with a batch-norm folded in).
+        bias_magnitude: Σ|terms| of a computed bias (a folded one), default ``|bias|``.
+        sound: widen for rounding; False for the plain arithmetic of a training objective.
+    """
+    gamma = rounding_gamma(fan_in(layer), weight.dtype) if sound else 0.0
+    if gamma == 0:
+        abs_weight = weight.abs()
+
+        def plain(box: Interval) -> Interval:
+            centre = _apply(layer, box.centre, weight, bias)
+            return Interval(centre, _apply(layer, box.radius, abs_weight, None))
+
+        return plain
+    wide_weight = (1 + gamma) * weight.abs()
+    # the underflow of the layer's products, which no relative bound covers
+    radius_bias = torch.full(
+        weight.shape[:1], underflow_floor(fan_in(layer), weight.dtype), dtype=weight.dtype,
+        device=weight.device,
+    )  # fmt: skip
+    if bias is not None:
+        magnitude = bias.abs() if bias_magnitude is None else bias_magnitude
+        radius_bias = radius_bias + gamma * magnitude.detach()
+
+    def widened(box: Interval) -> Interval:
+        centre = _apply(layer, box.centre, weight, bias)
+        magnitude = box.centre.detach().abs()
+        # r + γ|c|; without autograd into the fresh |c| tensor itself
+        out = None if torch.is_grad_enabled() else magnitude
+        spread = torch.add(box.radius, magnitude, alpha=gamma, out=out)
+        return Interval(centre, _apply(layer, spread, wide_weight, radius_bias))
+
+    return widened
+
+
+def _affine_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxMap:
+    """A linear/conv layer, and the batch-norm after it as part of the same map (fewer passes
+    over h): ``BN(W h + b) = (s·W) h + (s·b + t)`` per output channel and ``|s·W| = |s|·|W|``,
+    so the interval is the one the two maps give one after the other."""
+    layer = step.layer
+    if step.norm is None:
+        return _affine_box(layer, layer.weight, layer.bias, sound=sound)
+    weight, bias = fold_batchnorm(layer, step.norm, stats)
+    magnitude = folded_bias_magnitude(layer, step.norm, stats)
+    return _affine_box(layer, weight, bias, magnitude, sound)
+
+
+def _channel_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxMap:
+    """``(c·s + t, r·|s|)`` per channel, widened by the rounding of ``c·s + t`` and of the
+    parameters, relative to ``(|c| + r)·|s| + Σ|terms of t|``."""
+    layer = step.layer
+    scale, shift = channel_affine(layer, stats)
+    abs_scale = scale.abs()
+    gamma = rounding_gamma(2, scale.dtype) if sound else 0.0
+    with torch.no_grad():  # a bound on rounding, not part of the objective
+        magnitude = channel_shift_magnitude(layer, stats) if gamma else None
+
+    def apply(box: Interval) -> Interval:
+        shape = (1, -1) + (1,) * (box.centre.dim() - 2)
+        centre = box.centre * scale.view(shape) + shift.view(shape)
+        radius = box.radius * abs_scale.view(shape)
+        if gamma == 0:
+            return Interval(centre, radius)
+        with torch.no_grad():
+            error = (box.centre.abs() + box.radius) * abs_scale.view(shape) + magnitude.view(shape)
+            error = gamma * error + underflow_floor(2, scale.dtype)
+        return Interval(centre, radius + error)
+
+    return apply
+
+
+# --- CROWN ----------------------------------------------------------------------------------
+
+
+def _back_linear(
+    step: Step, A: Tensor, bias: Tensor, ctx: BackwardContext
+) -> tuple[Tensor, Tensor]:
+    weight, layer_bias = _weights(step, ctx.stats)
+    if layer_bias is not None:
+        bias = bias + A @ layer_bias
+    return A @ weight, bias
+
+
+def conv_transpose_dense(
+    geometry: Geometry,
+    groups: int,
+    weight: Tensor,
+    layer_bias: Tensor | None,
+    A: Tensor,
+    bias: Tensor,
+    input_shape: Sequence[int],
+) -> tuple[Tensor, Tensor]:
+    """Through ``conv(h) = weight * h + layer_bias`` on dense coefficients (Q, S, C, H, W)."""
+    queries, specs = A.shape[:2]
+    if layer_bias is not None:
+        bias = bias + A.sum((-2, -1)) @ layer_bias
+    out_h, out_w = A.shape[-2:]
+    in_h, in_w = input_shape[-2:]
+    output_padding = tuple(
+        size_in - ((size_out - 1) * stride - 2 * pad + dil * (k - 1) + 1)
+        for size_in, size_out, stride, pad, dil, k in zip(
+            (in_h, in_w),
+            (out_h, out_w),
+            geometry.stride,
+            geometry.padding,
+            geometry.dilation,
+            geometry.kernel,
+            strict=True,
+        )
+    )
+    A_in = F.conv_transpose2d(
+        A.flatten(0, 1),
+        weight,
+        None,
+        geometry.stride,
+        geometry.padding,
+        output_padding,
+        groups,
+        geometry.dilation,
+    )
+    return A_in.view(queries, specs, *input_shape), bias
+
+
+def _conv_geometry(layer: nn.Conv2d) -> Geometry:
+    return Geometry(layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+
+
+def _back_conv(step: Step, A: Tensor, bias: Tensor, ctx: BackwardContext) -> tuple[Tensor, Tensor]:
+    weight, layer_bias = _weights(step, ctx.stats)
+    geometry, groups = _conv_geometry(step.layer), step.layer.groups
+    return conv_transpose_dense(geometry, groups, weight, layer_bias, A, bias, ctx.input_shape)
+
+
+def _patch_conv(
+    step: Step, windows: Windows, bias: Tensor, ctx: PatchContext
+) -> tuple[Windows, Tensor]:
+    weight, layer_bias = _weights(step, ctx.stats)
+    geometry, groups = _conv_geometry(step.layer), step.layer.groups
+    return conv_transpose_windows(
+        geometry, groups, weight, layer_bias, windows, bias, ctx.input_shape
+    )
+
+
+def _back_channel(
+    step: Step, A: Tensor, bias: Tensor, ctx: BackwardContext
+) -> tuple[Tensor, Tensor]:
+    scale, shift = channel_affine(step.layer, ctx.stats)
+    shape = (1, 1, -1) + (1,) * (A.dim() - 3)
+    per_channel = A.flatten(3).sum(-1) if A.dim() > 3 else A
+    # shift broadcasts like the forward pass does (Normalize may hold one value for all channels)
+    return A * scale.view(shape), bias + per_channel @ shift.expand(per_channel.shape[-1])
+
+
+def _patch_channel(
+    step: Step, windows: Windows, bias: Tensor, ctx: PatchContext
+) -> tuple[Windows, Tensor]:
+    """Through ``h * scale + shift`` per channel (Normalize, BatchNorm2d)."""
+    scale, shift = channel_affine(step.layer, ctx.stats)
+    per_channel = windows.coeffs.sum((2, 3))
+    # shift broadcasts like the forward pass does (Normalize may hold one value for all channels)
+    bias = bias + per_channel @ shift.expand(per_channel.shape[-1])
+    return Windows(windows.coeffs * scale, windows.origin, windows.rows), bias
+
+
+# --- rounding of the backward steps ---------------------------------------------------------
+
+
+def affine_error(
+    layer: nn.Linear | nn.Conv2d, weight: Tensor, bias_magnitude: Tensor | None, h: Tensor
+) -> StepError:
+    """``γ·(|W|·h̄ + |b|)`` for the fan-in and fan-out summed, plus the underflow floors."""
+    terms = fan_in(layer) + fan_out(layer)
+    gamma = rounding_gamma(terms, h.dtype)
+    if isinstance(layer, nn.Linear):
+        magnitude = F.linear(h, weight.abs(), bias_magnitude)
+    else:
+        magnitude = F.conv2d(
+            h, weight.abs(), bias_magnitude, layer.stride, layer.padding, layer.dilation,
+            layer.groups,
+        )  # fmt: skip
+    elementwise = gamma * magnitude + underflow_floor(fan_in(layer), h.dtype)
+    absolute = underflow_floor(fan_out(layer), h.dtype) * h.flatten(1).sum(1)
+    return StepError(elementwise, absolute)
+
+
+def _affine_rounding(
+    step: Step, stats: BatchStats | None, before: Interval, after: Interval
+) -> StepError:
+    h = torch.maximum(before.lower.abs(), before.upper.abs())
+    layer = step.layer
+    if step.norm is None:
+        bias = None if layer.bias is None else layer.bias.abs()
+        return affine_error(layer, layer.weight, bias, h)
+    weight, _ = fold_batchnorm(layer, step.norm, stats)
+    return affine_error(layer, weight, folded_bias_magnitude(layer, step.norm, stats), h)
+
+
+def _channel_rounding(
+    step: Step, stats: BatchStats | None, before: Interval, after: Interval
+) -> StepError:
+    h = torch.maximum(before.lower.abs(), before.upper.abs())
+    scale, _ = channel_affine(step.layer, stats)
+    shape = (1, -1) + (1,) * (h.dim() - 2)
+    shift = channel_shift_magnitude(step.layer, stats).expand(scale.shape).view(shape)
+    terms = h[0].numel() + 4  # the backward pass sums A·shift over the whole layer
+    magnitude = h * scale.abs().view(shape) + shift
+    elementwise = rounding_gamma(terms, h.dtype) * magnitude + underflow_floor(4, h.dtype)
+    return StepError(elementwise, underflow_floor(4, h.dtype) * h.flatten(1).sum(1))
+
+
+# --- the kinds ------------------------------------------------------------------------------
+
+
+def spatial_shape(
+    shape: tuple[int, ...], channels: int, geometry: Geometry
+) -> tuple[int, int, int]:
+    """(C, H, W) of a convolution's or pooling's output for a (C_in, H, W) input."""
+    height, width = (
+        (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+        for size, k, stride, pad, dil in zip(
+            shape[1:], geometry.kernel, geometry.stride, geometry.padding, geometry.dilation,
+            strict=True,
+        )
+    )  # fmt: skip
+    return channels, height, width
+
+
+def random_batchnorm(norm: nn.BatchNorm1d | nn.BatchNorm2d) -> nn.Module:
+    """``norm`` with random running statistics and affine parameters (for the examples)."""
+    with torch.no_grad():
+        c = norm.num_features
+        norm.running_mean.copy_(0.5 * torch.randn(c))
+        norm.running_var.copy_(0.3 + 2 * torch.rand(c))
+        norm.weight.copy_(torch.randn(c))
+        norm.bias.copy_(0.3 * torch.randn(c))
+    return norm.eval()
+
+
+def _check_conv(layer: nn.Module) -> str | None:
+    if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+        return (
+            f"uses padding={layer.padding!r}, padding_mode={layer.padding_mode!r}; "
+            "use integer zero padding"
+        )
+    return None
+
+
+def _check_fixed_statistics(layer: nn.Module) -> str | None:
+    if not uses_batch_stats(layer):
+        return None
+    fix = (
+        "call model.eval() first"
+        if layer.running_mean is not None
+        else "train it with track_running_stats=True, then call model.eval()"
+    )
+    return (
+        "normalises with the statistics of the current batch, so no input's prediction can be "
+        f"certified alone; {fix}"
+    )
+
+
+def _same_shape(layer: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return shape
+
+
+NORMALIZE = LayerKind(
+    type=Normalize,
+    shape=_same_shape,
+    interval=_channel_interval,
+    backward=_back_channel,
+    patches=_patch_channel,
+    rounding=_channel_rounding,
+    example=lambda: (Normalize([0.2, 0.6], [0.4, 1.1]), (2, 4, 4)),
+)
+LINEAR = LayerKind(
+    type=nn.Linear,
+    shape=lambda layer, shape: (*shape[:-1], layer.out_features),
+    interval=_affine_interval,
+    backward=_back_linear,
+    patches=None,
+    rounding=_affine_rounding,
+    example=lambda: (nn.Linear(6, 5), (6,)),
+    input_rank=2,
+    exactness="affine",
+    folds_batchnorm=True,
+)
+CONV2D = LayerKind(
+    type=nn.Conv2d,
+    shape=lambda layer, shape: spatial_shape(shape, layer.out_channels, _conv_geometry(layer)),
+    interval=_affine_interval,
+    backward=_back_conv,
+    patches=_patch_conv,
+    rounding=_affine_rounding,
+    example=lambda: (nn.Conv2d(2, 3, 3, stride=2, padding=1), (2, 4, 4)),
+    check=_check_conv,
+    input_rank=4,
+    exactness="affine",
+    folds_batchnorm=True,
+    window=_conv_geometry,
+)
+BATCHNORM1D = LayerKind(
+    type=nn.BatchNorm1d,
+    shape=_same_shape,
+    interval=_channel_interval,
+    backward=_back_channel,
+    patches=None,
+    rounding=_channel_rounding,
+    example=lambda: (random_batchnorm(nn.BatchNorm1d(6)), (6,)),
+    certify_check=_check_fixed_statistics,
+)
+BATCHNORM2D = LayerKind(
+    type=nn.BatchNorm2d,
+    shape=_same_shape,
+    interval=_channel_interval,
+    backward=_back_channel,
+    patches=_patch_channel,
+    rounding=_channel_rounding,
+    example=lambda: (random_batchnorm(nn.BatchNorm2d(2)), (2, 4, 4)),
+    certify_check=_check_fixed_statistics,
+    input_rank=4,
+)
