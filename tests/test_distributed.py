@@ -7,7 +7,7 @@ tests and the ``acert train`` of the other ranks' processes that may not write i
 
 The runs compared end to end train without the warm-up regularisers (``lambda_tight`` and
 ``lambda_relu`` 0), as with them training does not depend continuously on rounding. Their
-tightness term relu(τ - T0/T) (METHOD.md (M12)) is taken in the warm-up on IBP intervals of
+tightness term relu(τ - T0/T) (docs/METHOD.md (M12)) is taken in the warm-up on IBP intervals of
 radius 1e-6; a unit whose interval straddles 0 passes on a half-width u/2 that moves with its
 centre, and divided by mean half-widths T of 1e-5 to 1e-4 that one unit's gradient outweighs all
 the rest (first-layer weights: 36 against 0.13). Whether a unit straddles 0 is decided by

@@ -1,4 +1,4 @@
-"""Clean, certified and empirical metrics of a model (METHOD.md, "Certified radius and ACR").
+"""Clean, certified and empirical metrics of a model (docs/METHOD.md, "Certified radius and ACR").
 
 - clean accuracy;
 - per-sample certified radii (:mod:`acert.radius`) and their mean, the ACR, under the cap ε_max;
@@ -49,7 +49,7 @@ __all__ = [
 
 
 def acceps(acr: float, eps_max: float, clean_accuracy: float) -> float:
-    """``sqrt((ACR / ε_max) · clean accuracy)`` (METHOD.md), in [0, 1]."""
+    """``sqrt((ACR / ε_max) · clean accuracy)`` (docs/METHOD.md), in [0, 1]."""
     return math.sqrt(max(acr, 0.0) / eps_max * max(clean_accuracy, 0.0))
 
 

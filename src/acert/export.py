@@ -19,11 +19,12 @@
   :data:`ONNX_TOLERANCE` times the largest logit magnitude (at least 1) or more.
 - ``vnnlib_dir/prop_<i>.vnnlib``, one per selected input, ``i`` its row in the split: VNNLIB
   (SMT-LIB) with ``X_k`` for every pixel in the C-order of the (1, C, H, W) input and ``Y_j`` for
-  every logit; the box ``max(x - eps, 0) <= X_k <= min(x + eps, 1)`` (METHOD.md, "Threat model");
-  and, as VNN-COMP states properties, the *unsafe* region: some class ``t != y`` scores at least
-  as high as the true class ``y``. A verifier answers "unsat" when the input is robust.
-  Numbers are written positionally (no exponent) with the shortest digits that round-trip to
-  the float64 value, so the boxes are exact; all of them lie in [0, 1], so none is negative.
+  every logit; the box ``max(x - eps, 0) <= X_k <= min(x + eps, 1)``
+  (docs/METHOD.md, "Threat model"); and, as VNN-COMP states properties, the *unsafe* region: some
+  class ``t != y`` scores at least as high as the true class ``y``. A verifier answers "unsat" when
+  the input is robust. Numbers are written positionally (no exponent) with the shortest digits that
+  round-trip to the float64 value, so the boxes are exact; all of them lie in [0, 1], so none is
+  negative.
 - ``instances.csv`` in the parent folder of ``vnnlib_dir`` (the VNN-COMP benchmark root): rows
   ``onnx_path,vnnlib_path,timeout`` without a header, paths relative to that folder.
 - ``abcrown.yaml`` beside ``instances.csv``: an αβ-CROWN configuration that runs the benchmark

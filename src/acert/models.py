@@ -1,7 +1,7 @@
 """Models: the Normalize layer, the CNN7 family of Shi et al. (2021), MLPs, IBP initialisation.
 
 Every model is a plain ``torch.nn.Sequential`` whose first module is :class:`Normalize`, so the
-dataset normalisation is part of the network and inputs stay in pixel space [0, 1] (METHOD.md,
+dataset normalisation is part of the network and inputs stay in pixel space [0, 1] (docs/METHOD.md,
 "Threat model"). ``create_model(name, in_shape, num_classes, mean, std)`` builds a registered
 architecture; ``list_models()`` names them.
 """
@@ -73,7 +73,7 @@ def cnn7(
     linear_width: int = 512,
     last_stride: int = 1,
 ) -> nn.Sequential:
-    """CNN7 of Shi et al. 2021 (METHOD.md, "Architecture CNN7") with scalable widths.
+    """CNN7 of Shi et al. 2021 (docs/METHOD.md, "Architecture CNN7") with scalable widths.
 
     conv3x3(w)-BN-ReLU, conv3x3(w)-BN-ReLU, conv3x3/2(2w)-BN-ReLU, conv3x3(2w)-BN-ReLU,
     conv3x3/last_stride(2w)-BN-ReLU, flatten, linear(linear_width)-BN-ReLU, linear(classes).
@@ -135,7 +135,8 @@ INITS = OneOf(("ibp", "default"))
 
 
 def ibp_init_(model: nn.Module) -> nn.Module:
-    """IBP initialisation of Shi et al. 2021 (METHOD.md, "Warm-up regularisers and initialisation").
+    """IBP initialisation of Shi et al. 2021
+    (docs/METHOD.md, "Warm-up regularisers and initialisation").
 
     Every conv kernel and linear weight except the last layer's is drawn from N(0, σ²) with
     σ = sqrt(2π) / fan_in; biases are set to zero. The last layer keeps PyTorch's default init.

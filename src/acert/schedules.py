@@ -1,4 +1,5 @@
-"""Training-ε ramps as plain functions of the optimisation step (METHOD.md, "Training loss", 2).
+"""Training-ε ramps as plain functions of the optimisation step
+(docs/METHOD.md, "Training loss", 2).
 
 ε is 0 during the first ``stn_epochs`` of standard training, then follows the smoothed ramp of
 Shi et al. 2021 over ``reg_epochs`` epochs — a power curve ``α·t^4`` for the first quarter of the

@@ -1,7 +1,7 @@
 """Sweeps: one training run per point of a grid of config values, gathered in a study folder.
 
 ``acert sweep --method acert --grid kappa=0,0.1,0.25,0.5`` trains the ACERT trade-off curve
-(METHOD.md: κ moves the model along the accuracy–robustness trade-off); the baselines' curves
+(docs/METHOD.md: κ moves the model along the accuracy–robustness trade-off); the baselines' curves
 come from their own knobs (``--method ibp --grid eps_train=...``) swept into the same folder.
 Each point trains in its own run folder, named from the method and the point
 (``acert-kappa0.25``), which also holds a ``sweep.json`` naming both. A sweep is resumable:

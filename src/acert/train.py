@@ -4,7 +4,7 @@ The loop itself is :func:`acert.train_loop.fit` (re-exported here); ``run`` buil
 needs from a :class:`~acert.config.TrainConfig` (or takes it as :class:`RunInputs`, from
 ``acert.fit``), owns the run folder, resumes an
 interrupted run from its last completed epoch, selects the best epoch by validation acceps
-(METHOD.md, "Certified radius and ACR") and writes the final test metrics.
+(docs/METHOD.md, "Certified radius and ACR") and writes the final test metrics.
 
 Started by ``torchrun``, a run trains on several processes (:mod:`acert.process_group`): each
 takes its share of every global batch, rank 0 alone writes the run folder, logs and progress.

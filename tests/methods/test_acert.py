@@ -1,4 +1,5 @@
-"""The ACERT loss against METHOD.md's formula on a linear model whose radii are known by hand."""
+"""The ACERT loss against docs/METHOD.md's formula on a linear model whose radii are known by
+hand."""
 
 import math
 
@@ -120,7 +121,7 @@ def test_loss_has_gradients_through_the_bounds():
 
 
 def test_the_training_search_is_method_md_and_the_config_sets_strategy_and_limit():
-    """ACERT's radii come from one SearchSettings: METHOD.md's training search by default; the
+    """ACERT's radii come from one SearchSettings: docs/METHOD.md's training search by default; the
     config's radius_search and radius_max_iter change that one object, and the loss obeys it."""
     assert (
         ACERT().search

@@ -1,5 +1,5 @@
-"""The baseline training methods of METHOD.md, "Baselines", and the smoke tests every registered
-method gets: tiny networks with batch-norm, synthetic data, fixed steps."""
+"""The baseline training methods of docs/METHOD.md, "Baselines", and the smoke tests every
+registered method gets: tiny networks with batch-norm, synthetic data, fixed steps."""
 
 import copy
 
@@ -130,7 +130,7 @@ def test_a_few_optimisation_steps_lower_the_loss(name):
 @pytest.mark.parametrize("name", list_methods())
 def test_eps_zero_is_standard_training_plus_the_warmup_regularisers(name):
     """While ε_s = 0: L_std, and for the certified methods during warm-up the regularisers at
-    full weight on the IBP intervals of radius 1e-6 (METHOD.md, "Training loss" 3 and 5)."""
+    full weight on the IBP intervals of radius 1e-6 (docs/METHOD.md, "Training loss" 3 and 5)."""
     model, batch = small_net(), make_batch()
     clean = F.cross_entropy(copy.deepcopy(model)(batch.x), batch.y).item()
     method = create_method(config(name))

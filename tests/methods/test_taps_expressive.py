@@ -1,5 +1,5 @@
-"""CC-IBP, EXP-IBP (METHOD.md (M18), (M19)), TAPS and STAPS ((M20), (M21)): each loss against its
-formula and the properties that tie it to IBP and to PGD training, on the tiny network of
+"""CC-IBP, EXP-IBP (docs/METHOD.md (M18), (M19)), TAPS and STAPS ((M20), (M21)): each loss against
+its formula and the properties that tie it to IBP and to PGD training, on the tiny network of
 test_baselines; then short real runs that train, resume and certify with each of them."""
 
 import copy

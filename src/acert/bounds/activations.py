@@ -2,7 +2,7 @@
 
 ReLU: IBP applies it to the ends of the interval. CROWN relaxes it on its pre-activation
 bounds [l, u]: the upper line is the chord, the lower line has slope 1 when u >= -l, else 0
-(the adaptive rule, METHOD.md "Threat model and certificates"); stable ReLUs are exact.
+(the adaptive rule, docs/METHOD.md "Threat model and certificates"); stable ReLUs are exact.
 """
 
 from __future__ import annotations

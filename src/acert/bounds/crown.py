@@ -4,7 +4,7 @@ A lower bound of a linear function ``A · h_k + bias`` of some step's output is 
 step by step to the input along the walk over the model (:func:`acert.bounds.kinds.walk`),
 each step by its kind's backward rule (``LayerKind.backward``). A nonlinear kind (ReLU,
 MaxPool2d) is relaxed by linear bounds from bounds on its input (``LayerKind.relaxer``; ReLU's
-adaptive rule of METHOD.md "Threat model and certificates"). At a residual block's join the
+adaptive rule of docs/METHOD.md "Threat model and certificates"). At a residual block's join the
 coefficients go on along both branches: they are kept for the skip and added to the body's at
 the fork. At the input the linear function is minimised over the clipped box in closed form.
 

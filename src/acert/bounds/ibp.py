@@ -3,7 +3,7 @@
 Each step of the walk over the model (:func:`acert.bounds.kinds.walk`) makes its interval map
 once with its kind's rule (``LayerKind.interval``); a :class:`Program` runs them in order, the
 interval of a residual block's input kept for its join. The margin specification is folded
-into the last linear layer before the interval is applied (METHOD.md, "Threat model and
+into the last linear layer before the interval is applied (docs/METHOD.md, "Threat model and
 certificates").
 
 Rounding: the intervals contain what the network computes in exact arithmetic and in its float

@@ -1,4 +1,4 @@
-"""The interval value object and the perturbation set of METHOD.md, "Threat model".
+"""The interval value object and the perturbation set of docs/METHOD.md, "Threat model".
 
 The input set is the ℓ∞ ball of radius ε around x intersected with the pixel domain [0, 1]:
 ``[max(x - ε, 0), min(x + ε, 1)]`` per pixel. ε is in pixel units and may differ per sample.

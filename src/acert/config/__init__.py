@@ -1,6 +1,6 @@
 """Run configuration: one flat dataclass, dataset presets, YAML files and command-line overrides.
 
-Precedence, lowest first: the field defaults, the dataset's preset (METHOD.md, "Optimisation"),
+Precedence, lowest first: the field defaults, the dataset's preset (docs/METHOD.md, "Optimisation"),
 a YAML file, then ``key=value`` overrides. A field left ``None`` takes the dataset's value when
 the config is resolved; the resolved config is what a run folder stores.
 

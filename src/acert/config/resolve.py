@@ -20,7 +20,7 @@ __all__ = ["CROSS_CHECKS", "PRESETS", "CrossCheck", "check_key", "check_resolved
 
 PRESETS: dict[str, dict[str, Any]] = {name: d.preset.values() for name, d in DATASETS.items()}
 """Per-dataset values for the fields left ``None``: a view of each dataset record's ``preset``
-(:mod:`acert.data.registry`; METHOD.md, "Optimisation")."""
+(:mod:`acert.data.registry`; docs/METHOD.md, "Optimisation")."""
 
 _GENERIC = {"lambda_tight": 0.5, "lambda_relu": 0.5, "l1": 0.0}
 

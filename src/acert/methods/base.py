@@ -1,5 +1,5 @@
 """What every training method shares: the batch and step it receives, the loss terms it returns,
-and the certified objective of the IBP family (METHOD.md, "Training loss", steps 4-5).
+and the certified objective of the IBP family (docs/METHOD.md, "Training loss", steps 4-5).
 
 A method follows CTBench's split: clean pass (sets batch-norm statistics) -> bounds -> loss.
 The clean pass is the only one that touches batch-norm running statistics; every later pass of
@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 MIN_WARMUP_EPS = 1e-6
-"""Floor of the training radii during warm-up (METHOD.md, "Training loss" 3): while ε_s is 0
+"""Floor of the training radii during warm-up (docs/METHOD.md, "Training loss" 3): while ε_s is 0
 the regularisers are computed on IBP intervals of this radius."""
 
 
@@ -127,7 +127,8 @@ class Stateless:
 
 
 def robust_cross_entropy(margin_lower: Tensor) -> Tensor:
-    """``mean log(1 + Σ_t exp(-lb_t))``, the CE of logits ``[0, -lb]`` for class 0 (METHOD.md 4).
+    """``mean log(1 + Σ_t exp(-lb_t))``, the CE of logits ``[0, -lb]`` for class 0
+    (docs/METHOD.md 4).
 
     Args:
         margin_lower: (B, K-1) lower bounds of ``f_y - f_t``.
@@ -147,7 +148,7 @@ def clean_terms(logits: Tensor, y: Tensor) -> LossTerms:
 
 
 def mixed_objective(loss_rob: Tensor, logits: Tensor, y: Tensor, kappa: float) -> LossTerms:
-    """``(1-κ)·L_rob + κ·L_std`` (METHOD.md, "Training loss" 5).
+    """``(1-κ)·L_rob + κ·L_std`` (docs/METHOD.md, "Training loss" 5).
 
     Args:
         loss_rob: scalar robust loss.
@@ -205,7 +206,7 @@ def with_warmup(
     step: Step,
 ) -> LossTerms:
     """During warm-up add ``(1 - ε_s/ε_max)·(λ_tight·L_tight + λ_relu·L_relu)`` of one IBP pass
-    (METHOD.md, "Training loss" 5; Shi et al. 2021); after it, ``terms`` unchanged.
+    (docs/METHOD.md, "Training loss" 5; Shi et al. 2021); after it, ``terms`` unchanged.
 
     Args:
         terms: the loss so far.
@@ -232,7 +233,7 @@ def standard_phase_terms(
     eps: float = MIN_WARMUP_EPS,
 ) -> LossTerms:
     """The loss of a certified method while ε_s = 0: ``L_std``, plus during warm-up the
-    regularisers at full weight on one IBP pass at the floor radius ``eps`` (METHOD.md,
+    regularisers at full weight on one IBP pass at the floor radius ``eps`` (docs/METHOD.md,
     "Training loss" 3 and 5, as in the standard epoch of the ACERT reference code and of Shi et
     al. 2021, whose warm-up regularises from the first step).
 
@@ -262,7 +263,8 @@ def certified_objective(
     kappa: float,
     regularizer: WarmupRegularizer,
 ) -> LossTerms:
-    """``(1-κ)·L_rob + κ·L_std`` plus the warm-up regularisers (METHOD.md, "Training loss" 4-5).
+    """``(1-κ)·L_rob + κ·L_std`` plus the warm-up regularisers
+    (docs/METHOD.md, "Training loss" 4-5).
 
     Args:
         model: the network in train mode.

@@ -1,5 +1,5 @@
 """CC-IBP (De Palma et al. 2024, "Expressive losses for verified robustness via convex
-combinations", ICLR; METHOD.md (M18)).
+combinations", ICLR; docs/METHOD.md (M18)).
 
 The convex combination is taken between margins, not losses: with the margins
 ``m_adv = f_y(x_adv) - f_t(x_adv)`` at a PGD point of the ε-ball and ``m_IBP`` the IBP lower

@@ -7,7 +7,7 @@ progress ``ε_s/ε_max`` as in the reference code: β from ``beta_start`` (1, CR
 ``beta_end`` (0, IBP alone), κ from ``kappa_start`` (1) to ``kappa`` (the trade-off knob).
 Training thus starts on the tighter CROWN-IBP bound and ends on IBP, and once ε_s = ε_max with
 β = 0 the backward pass is skipped. The warm-up regularisers of Shi et al. 2021 act on the IBP
-pass, as for IBP (METHOD.md, "Baselines").
+pass, as for IBP (docs/METHOD.md, "Baselines").
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """EXP-IBP (De Palma et al. 2024, "Expressive losses for verified robustness via convex
-combinations", ICLR; METHOD.md (M19)).
+combinations", ICLR; docs/METHOD.md (M19)).
 
 The convex combination is taken between the logarithms of the two losses:
 

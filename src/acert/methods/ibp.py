@@ -1,8 +1,8 @@
 """IBP training (Gowal et al. 2019) with the fast warm-up of Shi et al. 2021.
 
-Exactly the ACERT objective of METHOD.md, "Training loss" (``(1-κ)·L_rob + κ·L_std`` plus the
+Exactly the ACERT objective of docs/METHOD.md, "Training loss" (``(1-κ)·L_rob + κ·L_std`` plus the
 warm-up regularisers) with every sample at the scheduled training ε_s instead of its adaptive
-radius; the trade-off curve comes from several ``eps_train`` (METHOD.md, "Baselines").
+radius; the trade-off curve comes from several ``eps_train`` (docs/METHOD.md, "Baselines").
 """
 
 from __future__ import annotations

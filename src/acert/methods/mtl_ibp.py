@@ -2,7 +2,7 @@
 combinations", ICLR).
 
 ``L = α·L_IBP(ε) + (1-α)·L_adv``: the robust CE of the IBP margins over the ε-ball and the CE at a
-PGD point of the same ball, both at the scheduled ε_s (METHOD.md, "Baselines"). α = 1 is IBP
+PGD point of the same ball, both at the scheduled ε_s (docs/METHOD.md, "Baselines"). α = 1 is IBP
 training with κ = 0; α = 0 is PGD training. During warm-up the regularisers of Shi et al. 2021
 are added on the IBP pass, as De Palma et al. do.
 

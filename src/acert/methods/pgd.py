@@ -2,9 +2,9 @@
 adversarial attacks"): the empirically robust end of the trade-off, with no certificate.
 
 ``L = CE(f(x_adv), y)`` with x_adv found by PGD in the clipped ε-ball at the scheduled ε_s
-(METHOD.md, "Baselines"). Batch-norm (our choice, see :mod:`acert.methods.base`): the attack runs
-in eval mode, so adversarial batches never enter the running statistics; the loss is then taken in
-train mode with the clean batch's statistics, set by the clean pass that also gives the training
+(docs/METHOD.md, "Baselines"). Batch-norm (our choice, see :mod:`acert.methods.base`): the attack
+runs in eval mode, so adversarial batches never enter the running statistics; the loss is then taken
+in train mode with the clean batch's statistics, set by the clean pass that also gives the training
 accuracy. Madry et al. normalise the adversarial batch with its own statistics instead.
 """
 

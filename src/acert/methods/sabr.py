@@ -1,7 +1,7 @@
 """SABR (Müller et al. 2023, "Certified training: small boxes are all you need", ICLR).
 
 Instead of the whole ε-ball, IBP propagates a small box of radius τ = λ·ε around an adversarial
-point, shifted to lie inside the ball; λ moves the trade-off (METHOD.md, "Baselines"):
+point, shifted to lie inside the ball; λ moves the trade-off (docs/METHOD.md, "Baselines"):
 
 1. x_adv by PGD in the clipped ε-ball (eval mode, as for :mod:`acert.methods.pgd`);
 2. the box of :func:`sabr_box` around it;

@@ -1,5 +1,5 @@
 """STAPS (Mao et al. 2023, "TAPS: Connecting certified and adversarial training", NeurIPS;
-METHOD.md (M21)):
+docs/METHOD.md (M21)):
 TAPS on SABR's small box.
 
 1. x_adv by PGD in the clipped ε-ball (eval mode, as for :mod:`acert.methods.sabr`);

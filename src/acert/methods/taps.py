@@ -1,5 +1,5 @@
 """TAPS (Mao et al. 2023, "TAPS: Connecting certified and adversarial training", NeurIPS;
-METHOD.md (M20)).
+docs/METHOD.md (M20)).
 
 The network ``f = f_C ∘ f_E`` is split into a feature extractor f_E and a classifier head f_C
 of the last ``head`` layers of the ``nn.Sequential`` (``taps_head``; 4, the hidden linear block
@@ -246,7 +246,7 @@ def taps_pass(
 
 
 def taps_objective(estimates: Tensor, margins: Tensor, grad_scale: float) -> tuple[Tensor, ...]:
-    """``L_TAPS · L_IBP`` with L_TAPS's gradient scaled by ``grad_scale`` (METHOD.md (M20)).
+    """``L_TAPS · L_IBP`` with L_TAPS's gradient scaled by ``grad_scale`` (docs/METHOD.md (M20)).
 
     Returns:
         the loss, L_TAPS and L_IBP (scalars, global-batch means).

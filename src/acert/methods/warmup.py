@@ -1,5 +1,5 @@
 """Warm-up regularisers of Shi et al. 2021, "Fast certified robust training"
-(METHOD.md, "Warm-up regularisers and initialisation").
+(docs/METHOD.md, "Warm-up regularisers and initialisation").
 
 Both act on the IBP interval [l, u] of every layer that feeds a ReLU, with centre c = (u+l)/2:
 

@@ -1,4 +1,5 @@
-"""Per-sample certified radius by batched bracketed root finding (METHOD.md, "Certified radius").
+"""Per-sample certified radius by batched bracketed root finding
+(docs/METHOD.md, "Certified radius").
 
 For a correctly classified input the certified margin ``m(ε) = min_t lb_t(x, ε)`` is continuous
 and non-increasing, so ``r(x) = sup{ε <= ε_max : m(ε) > 0}`` is found by keeping, per sample,

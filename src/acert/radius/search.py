@@ -1,4 +1,4 @@
-"""The radius search itself: one batched bracketed root finding per batch (METHOD.md,
+"""The radius search itself: one batched bracketed root finding per batch (docs/METHOD.md,
 "Certified radius"); its strategies are in :mod:`acert.radius.strategies`, its settings in
 :mod:`acert.radius.settings`.
 """

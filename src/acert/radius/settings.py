@@ -1,8 +1,8 @@
 """How a radius search runs: one frozen settings object, checked once when it is made.
 
-:data:`EVALUATION_SEARCH` is the search that certifies (METHOD.md, "Certified radius") and the
+:data:`EVALUATION_SEARCH` is the search that certifies (docs/METHOD.md, "Certified radius") and the
 default of :func:`acert.radius.radius_search`; :data:`TRAINING_SEARCH` is the cheap one of ACERT's
-training radii (METHOD.md, "Step 3").
+training radii (docs/METHOD.md, "Step 3").
 """
 
 from __future__ import annotations
@@ -91,10 +91,10 @@ def _is_finite(value: object) -> bool:
 
 EVALUATION_SEARCH = SearchSettings()
 """The search that certifies: Brent, xtol 1e-4 times the cap, rtol = ftol = 0, at most 50
-evaluations after the one at the cap, sound bounds (METHOD.md, "Certified radius")."""
+evaluations after the one at the cap, sound bounds (docs/METHOD.md, "Certified radius")."""
 
 TRAINING_SEARCH = SearchSettings(xtol=1e-6, rtol=1e-4, ftol=1e-5, max_iter=10, sound=False)
-"""ACERT's training radii (METHOD.md, "Step 3"): Brent, at most 10 evaluations after the one at
+"""ACERT's training radii (docs/METHOD.md, "Step 3"): Brent, at most 10 evaluations after the one at
 the cap, xtol 1e-6, rtol 1e-4, ftol 1e-5, plain arithmetic (a training target, not a
 certificate). Warm starts come from :class:`acert.methods.acert.RadiusMemory` (``ACERT.memory``,
 config ``radius_warm_start``), with the default spread 0.02."""
