@@ -9,27 +9,28 @@ import pytest
 import torch
 from torch import nn
 
-from acert.models import Normalize
+from acert.bounds import margin_bounds
+from acert.models import Normalize, Residual
 
 try:
     from exact import (
-        affine_layers_float64,
+        count_binaries,
         exact_certified,
         exact_min_margins,
         exact_radius,
         exact_worst_input,
         forward_float64,
-        interval_bounds_float64,
+        network_float64,
     )
 except ImportError:  # tests/ imported as a package
     from tests.exact import (
-        affine_layers_float64,
+        count_binaries,
         exact_certified,
         exact_min_margins,
         exact_radius,
         exact_worst_input,
         forward_float64,
-        interval_bounds_float64,
+        network_float64,
     )
 
 
@@ -44,13 +45,6 @@ def _margins_torch(model: nn.Module, xs: torch.Tensor, y: int) -> np.ndarray:
 def _box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     xd = x.double()
     return (xd - eps).clamp(min=0.0), (xd + eps).clamp(max=1.0)
-
-
-def _n_unstable(model: nn.Module, x: torch.Tensor, eps: float) -> int:
-    layers = affine_layers_float64(model, tuple(x.shape))
-    lo, hi = (b.numpy().ravel() for b in _box(x, eps))
-    bounds = interval_bounds_float64(layers, lo, hi)[:-1]
-    return int(sum(np.sum((lo_k < 0) & (hi_k > 0)) for lo_k, hi_k in bounds))
 
 
 def _mlp2(seed: int) -> nn.Sequential:
@@ -95,7 +89,7 @@ def test_two_input_network_matches_grid_search(seed: int) -> None:
     model = _mlp2(seed)
     x, eps = torch.tensor([0.45, 0.55]), 0.2
     y = _predicted(model, x)
-    assert _n_unstable(model, x, eps) > 0  # the MILP needs binaries
+    assert count_binaries(model, x, eps) > 0  # the MILP needs binaries
 
     exact = exact_min_margins(model, x, y, eps)
     assert exact.shape == (2,) and exact.dtype == np.float64
@@ -112,16 +106,10 @@ def test_two_input_network_matches_grid_search(seed: int) -> None:
     assert np.all(grid_min >= exact - 1e-6)  # nothing in the box beats the exact minimum
     assert np.all(grid_min - exact <= 1e-2 * spread)  # and the grid gets close to it
 
-    # interval bounds on the margin are sound (below the exact minimum)
-    layers = affine_layers_float64(model, (2,))
-    l_last, u_last = interval_bounds_float64(layers, lo.numpy(), hi.numpy())[-2]
-    h_lo, h_hi = np.maximum(l_last, 0), np.maximum(u_last, 0)
-    W, b = layers[-1]
+    # the sound IBP bound of acert is below the exact minimum
+    ibp = margin_bounds(model, x[None], torch.tensor([y]), eps, "ibp")[0]
+    assert (ibp.detach().double().numpy() <= exact + 1e-9).all()
     for i, t in enumerate(t for t in range(3) if t != y):
-        c = W[y] - W[t]
-        ibp = c @ np.where(c > 0, h_lo, h_hi) + b[y] - b[t]
-        assert ibp <= exact[i] + 1e-9
-
         worst = exact_worst_input(model, x, y, eps, t)
         assert worst.shape == x.shape
         assert torch.all(worst >= 0) and torch.all(worst <= 1)
@@ -186,7 +174,7 @@ def test_conv_net_worst_input_and_sampling() -> None:
     model = _conv_net()
     x = torch.rand(1, 5, 5, generator=torch.Generator().manual_seed(1))
     y, eps = _predicted(model, x), 0.06
-    assert _n_unstable(model, x, eps) > 0
+    assert count_binaries(model, x, eps) > 0
 
     exact = exact_min_margins(model, x, y, eps)
     assert exact.shape == (2,)
@@ -240,14 +228,93 @@ def test_affine_conversion_matches_torch(c_in, stride, padding, bias, mode) -> N
             bn.weight.uniform_(-2, 2)
             bn.bias.uniform_(-1, 1)
     model.eval()
-    layers = affine_layers_float64(model, (c_in, 6, 6))
-    assert len(layers) == 3  # the double ReLU is merged
+    ops = network_float64(model, (c_in, 6, 6))
+    # consecutive affine modules are composed into one map
+    assert [op.kind for op in ops] == ["affine", "relu", "relu", "affine", "relu", "affine"]
     xs = torch.rand(16, c_in, 6, 6, dtype=torch.float64)
     with torch.no_grad():
         expected = copy.deepcopy(model).double()(xs).numpy()
     np.testing.assert_allclose(
-        forward_float64(layers, xs.reshape(16, -1).numpy()), expected, atol=1e-12
+        forward_float64(ops, xs.reshape(16, -1).numpy()), expected, atol=1e-12
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Max pooling, average pooling and residual blocks
+# ------------------------------------------------------------------------------------------------
+
+
+def _pool_residual_net(seed: int = 0) -> nn.Sequential:
+    """(1, 5, 5) -> conv -> ReLU -> residual block (conv, BN, ReLU, conv 1x1, with a nested
+    block) -> max pool 2/1 -> avg pool 2 -> linear(3)."""
+    torch.manual_seed(seed)
+    inner = Residual(nn.Sequential(nn.Conv2d(2, 2, 1), nn.ReLU()))
+    body = nn.Sequential(
+        nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(), inner, nn.Conv2d(2, 2, 1)
+    )
+    model = nn.Sequential(
+        Normalize([0.3], [0.4]),
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.ReLU(),
+        Residual(body),
+        nn.MaxPool2d(2, stride=1),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    )
+    with torch.no_grad():
+        body[1].running_mean.copy_(torch.tensor([0.2, -0.3]))
+        body[1].running_var.copy_(torch.tensor([0.6, 1.7]))
+    return model.eval()
+
+
+def test_pool_residual_conversion_matches_torch() -> None:
+    model = _pool_residual_net()
+    ops = network_float64(model, (1, 5, 5))
+    assert [op.kind for op in ops].count("maxpool") == 1
+    assert [op.kind for op in ops].count("fork") == 2 == [op.kind for op in ops].count("join")
+    xs = torch.rand(32, 1, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        expected = copy.deepcopy(model).double()(xs).numpy()
+    np.testing.assert_allclose(
+        forward_float64(ops, xs.reshape(32, -1).numpy()), expected, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pool_residual_net_worst_input_and_sampling(seed: int) -> None:
+    model = _pool_residual_net(seed)
+    x = torch.rand(1, 5, 5, generator=torch.Generator().manual_seed(seed + 3))
+    y, eps = _predicted(model, x), 0.03
+    assert count_binaries(model, x, eps) > 0
+    exact = exact_min_margins(model, x, y, eps)
+    lo, hi = _box(x, eps)
+    for i, t in enumerate(t for t in range(3) if t != y):
+        worst = exact_worst_input(model, x, y, eps, t)
+        assert torch.all(worst >= lo - 1e-12) and torch.all(worst <= hi + 1e-12)
+        assert _margins_torch(model, worst[None], y)[0, i] == pytest.approx(exact[i], abs=1e-9)
+    gen = torch.Generator().manual_seed(seed)
+    n = 20000
+    uniform = lo + torch.rand(n, *x.shape, dtype=torch.float64, generator=gen) * (hi - lo)
+    corners = torch.where(torch.rand(n, *x.shape, generator=gen) < 0.5, lo, hi)
+    samples = _margins_torch(model, torch.cat([uniform, corners]), y)
+    assert np.all(samples.min(axis=0) >= exact - 1e-6)
+
+
+@pytest.mark.parametrize("weight", [2.0, -3.0])
+def test_max_pooling_minimum_by_hand(weight: float) -> None:
+    """``f_0 - f_1 = w·max(x)`` over a box: ``w·max(lo)`` for w > 0 (every input at its lower
+    end), ``w·max(hi)`` for w < 0, where the maximum itself must be maximised (binaries)."""
+    model = nn.Sequential(
+        Normalize([0.0], [1.0]), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(1, 2, bias=False)
+    )
+    with torch.no_grad():
+        model[3].weight.copy_(torch.tensor([[weight], [0.0]]))
+    x, eps = torch.tensor([[[0.2, 0.5], [0.45, 0.1]]]), 0.1
+    lo, hi = _box(x, eps)
+    expected = weight * float(lo.max() if weight > 0 else hi.max())
+    np.testing.assert_allclose(exact_min_margins(model.eval(), x, 0, eps), [expected], atol=1e-9)
+    assert count_binaries(model, x, eps) == 2  # the inputs at 0.5 and 0.45 may be the maximum
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Models: the Normalize layer, the CNN7 family of Shi et al. (2021), MLPs, IBP initialisation.
+"""Models: the Normalize layer, the CNN7 family of Shi et al. (2021), a small ResNet, MLPs, IBP
+initialisation.
 
 Every model is a plain ``torch.nn.Sequential`` whose first module is :class:`Normalize`, so the
 dataset normalisation is part of the network and inputs stay in pixel space [0, 1] (docs/METHOD.md,
@@ -22,11 +23,13 @@ __all__ = [
     "INITS",
     "MODELS",
     "Normalize",
+    "Residual",
     "cnn7",
     "create_model",
     "ibp_init_",
     "list_models",
     "mlp",
+    "resnet",
 ]
 
 
@@ -58,6 +61,22 @@ class Normalize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mean={self.mean.tolist()}, std={self.std.tolist()}"
+
+
+class Residual(nn.Module):
+    """``x + body(x)``: a residual block (He et al. 2016) whose body keeps its input's shape.
+
+    Args:
+        body: the layers of the residual branch; the bounds support an ``nn.Sequential`` of
+            the layers they support (nested blocks included).
+    """
+
+    def __init__(self, body: nn.Sequential) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
 
 
 def _conv_block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
@@ -107,6 +126,57 @@ def cnn7(
 def _strided(size: int, stride: int) -> int:
     """Output size of a 3x3 convolution with padding 1."""
     return (size - 1) // stride + 1
+
+
+def _residual_block(width: int) -> list[nn.Module]:
+    """``ReLU(x + BN(conv(ReLU(BN(conv(x))))))``, 3x3 convolutions of ``width`` channels."""
+    body = nn.Sequential(
+        *_conv_block(width, width, 1), nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width)
+    )
+    return [Residual(body), nn.ReLU()]
+
+
+def resnet(
+    in_shape: Sequence[int],
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    width: int = 16,
+    linear_width: int = 128,
+    blocks: int = 1,
+) -> nn.Sequential:
+    """A small ResNet (He et al. 2016), with the batch-norm and the linear head of CNN7, as the
+    residual models Shi et al. (2021) train with IBP.
+
+    conv3x3(w)-BN-ReLU, ``blocks`` residual blocks of width w, conv3x3/2(2w)-BN-ReLU, ``blocks``
+    residual blocks of width 2w, avgpool 2x2, flatten, linear(linear_width)-BN-ReLU,
+    linear(classes); a residual block is ``ReLU(x + BN(conv(ReLU(BN(conv(x))))))``.
+
+    Args:
+        in_shape: input shape (C, H, W).
+        num_classes: number of output logits.
+        mean, std: dataset normalisation, one value per channel.
+        width: channels of the first stage (twice as many in the second).
+        linear_width: width of the hidden linear layer.
+        blocks: residual blocks per stage.
+    """
+    c, h, w = in_shape
+    layers: list[nn.Module] = [Normalize(mean, std), *_conv_block(c, width, 1)]
+    for _ in range(blocks):
+        layers += _residual_block(width)
+    layers += _conv_block(width, 2 * width, 2)
+    for _ in range(blocks):
+        layers += _residual_block(2 * width)
+    h_out, w_out = _strided(h, 2) // 2, _strided(w, 2) // 2
+    layers += [
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * width * h_out * w_out, linear_width),
+        nn.BatchNorm1d(linear_width),
+        nn.ReLU(),
+        nn.Linear(linear_width, num_classes),
+    ]
+    return nn.Sequential(*layers)
 
 
 def mlp(
@@ -165,6 +235,9 @@ MODELS: dict[str, ModelSpec] = {
     "cnn7-tiny": ModelSpec(cnn7, {"width": 8, "linear_width": 64}, "CNN7 at eighth width (CPU)"),
     "cnn7-tinyimagenet": ModelSpec(
         cnn7, {"width": 64, "linear_width": 512, "last_stride": 2}, "CNN7 for TinyImageNet (64x64)"
+    ),
+    "resnet-tiny": ModelSpec(
+        resnet, {"width": 8, "linear_width": 64}, "ResNet of 2 residual blocks, CNN7-tiny widths"
     ),
     "mlp": ModelSpec(mlp, {"hidden": (256, 256)}, "MLP 256-256 with batch-norm"),
     "mlp-small": ModelSpec(mlp, {"hidden": (64, 64)}, "MLP 64-64 with batch-norm"),

@@ -22,11 +22,14 @@ from acert.bounds import (
     LAYER_KINDS,
     METHODS,
     clean_forward,
+    crown,
+    ibp,
     input_box,
     margin_bounds,
     margin_bounds_on_box,
 )
 from acert.bounds.crown import crown_margins
+from acert.bounds.kinds import walk
 from acert.bounds.layers import forward_with_stats
 from acert.bounds.steps import LayerKind
 from acert.models import Normalize
@@ -230,3 +233,57 @@ def test_training_bounds_carry_gradients_to_every_parameter(kind, method):
     lb.sum().backward()
     for name, parameter in model.named_parameters():
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+
+
+def _step_outputs(steps, x: torch.Tensor) -> list[torch.Tensor]:
+    """The output of every step of the walk, computed by the modules themselves."""
+    outputs, skips, h = [], [], x
+    with torch.no_grad():
+        for step in steps:
+            if step.role == "fork":
+                skips.append(h)
+            elif step.role == "join":
+                h = skips.pop() + h  # as Residual computes x + body(x)
+            else:
+                h = step.layer(h)
+                h = h if step.norm is None else step.norm(h)
+            outputs.append(h)
+    return outputs
+
+
+def _assert_contains(interval, values: torch.Tensor, what: str, sound: bool) -> None:
+    """Every sampled value (B, n, ...) inside the interval (B, ...) of its row: with no
+    tolerance for sound bounds, up to float32 rounding for the plain ones."""
+    lower, upper = interval.lower.unsqueeze(1), interval.upper.unsqueeze(1)
+    slack = 0.0 if sound else 1e-5 * (1 + values.abs())
+    assert (values >= lower - slack).all() and (values <= upper + slack).all(), what
+
+
+@KINDS
+@pytest.mark.parametrize("sound", [True, False])
+def test_every_step_of_every_method_contains_its_sampled_values(kind, sound):
+    """Per step, not only at the margins: IBP's interval of every step's output, and CROWN's
+    bounds of every neuron of it (dense and, where the steps allow, on patches), contain the
+    outputs of sampled points of the ball as the float32 modules compute them; both the sound
+    bounds of certificates and the plain ones of training objectives."""
+    model, shape = kind_network(kind, seed=18)
+    x = _inputs(shape, 3, seed=19)
+    box = input_box(x, torch.tensor([0.02, 0.1, 0.3]))
+    g = torch.Generator().manual_seed(20)
+    u = torch.rand(3, 200, *shape, generator=g)
+    u[:, 100:] = u[:, 100:].round()
+    points = (box.lower.unsqueeze(1) + u * (2 * box.radius).unsqueeze(1)).flatten(0, 1)
+    steps = walk(model)
+    values = [v.view(3, 200, *v.shape[1:]) for v in _step_outputs(steps, points)]
+    seen = []
+    with torch.no_grad():
+        ibp.program(steps, None, sound).run(box, observe=lambda step, _, out: seen.append(out))
+        for step, interval, value in zip(steps, seen, values, strict=True):
+            _assert_contains(interval, value, f"IBP, step {step.index} ({step.kind.name})", sound)
+        net = crown._prepare(list(model), box, None, "crown", 2**20, False, sound)
+        for end in range(1, len(steps)):
+            every = torch.ones_like(seen[end - 1].lower, dtype=torch.bool)
+            for patches in (False, True):
+                bound = crown._crown_preactivation(net, end, seen[end - 1], every, 2**20, patches)
+                what = f"CROWN, {end} steps, patches {patches}"
+                _assert_contains(bound, values[end - 1], what, sound)

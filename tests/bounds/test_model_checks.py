@@ -1,6 +1,7 @@
 """Models whose forward pass is not what the bounds follow are refused when certifying (red-team
-cases 3 and 4): a Sequential subclass with its own forward, forward hooks, and batch-norm that
-normalises with the current batch."""
+cases 3 and 4): a Sequential subclass with its own forward, forward hooks (on any module, those
+inside residual blocks included), batch-norm that normalises with the current batch, and
+Dropout in train mode."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import acert.evaluate
 from acert.bounds import METHODS, margin_bounds
 from acert.errors import UnsupportedModelError
 from acert.evaluate import EvaluationSettings, evaluate
+from acert.models import Residual
 from acert.radius import radius_search
 
 
@@ -56,6 +58,66 @@ def test_a_forward_replaced_on_the_instance_is_refused():
     for call in _certifying_calls(model):
         with pytest.raises(UnsupportedModelError, match="own forward"):
             call()
+
+
+def _with_residual() -> nn.Sequential:
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    return nn.Sequential(nn.Flatten(), nn.Linear(4, 8), Residual(body), nn.ReLU(), nn.Linear(8, 3))
+
+
+class _DoubledResidual(Residual):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 2 * self.body(x)
+
+
+def test_a_residual_block_that_computes_something_else_is_refused():
+    model = _with_residual().eval()
+    model[2] = _DoubledResidual(model[2].body)
+    for call in _certifying_calls(model):
+        with pytest.raises(UnsupportedModelError, match=r"layer 2 \(_DoubledResidual\)"):
+            call()
+
+
+@pytest.mark.parametrize("where", ["body layer", "body", "block"])
+def test_forward_hooks_inside_residual_blocks_are_refused(where):
+    model = _with_residual().eval()
+    flip = lambda module, inputs, output: -output  # noqa: E731
+    block = model[2]
+    module = {"body layer": block.body[2], "body": block.body, "block": block}[where]
+    handle = module.register_forward_hook(flip)
+    name = {"body layer": "2.body.2", "body": "2.body", "block": "2"}[where]
+    try:
+        for call in _certifying_calls(model):
+            with pytest.raises(UnsupportedModelError, match=rf"hooks .* on layer {name} \("):
+                call()
+    finally:
+        handle.remove()
+    margin_bounds(model, *_data(), 0.1)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_dropout_in_train_mode_is_refused(method):
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.2), nn.ReLU())
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), Residual(body), nn.Linear(8, 3)).train()
+    x, y = _data()
+    for call in (
+        lambda: margin_bounds(model, x, y, 0.1, method),
+        lambda: radius_search(model, x, y, 0.5, method),
+    ):
+        with pytest.raises(UnsupportedModelError) as err:
+            call()
+        message = str(err.value)
+        assert "\n" not in message
+        assert (
+            message.startswith("layer 2.body.1 (Dropout) drops inputs")
+            and "model.eval()" in message
+        )
+    evaluate(model, x, y, _settings(method))  # evaluate puts it in eval mode: the identity
+    # p = 0 drops nothing, in any mode
+    body[1].p = 0.0
+    margin_bounds(model.train(), x, y, 0.1, method)
 
 
 @pytest.mark.parametrize("where", ["model", "layer", "pre", "global"])

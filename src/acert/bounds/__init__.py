@@ -228,10 +228,11 @@ def margin_bounds(
 
     Args:
         model: ``nn.Sequential`` of the layers of :data:`LAYER_KINDS` (Normalize, Conv2d,
-            Linear, BatchNorm1d/2d, ReLU, Flatten), ending in Linear. Batch-norm uses running
-            statistics in eval mode; one that normalises with the current batch (train mode)
-            needs ``stats`` (a training objective's bounds) and is refused without them: no
-            certificate holds for it.
+            Linear, BatchNorm1d/2d, ReLU, Flatten, AvgPool2d, MaxPool2d, Identity, Dropout,
+            residual blocks), ending in Linear. Batch-norm uses running statistics in eval
+            mode; one that normalises with the current batch (train mode) needs ``stats`` (a
+            training objective's bounds) and is refused without them, as is Dropout in train
+            mode: no certificate holds for them.
         x: (B, C, H, W) or (B, D) inputs in [0, 1], B >= 1, a torch tensor of the model's
             dtype (numpy arrays and lists are refused, not converted: pass ``torch.as_tensor``).
         y: (B,) int64 labels (int32 is accepted too).

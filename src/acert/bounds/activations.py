@@ -1,8 +1,11 @@
-"""Layer kinds that act elementwise or reshape: ReLU and Flatten.
+"""Layer kinds that act elementwise or reshape: ReLU, Flatten, Identity and Dropout.
 
 ReLU: IBP applies it to the ends of the interval. CROWN relaxes it on its pre-activation
 bounds [l, u]: the upper line is the chord, the lower line has slope 1 when u >= -l, else 0
 (the adaptive rule, docs/METHOD.md "Threat model and certificates"); stable ReLUs are exact.
+Identity, and Dropout in eval mode, pass everything on unchanged; Dropout in train mode drops
+inputs at random, so no certificate holds for it (refused when certifying; a training
+objective bounds its eval-mode function).
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ from acert.bounds.steps import (
 from acert.bounds.windows import Windows, window_dot
 
 __all__ = [
+    "DROPOUT",
     "FLATTEN",
+    "IDENTITY",
     "RELU",
     "Relaxation",
     "relu_box",
@@ -190,4 +195,52 @@ FLATTEN = LayerKind(
     rounding=None,
     example=lambda: (nn.Flatten(), (2, 4, 4)),
     check=_check_flatten,
+)
+
+
+def _identity_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxMap:
+    return lambda box: box
+
+
+def _back_identity(
+    step: Step, A: Tensor, bias: Tensor, ctx: BackwardContext
+) -> tuple[Tensor, Tensor]:
+    return A, bias
+
+
+def _patch_identity(
+    step: Step, windows: Windows, bias: Tensor, ctx: PatchContext
+) -> tuple[Windows, Tensor]:
+    return windows, bias
+
+
+IDENTITY = LayerKind(
+    type=nn.Identity,
+    shape=_same_shape,
+    interval=_identity_interval,
+    backward=_back_identity,
+    patches=_patch_identity,
+    rounding=None,
+    example=lambda: (nn.Identity(), (2, 4, 4)),
+)
+
+
+def _check_dropout_mode(layer: nn.Module) -> str | None:
+    if layer.training and layer.p > 0:
+        return (
+            "drops inputs at random in train mode, so no input's prediction can be certified; "
+            "call model.eval() first"
+        )
+    return None
+
+
+DROPOUT = LayerKind(
+    type=nn.Dropout,
+    shape=_same_shape,
+    interval=_identity_interval,
+    backward=_back_identity,
+    patches=_patch_identity,
+    rounding=None,
+    example=lambda: (nn.Dropout(0.3).eval(), (2, 4, 4)),
+    certify_check=_check_dropout_mode,
 )

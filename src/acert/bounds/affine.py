@@ -1,13 +1,12 @@
-"""Layer kinds that are affine maps: Linear and Conv2d (each with a batch-norm after it folded
-in), and the per-channel maps Normalize, BatchNorm1d and BatchNorm2d.
+"""Layer kinds with weights: Linear and Conv2d, each with a batch-norm after it folded in.
 
 IBP sends the box (c, r) to ``(W c + b, |W| r)``, widened by a bound on the rounding of the
 model's and the bound's arithmetic, ``γ·(|W|(|c| + r) + |b|)`` with γ from
 :func:`acert.bounds.spec.rounding_gamma` for its fan-in, inside the same radius pass (the input
 radius becomes ``r + γ|c|``, the weights ``(1 + γ)|W|``, the radius bias ``γ|b|`` plus the
-underflow floor of :func:`acert.bounds.spec.underflow_floor`); the channel affine maps add
-theirs elementwise. CROWN's backward step is the transpose; its rounding is bounded by
-``γ·(|W|·h̄ + |b|)`` on the step's output (:mod:`acert.bounds.rounding`).
+underflow floor of :func:`acert.bounds.spec.underflow_floor`). CROWN's backward step is the
+transpose; its rounding is bounded by ``γ·(|W|·h̄ + |b|)`` on the step's output
+(:mod:`acert.bounds.rounding`). The per-channel kinds are in :mod:`acert.bounds.normalisation`.
 """
 
 from __future__ import annotations
@@ -21,11 +20,8 @@ from torch import Tensor, nn
 
 from acert.bounds.channels import (
     BatchStats,
-    channel_affine,
-    channel_shift_magnitude,
     fold_batchnorm,
     folded_bias_magnitude,
-    uses_batch_stats,
 )
 from acert.bounds.interval import Interval
 from acert.bounds.spec import rounding_gamma, underflow_floor
@@ -39,19 +35,14 @@ from acert.bounds.steps import (
     StepError,
 )
 from acert.bounds.windows import Windows, conv_transpose_windows
-from acert.models import Normalize
 
 __all__ = [
-    "BATCHNORM1D",
-    "BATCHNORM2D",
     "CONV2D",
     "LINEAR",
-    "NORMALIZE",
     "affine_error",
     "conv_transpose_dense",
     "fan_in",
     "fan_out",
-    "random_batchnorm",
     "spatial_shape",
 ]
 
@@ -144,30 +135,6 @@ def _affine_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxMa
     return _affine_box(layer, weight, bias, magnitude, sound)
 
 
-def _channel_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxMap:
-    """``(c·s + t, r·|s|)`` per channel, widened by the rounding of ``c·s + t`` and of the
-    parameters, relative to ``(|c| + r)·|s| + Σ|terms of t|``."""
-    layer = step.layer
-    scale, shift = channel_affine(layer, stats)
-    abs_scale = scale.abs()
-    gamma = rounding_gamma(2, scale.dtype) if sound else 0.0
-    with torch.no_grad():  # a bound on rounding, not part of the objective
-        magnitude = channel_shift_magnitude(layer, stats) if gamma else None
-
-    def apply(box: Interval) -> Interval:
-        shape = (1, -1) + (1,) * (box.centre.dim() - 2)
-        centre = box.centre * scale.view(shape) + shift.view(shape)
-        radius = box.radius * abs_scale.view(shape)
-        if gamma == 0:
-            return Interval(centre, radius)
-        with torch.no_grad():
-            error = (box.centre.abs() + box.radius) * abs_scale.view(shape) + magnitude.view(shape)
-            error = gamma * error + underflow_floor(2, scale.dtype)
-        return Interval(centre, radius + error)
-
-    return apply
-
-
 # --- CROWN ----------------------------------------------------------------------------------
 
 
@@ -240,27 +207,6 @@ def _patch_conv(
     )
 
 
-def _back_channel(
-    step: Step, A: Tensor, bias: Tensor, ctx: BackwardContext
-) -> tuple[Tensor, Tensor]:
-    scale, shift = channel_affine(step.layer, ctx.stats)
-    shape = (1, 1, -1) + (1,) * (A.dim() - 3)
-    per_channel = A.flatten(3).sum(-1) if A.dim() > 3 else A
-    # shift broadcasts like the forward pass does (Normalize may hold one value for all channels)
-    return A * scale.view(shape), bias + per_channel @ shift.expand(per_channel.shape[-1])
-
-
-def _patch_channel(
-    step: Step, windows: Windows, bias: Tensor, ctx: PatchContext
-) -> tuple[Windows, Tensor]:
-    """Through ``h * scale + shift`` per channel (Normalize, BatchNorm2d)."""
-    scale, shift = channel_affine(step.layer, ctx.stats)
-    per_channel = windows.coeffs.sum((2, 3))
-    # shift broadcasts like the forward pass does (Normalize may hold one value for all channels)
-    bias = bias + per_channel @ shift.expand(per_channel.shape[-1])
-    return Windows(windows.coeffs * scale, windows.origin, windows.rows), bias
-
-
 # --- rounding of the backward steps ---------------------------------------------------------
 
 
@@ -294,19 +240,6 @@ def _affine_rounding(
     return affine_error(layer, weight, folded_bias_magnitude(layer, step.norm, stats), h)
 
 
-def _channel_rounding(
-    step: Step, stats: BatchStats | None, before: Interval, after: Interval
-) -> StepError:
-    h = torch.maximum(before.lower.abs(), before.upper.abs())
-    scale, _ = channel_affine(step.layer, stats)
-    shape = (1, -1) + (1,) * (h.dim() - 2)
-    shift = channel_shift_magnitude(step.layer, stats).expand(scale.shape).view(shape)
-    terms = h[0].numel() + 4  # the backward pass sums A·shift over the whole layer
-    magnitude = h * scale.abs().view(shape) + shift
-    elementwise = rounding_gamma(terms, h.dtype) * magnitude + underflow_floor(4, h.dtype)
-    return StepError(elementwise, underflow_floor(4, h.dtype) * h.flatten(1).sum(1))
-
-
 # --- the kinds ------------------------------------------------------------------------------
 
 
@@ -324,17 +257,6 @@ def spatial_shape(
     return channels, height, width
 
 
-def random_batchnorm(norm: nn.BatchNorm1d | nn.BatchNorm2d) -> nn.Module:
-    """``norm`` with random running statistics and affine parameters (for the examples)."""
-    with torch.no_grad():
-        c = norm.num_features
-        norm.running_mean.copy_(0.5 * torch.randn(c))
-        norm.running_var.copy_(0.3 + 2 * torch.rand(c))
-        norm.weight.copy_(torch.randn(c))
-        norm.bias.copy_(0.3 * torch.randn(c))
-    return norm.eval()
-
-
 def _check_conv(layer: nn.Module) -> str | None:
     if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
         return (
@@ -344,33 +266,10 @@ def _check_conv(layer: nn.Module) -> str | None:
     return None
 
 
-def _check_fixed_statistics(layer: nn.Module) -> str | None:
-    if not uses_batch_stats(layer):
-        return None
-    fix = (
-        "call model.eval() first"
-        if layer.running_mean is not None
-        else "train it with track_running_stats=True, then call model.eval()"
-    )
-    return (
-        "normalises with the statistics of the current batch, so no input's prediction can be "
-        f"certified alone; {fix}"
-    )
-
-
 def _same_shape(layer: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
-NORMALIZE = LayerKind(
-    type=Normalize,
-    shape=_same_shape,
-    interval=_channel_interval,
-    backward=_back_channel,
-    patches=_patch_channel,
-    rounding=_channel_rounding,
-    example=lambda: (Normalize([0.2, 0.6], [0.4, 1.1]), (2, 4, 4)),
-)
 LINEAR = LayerKind(
     type=nn.Linear,
     shape=lambda layer, shape: (*shape[:-1], layer.out_features),
@@ -396,25 +295,4 @@ CONV2D = LayerKind(
     exactness="affine",
     folds_batchnorm=True,
     window=_conv_geometry,
-)
-BATCHNORM1D = LayerKind(
-    type=nn.BatchNorm1d,
-    shape=_same_shape,
-    interval=_channel_interval,
-    backward=_back_channel,
-    patches=None,
-    rounding=_channel_rounding,
-    example=lambda: (random_batchnorm(nn.BatchNorm1d(6)), (6,)),
-    certify_check=_check_fixed_statistics,
-)
-BATCHNORM2D = LayerKind(
-    type=nn.BatchNorm2d,
-    shape=_same_shape,
-    interval=_channel_interval,
-    backward=_back_channel,
-    patches=_patch_channel,
-    rounding=_channel_rounding,
-    example=lambda: (random_batchnorm(nn.BatchNorm2d(2)), (2, 4, 4)),
-    certify_check=_check_fixed_statistics,
-    input_rank=4,
 )

@@ -17,8 +17,11 @@ from collections.abc import Iterable, Iterator
 
 from torch import nn
 
-from acert.bounds.activations import FLATTEN, RELU
-from acert.bounds.affine import BATCHNORM1D, BATCHNORM2D, CONV2D, LINEAR, NORMALIZE
+from acert.bounds.activations import DROPOUT, FLATTEN, IDENTITY, RELU
+from acert.bounds.affine import CONV2D, LINEAR
+from acert.bounds.normalisation import BATCHNORM1D, BATCHNORM2D, NORMALIZE
+from acert.bounds.pooling import AVGPOOL2D, MAXPOOL2D
+from acert.bounds.residual import RESIDUAL
 from acert.bounds.steps import LayerKind, Step
 from acert.errors import AcertError, UnsupportedModelError
 
@@ -40,6 +43,11 @@ LAYER_KINDS: tuple[LayerKind, ...] = (
     BATCHNORM2D,
     RELU,
     FLATTEN,
+    AVGPOOL2D,
+    MAXPOOL2D,
+    IDENTITY,
+    DROPOUT,
+    RESIDUAL,
 )
 """Every layer kind the bounds support; a new kind is one entry here."""
 

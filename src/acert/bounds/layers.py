@@ -6,6 +6,7 @@ Batch-norm in eval mode uses its running statistics. In train mode the bounds us
 runs the ordinary forward pass and records them, so a training method pays for them once.
 When several processes train together (:mod:`acert.distributed`), the clean batch is the
 global batch: the statistics are those of all processes' inputs, as one process would see them.
+Both passes follow residual blocks (:class:`acert.models.Residual`) into their bodies.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from acert.bounds.channels import (
     uses_batch_stats,
 )
 from acert.bounds.kinds import SUPPORTED_LAYERS, check_certifiable, check_supported
+from acert.models import Residual
 
 __all__ = [
     "SUPPORTED_LAYERS",
@@ -92,6 +94,9 @@ def _clean(
             if not update:
                 h = _normalise(layer, h, *stats[layer])
                 continue
+        if type(layer) is Residual:
+            h = h + _clean(layer.body, h, stats, global_batch, update)
+            continue
         h = layer(h)
     return h
 
@@ -116,6 +121,8 @@ def forward_with_stats(model: nn.Sequential, x: Tensor, stats: BatchStats) -> Te
             scale, shift = channel_affine(layer, stats)
             shape = (1, -1) + (1,) * (h.dim() - 2)
             h = h * scale.view(shape) + shift.view(shape)
+        elif type(layer) is Residual:
+            h = h + forward_with_stats(layer.body, h, stats)
         else:
             h = layer(h)
     return h
