@@ -8,6 +8,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "acert"
 
 
 def quick_start_commands() -> list[str]:
@@ -184,8 +185,8 @@ def test_every_module_sits_in_exactly_one_layer():
     assert misplaced(import_graph(ROOT / "src", "acert"), LAYERS) == []
 
 
-# A circle inside bounds/ through a type-only import (patches.py names crown's _Network), open
-# while bounds/ is being reorganised (issue 11).
+# The one circle allowed: crown.py calls patches.py, whose annotations name crown's private
+# _Network (a type-only import); moving _Network below both would close it.
 OPEN_CIRCLES = [["acert.bounds.crown", "acert.bounds.patches"]]
 
 
@@ -270,3 +271,44 @@ def test_the_checks_report_planted_circles_and_upward_arrows(tmp_path: Path):
         "pkg.models (bottom) -> pkg.bounds.spec (middle)",
     ]
     assert misplaced(planted, layers) == ["pkg.extra"]
+
+
+# ---------------------------------------------------------------------- the documented layout
+def layout_entries(architecture: str) -> list[tuple[str, str]]:
+    """(layer, file relative to src/acert/) of each file the Layout block of
+    docs/ARCHITECTURE.md lists: entries begin with their name (a ``dir/`` nests the lines indented
+    under it), a line ``── layer ──`` opens a layer, other lines continue a description."""
+    block = architecture.split("## Layout", 1)[1].split("```\n", 1)[1].split("```", 1)[0]
+    entries, folders, layer = [], [], ""
+    for line in block.splitlines()[1:]:
+        name = line.split()[0] if line.strip() else ""
+        depth = (len(line) - len(line.lstrip(" "))) // 2
+        if name == "──":
+            layer = line.strip(" ─")
+        elif name.endswith("/"):
+            folders = [*folders[: depth - 1], name]
+        elif name.endswith(".py"):
+            entries.append((layer, "".join(folders[: depth - 1]) + name))
+    return entries
+
+
+def test_the_architecture_layout_lists_every_module_in_its_layer():
+    entries = layout_entries((ROOT / "docs" / "ARCHITECTURE.md").read_text())
+    files = sorted(str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py"))
+    assert sorted(file for _, file in entries) == files
+    names = list(LAYERS)
+    modules = package_modules(ROOT / "src", "acert")
+    by_file = {str(path.relative_to(PACKAGE)): module for module, path in modules.items()}
+    misfiled = [
+        (file, layer)
+        for layer, file in entries
+        if [names[i] for i in layer_of(by_file[file], LAYERS)] != [layer]
+    ]
+    assert misfiled == []
+
+
+def test_the_architecture_diagram_shows_the_layers_in_order():
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    diagram = text.split("```mermaid\n", 1)[1].split("```", 1)[0]
+    positions = [diagram.find(f"<b>{name}</b>") for name in LAYERS]
+    assert -1 not in positions and positions == sorted(positions)
