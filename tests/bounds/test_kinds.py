@@ -4,7 +4,9 @@ Each kind's example (``LayerKind.example``) is placed in a small network; the bo
 method in ``bounds.METHODS`` must lie below the margins at sampled and attacked points of the
 ball, below the exact minimum of the MILP verifier (tests/exact.py), below the float32 and
 float64 forward passes under rounding, and give certified radii that PGD cannot break and the
-exact verifier certifies. A new kind or a new method gets all of these without a new test.
+exact verifier certifies; IBP's and CROWN's bounds of every step's output must contain that
+step's values at sampled points. A new kind or a new method gets all of these without a new
+test.
 """
 
 from __future__ import annotations
