@@ -13,7 +13,7 @@ import acert
 import acert.runs
 from acert.attacks import pgd_attack
 from acert.errors import AcertError
-from acert.models import Normalize
+from acert.models import Normalize, Residual
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,3 +155,38 @@ def test_the_readme_examples_run_as_written(block, tmp_path, monkeypatch, capsys
         assert (tmp_path / "runs" / "mine" / "model.pt").is_file()
     else:
         assert re.search(r"last batch: loss \d\.\d{3}, mean radius 0\.\d{4}", printed)
+
+
+def _pooling_residual_network() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        Normalize([0.1307], [0.3081]),
+        nn.Conv2d(1, 6, 3, stride=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        Residual(nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.ReLU())),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(6 * 3 * 3, 32),
+        nn.ReLU(),
+        nn.Linear(32, 10),
+    )
+
+
+@pytest.mark.parametrize("kind", ["tensors", "dataset"])
+def test_a_pooling_residual_network_trains_and_its_radii_hold(kind):
+    """A network of one's own with max- and average-pooling and a residual block trains with
+    ACERT through acert.fit; every bound method's radii hold against PGD inside them."""
+    x, y = _digits(600)
+    train = (x[:500], y[:500]) if kind == "tensors" else TensorDataset(x[:500], y[:500])
+    model = acert.fit(_pooling_residual_network(), train, eps_max=0.1, epochs=3, lr=5e-3,
+                      batch_size=50, progress=False)  # fmt: skip
+    xs, ys = x[500:], y[500:]
+    for bound in ("ibp", "crown-ibp", "crown"):
+        report = acert.certify(model, (xs, ys), eps_max=0.1, bound=bound, progress=False)
+        certified = report.radii > 0
+        assert certified.sum() >= 5, bound
+        attacked = pgd_attack(model, xs[certified], ys[certified], report.radii[certified],
+                              steps=40, restarts=2)  # fmt: skip
+        with torch.no_grad():
+            assert (model(attacked).argmax(1) == ys[certified]).all(), bound
