@@ -200,7 +200,7 @@ def test_objects_that_take_a_key_check_it_with_the_keys_own_rule():
         with pytest.raises(ConfigError) as from_config:
             resolve(config_from_dict({key: value}))
         assert str(from_object.value) == str(from_config.value)
-    assert config_key("radius_search").rule is STRATEGY
+    assert config_key("radius_search").rule.resolve() is STRATEGY
     with pytest.raises(AcertError, match="unknown radius search 'golden'; choose one of brent"):
         SearchSettings(strategy="golden")
     with pytest.raises(ConfigError, match=r"pgd_steps must be a whole number >= 0, got 2\.5"):

@@ -27,7 +27,7 @@ from acert.attacks import pgd_attack
 from acert.bounds import METHODS, check_eps, check_inputs, crown, margin_bounds
 from acert.errors import AcertError
 from acert.radius import check_cap, radius_search
-from acert.ranges import OneOf, above, at_least, between
+from acert.ranges import PGD_STEPS, OneOf, above, at_least, between
 
 __all__ = [
     "BATCH_SIZE",
@@ -96,8 +96,6 @@ RADIUS = between(0, 1, low_open=True, unit="pixel units")
 BOUND = OneOf(lambda: sorted(METHODS))
 """A bound that certifies (:data:`acert.bounds.METHODS`; config key ``eval_bound``)."""
 
-PGD_STEPS = at_least(0, whole=True, why="0 skips the attack")
-"""PGD steps of an evaluation's attack (config key ``eval_pgd_steps``)."""
 
 BATCH_SIZE = at_least(1, whole=True)
 """Samples per bound pass of an evaluation."""

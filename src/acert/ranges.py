@@ -12,6 +12,7 @@ documentation (``in [0, 1]``, ``>= 2``, ``one of csv, tensorboard``).
 
 from __future__ import annotations
 
+import importlib
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -179,3 +180,39 @@ class Parsed:
 
     def describe(self) -> str:
         return self.summary
+
+
+class Deferred:
+    """A rule that lives in a module imported only when the rule is used: the config names
+    the rules of the training and evaluation code without importing that code (``acert.plots``
+    reads run folders through the config and must stay light). Behaves as the rule itself."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def resolve(self) -> Rule:
+        """The rule itself (its module imported now)."""
+        return getattr(importlib.import_module(self.module), self.name)
+
+    def check(self, value: Any, name: str) -> None:
+        self.resolve().check(value, name)
+
+    def describe(self) -> str:
+        return self.resolve().describe()
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self.resolve(), attribute)
+
+
+# Rules that the config and the objects taking the same setting share (one check per setting).
+ATTACK_STEPS = at_least(0, whole=True)
+"""Steps of a training attack (config key ``pgd_steps``)."""
+
+ATTACK_STEP_SIZE = above(0, null="2.5·ε/steps")
+"""Step length of a training attack in pixel units (config key ``pgd_step_size``)."""
+
+ATTACK_RESTARTS = at_least(1, whole=True)
+"""Random starts of a training attack (config key ``pgd_restarts``)."""
+
+PGD_STEPS = at_least(0, whole=True, why="0 skips the attack")
+"""PGD steps of an evaluation's attack (config key ``eval_pgd_steps``)."""

@@ -16,11 +16,24 @@ from typing import Any
 
 from acert.config.devices import parse_device
 from acert.data import dataset_info
-from acert.evaluate import BOUND, PGD_STEPS
-from acert.methods.base import ATTACK_RESTARTS, ATTACK_STEP_SIZE, ATTACK_STEPS
 from acert.models import INITS
-from acert.radius.settings import STRATEGY
-from acert.ranges import OneOf, Parsed, Rule, above, at_least, between
+from acert.ranges import (
+    ATTACK_RESTARTS,
+    ATTACK_STEP_SIZE,
+    ATTACK_STEPS,
+    PGD_STEPS,
+    Deferred,
+    OneOf,
+    Parsed,
+    Rule,
+    above,
+    at_least,
+    between,
+)
+
+# the rules of bounds and radius searches, read where those registries are, when first used
+BOUND = Deferred("acert.evaluate", "BOUND")
+STRATEGY = Deferred("acert.radius.settings", "STRATEGY")
 
 __all__ = [
     "GIVEN_MODEL",

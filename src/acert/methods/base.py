@@ -21,7 +21,7 @@ from acert.bounds import BatchStats, Interval, input_box
 from acert.bounds import ibp as ibp_rules
 from acert.bounds.layers import forward_with_stats
 from acert.methods.warmup import WarmupRegularizer
-from acert.ranges import above, at_least
+from acert.ranges import ATTACK_RESTARTS, ATTACK_STEP_SIZE, ATTACK_STEPS
 
 __all__ = [
     "ATTACK_RESTARTS",
@@ -282,16 +282,6 @@ def certified_objective(
     terms = with_warmup(terms, regularizer, model, bounds, stats, step)
     terms.metrics["certified"] = bounds.certified
     return terms
-
-
-ATTACK_STEPS = at_least(0, whole=True)
-"""Steps of a training attack (config key ``pgd_steps``)."""
-
-ATTACK_STEP_SIZE = above(0, null="2.5·ε/steps")
-"""Step length of a training attack in pixel units (config key ``pgd_step_size``)."""
-
-ATTACK_RESTARTS = at_least(1, whole=True)
-"""Random starts of a training attack (config key ``pgd_restarts``)."""
 
 
 @dataclass(frozen=True)
