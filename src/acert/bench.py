@@ -350,6 +350,7 @@ def bench(settings: BenchSettings, log: Callable[[str], None] = print) -> dict[s
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
         "torch": torch.__version__,
         "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }

@@ -346,7 +346,7 @@ class _OneLineParser(argparse.ArgumentParser):
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``acert`` console script."""
     if "torch" not in sys.modules:  # OpenMP reads its wait policy when torch loads it
-        quiet_waiting()  # idle threads sleep: no collapse beside a busy process
+        quiet_waiting()  # idle threads spin briefly: no collapse beside a busy process
     args = _parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
