@@ -29,7 +29,7 @@ from acert.evaluate import (
     evaluate,
     float64_violations,
 )
-from acert.ranges import OneOf, at_least
+from acert.ranges import OneOf, at_least, settings_object
 from acert.runs import RunDir, atomic_write, check_writable_file, load, read_checkpoint
 
 __all__ = [
@@ -95,12 +95,13 @@ class DataSelection:
 
 def check_selection(value: object) -> DataSelection:
     """``value`` if it is a :class:`DataSelection`, else a one-line :class:`AcertError`."""
-    if not isinstance(value, DataSelection):
-        raise AcertError(
-            f"data must be an acert.certify_runs.DataSelection, got {type(value).__name__}; "
-            "e.g. DataSelection(split='train')"
-        )
-    return value
+    return settings_object(
+        value,
+        DataSelection,
+        "data",
+        "acert.certify_runs.DataSelection",
+        "e.g. DataSelection(split='train')",
+    )
 
 
 @dataclass

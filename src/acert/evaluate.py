@@ -27,7 +27,7 @@ from acert.attacks import pgd_attack
 from acert.bounds import METHODS, check_eps, check_inputs, crown, margin_bounds
 from acert.errors import AcertError
 from acert.radius import check_cap, radius_search
-from acert.ranges import PGD_STEPS, OneOf, above, at_least, between
+from acert.ranges import PGD_STEPS, OneOf, above, at_least, between, settings_object
 
 __all__ = [
     "BATCH_SIZE",
@@ -180,12 +180,13 @@ def _bound_names(bounds: object) -> tuple[str, ...]:
 
 def check_settings(value: object) -> EvaluationSettings:
     """``value`` if it is an :class:`EvaluationSettings`, else a one-line :class:`AcertError`."""
-    if not isinstance(value, EvaluationSettings):
-        raise AcertError(
-            f"settings must be an acert.evaluate.EvaluationSettings, got {type(value).__name__}; "
-            "e.g. EvaluationSettings(eps_max=0.1, cert_eps=(0.1,))"
-        )
-    return value
+    return settings_object(
+        value,
+        EvaluationSettings,
+        "settings",
+        "acert.evaluate.EvaluationSettings",
+        "e.g. EvaluationSettings(eps_max=0.1, cert_eps=(0.1,))",
+    )
 
 
 def best_label(bounds: Sequence[str]) -> str:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from acert.certify_runs import DataSelection, check_selection
 from acert.errors import AcertError
-from acert.ranges import above, at_least, between
+from acert.ranges import above, at_least, between, settings_object
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -63,11 +63,13 @@ class PropertySettings:
 def check_export_settings(properties: PropertySettings, data: DataSelection) -> None:
     """A one-line :class:`AcertError` unless ``properties`` and ``data`` are the settings
     objects, ``data`` without a subset limit beside ``properties.n``."""
-    if not isinstance(properties, PropertySettings):
-        raise AcertError(
-            f"properties must be an acert.export.PropertySettings, got "
-            f"{type(properties).__name__}; e.g. PropertySettings(eps=0.1, n=10)"
-        )
+    settings_object(
+        properties,
+        PropertySettings,
+        "properties",
+        "acert.export.PropertySettings",
+        "e.g. PropertySettings(eps=0.1, n=10)",
+    )
     if check_selection(data).limit is not None:
         raise AcertError(
             f"an export draws properties.n inputs itself; leave data.limit at None, "

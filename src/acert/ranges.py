@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from acert.errors import ConfigError
+from acert.errors import AcertError, ConfigError
 
 __all__ = ["OneOf", "Parsed", "Range", "Rule", "above", "at_least", "between"]
 
@@ -180,6 +180,15 @@ class Parsed:
 
     def describe(self) -> str:
         return self.summary
+
+
+def settings_object(value: Any, kind: type, name: str, public: str, fix: str) -> Any:
+    """``value`` if it is a ``kind`` (a settings object of the API), else a one-line
+    :class:`AcertError` naming the argument, the class as the API exports it (``public``) and
+    the ``fix``."""
+    if not isinstance(value, kind):
+        raise AcertError(f"{name} must be an {public}, got {type(value).__name__}; {fix}")
+    return value
 
 
 class Deferred:

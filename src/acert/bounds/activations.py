@@ -28,6 +28,7 @@ from acert.bounds.steps import (
     Step,
     StepError,
     dense_dot,
+    same_shape,
 )
 from acert.bounds.windows import Windows, window_dot
 
@@ -149,13 +150,9 @@ def _relu_table(relax: Relaxation) -> tuple[Tensor, ...]:
     return relax.lower_slope, relax.upper_slope - relax.lower_slope, relax.upper_intercept
 
 
-def _same_shape(layer: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return shape
-
-
 RELU = LayerKind(
     type=nn.ReLU,
-    shape=_same_shape,
+    shape=same_shape,
     interval=_relu_interval,
     backward=_back_relu,
     patches=_patch_relu,
@@ -216,7 +213,7 @@ def _patch_identity(
 
 IDENTITY = LayerKind(
     type=nn.Identity,
-    shape=_same_shape,
+    shape=same_shape,
     interval=_identity_interval,
     backward=_back_identity,
     patches=_patch_identity,
@@ -236,7 +233,7 @@ def _check_dropout_mode(layer: nn.Module) -> str | None:
 
 DROPOUT = LayerKind(
     type=nn.Dropout,
-    shape=_same_shape,
+    shape=same_shape,
     interval=_identity_interval,
     backward=_back_identity,
     patches=_patch_identity,

@@ -266,10 +266,6 @@ def _check_conv(layer: nn.Module) -> str | None:
     return None
 
 
-def _same_shape(layer: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return shape
-
-
 LINEAR = LayerKind(
     type=nn.Linear,
     shape=lambda layer, shape: (*shape[:-1], layer.out_features),

@@ -27,6 +27,7 @@ from acert.bounds.steps import (
     PatchContext,
     Step,
     StepError,
+    same_shape,
 )
 from acert.bounds.windows import Windows
 from acert.models import Normalize
@@ -117,13 +118,9 @@ def _check_fixed_statistics(layer: nn.Module) -> str | None:
     )
 
 
-def _same_shape(layer: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return shape
-
-
 NORMALIZE = LayerKind(
     type=Normalize,
-    shape=_same_shape,
+    shape=same_shape,
     interval=_channel_interval,
     backward=_back_channel,
     patches=_patch_channel,
@@ -132,7 +129,7 @@ NORMALIZE = LayerKind(
 )
 BATCHNORM1D = LayerKind(
     type=nn.BatchNorm1d,
-    shape=_same_shape,
+    shape=same_shape,
     interval=_channel_interval,
     backward=_back_channel,
     patches=None,
@@ -142,7 +139,7 @@ BATCHNORM1D = LayerKind(
 )
 BATCHNORM2D = LayerKind(
     type=nn.BatchNorm2d,
-    shape=_same_shape,
+    shape=same_shape,
     interval=_channel_interval,
     backward=_back_channel,
     patches=_patch_channel,

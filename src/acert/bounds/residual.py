@@ -19,7 +19,15 @@ from acert.bounds.channels import BatchStats
 from acert.bounds.interval import Interval
 from acert.bounds.normalisation import random_batchnorm
 from acert.bounds.spec import rounding_gamma, underflow_floor
-from acert.bounds.steps import BackwardContext, BoxMap, LayerKind, PatchContext, Step, StepError
+from acert.bounds.steps import (
+    BackwardContext,
+    BoxMap,
+    LayerKind,
+    PatchContext,
+    Step,
+    StepError,
+    same_shape,
+)
 from acert.bounds.windows import Windows
 from acert.models import Residual
 
@@ -93,13 +101,9 @@ def _example() -> tuple[nn.Module, tuple[int, ...]]:
     return Residual(body), (2, 4, 4)
 
 
-def _same_shape(layer: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return shape
-
-
 FORK = LayerKind(
     type=Residual,
-    shape=_same_shape,
+    shape=same_shape,
     interval=_pass_interval,
     backward=_back_pass,
     patches=_patch_pass,
@@ -109,7 +113,7 @@ FORK = LayerKind(
 )
 RESIDUAL = LayerKind(
     type=Residual,
-    shape=_same_shape,
+    shape=same_shape,
     interval=_join_interval,
     backward=_back_pass,
     patches=_patch_pass,

@@ -30,11 +30,17 @@ __all__ = [
     "Step",
     "StepError",
     "dense_dot",
+    "same_shape",
 ]
 
 BoxMap = Callable[..., Interval]
 """The interval of a step's output from the interval of its input (a join's: from its body's
 output and the interval of the block's input, ``box_map(body, skip)``)."""
+
+
+def same_shape(layer: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape rule of a kind whose output has its input's shape."""
+    return shape
 
 
 def dense_dot(A: Tensor, v: Tensor) -> Tensor:

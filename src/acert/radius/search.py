@@ -28,6 +28,7 @@ from acert.bounds.spec import other_classes
 from acert.errors import AcertError
 from acert.radius.settings import EVALUATION_SEARCH, SearchSettings, check_settings
 from acert.radius.strategies import SEARCHES, Bracket, Strategy
+from acert.ranges import settings_object
 
 __all__ = [
     "SAFETY_MARGIN",
@@ -164,11 +165,13 @@ def _check_search_arguments(
     check_inputs(model, x, y)
     check_settings(settings)
     check_cap(eps_max, x.shape[0])
-    if not isinstance(known, KnownBatch):
-        raise AcertError(
-            f"known must be an acert.radius.KnownBatch, got {type(known).__name__}; "
-            "e.g. KnownBatch(logits=model(x)), or leave it out"
-        )
+    settings_object(
+        known,
+        KnownBatch,
+        "known",
+        "acert.radius.KnownBatch",
+        "e.g. KnownBatch(logits=model(x)), or leave it out",
+    )
     known.check(x.shape[0], model[-1].out_features)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from acert.errors import AcertError
 from acert.radius.strategies import SEARCHES
-from acert.ranges import OneOf
+from acert.ranges import OneOf, settings_object
 
 __all__ = [
     "EVALUATION_SEARCH",
@@ -76,12 +76,13 @@ class SearchSettings:
 
 def check_settings(value: object, name: str = "settings") -> SearchSettings:
     """``value`` if it is a :class:`SearchSettings`, else a one-line :class:`AcertError`."""
-    if not isinstance(value, SearchSettings):
-        raise AcertError(
-            f"{name} must be an acert.radius.SearchSettings, got {type(value).__name__}; "
-            "e.g. SearchSettings(strategy='bisection', max_iter=10)"
-        )
-    return value
+    return settings_object(
+        value,
+        SearchSettings,
+        name,
+        "acert.radius.SearchSettings",
+        "e.g. SearchSettings(strategy='bisection', max_iter=10)",
+    )
 
 
 def _is_finite(value: object) -> bool:
