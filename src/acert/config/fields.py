@@ -171,6 +171,13 @@ class TrainConfig:
         "evaluations of ACERT's training radius search after the one at the cap",
         at_least(1, whole=True),
     )
+    radius_rtol: float = key(
+        1e-4,
+        "relative tolerance of ACERT's training radius search: a sample stops once its bracket "
+        "is within rtol of its radius (docs/METHOD.md, Step 3; docs/PERFORMANCE.md, "
+        "'The training search: cost against benefit')",
+        at_least(0),
+    )
     radius_warm_start: bool = key(
         True, "start each sample's ACERT radius search from its radius of the last epoch"
     )

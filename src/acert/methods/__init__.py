@@ -64,8 +64,13 @@ def _regularizer(config: Any) -> WarmupRegularizer:
 
 
 def _radius_search(config: Any) -> SearchSettings:
-    """ACERT's training search with the config's strategy and iteration limit."""
-    return replace(TRAINING_SEARCH, strategy=config.radius_search, max_iter=config.radius_max_iter)
+    """ACERT's training search with the config's strategy, iteration limit and tolerance."""
+    return replace(
+        TRAINING_SEARCH,
+        strategy=config.radius_search,
+        max_iter=config.radius_max_iter,
+        rtol=config.radius_rtol,
+    )
 
 
 def _attack(config: Any) -> TrainingAttack:

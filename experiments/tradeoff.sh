@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The accuracy–robustness study of docs/RESULTS.md on one dataset (mnist5k or fashion-mnist).
+#
+# Every run has the same model (cnn7-tiny), data (a stratified 2,500-image training subset, 250 of
+# them held out to select the best epoch, 1,000 test images), budget (10 epochs: 1 standard, a
+# 4-epoch ε ramp, 5 at the training ε; batch 64, Adam with the one-cycle schedule at 2e-3) and
+# seeds. The training attacks take 5 PGD steps. ε knobs are fractions of the dataset's ε_max
+# (mnist5k 0.4, fashion-mnist 0.1).
+#
+# Phase 1, seed 0, every method:
+#   ACERT      κ ∈ {0, 0.5, 0.9, 0.98}
+#   IBP        ε_train ∈ {¼, ½, ¾, 1}·ε_max
+#   SABR       λ ∈ {0.2, 0.5}        MTL-IBP α ∈ {0.5, 0.9}
+#   CC-IBP     α ∈ {0.5, 0.9}        EXP-IBP α ∈ {0.5, 0.9}
+#   TAPS, STAPS (λ = 0.4), CROWN-IBP, PGD, standard: one point each
+# Phase 2, seeds 1 and 2: ACERT, IBP and the two baselines whose phase-1 points come closest to
+# ACERT's front (experiments/closest_baselines.py says which, and why).
+# Every final model is evaluated on the 1,000 test images with IBP and 20-step PGD; the seed-0
+# ACERT and IBP models are also certified with CROWN on a stratified subset of 100.
+#
+# Sized for about 1.5 hours on one core of the 2-core machine of docs/RESULTS.md, so that both
+# datasets run at once (THREADS=1 each); alone, leave THREADS unset. The study folder is
+# resumable: run the script again to finish an interrupted study.
+#
+# usage: bash experiments/tradeoff.sh DATASET [STUDY_FOLDER]
+set -uo pipefail
+dataset=${1:?usage: bash experiments/tradeoff.sh mnist5k|fashion-mnist [STUDY_FOLDER]}
+study=${2:-runs/tradeoff-$dataset}
+case $dataset in
+  mnist5k) eps=(0.1 0.2 0.3 0.4) ;;
+  fashion-mnist) eps=(0.025 0.05 0.075 0.1) ;;
+  *) echo "tradeoff.sh: the study is sized for mnist5k or fashion-mnist, got $dataset" >&2; exit 2 ;;
+esac
+ibp_grid="eps_train=$(IFS=,; echo "${eps[*]}")"
+threads=()
+[[ -n ${THREADS:-} ]] && threads=(--threads "$THREADS")
+common=(--dataset "$dataset" --model cnn7-tiny --train-limit 2500 --val-size 250
+        --eval-limit 1000 --epochs 10 --reg-epochs 4 --batch-size 64 --lr 0.002
+        --set pgd_steps=5 --study "$study" --certify-limit 100 --quiet "${threads[@]}")
+failed=()
+
+sweep() {  # one sweep; a failure is reported at the end instead of ending the study
+  echo "== acert sweep $*"
+  acert sweep "${common[@]}" "$@" || failed+=("$*")
+}
+
+declare -A knobs=(
+  [acert]="kappa=0,0.5,0.9,0.98" [ibp]="$ibp_grid"
+  [sabr]="sabr_lambda=0.2,0.5" [mtl-ibp]="mtl_alpha=0.5,0.9"
+  [cc-ibp]="cc_alpha=0.5,0.9" [exp-ibp]="exp_alpha=0.5,0.9"
+)
+
+start=$(date +%s)
+sweep --method acert --grid "${knobs[acert]}" --grid seed=0 --bounds ibp,crown
+sweep --method ibp --grid "${knobs[ibp]}" --grid seed=0 --bounds ibp,crown
+for method in sabr mtl-ibp cc-ibp exp-ibp; do
+  sweep --method "$method" --grid "${knobs[$method]}" --grid seed=0 --bounds ibp
+done
+for method in taps staps crown-ibp pgd standard; do
+  sweep --method "$method" --grid seed=0 --bounds ibp
+done
+echo "phase 1 finished in $(( ($(date +%s) - start) / 60 )) minutes"
+
+closest=$(python experiments/closest_baselines.py "$study") || failed+=(closest_baselines)
+echo "closest to ACERT's front: $closest"
+for method in acert ibp $closest; do
+  grid=()
+  [[ -n ${knobs[$method]:-} ]] && grid=(--grid "${knobs[$method]}")
+  sweep --method "$method" "${grid[@]}" --grid seed=1,2 --bounds ibp
+done
+
+acert plot "$study" --bound ibp
+acert plot "$study" --bound crown
+echo "study finished in $(( ($(date +%s) - start) / 60 )) minutes: $study/study.md"
+if (( ${#failed[@]} )); then
+  printf 'failed: %s\n' "${failed[@]}" >&2
+  exit 1
+fi
