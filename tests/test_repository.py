@@ -60,6 +60,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "acert.runs",
         "acert.study",
         "acert.plots",
+        "acert.seeds",
         "acert._plot_labels",
     ),
     "methods and evaluation": (

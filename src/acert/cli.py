@@ -201,9 +201,16 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from acert.certify_runs import parse_bound
     from acert.evaluate import best_label
     from acert.plots import plot_study
+    from acert.seeds import write_seed_report
+    from acert.study import study_table
 
     bound = best_label(parse_bound(args.bound))  # one bound, or a best-of certificate's name
-    for path in plot_study(args.study, out=args.out, bound=bound, runs=args.runs):
+    written = plot_study(args.study, out=args.out, bound=bound, runs=args.runs)
+    rows = study_table(args.study)
+    title = f"{', '.join(sorted({str(r['dataset']) for r in rows}))}: trade-off over seeds "
+    title += f"({bound.upper()}; mean, bars lowest to highest seed)"
+    written += write_seed_report(rows, written[0].parent, bound, title)
+    for path in written:
         print(f"written: {path}")
     return 0
 

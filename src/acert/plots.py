@@ -25,7 +25,7 @@ import torch
 from acert._plot_labels import place_labels
 from acert.errors import AcertError
 from acert.runs import atomic_write, make_folder
-from acert.study import certify_path, find_runs, study_table
+from acert.study import bound_scores, certify_path, find_runs, study_table
 
 __all__ = [
     "Tradeoff",
@@ -124,23 +124,6 @@ def knob_label(point: str) -> str:
     return ", ".join(parts)
 
 
-def _bound_scores(row: dict[str, Any], bound: str) -> dict[str, float] | None:
-    """Clean accuracy, ACR % of ε_max, acceps and n of a row under a bound, or None.
-
-    The training evaluation is used when it was made with ``bound`` (it covers the most
-    test inputs), else the ``certify_<bound>`` columns.
-    """
-    prefix = "" if row.get("bound") == bound else f"{bound}_"
-    if row.get(f"{prefix}acr_pct") is None:
-        return None
-    return {
-        "clean": 100 * row[f"{prefix}clean_acc"],
-        "acr_pct": row[f"{prefix}acr_pct"],
-        "acceps": row[f"{prefix}acceps"],
-        "n": row[f"{prefix}n"],
-    }
-
-
 @dataclass
 class Tradeoff:
     """A written trade-off figure: its path, the Pareto front and the runs drawn with a
@@ -210,7 +193,7 @@ def plot_tradeoff(
         The path, the indices (into ``rows``) of the points on the Pareto front and those of
         the runs drawn with a certified–attack interval.
     """
-    scores = {i: s for i, row in enumerate(rows) if (s := _bound_scores(row, bound)) is not None}
+    scores = {i: s for i, row in enumerate(rows) if (s := bound_scores(row, bound)) is not None}
     if not scores:
         raise AcertError(f"no run has {bound} metrics; certify the runs with --bounds {bound}")
     indices = list(scores)
@@ -318,9 +301,9 @@ def _chosen_rows(
         return [by_name[Path(name).name] for name in runs]
     best: dict[str, dict[str, Any]] = {}
     for row in rows:
-        score = _bound_scores(row, bound)
+        score = bound_scores(row, bound)
         held = best.get(row["method"])
-        if score and (held is None or score["acceps"] > _bound_scores(held, bound)["acceps"]):
+        if score and (held is None or score["acceps"] > bound_scores(held, bound)["acceps"]):
             best[row["method"]] = row
     return list(best.values())
 

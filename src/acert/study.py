@@ -36,6 +36,7 @@ __all__ = [
     "SWEEP_FILE",
     "TABLE_CSV",
     "TABLE_MD",
+    "bound_scores",
     "certifies_the_run",
     "certify_path",
     "find_runs",
@@ -149,6 +150,23 @@ def _bound_columns(bound: str, metrics: dict[str, Any]) -> dict[str, Any]:
         **attack_columns,
         f"{bound}_acceps": metrics["acceps"],
         **_accuracies(f"{bound}_cert_acc", metrics["certified_accuracy"]),
+    }
+
+
+def bound_scores(row: dict[str, Any], bound: str) -> dict[str, float] | None:
+    """Clean accuracy, ACR % of ε_max, acceps and n of a row under a bound, or None.
+
+    The training evaluation is used when it was made with ``bound`` (it covers the most
+    test inputs), else the ``certify_<bound>`` columns.
+    """
+    prefix = "" if row.get("bound") == bound else f"{bound}_"
+    if row.get(f"{prefix}acr_pct") is None:
+        return None
+    return {
+        "clean": 100 * row[f"{prefix}clean_acc"],
+        "acr_pct": row[f"{prefix}acr_pct"],
+        "acceps": row[f"{prefix}acceps"],
+        "n": row[f"{prefix}n"],
     }
 
 
