@@ -70,7 +70,7 @@ def test_a_baseline_is_above_within_or_below_the_front_by_the_seed_ranges(
 
 
 def test_points_beyond_the_fronts_clean_accuracies_are_not_compared():
-    rows = acert_rows() + [row("ibp", "eps_train=0.1", 95, 20), row("standard", "", 98, 0)]
+    rows = [*acert_rows(), row("ibp", "eps_train=0.1", 95, 20), row("standard", "", 98, 0)]
     [result] = front_gaps(seed_points(rows))
     assert result.point.method == "ibp" and result.verdict == "outside" and result.gap is None
 
@@ -83,7 +83,7 @@ def test_a_study_without_acert_has_no_front():
 def test_the_report_is_written_only_once_a_point_has_several_seeds(tmp_path):
     single = [row("acert", "kappa=0", 80, 70), row("ibp", "eps_train=0.4", 85, 40)]
     assert write_seed_report(single, tmp_path, "ibp") == []
-    rows = acert_rows() + [row("sabr", "sabr_lambda=0.5, seed=0", 85, 50)]
+    rows = [*acert_rows(), row("sabr", "sabr_lambda=0.5, seed=0", 85, 50)]
     figure, report = write_seed_report(rows, tmp_path, "ibp")
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = report.read_text()
