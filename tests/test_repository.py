@@ -186,14 +186,11 @@ def test_every_module_sits_in_exactly_one_layer():
     assert misplaced(import_graph(ROOT / "src", "acert"), LAYERS) == []
 
 
-# The one circle allowed: crown.py calls patches.py, whose annotations name crown's private
-# _Network (a type-only import); moving _Network below both would close it.
-OPEN_CIRCLES = [["acert.bounds.crown", "acert.bounds.patches"]]
 
 
 def test_the_package_has_no_import_circle():
     found = circles(import_graph(ROOT / "src", "acert"))
-    assert [circle for circle in found if circle not in OPEN_CIRCLES] == []
+    assert found == []
 
 
 def test_no_import_points_up_the_layers():

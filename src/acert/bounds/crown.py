@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -40,9 +39,10 @@ from acert.bounds.activations import Relaxation, relu_relaxation
 from acert.bounds.channels import BatchStats
 from acert.bounds.interval import Interval
 from acert.bounds.kinds import walk
-from acert.bounds.rounding import StepError, step_errors
-from acert.bounds.spec import folded_margin_layer, input_lower_bound, margin_matrix
-from acert.bounds.steps import BackwardContext, Step, dense_dot
+from acert.bounds.network import Network
+from acert.bounds.rounding import step_errors
+from acert.bounds.spec import folded_margin_layer, margin_matrix
+from acert.bounds.steps import Step
 from acert.errors import AcertError
 
 __all__ = [
@@ -72,55 +72,6 @@ def memory_budget(elements: int) -> Iterator[None]:
         _budget.pop()
 
 
-@dataclass
-class _Network:
-    """A model prepared for backward passes: its steps, their input shapes, the relaxations."""
-
-    steps: tuple[Step, ...]
-    input_shapes: list[tuple[int, ...]]
-    box: Interval
-    stats: BatchStats | None
-    relaxations: dict[int, object]
-    errors: dict[int, StepError]
-    """The rounding bound of each backward step (:mod:`acert.bounds.rounding`); empty for
-    the plain arithmetic of a training objective."""
-
-    def lower_bound(
-        self, end: int, A: Tensor, bias: Tensor, rows: Tensor, error: Tensor | None = None
-    ) -> Tensor:
-        """Minimum over the input box of ``A · h + bias``, h the output of ``steps[:end]``.
-
-        Args:
-            end: number of leading steps the linear function sits on.
-            A: (Q, S, *shape of h) coefficients.
-            bias: (Q, S) constants.
-            rows: (Q,) batch row of each query.
-            error: (Q, S) rounding already incurred in forming A and bias (the last layer's).
-
-        Returns:
-            (Q, S) lower bounds, less the rounding of every step and of the input step.
-        """
-        bias_magnitude = bias.abs()  # Σ|each step's contribution|: they may cancel in the sum
-        error = torch.zeros_like(bias) if error is None else error
-        skips: list[tuple[int, Tensor]] = []  # (fork, coefficients on the skip) per open join
-        for step in reversed(self.steps[:end]):
-            previous = bias
-            if step.role == "fork" and skips and skips[-1][0] == step.index:
-                A = A + skips.pop()[1]
-            if step.index in self.errors:
-                error = error + self.errors[step.index].rows(rows).cost(A, dense_dot)
-            ctx = BackwardContext(
-                rows, self.stats, self.input_shapes[step.index], self.relaxations.get(step.index)
-            )
-            A, bias = step.kind.backward(step, A, bias, ctx)
-            if step.role == "join":
-                skips.append((step.partner, A))
-            bias_magnitude = bias_magnitude + (bias - previous).abs()
-        centre, radius = self.box.centre[rows], self.box.radius[rows]
-        terms = centre[0].numel() if centre.numel() else 0
-        return input_lower_bound(A, bias, bias_magnitude, centre, radius, dense_dot, terms) - error
-
-
 def _input_shapes(steps: Sequence[Step], box: Interval) -> list[tuple[int, ...]]:
     shapes, shape = [], tuple(box.shape[1:])
     for step in steps:
@@ -137,7 +88,7 @@ def _is_affine_exact(steps: Sequence[Step]) -> bool:
 
 
 def _crown_preactivation(
-    net: _Network,
+    net: Network,
     end: int,
     ibp_bounds: Interval,
     undecided: Tensor,
@@ -152,7 +103,7 @@ def _crown_preactivation(
 
 
 def _dense_preactivation(
-    net: _Network, end: int, ibp_bounds: Interval, undecided: Tensor, budget: int
+    net: Network, end: int, ibp_bounds: Interval, undecided: Tensor, budget: int
 ) -> Interval:
     """CROWN bounds by the dense backward pass: coefficients on whole layer tensors."""
     lower, upper = ibp_bounds.lower.flatten(1).clone(), ibp_bounds.upper.flatten(1).clone()
@@ -187,12 +138,12 @@ def _prepare(
     budget: int,
     use_patches: bool,
     sound: bool = True,
-) -> _Network:
+) -> Network:
     """The network's steps with the relaxation of every relaxed step: IBP up to it, then (for
     CROWN) the backward pass's bounds of its input, which IBP then carries on from."""
     steps = walk(layers)
     errors = step_errors(steps, box, stats) if sound else {}
-    net = _Network(steps, _input_shapes(steps, box), box, stats, {}, errors)
+    net = Network(steps, _input_shapes(steps, box), box, stats, {}, errors)
     relaxed = [step.index for step in steps if step.kind.relaxer is not None]
     if not relaxed:
         return net
@@ -268,7 +219,7 @@ def crown_margins(
     )
 
 
-def _last_layer_error(net: _Network, position: int, y: Tensor) -> Tensor | None:
+def _last_layer_error(net: Network, position: int, y: Tensor) -> Tensor | None:
     """(B, K-1) the rounding of the logits ``z_y`` and ``z_t`` that the model computes and of
     the folded rows ``W_y - W_t``: each logit's own rounding bound, added, so that the
     cancellation of ``W_y`` against ``W_t`` cannot hide it; None for plain arithmetic."""

@@ -27,18 +27,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from acert.bounds.interval import Interval
+from acert.bounds.network import Network
 from acert.bounds.spec import input_lower_bound
 from acert.bounds.steps import PatchContext, Step
 from acert.bounds.windows import Windows, add_windows, gather, window_dot
-
-if TYPE_CHECKING:
-    from acert.bounds.crown import _Network
 
 __all__ = ["Windows", "lower_bound", "preactivation_bounds", "supports"]
 
@@ -72,7 +69,7 @@ def supports(steps: Sequence[Step], shape: Sequence[int]) -> bool:
     return len(shape) == 3 and all(step.kind.patches is not None for step in steps)
 
 
-def _window_elements(net: _Network, end: int, shape: Sequence[int]) -> int:
+def _window_elements(net: Network, end: int, shape: Sequence[int]) -> int:
     """Largest number of coefficients of one specification row on the way back from
     the output of ``steps[:end]`` (shape (C, H, W)) to the input."""
     size = [1, 1]
@@ -97,7 +94,7 @@ def _pixel_rows(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).contiguous() for t in tensors)
 
 
-def _tables(net: _Network, end: int) -> _Tables:
+def _tables(net: Network, end: int) -> _Tables:
     """The gather tables of the relaxed steps in ``steps[:end]`` and of the input box."""
     relaxations, shapes = {}, {}
     for step in net.steps[:end]:
@@ -127,7 +124,7 @@ def _input_bound(windows: Windows, bias: Tensor, bias_magnitude: Tensor, tables:
 
 
 def lower_bound(
-    net: _Network, end: int, windows: Windows, bias: Tensor, tables: _Tables | None = None
+    net: Network, end: int, windows: Windows, bias: Tensor, tables: _Tables | None = None
 ) -> Tensor:
     """Minimum over the input box of the windowed functions of the output of ``steps[:end]``.
 
@@ -186,7 +183,7 @@ def _neuron_windows(rows: Tensor, neurons: Tensor, shape: Sequence[int], like: T
 
 
 def preactivation_bounds(
-    net: _Network, end: int, ibp_bounds: Interval, undecided: Tensor, budget: int
+    net: Network, end: int, ibp_bounds: Interval, undecided: Tensor, budget: int
 ) -> Interval:
     """CROWN bounds of the (B, C, H, W) output of ``steps[:end]`` for its ``undecided``
     neurons, intersected with IBP.
