@@ -52,6 +52,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "acert.export_*",
         "acert.bench",
         "acert._bench_timing",
+        "acert._bench_table",
     ),
     "records": (
         "acert.config",
