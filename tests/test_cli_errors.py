@@ -158,7 +158,7 @@ def test_certify_a_run_whose_config_caps_above_one(run, tmp_path, capsys):
     assert "eps_max: 0.4\n" in text
     (copy / "config.yaml").write_text(text.replace("eps_max: 0.4\n", "eps_max: 5.0\n"))
     err = one_line_error(["certify", str(copy)], capsys)
-    assert "config.yaml: eps_max must lie in (0, 1) pixel units, got 5.0" in err
+    assert "config.yaml: eps_max must lie in (0, 1] pixel units, got 5.0" in err
 
 
 def test_certify_out_is_checked_before_the_work(run, tmp_path, capsys):

@@ -62,7 +62,7 @@ def test_values_are_coerced_and_checked():
     ("values", "message"),
     [
         ({"eps_max": 0.0}, "eps_max must lie in"),
-        ({"eps_max": 1.0}, "eps_max must lie in"),
+        ({"eps_max": 1.01}, "eps_max must lie in"),
         ({"eps_max": 0.2}, "certification eps 0.3 must lie in"),
         ({"kappa": 1.5}, "kappa must lie in"),
         ({"epochs": 0}, "epochs must be"),
@@ -75,6 +75,12 @@ def test_resolve_rejects_out_of_range_values(values, message):
     with pytest.raises(Exception, match=message) as err:
         resolve(config_from_dict(values))
     assert "\n" not in str(err.value)
+
+
+def test_eps_max_may_be_the_whole_pixel_range_as_in_the_api():
+    """eps_max = 1 (every image of [0, 1]) is allowed, as acert.certify and acert.fit allow it."""
+    config = resolve(config_from_dict({"eps_max": 1.0, "cert_eps": [0.5, 1.0]}))
+    assert config.eps_max == 1.0 and config.eps_train == 1.0
 
 
 def test_yaml_and_overrides(tmp_path):

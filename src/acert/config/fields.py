@@ -96,7 +96,7 @@ def _methods() -> list[str]:
 _UNIT = between(0, 1)
 """Weights and fractions."""
 
-_PIXEL_EPS = between(0, 1, low_open=True, high_open=True, unit="pixel units")
+_PIXEL_EPS = between(0, 1, low_open=True, unit="pixel units")
 """A radius ε of the ℓ∞ ball."""
 
 
