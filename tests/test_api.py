@@ -190,3 +190,40 @@ def test_a_pooling_residual_network_trains_and_its_radii_hold(kind):
                               steps=40, restarts=2)  # fmt: skip
         with torch.no_grad():
             assert (model(attacked).argmax(1) == ys[certified]).all(), bound
+
+
+def _digits(n: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand(n, 1, 8, 8, generator=generator), torch.arange(n) % 10
+
+
+@pytest.mark.parametrize(
+    ("layer", "match"),
+    [
+        (nn.Dropout(0.5), r"layer 3 \(Dropout\) drops inputs at random in train mode.*model.eval"),
+        (nn.BatchNorm1d(32), r"layer 3 \(BatchNorm1d\) normalises with the statistics of the"),
+    ],
+)
+def test_certify_refuses_a_model_whose_train_mode_changes_what_it_computes(layer, match):
+    """A Dropout drawing random masks, or a batch-norm using the batch's statistics: the model
+    in train mode has no prediction of its own to certify; certifying its eval mode instead
+    would promise something about another function."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), layer, nn.Linear(32, 10))
+    with pytest.raises(AcertError, match=match) as err:
+        acert.certify(model.train(), _digits(), eps_max=0.1, progress=False)
+    assert "\n" not in str(err.value)
+    assert acert.certify(model.eval(), _digits(), eps_max=0.1, progress=False).n == 20
+
+
+def test_certify_leaves_the_models_modes_as_they_were():
+    """A training loop that certifies between epochs keeps training its model in train mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.0), nn.Linear(32, 10)
+    )
+    result = acert.certify(model.train(), _digits(), eps_max=0.1, progress=False)
+    assert result.n == 20 and all(module.training for module in model.modules())
+    model[1].eval()  # a mixed state comes back as it was too
+    acert.certify(model, _digits(), eps_max=0.1, progress=False)
+    assert [m.training for m in model.modules()] == [True, True, False, True, True, True]

@@ -316,7 +316,7 @@ def test_a_run_config_with_a_cap_above_one_is_refused(tmp_path):
     run = RunDir(tmp_path)
     stored = {**resolve(TrainConfig(epochs=1)).to_dict(), "eps_max": 5.0}
     run.config_path.write_text(yaml.safe_dump(stored))
-    raises(run.load_config, "config.yaml: eps_max must lie in (0, 1)")
+    raises(run.load_config, "config.yaml: eps_max must lie in (0, 1]")
 
 
 def test_numpy_scalars_are_numbers(data):

@@ -187,8 +187,6 @@ def test_every_module_sits_in_exactly_one_layer():
     assert misplaced(import_graph(ROOT / "src", "acert"), LAYERS) == []
 
 
-
-
 def test_the_package_has_no_import_circle():
     found = circles(import_graph(ROOT / "src", "acert"))
     assert found == []

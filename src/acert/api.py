@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from acert.bounds.layers import check_supported
+from acert.bounds.layers import check_fixed_normalisation, check_supported
 from acert.config import GIVEN_MODEL, TrainConfig, config_from_dict, resolve
 from acert.data import ImageSet, as_imageset, given_dataset
 from acert.errors import AcertError, ConfigError
@@ -97,7 +97,9 @@ def certify(
     certified accuracy at each ε of ``eps``.
 
     Args:
-        model: a network the bounds support, in eval mode (batch-norm with running statistics).
+        model: a network the bounds support, as it predicts: a Dropout in train mode or a
+            batch-norm that normalises with the current batch is refused (call
+            ``model.eval()``); the model's modes are left as they were.
         data: ``(x, y)`` tensors, a ``Dataset`` or a ``DataLoader``; pixels in [0, 1].
         eps_max: cap of the radii and of the ACR, pixel units.
         bound: ``"ibp"``, ``"crown-ibp"``, ``"crown"``, or several: per sample the largest of
@@ -112,6 +114,7 @@ def certify(
         ``certified_accuracy`` {ε: fraction}, ``pgd_accuracy``, ``acceps``.
     """
     network = check_supported(model)
+    check_fixed_normalisation(network)
     data_set = as_imageset(data, "data", network[-1].out_features)
     settings = EvaluationSettings(eps_max, eps, bound, pgd_steps=pgd_steps)
     return evaluate(

@@ -240,7 +240,8 @@ def evaluate(
     """Evaluate a model in eval mode.
 
     Args:
-        model: supported ``nn.Sequential``; put in eval mode for the evaluation.
+        model: supported ``nn.Sequential``; put in eval mode for the evaluation, its layers'
+            modes restored afterwards.
         x: (N, ...) inputs in [0, 1]; y: (N,) int64 labels; torch tensors (numpy arrays are
             refused, not converted: pass ``torch.as_tensor``). The whole data set is checked
             before any work (a bad label in the last chunk is found before the first is
@@ -250,7 +251,22 @@ def evaluate(
         progress: show a progress bar.
     """
     settings = check_settings(settings)
-    model = model.to(device).eval()
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        return _evaluate(model.to(device).eval(), x, y, settings, device, progress)
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _evaluate(
+    model: nn.Sequential,
+    x: Tensor,
+    y: Tensor,
+    settings: EvaluationSettings,
+    device: str | torch.device,
+    progress: bool,
+) -> Evaluation:
     check_inputs(model, x, y)
     eps_max, cert_eps, bounds = settings.eps_max, settings.cert_eps, settings.bounds
     pgd_eps = attacked_radii(cert_eps, settings.pgd_eps, settings.pgd_steps)
