@@ -69,10 +69,29 @@ def test_a_baseline_is_above_within_or_below_the_front_by_the_seed_ranges(
     assert result.gap == pytest.approx(gap)
 
 
-def test_points_beyond_the_fronts_clean_accuracies_are_not_compared():
+def test_points_more_accurate_than_the_front_are_not_compared():
     rows = [*acert_rows(), row("ibp", "eps_train=0.1", 95, 20), row("standard", "", 98, 0)]
     [result] = front_gaps(seed_points(rows))
     assert result.point.method == "ibp" and result.verdict == "outside" and result.gap is None
+
+
+@pytest.mark.parametrize(
+    ("clean", "acr", "verdict", "gap"),
+    [
+        (75.0, 60.0, "dominated", 10.0),  # the front's κ=0 (80 [79, 81], 70 [69, 71]) beats both
+        (75.0, 69.5, "outside", None),  # more ACR than the front's lowest seed: not comparable
+        (78.5, 60.0, "outside", None),  # its seeds reach 79.5 % clean, the front's lowest 79 %
+    ],
+)
+def test_a_point_less_accurate_than_the_front_is_dominated_only_on_both_axes(
+    clean, acr, verdict, gap
+):
+    seeds = [
+        row("sabr", f"sabr_lambda=0.5, seed={s}", clean + d, acr) for s, d in enumerate((-1, 0, 1))
+    ]
+    [result] = front_gaps(seed_points([*acert_rows(), *seeds]))
+    assert result.verdict == verdict
+    assert result.gap == (None if gap is None else pytest.approx(gap))
 
 
 def test_a_study_without_acert_has_no_front():

@@ -105,8 +105,10 @@ class FrontGap:
 
     ``gap`` is the front's mean ACR minus the point's (points of ε_max); ``verdict`` is
     ``above`` when the front's seed range lies wholly above the point's, ``below`` when wholly
-    below, ``within spread`` otherwise, and ``outside`` when the point's clean accuracy is
-    beyond the front's (no comparison at equal accuracy)."""
+    below, ``within spread`` otherwise. A point less accurate than the whole front is compared
+    with the front's least accurate point, which then has the higher clean accuracy too:
+    ``dominated`` when its ACR range lies wholly above the point's, else ``outside``, as for a
+    point more accurate than the whole front (no comparison at equal accuracy)."""
 
     point: SeedPoint
     gap: float | None
@@ -124,7 +126,8 @@ def _front(points: Sequence[SeedPoint]) -> list[SeedPoint]:
 
 def front_gaps(points: Sequence[SeedPoint], reference: str = "acert") -> list[FrontGap]:
     """Every other certified method's point against ``reference``'s front, linear between the
-    front's points (means, lows and highs each), at the point's mean clean accuracy."""
+    front's points (means, lows and highs each), at the point's mean clean accuracy (see
+    :class:`FrontGap` for the points beyond the front's clean accuracies)."""
     front = _front([p for p in points if p.method == reference])
     if not front:
         raise AcertError(f"the study has no {reference} runs to compare the baselines with")
@@ -138,6 +141,13 @@ def front_gaps(points: Sequence[SeedPoint], reference: str = "acert") -> list[Fr
         if point.method in (reference, "standard", "pgd"):
             continue
         x = point.clean.mean
+        if x < clean[0] and front[0].clean.low > point.clean.high:
+            dominated = front[0].acr_pct.low > point.acr_pct.high
+            gap = front[0].acr_pct.mean - point.acr_pct.mean
+            gaps.append(
+                FrontGap(point, gap if dominated else None, "dominated" if dominated else "outside")
+            )
+            continue
         if not clean[0] <= x <= clean[-1]:
             gaps.append(FrontGap(point, None, "outside"))
             continue
