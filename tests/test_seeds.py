@@ -80,7 +80,8 @@ def test_points_more_accurate_than_the_front_are_not_compared():
     [
         (75.0, 60.0, "dominated", 10.0),  # the front's κ=0 (80 [79, 81], 70 [69, 71]) beats both
         (75.0, 69.5, "outside", None),  # more ACR than the front's lowest seed: not comparable
-        (78.5, 60.0, "outside", None),  # its seeds reach 79.5 % clean, the front's lowest 79 %
+        (78.5, 60.0, "above", 10.0),  # clean 77.5-79.5 meets κ=0's 79-81: equal accuracy
+        (78.5, 69.5, "within spread", 0.5),
     ],
 )
 def test_a_point_less_accurate_than_the_front_is_dominated_only_on_both_axes(

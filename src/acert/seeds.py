@@ -105,10 +105,11 @@ class FrontGap:
 
     ``gap`` is the front's mean ACR minus the point's (points of ε_max); ``verdict`` is
     ``above`` when the front's seed range lies wholly above the point's, ``below`` when wholly
-    below, ``within spread`` otherwise. A point less accurate than the whole front is compared
-    with the front's least accurate point, which then has the higher clean accuracy too:
-    ``dominated`` when its ACR range lies wholly above the point's, else ``outside``, as for a
-    point more accurate than the whole front (no comparison at equal accuracy)."""
+    below, ``within spread`` otherwise. Beyond the front's clean accuracies, a point whose clean
+    range meets that of the front's nearest end is at equal accuracy within the seed spread and
+    is compared with that end; a point wholly less accurate than the front's least accurate
+    point is ``dominated`` when that point's ACR range lies wholly above its own, else
+    ``outside``, as is a point wholly more accurate than the front (no comparison)."""
 
     point: SeedPoint
     gap: float | None
@@ -141,25 +142,30 @@ def front_gaps(points: Sequence[SeedPoint], reference: str = "acert") -> list[Fr
         if point.method in (reference, "standard", "pgd"):
             continue
         x = point.clean.mean
-        if x < clean[0] and front[0].clean.low > point.clean.high:
-            dominated = front[0].acr_pct.low > point.acr_pct.high
-            gap = front[0].acr_pct.mean - point.acr_pct.mean
-            gaps.append(
-                FrontGap(point, gap if dominated else None, "dominated" if dominated else "outside")
-            )
-            continue
-        if not clean[0] <= x <= clean[-1]:
-            gaps.append(FrontGap(point, None, "outside"))
-            continue
-        gap = at(x, "mean") - point.acr_pct.mean
-        if at(x, "low") > point.acr_pct.high:
-            verdict = "above"
-        elif at(x, "high") < point.acr_pct.low:
-            verdict = "below"
+        if clean[0] <= x <= clean[-1]:
+            low, mean, high = at(x, "low"), at(x, "mean"), at(x, "high")
         else:
-            verdict = "within spread"
-        gaps.append(FrontGap(point, gap, verdict))
+            end = front[0] if x < clean[0] else front[-1]
+            if not _meets(end.clean, point.clean):
+                beats = x < clean[0] and end.acr_pct.low > point.acr_pct.high
+                gap = end.acr_pct.mean - point.acr_pct.mean if beats else None
+                gaps.append(FrontGap(point, gap, "dominated" if beats else "outside"))
+                continue
+            low, mean, high = end.acr_pct.low, end.acr_pct.mean, end.acr_pct.high
+        gaps.append(FrontGap(point, mean - point.acr_pct.mean, _verdict(low, high, point)))
     return gaps
+
+
+def _meets(a: Spread, b: Spread) -> bool:
+    return a.low <= b.high and b.low <= a.high
+
+
+def _verdict(low: float, high: float, point: SeedPoint) -> str:
+    if low > point.acr_pct.high:
+        return "above"
+    if high < point.acr_pct.low:
+        return "below"
+    return "within spread"
 
 
 def seeds_markdown(points: Sequence[SeedPoint]) -> str:
