@@ -38,6 +38,10 @@ __all__ = [
 ]
 
 
+COLORS = (*plt.get_cmap("tab10").colors, "black", "olive")
+"""One colour per method: matplotlib's ten, then two more (the study has eleven methods)."""
+
+
 @dataclass(frozen=True)
 class Spread:
     """The mean and range of one quantity over a point's seeds."""
@@ -220,6 +224,8 @@ def plot_seed_tradeoff(points: Sequence[SeedPoint], path: str | Path, title: str
             xerr=x_err,
             yerr=y_err,
             marker=MARKERS[style % len(MARKERS)],
+            color=COLORS[style % len(COLORS)],
+            zorder=3 if method == "acert" else 2,
             ms=5,
             lw=1.3,
             capsize=3,
