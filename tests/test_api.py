@@ -192,7 +192,7 @@ def test_a_pooling_residual_network_trains_and_its_radii_hold(kind):
             assert (model(attacked).argmax(1) == ys[certified]).all(), bound
 
 
-def _digits(n: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+def _random_images(n: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     return torch.rand(n, 1, 8, 8, generator=generator), torch.arange(n) % 10
 
@@ -211,9 +211,9 @@ def test_certify_refuses_a_model_whose_train_mode_changes_what_it_computes(layer
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), layer, nn.Linear(32, 10))
     with pytest.raises(AcertError, match=match) as err:
-        acert.certify(model.train(), _digits(), eps_max=0.1, progress=False)
+        acert.certify(model.train(), _random_images(), eps_max=0.1, progress=False)
     assert "\n" not in str(err.value)
-    assert acert.certify(model.eval(), _digits(), eps_max=0.1, progress=False).n == 20
+    assert acert.certify(model.eval(), _random_images(), eps_max=0.1, progress=False).n == 20
 
 
 def test_certify_leaves_the_models_modes_as_they_were():
@@ -222,8 +222,8 @@ def test_certify_leaves_the_models_modes_as_they_were():
     model = nn.Sequential(
         nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.0), nn.Linear(32, 10)
     )
-    result = acert.certify(model.train(), _digits(), eps_max=0.1, progress=False)
+    result = acert.certify(model.train(), _random_images(), eps_max=0.1, progress=False)
     assert result.n == 20 and all(module.training for module in model.modules())
     model[1].eval()  # a mixed state comes back as it was too
-    acert.certify(model, _digits(), eps_max=0.1, progress=False)
+    acert.certify(model, _random_images(), eps_max=0.1, progress=False)
     assert [m.training for m in model.modules()] == [True, True, False, True, True, True]
