@@ -18,7 +18,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from acert.seeds import Spread, seed_points
+from acert.seeds import SeedPoint, seed_points
 from acert.study import study_table
 
 
@@ -88,11 +88,8 @@ def main() -> None:
         )
 
 
-def _overlap(point, reference) -> str:
-    def meets(a: Spread, b: Spread) -> bool:
-        return a.low <= b.high and b.low <= a.high
-
-    clean, acr = meets(point.clean, reference.clean), meets(point.acr_pct, reference.acr_pct)
+def _overlap(point: SeedPoint, reference: SeedPoint) -> str:
+    clean, acr = point.clean.meets(reference.clean), point.acr_pct.meets(reference.acr_pct)
     return {(True, True): "yes", (True, False): "no (ACR)", (False, True): "no (clean)"}.get(
         (clean, acr), "no"
     )

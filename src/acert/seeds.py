@@ -54,6 +54,10 @@ class Spread:
     def of(cls, values: Sequence[float]) -> Spread:
         return cls(float(np.mean(values)), float(min(values)), float(max(values)))
 
+    def meets(self, other: Spread) -> bool:
+        """Whether the two ranges overlap."""
+        return self.low <= other.high and other.low <= self.high
+
     def text(self, digits: int = 1) -> str:
         if self.low == self.high:
             return f"{self.mean:.{digits}f}"
@@ -150,7 +154,7 @@ def front_gaps(points: Sequence[SeedPoint], reference: str = "acert") -> list[Fr
             low, mean, high = at(x, "low"), at(x, "mean"), at(x, "high")
         else:
             end = front[0] if x < clean[0] else front[-1]
-            if not _meets(end.clean, point.clean):
+            if not end.clean.meets(point.clean):
                 beats = x < clean[0] and end.acr_pct.low > point.acr_pct.high
                 gap = end.acr_pct.mean - point.acr_pct.mean if beats else None
                 gaps.append(FrontGap(point, gap, "dominated" if beats else "outside"))
@@ -158,10 +162,6 @@ def front_gaps(points: Sequence[SeedPoint], reference: str = "acert") -> list[Fr
             low, mean, high = end.acr_pct.low, end.acr_pct.mean, end.acr_pct.high
         gaps.append(FrontGap(point, mean - point.acr_pct.mean, _verdict(low, high, point)))
     return gaps
-
-
-def _meets(a: Spread, b: Spread) -> bool:
-    return a.low <= b.high and b.low <= a.high
 
 
 def _verdict(low: float, high: float, point: SeedPoint) -> str:
