@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from acert.study import study_table
+from acert.records.study import study_table
 
 NOT_CANDIDATES = {"acert", "ibp", "pgd", "standard"}
 

@@ -18,8 +18,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from acert.seeds import SeedPoint, seed_points
-from acert.study import study_table
+from acert.records.seeds import SeedPoint, seed_points
+from acert.records.study import study_table
 
 
 def full_eps_epochs(run: Path) -> tuple[list[float], list[float]]:

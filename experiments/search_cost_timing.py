@@ -18,11 +18,11 @@ import time
 
 import torch
 
-from acert.certify_runs import run_config
 from acert.config import resolve
 from acert.methods import Batch, Step, create_method
-from acert.runs import model_from_checkpoint, run_checkpoint
-from acert.train import training_sets
+from acert.records.runs import model_from_checkpoint, run_checkpoint
+from acert.workflows.certify.runs import run_config
+from acert.workflows.train.run import training_sets
 
 SETTINGS = {
     "ibp": {"method": "ibp"},

@@ -95,7 +95,7 @@ if [[ $dataset == fashion-mnist ]]; then
   done
 fi
 
-python -c "from acert.study import write_study_table; write_study_table('$study')"
+python -c "from acert.records.study import write_study_table; write_study_table('$study')"
 acert plot "$study" --bound ibp
 [[ $dataset == fashion-mnist ]] && acert plot "$study" --bound crown
 echo "study finished in $(( ($(date +%s) - start) / 60 )) minutes: $study/study.md"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from acert.data import ImageSet
-from acert.errors import DatasetError
+from acert.foundation.errors import DatasetError
 
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from acert.bounds.kinds import kind_of
-from acert.errors import UnsupportedModelError
+from acert.foundation.errors import UnsupportedModelError
 from acert.models import Residual
 
 __all__ = ["Encoding", "Op", "encode", "forward_float64", "network_float64", "padded"]

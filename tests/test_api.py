@@ -10,10 +10,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import acert
-import acert.runs
-from acert.attacks import pgd_attack
-from acert.errors import AcertError
+import acert.records.runs
+from acert.foundation.errors import AcertError
 from acert.models import Normalize, Residual
+from acert.radius.attacks import pgd_attack
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,13 +74,13 @@ def test_an_interrupted_fit_resumes_to_the_same_model(tmp_path, monkeypatch):
     x, y = _digits(300)
     settings = {"eps_max": 0.1, "epochs": 2, "progress": False, "batch_size": 50}
     whole = acert.fit(_network(), (x, y), out=tmp_path / "whole", **settings)
-    write_metrics = acert.runs.RunDir.write_metrics
+    write_metrics = acert.records.runs.RunDir.write_metrics
 
     def interrupted(self, rows):
         write_metrics(self, rows)
         raise KeyboardInterrupt  # after the first epoch's checkpoint
 
-    monkeypatch.setattr(acert.runs.RunDir, "write_metrics", interrupted)
+    monkeypatch.setattr(acert.records.runs.RunDir, "write_metrics", interrupted)
     out = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         acert.fit(_network(), (x, y), out=out, **settings)

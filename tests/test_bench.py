@@ -8,11 +8,11 @@ import subprocess
 import pytest
 import torch
 
-from acert._bench_timing import busy_process, busy_ratio
-from acert.bench import BenchSettings, bench, format_table
 from acert.cli import main
 from acert.config import TrainConfig
-from acert.train import run
+from acert.workflows.bench.run import BenchSettings, bench, format_table
+from acert.workflows.bench.timing import busy_process, busy_ratio
+from acert.workflows.train.run import run
 
 CPU = torch.device("cpu")
 
@@ -101,8 +101,8 @@ def test_a_given_run_warm_starts_the_acert_step_from_its_saved_radius_memory(
 ):
     """Not from radii the model itself just gave the batch, which would hand the search its
     own answers: the run's memory holds the radii of its last epoch, as the next epoch sees."""
-    import acert.bench as bench_module
-    from acert.runs import RunDir
+    import acert.workflows.bench.run as bench_module
+    from acert.records.runs import RunDir
 
     reference = bench_module._reference_runs(BenchSettings(run=str(trained_run)), "cpu")
     saved = RunDir(trained_run).load_checkpoint("last")["method"]["radius_memory"]["radius"]
@@ -131,7 +131,7 @@ def test_the_busy_process_runs_during_the_block_and_is_gone_after_it():
 def test_busy_ratio_times_the_step_alone_and_beside_the_busy_process(monkeypatch):
     """The step runs once untimed, then `steps` times in each alone and busy round; the busy
     rounds run while the second process is alive."""
-    import acert._bench_timing as timing
+    import acert.workflows.bench.timing as timing
 
     live: list[subprocess.Popen] = []
     seen: list[bool] = []

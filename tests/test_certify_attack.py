@@ -7,13 +7,13 @@ import torch
 from torch import nn
 
 import acert.bounds.crown
-import acert.certify_runs
-from acert.attacks import AttackSearch, attack_radii
-from acert.certify_runs import DataSelection, certify_run, parse_bound, run_settings
+import acert.workflows.certify.runs
 from acert.cli import main
-from acert.errors import AcertError
-from acert.evaluate import attack_check, best_of
+from acert.evaluation.evaluate import attack_check, best_of
+from acert.foundation.errors import AcertError
 from acert.radius import radius_search
+from acert.radius.attacks import AttackSearch, attack_radii
+from acert.workflows.certify.runs import DataSelection, certify_run, parse_bound, run_settings
 from test_cli import TINY
 
 EPS_MAX = 0.4
@@ -157,7 +157,7 @@ def test_certify_says_unsound_and_exits_1_when_an_attack_radius_is_below(
     def tiny_radii(model, x, y, eps_max, search, generator):
         return torch.full((x.shape[0],), 1e-4, dtype=torch.float64)
 
-    monkeypatch.setattr(acert.certify_runs, "attack_radii", tiny_radii)
+    monkeypatch.setattr(acert.workflows.certify.runs, "attack_radii", tiny_radii)
     out = tmp_path / "m.json"
     argv = ["certify", str(run), "--limit", "30", "--pgd-steps", "0", "--attack", "--quiet"]
     assert main([*argv, "--out", str(out)]) == 1
@@ -245,8 +245,8 @@ def test_bad_attack_and_best_options_are_one_line_errors(run, argv, message, cap
 
 
 def test_study_table_and_tradeoff_show_the_attack_acr_where_present(tmp_path):
-    from acert.plots import plot_tradeoff
-    from acert.study import markdown_table, study_table
+    from acert.records.plots import plot_tradeoff
+    from acert.records.study import markdown_table, study_table
     from test_plots import make_run
 
     study = tmp_path / "study"

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from acert.cli import main
-from acert.runs import RunDir
+from acert.records.runs import RunDir
 from test_cli import TINY as CLI_TINY
 
 # the tiny run of test_cli.py, without a PGD evaluation (a later flag wins in argparse)

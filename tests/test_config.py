@@ -16,11 +16,11 @@ from acert.config import (
     resolve,
 )
 from acert.config.docs import BEGIN, END
-from acert.errors import AcertError, ConfigError
+from acert.foundation.errors import AcertError, ConfigError
+from acert.foundation.ranges import Range
 from acert.methods import TrainingAttack
 from acert.radius import SearchSettings
 from acert.radius.settings import STRATEGY
-from acert.ranges import Range
 
 
 def test_resolve_fills_dataset_presets_and_keeps_explicit_values():

@@ -16,7 +16,7 @@ import torch
 from acert import data
 from acert.config import PRESETS, TrainConfig, resolve
 from acert.data import loading, readers
-from acert.errors import DatasetError
+from acert.foundation.errors import DatasetError
 from conftest_data_helpers import (
     IMAGES_MAGIC,
     idx_bytes,

@@ -1,9 +1,10 @@
 """Training on two processes (torchrun, gloo, CPU) reproduces training on one.
 
 The two-process runs start as a user starts them, ``python -m torch.distributed.run
---nproc_per_node 2 -m acert train``; the one-process run is ``acert.train.run`` in this process.
-Run as a script under torchrun, this file is also the worker of the batch-norm and warm-up step
-tests and the ``acert train`` of the other ranks' processes that may not write into the run folder.
+--nproc_per_node 2 -m acert train``; the one-process run is ``acert.workflows.train.run.run`` in
+this process. Run as a script under torchrun, this file is also the worker of the batch-norm and
+warm-up step tests and the ``acert train`` of the other ranks' processes that may not write into
+the run folder.
 
 The runs compared end to end train without the warm-up regularisers (``lambda_tight`` and
 ``lambda_relu`` 0), as with them training does not depend continuously on rounding. Their
@@ -56,15 +57,15 @@ import yaml
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from acert._train_ddp import distributed_loss
 from acert.bounds import clean_forward
 from acert.cli import main
 from acert.config import TrainConfig, resolve
+from acert.foundation.process_group import World, shard
+from acert.foundation.schedules import EpsSchedule
 from acert.methods import Batch, Step, WarmupRegularizer, create_method
-from acert.process_group import World, shard
-from acert.runs import RunDir, build_model
-from acert.schedules import EpsSchedule
-from acert.train import run, training_sets
+from acert.records.runs import RunDir, build_model
+from acert.workflows.train.ddp import distributed_loss
+from acert.workflows.train.run import run, training_sets
 
 CONFIG = {
     "dataset": "mnist5k",

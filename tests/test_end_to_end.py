@@ -6,10 +6,10 @@ Both runs use the same model, data, budget and seed; only the loss differs.
 import pytest
 import torch
 
-from acert.attacks import pgd_attack
 from acert.config import TrainConfig
 from acert.data import load_imageset, stratified_subset
-from acert.train import run
+from acert.radius.attacks import pgd_attack
+from acert.workflows.train.run import run
 
 
 def budget(method: str) -> TrainConfig:

@@ -1,4 +1,5 @@
-"""``acert.export``: ONNX + VNNLIB + instances.csv for complete verifiers (VNN-COMP formats)."""
+"""``acert.workflows.export.run``: ONNX + VNNLIB + instances.csv for complete verifiers (VNN-COMP
+formats)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import acert.export
-from acert.certify_runs import DataSelection
+import acert.workflows.export.run
 from acert.config import TrainConfig, resolve
 from acert.data import ImageSet, load_imageset, stratified_subset
-from acert.errors import AcertError
-from acert.export import ExportResult, PropertySettings, export_run
-from acert.runs import RunDir, build_model, load
+from acert.foundation.errors import AcertError
+from acert.records.runs import RunDir, build_model, load
+from acert.workflows.certify.runs import DataSelection
+from acert.workflows.export.run import ExportResult, PropertySettings, export_run
 
 HAS_EXPORT_EXTRA = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
 needs_onnx = pytest.mark.skipif(
@@ -268,7 +269,9 @@ def test_instances_csv_points_to_the_written_files(exported):
         assert not Path(row[0]).is_absolute() and not Path(row[1]).is_absolute()
         assert (base / row[0]).resolve() == result.onnx_path.resolve()
         assert (base / row[1]).resolve() == vnnlib_path.resolve()
-        assert (base / row[1]).is_file() and float(row[2]) == acert.export.DEFAULT_TIMEOUT
+        assert (base / row[1]).is_file() and float(
+            row[2]
+        ) == acert.workflows.export.run.DEFAULT_TIMEOUT
     assert rows[0][:2] == ["onnx/model.onnx", f"vnnlib/prop_{result.indices[0]}.vnnlib"]
 
 
@@ -283,7 +286,7 @@ def test_abcrown_config_runs_the_written_benchmark(exported):
     general = config["general"]
     assert general["conv_mode"] == "patches" and general["device"] in ("cpu", "cuda")
     assert config["solver"]["crown"]["compare_crown_with_ibp"] is True
-    assert float(config["bab"]["timeout"]) == acert.export.DEFAULT_TIMEOUT
+    assert float(config["bab"]["timeout"]) == acert.workflows.export.run.DEFAULT_TIMEOUT
     # αβ-CROWN substitutes ${CONFIG_PATH} in root_path with the config file's folder
     root = Path(Template(general["root_path"]).substitute(CONFIG_PATH=result.abcrown_path.parent))
     assert (root / general["csv_name"]).resolve() == result.instances_path.resolve()
@@ -352,7 +355,9 @@ def test_missing_onnxruntime_names_the_extra(mlp_run, tmp_path, monkeypatch):
 
 @needs_onnx
 def test_an_onnx_mismatch_leaves_no_file(mlp_run, tmp_path, monkeypatch):
-    monkeypatch.setattr(acert.export, "ONNX_TOLERANCE", 0.0)  # any difference, even 0, fails
+    monkeypatch.setattr(
+        acert.workflows.export.run, "ONNX_TOLERANCE", 0.0
+    )  # any difference, even 0, fails
     with pytest.raises(AcertError, match="differs from the torch model") as err:
         export_run(mlp_run, tmp_path / "m.onnx", tmp_path / "p", PropertySettings(EPS, 5))
     assert "\n" not in str(err.value) and files_under(tmp_path) == []
@@ -360,7 +365,7 @@ def test_an_onnx_mismatch_leaves_no_file(mlp_run, tmp_path, monkeypatch):
 
 @needs_onnx
 def test_a_failed_write_removes_what_this_export_wrote(mlp_run, tmp_path, monkeypatch):
-    real_write, calls = acert.export.atomic_write, []
+    real_write, calls = acert.workflows.export.run.atomic_write, []
 
     def full_disk_on_third_file(path, write):
         calls.append(path)
@@ -373,7 +378,7 @@ def test_a_failed_write_removes_what_this_export_wrote(mlp_run, tmp_path, monkey
 
         return real_write(path, half)
 
-    monkeypatch.setattr(acert.export, "atomic_write", full_disk_on_third_file)
+    monkeypatch.setattr(acert.workflows.export.run, "atomic_write", full_disk_on_third_file)
     with pytest.raises(AcertError, match=r"could not write .*No space left on device") as err:
         export_run(mlp_run, tmp_path / "m.onnx", tmp_path / "p", PropertySettings(EPS, 5))
     assert "\n" not in str(err.value)

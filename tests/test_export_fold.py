@@ -1,5 +1,6 @@
-"""``acert.export_fold`` and the folded ONNX export: Normalize folded exactly into the first
-Conv/Linear, the conv border handled, the graph starting with Conv or Gemm (docs/VERIFIERS.md)."""
+"""``acert.workflows.export.fold`` and the folded ONNX export: Normalize folded exactly into the
+first Conv/Linear, the conv border handled, the graph starting with Conv or Gemm
+(docs/VERIFIERS.md)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,15 @@ import pytest
 import torch
 from torch import nn
 
-import acert.export_onnx
-from acert.certify_runs import DataSelection
+import acert.workflows.export.onnx_graph
 from acert.config import TrainConfig, resolve
 from acert.data import load_imageset
-from acert.errors import AcertError
-from acert.export import PropertySettings, export_run
-from acert.export_fold import AddConstant, fold_normalize
+from acert.foundation.errors import AcertError
 from acert.models import Normalize
-from acert.runs import RunDir, build_model, load
+from acert.records.runs import RunDir, build_model, load
+from acert.workflows.certify.runs import DataSelection
+from acert.workflows.export.fold import AddConstant, fold_normalize
+from acert.workflows.export.run import PropertySettings, export_run
 from conftest_data_helpers import write_cifar
 
 HAS_EXPORT_EXTRA = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
@@ -78,7 +79,7 @@ def fashion_like_mlp() -> nn.Sequential:
 def boxes(shape: tuple[int, ...], eps: float = 0.1, count: int = 6) -> torch.Tensor:
     """Centres and corners of ``count`` random ε-boxes (the points the export checks)."""
     x = torch.rand(count, *shape, generator=torch.Generator().manual_seed(1))
-    return acert.export_onnx.check_points(x, eps, seed=2)
+    return acert.workflows.export.onnx_graph.check_points(x, eps, seed=2)
 
 
 def relative_gap(got: torch.Tensor | np.ndarray, expected: torch.Tensor) -> float:
@@ -167,7 +168,7 @@ def test_the_onnx_starts_with_conv_or_gemm_and_matches_torch(build, shape, first
 
     model = build()
     x = boxes(shape)
-    data = acert.export_onnx.onnx_bytes(model, x[:1], onnx, "test")
+    data = acert.workflows.export.onnx_graph.onnx_bytes(model, x[:1], onnx, "test")
     proto = onnx.load_model_from_string(data)
     ops = [node.op_type for node in proto.graph.node]
     assert first_compute_node(proto) == first and not {"Sub", "Div"} & set(ops)
@@ -175,7 +176,7 @@ def test_the_onnx_starts_with_conv_or_gemm_and_matches_torch(build, shape, first
     got = np.concatenate([session.run(["output"], {"input": p[None].numpy()})[0] for p in x])
     with torch.no_grad():
         assert relative_gap(got, model(x)) < 1e-5
-    assert acert.export_onnx.verify_onnx(data, model, x, ort, 1e-5) < 1e-5
+    assert acert.workflows.export.onnx_graph.verify_onnx(data, model, x, ort, 1e-5) < 1e-5
 
 
 # ------------------------------------------------------------------- a CIFAR-10 export
@@ -212,7 +213,7 @@ def test_a_cifar10_export_starts_with_conv_and_matches_torch_on_the_boxes(cifar_
     assert ops[:3] == ["Conv", "Add", "Relu"] and not {"Sub", "Div"} & set(ops)
     model = load(run)
     images = load_imageset("cifar10", "test", str(data_dir)).floats(torch.tensor(result.indices))
-    points = acert.export_onnx.check_points(images, eps, seed=6)
+    points = acert.workflows.export.onnx_graph.check_points(images, eps, seed=6)
     session = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"])
     got = np.concatenate([session.run(["output"], {"input": p[None].numpy()})[0] for p in points])
     with torch.no_grad():
@@ -228,7 +229,7 @@ def test_an_inexact_fold_is_caught_and_nothing_is_written(cifar_run, tmp_path, m
         folded = fold_normalize(model, example)
         return nn.Sequential(*[m for m in folded if not isinstance(m, AddConstant)])
 
-    monkeypatch.setattr(acert.export_onnx, "fold_normalize", without_border_map)
+    monkeypatch.setattr(acert.workflows.export.onnx_graph, "fold_normalize", without_border_map)
     out = tmp_path / "bench"
     with pytest.raises(AcertError, match="differs from the torch model") as err:
         export_run(

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from acert.runs import RunDir
+from acert.records.runs import RunDir
 
 TRAIN = [
     sys.executable,

@@ -1,7 +1,7 @@
 """Bad input to the public Python API (issue 10, part 5): one-line AcertError naming the problem
 and the fix, raised at the entry point (acert.bounds.margin_bounds, acert.radius.radius_search,
-acert.evaluate.evaluate, acert.load), never a traceback from inside the bounds nor a silently
-wrong number."""
+acert.evaluation.evaluate.evaluate, acert.load), never a traceback from inside the bounds nor a
+silently wrong number."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from torch import nn
 
 import acert
 from acert.bounds import margin_bounds
-from acert.errors import AcertError
-from acert.evaluate import EvaluationSettings, evaluate
+from acert.evaluation.evaluate import EvaluationSettings, evaluate
+from acert.foundation.errors import AcertError
 from acert.methods import ACERT
 from acert.models import Normalize
 from acert.radius import KnownBatch, SearchSettings, radius_search
@@ -274,7 +274,7 @@ def test_evaluation_settings_come_as_one_object_and_keep_each_value_once(data):
     model, x, y = data
     raises(
         lambda: evaluate(model, x, y, 0.1),
-        "settings must be an acert.evaluate.EvaluationSettings, got float",
+        "settings must be an acert.evaluation.evaluate.EvaluationSettings, got float",
         "EvaluationSettings(eps_max=0.1",
     )
     settings = EvaluationSettings(0.1, [0.05, 0.1, 0.05], "crown", pgd_eps=[0.1, 0.1])
@@ -300,7 +300,7 @@ def test_load_refuses_an_unknown_checkpoint_name(tmp_path):
 
 
 def test_a_run_config_that_is_not_resolved_is_refused(tmp_path):
-    from acert.runs import RunDir
+    from acert.records.runs import RunDir
 
     run = RunDir(tmp_path)
     run.config_path.write_text("{}\n")
@@ -311,7 +311,7 @@ def test_a_run_config_with_a_cap_above_one_is_refused(tmp_path):
     import yaml
 
     from acert.config import TrainConfig, resolve
-    from acert.runs import RunDir
+    from acert.records.runs import RunDir
 
     run = RunDir(tmp_path)
     stored = {**resolve(TrainConfig(epochs=1)).to_dict(), "eps_max": 5.0}

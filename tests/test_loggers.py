@@ -9,9 +9,9 @@ import torch
 
 from acert.cli import main
 from acert.config import TrainConfig, config_from_dict, resolve
-from acert.errors import ConfigError
-from acert.loggers import TensorBoardLogger
-from acert.train import run
+from acert.foundation.errors import ConfigError
+from acert.records.loggers import TensorBoardLogger
+from acert.workflows.train.run import run
 
 TINY = dict(
     dataset="mnist5k",

@@ -6,14 +6,14 @@ import torch
 from torch import nn
 
 import acert.data
-from acert.attacks import pgd_attack
 from acert.bounds import METHODS
 from acert.config import TrainConfig
-from acert.errors import ConfigError
+from acert.foundation.errors import ConfigError
 from acert.models import Normalize, Residual, cnn7, create_model, ibp_init_, list_models, resnet
 from acert.radius import radius_search
-from acert.runs import load
-from acert.train import run
+from acert.radius.attacks import pgd_attack
+from acert.records.runs import load
+from acert.workflows.train.run import run
 
 
 def test_normalize_is_per_channel_affine():
@@ -101,8 +101,8 @@ def test_resnet_shapes_and_structure(shape, blocks):
 
 
 def test_resnet_tiny_trains_end_to_end_and_certifies(tmp_path):
-    """IBP training of resnet-tiny on digits through acert.train.run (18 steps), then the
-    trained network's certificates with every bound: PGD cannot break them. (After 18 steps
+    """IBP training of resnet-tiny on digits through acert.workflows.train.run.run (18 steps), then
+    the trained network's certificates with every bound: PGD cannot break them. (After 18 steps
     the running batch-norm statistics are far from the batches', so the eval-mode network
     predicts poorly; the training accuracy shows that it learns.)"""
     config = TrainConfig(

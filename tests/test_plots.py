@@ -11,8 +11,8 @@ import yaml
 
 from acert.cli import main
 from acert.config import TrainConfig
-from acert.errors import AcertError
-from acert.plots import (
+from acert.foundation.errors import AcertError
+from acert.records.plots import (
     certified_accuracy_curve,
     knob_label,
     pareto_front,
@@ -20,7 +20,7 @@ from acert.plots import (
     plot_study,
     plot_tradeoff,
 )
-from acert.study import study_table
+from acert.records.study import study_table
 
 PNG = b"\x89PNG"
 
@@ -196,7 +196,15 @@ def test_plot_command_rejects_an_unknown_run(study, capsys):
 
 
 def test_plots_import_nothing_from_training():
-    code = "import sys, acert.plots; print(sorted(m for m in sys.modules if m.startswith('acert')))"
+    code = (
+        "import sys, acert.records.plots; "
+        "print(sorted(m for m in sys.modules if m.startswith('acert')))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    for module in ("acert.train", "acert.methods", "acert.sweep", "acert.bounds"):
+    for module in (
+        "acert.workflows.train.run",
+        "acert.methods",
+        "acert.workflows.sweep.run",
+        "acert.bounds",
+    ):
         assert f"'{module}'" not in done.stdout

@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from acert.attacks import margin_loss, pgd_attack
 from acert.bounds import margin_bounds
 from acert.radius import radius_search
+from acert.radius.attacks import margin_loss, pgd_attack
 from exact import exact_radius
 from radius_helpers import (
     EPS_MAX,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from acert.bounds import clean_forward
-from acert.errors import AcertError, UnsupportedModelError
+from acert.foundation.errors import AcertError, UnsupportedModelError
 from acert.radius import (
     TRAINING_SEARCH,
     KnownBatch,

@@ -38,50 +38,19 @@ def test_quick_start_has_two_commands_and_ci_runs_the_test_one():
 # is no arrow to p. ``importlib`` calls are not read (only ``acert/__init__.py``'s lazy
 # re-exports use one, and that facade sits at the top).
 LAYERS: dict[str, tuple[str, ...]] = {
-    "interface": ("acert", "acert.__main__", "acert.api", "acert.cli", "acert._certify_cli"),
-    "workflows": (
-        "acert.train",
-        "acert.train_loop",
-        "acert._train_state",
-        "acert._train_ddp",
-        "acert.certify_runs",
-        "acert.sweep",
-        "acert._sweep_jobs",
-        "acert._sweep_point",
-        "acert.export",
-        "acert.export_*",
-        "acert.bench",
-        "acert._bench_timing",
-        "acert._bench_table",
-    ),
-    "records": (
-        "acert.config",
-        "acert.config.*",
-        "acert.loggers",
-        "acert.runs",
-        "acert.study",
-        "acert.plots",
-        "acert.seeds",
-        "acert._plot_labels",
-    ),
+    "interface": ("acert", "acert.__main__", "acert.api", "acert.cli", "acert.cli.*"),
+    "workflows": ("acert.workflows", "acert.workflows.*"),
+    "records": ("acert.config", "acert.config.*", "acert.records", "acert.records.*"),
     "methods and evaluation": (
         "acert.methods",
         "acert.methods.*",
-        "acert.evaluate",
-        "acert.evaluate_sharded",
+        "acert.evaluation",
+        "acert.evaluation.*",
     ),
-    "radii": ("acert.radius", "acert.radius.*", "acert.attacks"),
+    "radii": ("acert.radius", "acert.radius.*"),
     "bounds": ("acert.bounds", "acert.bounds.*"),
     "models": ("acert.models",),
-    "foundation": (
-        "acert.errors",
-        "acert.ranges",
-        "acert._threads",
-        "acert.process_group",
-        "acert.schedules",
-        "acert.data",
-        "acert.data.*",
-    ),
+    "foundation": ("acert.foundation", "acert.foundation.*", "acert.data", "acert.data.*"),
 }
 
 Graph = dict[str, set[str]]
@@ -309,3 +278,49 @@ def test_the_architecture_diagram_shows_the_layers_in_order():
     diagram = text.split("```mermaid\n", 1)[1].split("```", 1)[0]
     positions = [diagram.find(f"<b>{name}</b>") for name in LAYERS]
     assert -1 not in positions and positions == sorted(positions)
+
+
+# ------------------------------------------------------------------------ folders show floors
+def test_the_package_top_holds_folders_and_few_files_none_private():
+    entries = sorted(
+        p.name for p in PACKAGE.iterdir() if p.name != "__pycache__" and not p.name.endswith(".pyc")
+    )
+    assert len(entries) <= 15, entries
+    private = [name for name in entries if name.startswith("_") and name not in _DUNDER]
+    assert private == []
+
+
+_DUNDER = {"__init__.py", "__main__.py"}
+
+
+def test_every_layer_but_the_top_is_folders_except_the_models():
+    modules = package_modules(ROOT / "src", "acert")
+    flat = sorted(m for m in modules if m.count(".") == 1 and not (PACKAGE / f"{m[6:]}").is_dir())
+    assert flat == ["acert.__main__", "acert.api", "acert.models"]
+
+
+def test_an_old_module_path_warns_and_is_the_module_of_the_new_path():
+    import subprocess
+    import sys
+
+    script = textwrap.dedent(
+        """
+        import warnings
+        warnings.simplefilter("error", DeprecationWarning)
+        try:
+            import acert.evaluate
+        except DeprecationWarning as warning:
+            print("warned:", warning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import acert.evaluate as old
+        import acert.evaluation.evaluate as new
+        from acert.errors import AcertError
+        from acert.foundation.errors import AcertError as moved
+        print("same:", old is new and AcertError is moved)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert "warned: acert.evaluate moved to acert.evaluation.evaluate" in result.stdout
+    assert "same: True" in result.stdout

@@ -2,8 +2,15 @@ import pytest
 import torch
 
 from acert.config import TrainConfig, resolve
-from acert.errors import CheckpointError
-from acert.runs import CHECKPOINT_FORMAT, RunDir, atomic_write, build_model, load, read_checkpoint
+from acert.foundation.errors import CheckpointError
+from acert.records.runs import (
+    CHECKPOINT_FORMAT,
+    RunDir,
+    atomic_write,
+    build_model,
+    load,
+    read_checkpoint,
+)
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):

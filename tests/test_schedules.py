@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 
-from acert.schedules import EpsSchedule, smoothed_ramp
+from acert.foundation.schedules import EpsSchedule, smoothed_ramp
 
 
 def test_ramp_ends_and_switch_point():

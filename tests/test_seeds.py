@@ -1,11 +1,12 @@
-"""acert.seeds: points over seeds, the gaps to ACERT's front, the report acert plot writes."""
+"""acert.records.seeds: points over seeds, the gaps to ACERT's front, the report acert plot
+writes."""
 
 from __future__ import annotations
 
 import pytest
 
-from acert.errors import AcertError
-from acert.seeds import Spread, front_gaps, seed_points, write_seed_report
+from acert.foundation.errors import AcertError
+from acert.records.seeds import Spread, front_gaps, seed_points, write_seed_report
 
 
 def row(method: str, point: str, clean: float, acr_pct: float) -> dict:

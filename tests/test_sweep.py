@@ -5,13 +5,13 @@ import shutil
 
 import pytest
 
-import acert.sweep as sweep_module
-import acert.train
+import acert.workflows.sweep.run as sweep_module
+import acert.workflows.train.run
 from acert.cli import main
 from acert.config import TrainConfig
-from acert.errors import ConfigError
-from acert.study import study_table
-from acert.sweep import parse_bounds, parse_grid, run_state, sweep
+from acert.foundation.errors import ConfigError
+from acert.records.study import study_table
+from acert.workflows.sweep.run import parse_bounds, parse_grid, run_state, sweep
 
 TINY = dict(
     dataset="mnist5k",
@@ -55,7 +55,7 @@ def study(tmp_path_factory):
 def counted(monkeypatch):
     """Count the trainings and certifications a sweep starts (still running them)."""
     calls = {"train": [], "certify": []}
-    train, certify = acert.train.run, sweep_module.certify_run
+    train, certify = acert.workflows.train.run.run, sweep_module.certify_run
 
     def counting_train(config, **kwargs):
         calls["train"].append(kwargs.get("resume"))
@@ -65,7 +65,7 @@ def counted(monkeypatch):
         calls["certify"].append(kwargs["settings"].label)
         return certify(run, **kwargs)
 
-    monkeypatch.setattr(acert.train, "run", counting_train)
+    monkeypatch.setattr(acert.workflows.train.run, "run", counting_train)
     monkeypatch.setattr(sweep_module, "certify_run", counting_certify)
     return calls
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-import acert._sweep_jobs as jobs_module
-from acert._sweep_jobs import Job, make_launcher, parse_slurm_options, run_jobs
-from acert._threads import thread_share
+import acert.workflows.sweep.jobs as jobs_module
 from acert.cli import main
-from acert.errors import AcertError
-from acert.study import study_table
-from acert.sweep import run_state, sweep
+from acert.foundation.errors import AcertError
+from acert.foundation.threads import thread_share
+from acert.records.study import study_table
+from acert.workflows.sweep.jobs import Job, make_launcher, parse_slurm_options, run_jobs
+from acert.workflows.sweep.run import run_state, sweep
 from test_sweep import TINY_FLAGS, InterruptError, quiet, tiny
 
 TIMES = ("train_seconds", "time")

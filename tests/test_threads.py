@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from acert._threads import (
+from acert.foundation.threads import (
     BOUNDED_SPIN,
     SPIN_COUNT,
     WAIT_POLICY,

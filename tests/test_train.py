@@ -7,9 +7,9 @@ import torch
 
 import acert.methods.standard as standard_module
 from acert.config import TrainConfig
-from acert.errors import CheckpointError
-from acert.runs import RunDir, load
-from acert.train import TrainingDivergedError, run
+from acert.foundation.errors import CheckpointError
+from acert.records.runs import RunDir, load
+from acert.workflows.train.run import TrainingDivergedError, run
 
 
 def tiny_config(**overrides) -> TrainConfig:

@@ -12,18 +12,24 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from acert.foundation import moved_modules
+
 __all__ = ["ACERTLoss", "bounds", "certify", "data", "fit", "load", "models", "radius"]
 __version__ = "0.1.0"
 
 _MODULES = {"bounds", "data", "models", "radius", "methods", "evaluate", "train", "plots"}
+"""``acert.evaluate``, ``acert.train`` and ``acert.plots`` are old paths (DeprecationWarning)."""
 
 
 _API = {"fit": "acert.api", "certify": "acert.api", "ACERTLoss": "acert.methods"}
 
 
+moved_modules.install()
+
+
 def __getattr__(name: str) -> Any:
     if name == "load":
-        from acert.runs import load
+        from acert.records.runs import load
 
         return load
     if name in _API:

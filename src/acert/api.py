@@ -24,11 +24,11 @@ from torch import nn
 from acert.bounds.layers import check_fixed_normalisation, check_supported
 from acert.config import GIVEN_MODEL, TrainConfig, config_from_dict, resolve
 from acert.data import ImageSet, as_imageset, given_dataset
-from acert.errors import AcertError, ConfigError
-from acert.evaluate import Evaluation, EvaluationSettings, evaluate
+from acert.evaluation.evaluate import Evaluation, EvaluationSettings, evaluate
+from acert.foundation.errors import AcertError, ConfigError
 from acert.methods import TrainingMethod, create_method, list_methods
-from acert.runs import RunDir
-from acert.train import RunInputs, run
+from acert.records.runs import RunDir
+from acert.workflows.train.run import RunInputs, run
 
 __all__ = ["certify", "fit"]
 
@@ -110,7 +110,7 @@ def certify(
         progress: a progress bar over the batches.
 
     Returns:
-        :class:`~acert.evaluate.Evaluation`: ``radii`` (N,), ``acr``, ``clean_accuracy``,
+        :class:`~acert.evaluation.evaluate.Evaluation`: ``radii`` (N,), ``acr``, ``clean_accuracy``,
         ``certified_accuracy`` {ε: fraction}, ``pgd_accuracy``, ``acceps``.
     """
     network = check_supported(model)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from acert.errors import ConfigError
-from acert.ranges import OneOf
+from acert.foundation.errors import ConfigError
+from acert.foundation.ranges import OneOf
 
 __all__ = [
     "INITS",

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 import acert.bounds as bounds
-from acert.attacks import pgd_attack
 from acert.bounds import (
     Interval,
     clean_forward,
@@ -25,6 +24,7 @@ from acert.bounds import (
 )
 from acert.bounds.spec import folded_margin_layer, other_classes
 from acert.models import Normalize
+from acert.radius.attacks import pgd_attack
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

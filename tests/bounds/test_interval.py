@@ -8,7 +8,7 @@ import torch
 
 from acert.bounds import Interval, input_box, margin_bounds, margin_matrix, other_classes
 from acert.bounds.interval import as_eps
-from acert.errors import AcertError
+from acert.foundation.errors import AcertError
 from acert.radius import SearchSettings, radius_search
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from acert.attacks import pgd_attack
 from acert.bounds import (
     LAYER_KINDS,
     METHODS,
@@ -36,6 +35,7 @@ from acert.bounds.layers import forward_with_stats
 from acert.bounds.steps import LayerKind
 from acert.models import Normalize
 from acert.radius import radius_search
+from acert.radius.attacks import pgd_attack
 from exact import exact_certified, exact_min_margins
 
 pytestmark = pytest.mark.usefixtures("single_thread")

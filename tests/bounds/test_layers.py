@@ -11,7 +11,7 @@ from torch import nn
 
 import acert.bounds as bounds
 from acert.bounds import clean_forward, margin_bounds
-from acert.errors import AcertError, UnsupportedModelError
+from acert.foundation.errors import AcertError, UnsupportedModelError
 from acert.models import Normalize, Residual, cnn7, mlp, resnet
 from acert.radius import radius_search
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-import acert.evaluate
+import acert.evaluation.evaluate
 from acert.bounds import METHODS, margin_bounds
-from acert.errors import UnsupportedModelError
-from acert.evaluate import EvaluationSettings, evaluate
+from acert.evaluation.evaluate import EvaluationSettings, evaluate
+from acert.foundation.errors import UnsupportedModelError
 from acert.models import Residual
 from acert.radius import radius_search
 
@@ -176,7 +176,9 @@ def test_a_sample_counts_as_certified_only_where_the_model_classifies_it(monkeyp
     x, y = _data()
     model = nn.Sequential(*_layers()).eval()
     monkeypatch.setattr(
-        acert.evaluate, "_certified_by_any", lambda m, xb, yb, eps, bounds: torch.ones_like(yb) > 0
+        acert.evaluation.evaluate,
+        "_certified_by_any",
+        lambda m, xb, yb, eps, bounds: torch.ones_like(yb) > 0,
     )
     result = evaluate(model, x, y, _settings("ibp"))
     assert result.clean_accuracy < 1

@@ -12,8 +12,8 @@ import acert.bounds as bounds
 from acert.bounds import ibp as ibp_rules
 from acert.bounds import margin_bounds
 from acert.bounds.interval import input_box
-from acert.errors import AcertError, UnsupportedModelError
-from acert.evaluate import float64_violations
+from acert.evaluation.evaluate import float64_violations
+from acert.foundation.errors import AcertError, UnsupportedModelError
 from acert.models import Normalize
 from acert.radius import radius_search
 

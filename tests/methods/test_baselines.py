@@ -10,7 +10,7 @@ from torch import nn
 
 from acert.bounds import clean_forward, input_box
 from acert.config import TrainConfig
-from acert.errors import ConfigError
+from acert.foundation.errors import ConfigError
 from acert.methods import (
     CCIBP,
     CROWNIBP,

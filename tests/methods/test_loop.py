@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from acert.errors import AcertError
+from acert.foundation.errors import AcertError
 from acert.methods import ACERT, IBP, ACERTLoss, Batch, Step, TrainingLoss
 from acert.models import create_model
 

@@ -14,7 +14,7 @@ from torch import nn
 from acert.bounds import Interval, clean_forward, input_box
 from acert.bounds.layers import forward_with_stats
 from acert.config import TrainConfig, resolve
-from acert.errors import ConfigError
+from acert.foundation.errors import ConfigError
 from acert.methods import (
     CCIBP,
     EXPIBP,
@@ -30,8 +30,8 @@ from acert.methods.base import ibp_pass, robust_cross_entropy
 from acert.methods.cc_ibp import logit_margins
 from acert.methods.exp_ibp import global_mean, log_product, robust_cross_entropies
 from acert.methods.taps import connect, taps_objective, taps_pass
-from acert.runs import RunDir
-from acert.train import run
+from acert.records.runs import RunDir
+from acert.workflows.train.run import run
 
 NEW_METHODS = ("cc-ibp", "exp-ibp", "taps", "staps")
 
@@ -250,7 +250,7 @@ def _product_losses(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
 def _product_losses_worker() -> None:
     import torch.distributed as dist
 
-    from acert.process_group import World, shard
+    from acert.foundation.process_group import World, shard
 
     generator = torch.Generator().manual_seed(2)
     first = torch.randn(11, 3, generator=generator)

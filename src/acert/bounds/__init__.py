@@ -26,7 +26,7 @@ from acert.bounds.layers import (
     clean_forward,
 )
 from acert.bounds.spec import margin_matrix, other_classes
-from acert.errors import AcertError
+from acert.foundation.errors import AcertError
 
 __all__ = [
     "LAYER_KINDS",
@@ -80,7 +80,7 @@ def check_inputs(model: nn.Module, x: Tensor, y: Tensor) -> None:
     """Raise a one-line :class:`AcertError` unless x, y fit a supported model.
 
     The public entry points (:func:`margin_bounds`, :func:`acert.radius.radius_search`,
-    :func:`acert.evaluate.evaluate`) take torch tensors only: numpy arrays and lists are
+    :func:`acert.evaluation.evaluate.evaluate`) take torch tensors only: numpy arrays and lists are
     refused, not converted, so that no dtype or device is chosen silently.
     """
     check_supported(model)

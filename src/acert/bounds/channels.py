@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from acert.errors import UnsupportedModelError
+from acert.foundation.errors import UnsupportedModelError
 from acert.models import Normalize
 
 __all__ = [

@@ -43,7 +43,7 @@ from acert.bounds.network import Network
 from acert.bounds.rounding import step_errors
 from acert.bounds.spec import folded_margin_layer, margin_matrix
 from acert.bounds.steps import Step
-from acert.errors import AcertError
+from acert.foundation.errors import AcertError
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from acert.errors import AcertError
+from acert.foundation.errors import AcertError
 
 __all__ = ["Interval", "as_eps", "input_box"]
 

@@ -23,7 +23,7 @@ from acert.bounds.normalisation import BATCHNORM1D, BATCHNORM2D, NORMALIZE
 from acert.bounds.pooling import AVGPOOL2D, MAXPOOL2D
 from acert.bounds.residual import RESIDUAL
 from acert.bounds.steps import LayerKind, Step
-from acert.errors import AcertError, UnsupportedModelError
+from acert.foundation.errors import AcertError, UnsupportedModelError
 
 __all__ = [
     "LAYER_KINDS",

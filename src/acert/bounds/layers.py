@@ -17,7 +17,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from acert import process_group as distributed
 from acert.bounds.channels import (
     BatchStats,
     batchnorm_affine,
@@ -28,6 +27,7 @@ from acert.bounds.channels import (
     uses_batch_stats,
 )
 from acert.bounds.kinds import SUPPORTED_LAYERS, check_certifiable, check_supported
+from acert.foundation import process_group as distributed
 from acert.models import Residual
 
 __all__ = [

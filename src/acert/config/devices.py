@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from acert.errors import ConfigError
+from acert.foundation.errors import ConfigError
 
 __all__ = ["available_device", "parse_device"]
 

@@ -1,8 +1,8 @@
 """The config keys: one field each, and beside it its meaning and allowed values.
 
 Each field of :class:`TrainConfig` is made by :func:`key`, which keeps the key's help text and
-its :mod:`rule <acert.ranges>` in the field's metadata. ``acert train --help``, the validation
-of a resolved config (:func:`acert.config.validate`) and docs/CONFIG.md
+its :mod:`rule <acert.foundation.ranges>` in the field's metadata. ``acert train --help``, the
+validation of a resolved config (:func:`acert.config.validate`) and docs/CONFIG.md
 (:func:`acert.config.markdown_table`) all read them from there. A rule that an object API users
 build also checks (the training attack, the radius search) is that object's own rule object,
 imported here, so the two checks are one.
@@ -16,8 +16,7 @@ from typing import Any
 
 from acert.config.devices import parse_device
 from acert.data import dataset_info
-from acert.models import INITS
-from acert.ranges import (
+from acert.foundation.ranges import (
     ATTACK_RESTARTS,
     ATTACK_STEP_SIZE,
     ATTACK_STEPS,
@@ -30,9 +29,10 @@ from acert.ranges import (
     at_least,
     between,
 )
+from acert.models import INITS
 
 # the rules of bounds and radius searches, read where those registries are, when first used
-BOUND = Deferred("acert.evaluate", "BOUND")
+BOUND = Deferred("acert.evaluation.evaluate", "BOUND")
 STRATEGY = Deferred("acert.radius.settings", "STRATEGY")
 
 __all__ = [
@@ -52,7 +52,7 @@ builds it; the run folder keeps it (``model.pt``)."""
 
 LOGGERS = ("csv", "tensorboard")
 """Values of the config key ``logger``: metrics.csv alone, or TensorBoard event files beside it
-(:mod:`acert.loggers`)."""
+(:mod:`acert.records.loggers`)."""
 
 SYSTEM_KEYS = ("device", "threads", "logger", "data_dir", "out")
 """Config keys that say where and how a run computes, not what it computes: they may differ

@@ -14,7 +14,7 @@ from typing import Any
 
 from acert.config.fields import TrainConfig, config_key
 from acert.data import DATASETS, dataset_info
-from acert.errors import ConfigError
+from acert.foundation.errors import ConfigError
 
 __all__ = ["CROSS_CHECKS", "PRESETS", "CrossCheck", "check_key", "check_resolved", "resolve"]
 

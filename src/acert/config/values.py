@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from acert.config.fields import TrainConfig
-from acert.errors import ConfigError
+from acert.foundation.errors import ConfigError
 
 __all__ = ["config_from_dict", "load_yaml", "parse_override"]
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from acert.data.imageset import ImageSet
-from acert.errors import DatasetError
+from acert.foundation.errors import DatasetError
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from acert.data.imageset import ImageSet
-from acert.errors import DatasetError
+from acert.foundation.errors import DatasetError
 
 __all__ = ["as_imageset"]
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from acert.errors import DatasetError
+from acert.foundation.errors import DatasetError
 
 
 @dataclass

@@ -18,7 +18,7 @@ from acert.data.imageset import ImageSet
 from acert.data.readers import Arrays
 from acert.data.registry import DATASETS, SPLITS, Dataset, dataset_info
 from acert.data.remote import download_dataset
-from acert.errors import DatasetError
+from acert.foundation.errors import DatasetError
 
 __all__ = ["default_data_dir", "download", "load", "load_imageset"]
 

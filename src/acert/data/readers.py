@@ -2,9 +2,9 @@
 
 Each reader takes the folder holding a dataset's files and a split, turns the files into numpy
 arrays ``images`` uint8 (N, C, H, W) and ``labels`` int64 (N,), and raises
-:class:`~acert.errors.DatasetError` with a one-line message naming the file and the fix when a
-file is missing or malformed. Which folder to read, and the checks against a dataset's declared
-shape, belong to :mod:`acert.data.loading` and the dataset's record in
+:class:`~acert.foundation.errors.DatasetError` with a one-line message naming the file and the fix
+when a file is missing or malformed. Which folder to read, and the checks against a dataset's
+declared shape, belong to :mod:`acert.data.loading` and the dataset's record in
 :mod:`acert.data.registry`.
 """
 
@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from acert.errors import DatasetError
+from acert.foundation.errors import DatasetError
 
 
 class Arrays(NamedTuple):

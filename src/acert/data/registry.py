@@ -30,7 +30,7 @@ from acert.data.readers import (
     read_tinyimagenet,
 )
 from acert.data.remote import Remote, Source
-from acert.errors import DatasetError
+from acert.foundation.errors import DatasetError
 
 __all__ = [
     "DATASETS",

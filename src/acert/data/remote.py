@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from acert.errors import DatasetError
+from acert.foundation.errors import DatasetError
 
 _TIMEOUT_S = 60
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from acert.errors import ConfigError
+from acert.foundation.errors import ConfigError
 from acert.methods.acert import ACERT, RadiusMemory
 from acert.methods.base import Batch, LossTerms, Step, TrainingAttack, TrainingMethod
 from acert.methods.cc_ibp import CCIBP

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from acert.attacks import eval_mode, pgd_attack
 from acert.bounds import BatchStats, Interval, input_box
 from acert.bounds import ibp as ibp_rules
 from acert.bounds.layers import forward_with_stats
+from acert.foundation.ranges import ATTACK_RESTARTS, ATTACK_STEP_SIZE, ATTACK_STEPS
 from acert.methods.warmup import WarmupRegularizer
-from acert.ranges import ATTACK_RESTARTS, ATTACK_STEP_SIZE, ATTACK_STEPS
+from acert.radius.attacks import eval_mode, pgd_attack
 
 __all__ = [
     "ATTACK_RESTARTS",

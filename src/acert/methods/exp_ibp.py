@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from acert.foundation.process_group import global_sum
 from acert.methods.expressive import ExpressiveLoss
-from acert.process_group import global_sum
 
 __all__ = ["EXPIBP", "global_mean", "log_product", "robust_cross_entropies"]
 

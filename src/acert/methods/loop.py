@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from acert.errors import AcertError
+from acert.foundation.errors import AcertError
 from acert.methods.acert import ACERT
 from acert.methods.base import Batch, LossTerms, Step, TrainingMethod
 

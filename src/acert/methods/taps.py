@@ -42,7 +42,7 @@ from acert.bounds import BatchStats, Interval, clean_forward, input_box
 from acert.bounds import ibp as ibp_rules
 from acert.bounds.layers import forward_with_stats
 from acert.bounds.spec import other_classes
-from acert.errors import ConfigError
+from acert.foundation.errors import ConfigError
 from acert.methods.base import (
     Batch,
     IBPPass,

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from acert.bounds import BatchStats, Interval
 from acert.bounds import ibp as ibp_rules
+from acert.foundation.process_group import global_sum
 from acert.models import Normalize
-from acert.process_group import global_sum
 
 __all__ = ["WarmupRegularizer", "relu_balance_loss", "tightness_loss"]
 

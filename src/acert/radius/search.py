@@ -25,10 +25,10 @@ from acert.bounds.layers import (
     needs_batch_stats,
 )
 from acert.bounds.spec import other_classes
-from acert.errors import AcertError
+from acert.foundation.errors import AcertError
+from acert.foundation.ranges import settings_object
 from acert.radius.settings import EVALUATION_SEARCH, SearchSettings, check_settings
 from acert.radius.strategies import SEARCHES, Bracket, Strategy
-from acert.ranges import settings_object
 
 __all__ = [
     "SAFETY_MARGIN",

@@ -11,9 +11,9 @@ import math
 import numbers
 from dataclasses import dataclass
 
-from acert.errors import AcertError
+from acert.foundation.errors import AcertError
+from acert.foundation.ranges import OneOf, settings_object
 from acert.radius.strategies import SEARCHES
-from acert.ranges import OneOf, settings_object
 
 __all__ = [
     "EVALUATION_SEARCH",

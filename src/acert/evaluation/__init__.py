@@ -1,0 +1,2 @@
+"""Clean, certified and PGD metrics of a model (``evaluate``), shared out among the processes of
+a run (``sharded``)."""

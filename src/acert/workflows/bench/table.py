@@ -1,0 +1,75 @@
+"""The text table ``acert bench`` prints from :func:`acert.workflows.bench.run.bench`'s results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["format_table"]
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The results as an aligned text table."""
+    raw = results["raw"]
+    rows = [
+        (
+            "IBP bounds / clean forward",
+            f"{results['ibp_over_forward']:.2f}x",
+            f"{1e3 * raw['ibp_seconds']:.1f} / {1e3 * raw['forward_seconds']:.1f} ms",
+        ),
+        (
+            "CROWN-IBP / IBP",
+            f"{results['crown_ibp_over_ibp']:.2f}x",
+            f"{1e3 * raw['crown-ibp_seconds']:.1f} / {1e3 * raw['ibp_small_batch_seconds']:.1f} ms",
+        ),
+        (
+            "CROWN / IBP",
+            f"{results['crown_over_ibp']:.2f}x",
+            f"{1e3 * raw['crown_seconds']:.1f} ms",
+        ),
+        ("radius evals / sample, brent", f"{results['radius_evals_per_sample']:.2f}", ""),
+        (
+            "radius evals / sample, bisection",
+            f"{results['radius_evals_per_sample_bisection']:.2f}",
+            "",
+        ),
+        ("radius evals / sample, brent warm", f"{results['radius_evals_per_sample_warm']:.2f}", ""),
+        (
+            "ACERT step / IBP step",
+            f"{results['acert_step_over_ibp_step']:.2f}x",
+            f"{1e3 * raw['acert_step_seconds']:.1f} / {1e3 * raw['ibp_step_seconds']:.1f} ms",
+        ),
+        (
+            "ACERT step, cold search / IBP step",
+            f"{results['acert_cold_step_over_ibp_step']:.2f}x",
+            f"{1e3 * raw['acert_cold_step_seconds']:.1f} ms",
+        ),
+        (
+            "IBP step / standard step",
+            f"{results['ibp_step_over_standard_step']:.2f}x",
+            f"{1e3 * raw['standard_step_seconds']:.1f} ms standard",
+        ),
+        (
+            "ACERT step beside a busy process / alone",
+            f"{results['busy_step_over_alone_step']:.2f}x",
+            f"{1e3 * raw['acert_busy_step_seconds']:.1f} / "
+            f"{1e3 * raw['acert_alone_step_seconds']:.1f} ms",
+        ),
+        ("training throughput", f"{results['train_samples_per_second']:.0f} samples/s", ""),
+    ]
+    memory = [
+        (f"peak memory, {name}", f"{raw[f'{key}_peak_bytes'] / 2**20:.1f} MiB", "")
+        for name, key in [
+            ("forward", "forward"),
+            ("IBP", "ibp"),
+            ("CROWN-IBP", "crown-ibp"),
+            ("CROWN", "crown"),
+            ("standard step", "standard_step"),
+            ("IBP step", "ibp_step"),
+            ("ACERT step", "acert_step"),
+            ("ACERT step, cold search", "acert_cold_step"),
+        ]
+    ]
+    width = max(len(name) for name, _, _ in rows + memory)
+    return "\n".join(
+        f"  {name:<{width}}  {value:>16}  {note}" for name, value, note in rows + memory
+    )

@@ -1,0 +1,1 @@
+"""``acert certify`` on a run folder (``runs``); ``acert.certify`` is the Python API."""
