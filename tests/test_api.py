@@ -46,6 +46,7 @@ def fitted(tmp_path_factory):
     return model, out, (x[500:], y[500:])
 
 
+@pytest.mark.train
 def test_fit_trains_a_network_of_ones_own_into_a_run_folder(fitted):
     model, out, (x, y) = fitted
     assert not model.training
@@ -59,6 +60,7 @@ def test_fit_trains_a_network_of_ones_own_into_a_run_folder(fitted):
     torch.testing.assert_close(loaded(x), model(x))
 
 
+@pytest.mark.train
 def test_certified_radii_of_a_given_network_hold_against_pgd(fitted):
     model, _, (x, y) = fitted
     report = acert.certify(model, (x, y), eps_max=0.1, bound=("ibp", "crown"), progress=False)
@@ -70,6 +72,7 @@ def test_certified_radii_of_a_given_network_hold_against_pgd(fitted):
         assert (model(attacked).argmax(1) == ys).all()
 
 
+@pytest.mark.train
 def test_an_interrupted_fit_resumes_to_the_same_model(tmp_path, monkeypatch):
     x, y = _digits(300)
     settings = {"eps_max": 0.1, "epochs": 2, "progress": False, "batch_size": 50}
@@ -93,6 +96,7 @@ def test_an_interrupted_fit_resumes_to_the_same_model(tmp_path, monkeypatch):
     torch.testing.assert_close(acert.load(out, "last")(x), whole(x), rtol=0, atol=0)
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("kind", ["dataset", "loader"])
 def test_fit_takes_a_dataset_or_a_loader_and_a_method_object(kind):
     x, y = _digits(200)
@@ -105,6 +109,7 @@ def test_fit_takes_a_dataset_or_a_loader_and_a_method_object(kind):
     assert method.memory.radius.numel() > 0  # the given object trained
 
 
+@pytest.mark.train
 @pytest.mark.parametrize(
     "data, match",
     [
@@ -126,6 +131,7 @@ def test_bad_data_is_one_line(data, match):
         assert "\n" not in str(err.value)
 
 
+@pytest.mark.train
 def test_an_unsupported_module_and_a_bad_key_are_one_line():
     data = _digits(50)
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.Tanh(), nn.Linear(8, 10))
@@ -173,6 +179,7 @@ def _pooling_residual_network() -> nn.Sequential:
     )
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("kind", ["tensors", "dataset"])
 def test_a_pooling_residual_network_trains_and_its_radii_hold(kind):
     """A network of one's own with max- and average-pooling and a residual block trains with

@@ -13,6 +13,7 @@ from acert.config import TrainConfig
 from acert.workflows.bench.run import BenchSettings, bench, format_table
 from acert.workflows.bench.timing import busy_process, busy_ratio
 from acert.workflows.train.run import run
+from tests.kit import tiny_run
 
 CPU = torch.device("cpu")
 
@@ -33,21 +34,19 @@ KEYS = (
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "run"
-    config = TrainConfig(
-        model="mlp-small",
-        train_limit=300,
+    config = tiny_run(
         val_size=0,
-        epochs=3,
-        reg_epochs=1,
-        batch_size=50,
+        stn_epochs=TrainConfig.stn_epochs,
         eval_limit=50,
         eval_pgd_steps=0,
         cert_eps=[0.4],
+        lr=None,
     )
     run(config, out=out, progress=False, log=lambda _: None)
     return out
 
 
+@pytest.mark.train
 def test_bench_reports_every_ratio(trained_run):
     settings = BenchSettings(
         model="mlp-small",
@@ -68,6 +67,7 @@ def test_bench_reports_every_ratio(trained_run):
     assert "IBP bounds / clean forward" in table and "peak memory, CROWN" in table
 
 
+@pytest.mark.train
 def test_bench_command_writes_json(trained_run, tmp_path, capsys):
     target = tmp_path / "bench.json"
     argv = [
@@ -96,6 +96,7 @@ def test_bench_command_writes_json(trained_run, tmp_path, capsys):
     assert main(["bench", "--shape", "1,28"]) == 2
 
 
+@pytest.mark.train
 def test_a_given_run_warm_starts_the_acert_step_from_its_saved_radius_memory(
     trained_run, monkeypatch
 ):

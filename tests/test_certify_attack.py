@@ -14,7 +14,9 @@ from acert.foundation.errors import AcertError
 from acert.radius import radius_search
 from acert.radius.attacks import AttackSearch, attack_radii
 from acert.workflows.certify.runs import DataSelection, certify_run, parse_bound, run_settings
-from test_cli import TINY
+from tests.kit import short_flags
+
+TINY = short_flags(eval_pgd_steps=2)
 
 EPS_MAX = 0.4
 
@@ -127,6 +129,7 @@ def test_attack_check_flags_a_certified_radius_above_the_attack_radius():
     assert check["worst"]["attack"] == pytest.approx(0.25)
 
 
+@pytest.mark.train
 def test_certify_attack_radii_bound_the_certified_radii_and_both_acrs_are_printed(run, capsys):
     argv = ["certify", str(run), "--bound", "crown", "--limit", "30", "--pgd-steps", "0"]
     argv += ["--attack", "--attack-restarts", "2", "--attack-iterations", "8", "--quiet"]
@@ -148,6 +151,7 @@ def test_certify_attack_radii_bound_the_certified_radii_and_both_acrs_are_printe
     assert check["steps"] == AttackSearch().steps
 
 
+@pytest.mark.train
 def test_certify_says_unsound_and_exits_1_when_an_attack_radius_is_below(
     run, tmp_path, capsys, monkeypatch
 ):
@@ -171,6 +175,7 @@ def test_certify_says_unsound_and_exits_1_when_an_attack_radius_is_below(
     assert check["worst"]["sample"] == int(certified.argmax())
 
 
+@pytest.mark.train
 def test_best_of_radii_are_the_elementwise_max_and_the_wins_add_up(run, capsys):
     common = ["--limit", "30", "--pgd-steps", "0", "--quiet"]
     radii, certified = {}, {}
@@ -196,6 +201,7 @@ def test_best_of_radii_are_the_elementwise_max_and_the_wins_add_up(run, capsys):
     assert "best radius from" in printed and "ACR per bound" in printed
 
 
+@pytest.mark.train
 def test_bound_best_takes_every_bound_and_writes_certify_best(run, capsys):
     argv = ["certify", str(run), "--bound", "best", "--limit", "20", "--pgd-steps", "0"]
     assert main([*argv, "--quiet", "--check-float64"]) == 0
@@ -230,6 +236,7 @@ def test_parse_bound():
         parse_bound("crown,ibp")
 
 
+@pytest.mark.train
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -247,7 +254,7 @@ def test_bad_attack_and_best_options_are_one_line_errors(run, argv, message, cap
 def test_study_table_and_tradeoff_show_the_attack_acr_where_present(tmp_path):
     from acert.records.plots import plot_tradeoff
     from acert.records.study import markdown_table, study_table
-    from test_plots import make_run
+    from tests.test_plots import make_run
 
     study = tmp_path / "study"
     runs = [
@@ -269,7 +276,7 @@ def test_study_table_and_tradeoff_show_the_attack_acr_where_present(tmp_path):
 
 
 def test_plot_draws_a_best_of_certificate(tmp_path, capsys):
-    from test_plots import make_run
+    from tests.test_plots import make_run
 
     study = tmp_path / "study"
     for kappa, clean, acr in ((0.0, 0.8, 0.1), (0.5, 0.9, 0.05)):
@@ -283,6 +290,7 @@ def test_plot_draws_a_best_of_certificate(tmp_path, capsys):
     assert "a best-of needs two or more" in capsys.readouterr().err
 
 
+@pytest.mark.train
 def test_certify_run_takes_settings_objects_and_caps_crown_memory(run, tmp_path, monkeypatch):
     """The Python form of acert certify: run_settings (defaults from the run) and a
     DataSelection; crown_memory_mib caps each CROWN backward chunk of the evaluation."""

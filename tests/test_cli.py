@@ -8,30 +8,9 @@ import pytest
 import torch
 
 from acert.cli import main
+from tests.kit import short_flags
 
-TINY = [
-    "--dataset",
-    "mnist5k",
-    "--model",
-    "mlp-small",
-    "--train-limit",
-    "200",
-    "--val-size",
-    "40",
-    "--epochs",
-    "2",
-    "--reg-epochs",
-    "1",
-    "--batch-size",
-    "50",
-    "--eval-limit",
-    "60",
-    "--cert-eps",
-    "0.1,0.2",
-    "--eval-pgd-steps",
-    "2",
-    "--quiet",
-]
+TINY = short_flags(eval_pgd_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +20,13 @@ def trained_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.train
 def test_train_prints_metrics_and_writes_the_run(trained_run, capsys):
     assert (trained_run / "test_metrics.json").is_file()
     assert (trained_run / "checkpoints" / "last.pt").is_file()
 
 
+@pytest.mark.train
 def test_certify_with_crown_writes_json(trained_run, capsys):
     assert (
         main(
@@ -95,6 +76,7 @@ def test_bad_input_is_one_line_with_exit_status_2(argv, message, capsys):
     assert err.count("\n") == 1
 
 
+@pytest.mark.train
 def test_certify_rejects_eps_beyond_eps_max_and_corrupt_checkpoints(trained_run, tmp_path, capsys):
     assert main(["certify", str(trained_run), "--eps", "0.5"]) == 2
     assert "certification eps 0.5 exceeds eps_max=0.4; raise --eps-max" in capsys.readouterr().err
@@ -113,6 +95,7 @@ def test_console_script_runs_as_a_module():
     assert "mnist5k" in done.stdout and "acert" in done.stdout and "cnn7" in done.stdout
 
 
+@pytest.mark.train
 def test_certify_check_float64_finds_no_failing_certificate(trained_run, capsys):
     argv = ["certify", str(trained_run), "--limit", "30", "--pgd-steps", "0", "--check-float64"]
     assert main([*argv, "--quiet", "--out", str(trained_run / "f64.json")]) == 0
@@ -124,6 +107,7 @@ def test_certify_check_float64_finds_no_failing_certificate(trained_run, capsys)
     )
 
 
+@pytest.mark.train
 def test_export_command_writes_onnx_and_properties(trained_run, tmp_path, capsys):
     onnx_path, vnnlib = tmp_path / "bench" / "onnx" / "model.onnx", tmp_path / "bench" / "vnnlib"
     argv = ["export", str(trained_run), "--onnx", str(onnx_path), "--vnnlib", str(vnnlib)]

@@ -7,10 +7,10 @@ import pytest
 
 from acert.cli import main
 from acert.records.runs import RunDir
-from test_cli import TINY as CLI_TINY
+from tests.kit import short_flags
 
-# the tiny run of test_cli.py, without a PGD evaluation (a later flag wins in argparse)
-TINY = [*CLI_TINY, "--cert-eps", "0.1", "--eval-pgd-steps", "0", "--threads", "1"]
+# the short run without a PGD evaluation
+TINY = short_flags(cert_eps=[0.1], eval_pgd_steps=0, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +28,7 @@ def one_line_error(argv, capsys) -> str:
     return err
 
 
+@pytest.mark.train
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -51,6 +52,7 @@ def test_train_options_are_checked_before_anything_runs(argv, message, capsys, t
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.train
 def test_train_data_sizes_beyond_the_dataset_are_errors(tmp_path, capsys):
     out = tmp_path / "run"
     err = one_line_error(["train", "--train-limit", "999999", "--out", str(out)], capsys)
@@ -60,6 +62,7 @@ def test_train_data_sizes_beyond_the_dataset_are_errors(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.train
 def test_train_out_and_config_of_the_wrong_kind(tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
@@ -75,6 +78,7 @@ def test_train_out_and_config_of_the_wrong_kind(tmp_path, capsys):
     assert not nothere.exists()
 
 
+@pytest.mark.train
 def test_a_folder_name_that_reads_as_a_number_is_a_folder_name(tmp_path, monkeypatch):
     from acert.cli import _config_from_args, _parser
 
@@ -84,6 +88,7 @@ def test_a_folder_name_that_reads_as_a_number_is_a_folder_name(tmp_path, monkeyp
     assert config.out == "2024" and config.data_dir == "yes"
 
 
+@pytest.mark.train
 def test_resume_needs_only_the_run_folder(run, capsys, tmp_path):
     """The saved config is the base of a resume: ``acert train --out RUN --resume`` continues
     a run started with any flags; a flag that changes what is computed is refused."""
@@ -102,11 +107,13 @@ def test_resume_needs_only_the_run_folder(run, capsys, tmp_path):
     )
 
 
+@pytest.mark.train
 def test_no_attack_steps_reports_no_pgd_accuracy(run):
     """0 PGD steps would report the clean accuracy under the name of PGD accuracy."""
     assert json.loads((run / "test_metrics.json").read_text())["pgd_accuracy"] == {}
 
 
+@pytest.mark.train
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -134,6 +141,7 @@ def copy_of(run, folder):
     return folder
 
 
+@pytest.mark.train
 @pytest.mark.parametrize(
     ("config", "message"),
     [
@@ -151,6 +159,7 @@ def test_certify_a_run_whose_config_is_not_resolved(run, tmp_path, capsys, confi
     assert not (copy / "certify_ibp.json").exists()
 
 
+@pytest.mark.train
 def test_certify_a_run_whose_config_caps_above_one(run, tmp_path, capsys):
     """The run's own eps_max, out of range, is named as the config key, not as --eps-max."""
     copy = copy_of(run, tmp_path / "copy")
@@ -161,6 +170,7 @@ def test_certify_a_run_whose_config_caps_above_one(run, tmp_path, capsys):
     assert "config.yaml: eps_max must lie in (0, 1] pixel units, got 5.0" in err
 
 
+@pytest.mark.train
 def test_certify_out_is_checked_before_the_work(run, tmp_path, capsys):
     assert "is a folder; --out takes a file name" in one_line_error(
         ["certify", str(run), "--out", str(tmp_path)], capsys
@@ -172,6 +182,7 @@ def test_certify_out_is_checked_before_the_work(run, tmp_path, capsys):
     )
 
 
+@pytest.mark.train
 def test_certify_elsewhere_keeps_the_runs_own_certificate(run, capsys):
     """A certification on another cap is written beside, not over, certify_ibp.json."""
     common = ["certify", str(run), "--limit", "20", "--pgd-steps", "0", "--quiet"]
@@ -204,6 +215,7 @@ def test_bench_json_target_is_checked_before_measuring(tmp_path, capsys):
     )
 
 
+@pytest.mark.train
 def test_paths_of_the_wrong_kind_for_sweep_plot_and_download(tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
@@ -227,6 +239,7 @@ def test_usage_errors_are_one_line(capsys):
     assert err.count("\n") == 1 and "invalid choice: 'trian'" in err and "--help" in err
 
 
+@pytest.mark.train
 def test_a_diverged_run_before_any_checkpoint_promises_none(tmp_path, capsys):
     out = tmp_path / "run"
     err = one_line_error(["train", *TINY, "--lr", "1e30", "--out", str(out)], capsys)

@@ -17,7 +17,7 @@ from acert import data
 from acert.config import PRESETS, TrainConfig, resolve
 from acert.data import loading, readers
 from acert.foundation.errors import DatasetError
-from conftest_data_helpers import (
+from tests.kit.data import (
     IMAGES_MAGIC,
     idx_bytes,
     one_line_error,

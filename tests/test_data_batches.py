@@ -7,7 +7,7 @@ import torch
 
 from acert import data
 from acert.data.batches import _crop_flip
-from conftest_data_helpers import numbered_imageset, one_line_error, row_ids
+from tests.kit.data import numbered_imageset, one_line_error, row_ids
 
 
 # ------------------------------------------------------------------------------------ splits

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from acert import data
 from acert.data import remote
-from conftest_data_helpers import one_line_error, write_cifar, write_file
+from tests.kit.data import one_line_error, write_cifar, write_file
 
 
 # ---------------------------------------------------------------------------------- download

@@ -45,7 +45,6 @@ import copy
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -66,21 +65,19 @@ from acert.methods import Batch, Step, WarmupRegularizer, create_method
 from acert.records.runs import RunDir, build_model
 from acert.workflows.train.ddp import distributed_loss
 from acert.workflows.train.run import run, training_sets
+from tests.kit import TINY_RUN
+from tests.kit.processes import torchrun
 
 CONFIG = {
-    "dataset": "mnist5k",
-    "model": "mlp-small",
+    **TINY_RUN,
     "method": "acert",
     "train_limit": 512,
     "val_size": 50,
     "epochs": 2,
-    "stn_epochs": 1,
-    "reg_epochs": 1,
     "batch_size": 32,
     "eval_limit": 300,
     "cert_eps": [0.005],
     "eval_pgd_steps": 1,
-    "lr": 2e-3,
     "lambda_tight": 0.0,  # no warm-up regularisers end to end: see the module docstring
     "lambda_relu": 0.0,
 }
@@ -98,22 +95,6 @@ EPOCH_TOLERANCES = {  # key: (rel, abs); see the module docstring
 
 def quiet(_line: str) -> None:
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --nproc_per_node 2 ... args`` on CPU threads of 1."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    command += ["--master_port", str(free_port()), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return done
 
 
 def train_on_two(config_file: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -140,7 +121,7 @@ def two(tmp_path_factory, config_file):
     """The two-process run, started through this file so that rank 1 may not write to ``out``."""
     out = tmp_path_factory.mktemp("two") / "run"
     argv = ["train", "--config", str(config_file), "--out", str(out), "--quiet"]
-    return torchrun(__file__, "acert-train", *argv), out
+    return torchrun("-m", "tests.test_distributed", "acert-train", *argv), out
 
 
 def noise_driven(model: nn.Sequential) -> set[str]:
@@ -176,11 +157,13 @@ def assert_same_training(one, folder: Path) -> None:
             assert torch.allclose(theirs[name].float(), value.float(), rtol=0, atol=1e-4), name
 
 
+@pytest.mark.train
 def test_two_processes_train_like_one(one, two):
     assert one.test.clean_accuracy > 0.5 and one.test.certified_accuracy[0.005] > 0.2
     assert_same_training(one, two[1])
 
 
+@pytest.mark.train
 def test_two_processes_compute_the_same_function_in_train_mode(one, two):
     """With batch statistics the biases before batch-norm cancel: the functions agree."""
     mine, theirs = copy.deepcopy(one.model).train(), copy.deepcopy(one.model).train()
@@ -190,6 +173,7 @@ def test_two_processes_compute_the_same_function_in_train_mode(one, two):
         assert torch.allclose(theirs(x), mine(x), rtol=0, atol=5e-4)
 
 
+@pytest.mark.train
 def test_only_rank_zero_writes_and_prints(one, two):
     """Rank 1 ran under an audit hook refusing any write into the run folder (``two``)."""
     done, folder = two
@@ -204,6 +188,7 @@ class InterruptError(Exception):
     pass
 
 
+@pytest.mark.train
 def test_two_processes_resume_a_run_one_process_started(one, tmp_path, config_file):
     out = tmp_path / "resumed"
 
@@ -220,6 +205,7 @@ def test_two_processes_resume_a_run_one_process_started(one, tmp_path, config_fi
     assert_same_training(one, out)
 
 
+@pytest.mark.train
 def test_an_indivisible_batch_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -243,8 +229,9 @@ def test_shards_cover_the_global_batch(batch, world_size):
         assert all(weight == 1.0 for weight in weights)
 
 
+@pytest.mark.train
 def test_batch_norm_uses_the_statistics_of_the_global_batch():
-    done = torchrun(__file__, "batch-norm")
+    done = torchrun("-m", "tests.test_distributed", "batch-norm")
     assert done.stdout.count("batch-norm ok") == 2
 
 
@@ -256,7 +243,7 @@ def _batch_norm_loss(logits: torch.Tensor, stats) -> torch.Tensor:
 def _batch_norm_worker() -> None:
     """Two processes hold 4 and 5 of 9 inputs of a net with BatchNorm2d and BatchNorm1d; their
     clean_forward must give one process's logits, statistics, running averages and gradients."""
-    from conftest import build_tiny_net
+    from tests.kit.nets import build_tiny_net
 
     model, shape = build_tiny_net("cnn-bn", seed=3)
     model.train()
@@ -287,8 +274,9 @@ def _batch_norm_worker() -> None:
     print("batch-norm ok", flush=True)
 
 
+@pytest.mark.train
 def test_a_warm_up_step_on_two_processes_is_one_step_on_one():
-    done = torchrun(__file__, "warm-up-step")
+    done = torchrun("-m", "tests.test_distributed", "warm-up-step")
     assert done.stdout.count("warm-up step ok") == 2
 
 

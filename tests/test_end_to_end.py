@@ -10,26 +10,29 @@ from acert.config import TrainConfig
 from acert.data import load_imageset, stratified_subset
 from acert.radius.attacks import pgd_attack
 from acert.workflows.train.run import run
+from tests.kit import tiny_run
 
 
 def budget(method: str) -> TrainConfig:
-    return TrainConfig(
-        dataset="mnist5k",
+    return tiny_run(
         method=method,
         model="cnn7-tiny",
         train_limit=1200,
         val_size=100,
         epochs=8,
         reg_epochs=4,
+        stn_epochs=TrainConfig.stn_epochs,
         batch_size=32,
         eval_limit=400,
         eps_max=0.1,
         cert_eps=[0.05, 0.1],
         eval_pgd_steps=5,
+        lr=None,
         seed=1,
     )
 
 
+@pytest.mark.train
 @pytest.mark.slow
 def test_acert_raises_acr_well_above_standard_training(tmp_path):
     acert = run(budget("acert"), out=tmp_path / "acert", progress=False, log=lambda _: None)

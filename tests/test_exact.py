@@ -13,7 +13,7 @@ from acert.bounds import margin_bounds
 from acert.models import Normalize, Residual
 
 try:
-    from exact import (
+    from tests.kit.exact import (
         count_binaries,
         exact_certified,
         exact_min_margins,

@@ -22,7 +22,7 @@ from acert.records.runs import RunDir, build_model, load
 from acert.workflows.certify.runs import DataSelection
 from acert.workflows.export.fold import AddConstant, fold_normalize
 from acert.workflows.export.run import PropertySettings, export_run
-from conftest_data_helpers import write_cifar
+from tests.kit.data import write_cifar
 
 HAS_EXPORT_EXTRA = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
 needs_onnx = pytest.mark.skipif(

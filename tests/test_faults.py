@@ -47,6 +47,7 @@ def completed_epochs(folder) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.train
 def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run([*TRAIN, "--out", str(straight)], env=ENV, check=True, capture_output=True)
@@ -80,6 +81,7 @@ def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     assert completed_epochs(killed) == 4
 
 
+@pytest.mark.train
 def test_missing_dataset_files_leave_no_run_folder(tmp_path, capsys):
     from acert.cli import main
 

@@ -12,19 +12,9 @@ from acert.config import TrainConfig, config_from_dict, resolve
 from acert.foundation.errors import ConfigError
 from acert.records.loggers import TensorBoardLogger
 from acert.workflows.train.run import run
+from tests.kit import SHORT_RUN
 
-TINY = dict(
-    dataset="mnist5k",
-    model="mlp-small",
-    train_limit=200,
-    val_size=40,
-    epochs=2,
-    reg_epochs=1,
-    batch_size=50,
-    eval_limit=30,
-    eval_pgd_steps=0,
-    cert_eps=[0.1, 0.3],
-)
+TINY = {**SHORT_RUN, "eval_limit": 30, "eval_pgd_steps": 0, "cert_eps": [0.1, 0.3]}
 
 
 class InterruptError(Exception):
@@ -50,6 +40,7 @@ def tensorboard_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.train
 def test_the_event_files_hold_each_epochs_metrics(tensorboard_run):
     board = events(tensorboard_run / "tensorboard")
     with open(tensorboard_run / "metrics.csv") as stream:
@@ -88,6 +79,7 @@ def test_the_event_files_hold_each_epochs_metrics(tensorboard_run):
         assert value.sum / value.num == pytest.approx(mean, rel=1e-5, abs=1e-7)
 
 
+@pytest.mark.train
 def test_a_resumed_run_logs_the_epochs_it_trains(tmp_path):
     pytest.importorskip("tensorboard")
     out = tmp_path / "run"
@@ -104,12 +96,14 @@ def test_a_resumed_run_logs_the_epochs_it_trains(tmp_path):
     assert sorted(steps) == [1, 2]
 
 
+@pytest.mark.train
 def test_the_csv_logger_writes_no_event_files(tmp_path):
     out = tmp_path / "run"
     run(TrainConfig(**{**TINY, "epochs": 1}), out=out, progress=False, log=lambda _: None)
     assert (out / "metrics.csv").is_file() and not (out / "tensorboard").exists()
 
 
+@pytest.mark.train
 def test_without_the_package_tensorboard_is_one_line_and_trains_nothing(
     tmp_path, monkeypatch, capsys
 ):

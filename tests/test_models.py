@@ -7,13 +7,13 @@ from torch import nn
 
 import acert.data
 from acert.bounds import METHODS
-from acert.config import TrainConfig
 from acert.foundation.errors import ConfigError
 from acert.models import Normalize, Residual, cnn7, create_model, ibp_init_, list_models, resnet
 from acert.radius import radius_search
 from acert.radius.attacks import pgd_attack
 from acert.records.runs import load
 from acert.workflows.train.run import run
+from tests.kit import tiny_run
 
 
 def test_normalize_is_per_channel_affine():
@@ -100,26 +100,14 @@ def test_resnet_shapes_and_structure(shape, blocks):
     assert [type(m) for m in net].count(nn.AvgPool2d) == 1
 
 
+@pytest.mark.train
 def test_resnet_tiny_trains_end_to_end_and_certifies(tmp_path):
     """IBP training of resnet-tiny on digits through acert.workflows.train.run.run (18 steps), then
     the trained network's certificates with every bound: PGD cannot break them. (After 18 steps
     the running batch-norm statistics are far from the batches', so the eval-mode network
     predicts poorly; the training accuracy shows that it learns.)"""
-    config = TrainConfig(
-        dataset="mnist5k",
-        model="resnet-tiny",
-        method="ibp",
-        train_limit=300,
-        val_size=20,
-        epochs=3,
-        reg_epochs=1,
-        stn_epochs=1,
-        batch_size=50,
-        eval_limit=20,
-        cert_eps=[0.01],
-        eval_pgd_steps=2,
-        eps_max=0.05,
-        lr=2e-3,
+    config = tiny_run(
+        model="resnet-tiny", method="ibp", val_size=20, eval_limit=20, cert_eps=[0.01], eps_max=0.05
     )
     run(config, out=tmp_path / "run", progress=False, log=lambda line: None)
     model = load(tmp_path / "run")

@@ -14,8 +14,8 @@ import torch
 from acert.bounds import margin_bounds
 from acert.radius import radius_search
 from acert.radius.attacks import margin_loss, pgd_attack
-from exact import exact_radius
-from radius_helpers import (
+from tests.kit.exact import exact_radius
+from tests.kit.radius import (
     EPS_MAX,
     METHODS,
     SEARCHES,

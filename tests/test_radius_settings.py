@@ -20,7 +20,7 @@ from acert.radius import (
     certified_radius,
     radius_search,
 )
-from radius_helpers import (
+from tests.kit.radius import (
     EPS_MAX,
     METHODS,
     SEARCHES,

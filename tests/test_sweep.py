@@ -12,36 +12,13 @@ from acert.config import TrainConfig
 from acert.foundation.errors import ConfigError
 from acert.records.study import study_table
 from acert.workflows.sweep.run import parse_bounds, parse_grid, run_state, sweep
+from tests.kit import SHORT_RUN, InterruptError, quiet, short_flags, tiny_run
 
-TINY = dict(
-    dataset="mnist5k",
-    model="mlp-small",
-    train_limit=200,
-    val_size=40,
-    epochs=2,
-    reg_epochs=1,
-    batch_size=50,
-    eval_limit=60,
-    eval_pgd_steps=1,
-    cert_eps=[0.1, 0.2],
-)
-TINY_FLAGS = [
-    *("--dataset", "mnist5k", "--model", "mlp-small", "--train-limit", "200"),
-    *("--val-size", "40", "--epochs", "2", "--reg-epochs", "1", "--batch-size", "50"),
-    *("--eval-limit", "60", "--eval-pgd-steps", "1", "--cert-eps", "0.1,0.2", "--quiet"),
-]
+TINY_FLAGS = short_flags()
 
 
 def tiny(method: str = "acert", **overrides) -> TrainConfig:
-    return TrainConfig(method=method, **{**TINY, **overrides})
-
-
-def quiet(_line: str) -> None:
-    pass
-
-
-class InterruptError(Exception):
-    pass
+    return tiny_run(SHORT_RUN, method=method, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +47,7 @@ def counted(monkeypatch):
     return calls
 
 
+@pytest.mark.train
 def test_each_point_trains_into_its_own_run_and_the_table_has_both_bounds(study):
     folder, runs = study
     assert [run.name for run in runs] == ["acert-kappa0", "acert-kappa0.5"]
@@ -93,6 +71,7 @@ def test_each_point_trains_into_its_own_run_and_the_table_has_both_bounds(study)
     assert "| ACR IBP | ACR CROWN |" in markdown and "acert-kappa0.5" in markdown
 
 
+@pytest.mark.train
 def test_a_second_sweep_trains_and_certifies_nothing(study, counted):
     folder, _ = study
     runs = sweep(tiny(), {"kappa": ["0", "0.50"]}, folder, certify_limit=30, log=quiet)
@@ -100,6 +79,7 @@ def test_a_second_sweep_trains_and_certifies_nothing(study, counted):
     assert counted == {"train": [], "certify": []}
 
 
+@pytest.mark.train
 def test_a_finished_run_with_other_settings_is_an_error(study, counted):
     folder, _ = study
     with pytest.raises(ConfigError, match=r"trained with other settings \(epochs\)"):
@@ -107,6 +87,7 @@ def test_a_finished_run_with_other_settings_is_an_error(study, counted):
     assert counted["train"] == []
 
 
+@pytest.mark.train
 def test_a_new_certify_limit_recertifies_without_training(study, tmp_path, counted):
     folder = shutil.copytree(study[0], tmp_path / "study")
     sweep(tiny(), {"kappa": [0.5]}, folder, bounds=["crown"], certify_limit=20, log=quiet)
@@ -114,6 +95,7 @@ def test_a_new_certify_limit_recertifies_without_training(study, tmp_path, count
     assert [row["crown_n"] for row in study_table(folder)] == [20, 20]
 
 
+@pytest.mark.train
 def test_a_certificate_of_another_dataset_or_cap_is_not_the_runs_column(study, tmp_path, counted):
     """An older certify_ibp.json made on other data is left out of the table and redone."""
     folder = shutil.copytree(study[0], tmp_path / "study")
@@ -126,6 +108,7 @@ def test_a_certificate_of_another_dataset_or_cap_is_not_the_runs_column(study, t
     assert study_table(folder)[1]["ibp_acr"] == pytest.approx(own["acr"])
 
 
+@pytest.mark.train
 def test_an_interrupted_point_is_resumed_and_completed(tmp_path, counted):
     def stop_after_first_epoch(line: str) -> None:
         if line.startswith("epoch 1/2"):
@@ -144,6 +127,7 @@ def test_an_interrupted_point_is_resumed_and_completed(tmp_path, counted):
     assert [row["run"] for row in study_table(folder)] == ["standard"]
 
 
+@pytest.mark.train
 def test_a_second_method_adds_rows_to_the_study(study, tmp_path):
     folder = shutil.copytree(study[0], tmp_path / "study")
     runs = sweep(tiny("standard"), {}, folder, certify_limit=30, log=quiet)
@@ -154,6 +138,7 @@ def test_a_second_method_adds_rows_to_the_study(study, tmp_path):
     assert len((folder / "study.csv").read_text().splitlines()) == 4
 
 
+@pytest.mark.train
 @pytest.mark.parametrize(
     ("grid", "message"),
     [
@@ -173,6 +158,7 @@ def test_a_bad_grid_is_one_line_and_trains_nothing(grid, message, tmp_path, coun
     assert counted["train"] == [] and not (tmp_path / "study").exists()
 
 
+@pytest.mark.train
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -199,6 +185,7 @@ def test_parse_grid_and_bounds():
         parse_bounds("ibp,lp")
 
 
+@pytest.mark.train
 def test_sweep_and_plot_commands(tmp_path, capsys):
     folder = tmp_path / "study"
     argv = ["sweep", *TINY_FLAGS, "--method", "acert,standard", "--grid", "kappa=0.25"]

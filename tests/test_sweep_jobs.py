@@ -15,7 +15,8 @@ from acert.foundation.threads import thread_share
 from acert.records.study import study_table
 from acert.workflows.sweep.jobs import Job, make_launcher, parse_slurm_options, run_jobs
 from acert.workflows.sweep.run import run_state, sweep
-from test_sweep import TINY_FLAGS, InterruptError, quiet, tiny
+from tests.kit import InterruptError, quiet
+from tests.test_sweep import TINY_FLAGS, tiny
 
 TIMES = ("train_seconds", "time")
 
@@ -24,6 +25,7 @@ def without_times(rows):
     return [{k: v for k, v in row.items() if k not in TIMES} for row in rows]
 
 
+@pytest.mark.train
 def test_two_jobs_give_the_study_one_process_gives(tmp_path):
     grid = {"kappa": [0, 0.5]}
     options = dict(bounds=["ibp"], certify_limit=30)
@@ -42,6 +44,7 @@ def test_two_jobs_give_the_study_one_process_gives(tmp_path):
     assert "2 points, 2 at once" in "\n".join(lines)
 
 
+@pytest.mark.train
 def test_jobs_skip_finished_points_and_resume_an_interrupted_one(tmp_path):
     folder = tmp_path / "study"
     sweep(tiny("standard"), {"seed": [0]}, folder, bounds=["ibp"], log=quiet)
@@ -64,6 +67,7 @@ def test_jobs_skip_finished_points_and_resume_an_interrupted_one(tmp_path):
     assert [row["run"] for row in study_table(folder)] == ["standard-seed0", "standard-seed1"]
 
 
+@pytest.mark.train
 def test_a_failing_point_is_one_line_naming_the_point_and_its_log(tmp_path):
     nowhere = str(tmp_path / "nowhere")
     config = tiny("standard", dataset="fashion-mnist", data_dir=nowhere, cert_eps=[0.1])
@@ -125,6 +129,7 @@ def test_an_interrupt_cancels_the_running_jobs(tmp_path):
     assert launcher.events == ["start a", "start b", "cancel a", "cancel b"]
 
 
+@pytest.mark.train
 def test_the_local_launcher_runs_the_points_as_submitit_jobs(tmp_path, capsys):
     pytest.importorskip("submitit")
     folder = tmp_path / "study"
@@ -137,6 +142,7 @@ def test_the_local_launcher_runs_the_points_as_submitit_jobs(tmp_path, capsys):
     assert any((folder / "submitit").glob("*_log.out"))  # submitit's own job records
 
 
+@pytest.mark.train
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -158,6 +164,7 @@ def test_launcher_errors_are_one_line_and_run_nothing(flags, message, tmp_path, 
     assert not study.exists()
 
 
+@pytest.mark.train
 def test_without_submitit_the_launcher_names_the_install(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit fails
     study = tmp_path / "study"

@@ -10,31 +10,18 @@ from acert.config import TrainConfig
 from acert.foundation.errors import CheckpointError
 from acert.records.runs import RunDir, load
 from acert.workflows.train.run import TrainingDivergedError, run
+from tests.kit import tiny_run
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    values = dict(
-        dataset="mnist5k",
-        model="mlp-small",
-        train_limit=300,
-        val_size=60,
-        epochs=3,
-        reg_epochs=1,
-        stn_epochs=1,
-        batch_size=50,
-        eval_limit=100,
-        cert_eps=[0.1],
-        eval_pgd_steps=2,
-        lr=2e-3,
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
+    return tiny_run(**overrides)
 
 
 def quiet(_line: str) -> None:
     pass
 
 
+@pytest.mark.train
 def test_run_writes_the_run_folder(tmp_path):
     result = run(tiny_config(), out=tmp_path / "run", progress=False, log=quiet)
     folder = RunDir(tmp_path / "run")
@@ -66,6 +53,7 @@ class InterruptError(Exception):
     pass
 
 
+@pytest.mark.train
 def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     straight = run(tiny_config(), out=tmp_path / "straight", progress=False, log=quiet)
 
@@ -109,6 +97,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     assert seconds["train_seconds"] >= interrupted["seconds"] + resumed.history[-1]["epoch_seconds"]
 
 
+@pytest.mark.train
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     original = standard_module.Standard.loss
     calls = {"n": 0}

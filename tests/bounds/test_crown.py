@@ -15,7 +15,7 @@ from acert.bounds import clean_forward, input_box, margin_bounds
 from acert.bounds.crown import crown_margins, relu_relaxation
 from acert.bounds.interval import Interval
 from acert.models import Normalize
-from exact import exact_min_margins
+from tests.kit.exact import exact_min_margins
 
 from .test_ibp import HAND_EPS, HAND_IBP, HAND_X, HAND_Y, hand_net
 

@@ -134,7 +134,7 @@ def test_radius_search_input_errors(tiny_net, mode):
 def test_rounding_allowance_lowers_every_bound_by_its_share_of_the_magnitude(monkeypatch):
     import acert.bounds.spec
     from acert.bounds import margin_bounds
-    from conftest import build_tiny_net
+    from tests.kit.nets import build_tiny_net
 
     model, shape = build_tiny_net("mlp")
     x = torch.rand(6, *shape)

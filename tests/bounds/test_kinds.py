@@ -36,7 +36,7 @@ from acert.bounds.steps import LayerKind
 from acert.models import Normalize
 from acert.radius import radius_search
 from acert.radius.attacks import pgd_attack
-from exact import exact_certified, exact_min_margins
+from tests.kit.exact import exact_certified, exact_min_margins
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

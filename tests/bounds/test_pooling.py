@@ -15,7 +15,7 @@ from acert.bounds.kinds import walk
 from acert.bounds.pooling import MAXPOOL2D
 from acert.bounds.steps import BackwardContext
 from acert.models import Normalize
-from exact import exact_min_margins
+from tests.kit.exact import exact_min_margins
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -20,9 +20,7 @@ from acert.methods import (
     SABR,
     STAPS,
     TAPS,
-    Batch,
     PGDTraining,
-    Step,
     TrainingAttack,
     WarmupRegularizer,
     create_method,
@@ -31,7 +29,7 @@ from acert.methods import (
 )
 from acert.methods import crown_ibp as crown_ibp_module
 from acert.methods.base import certified_objective, ibp_pass
-from acert.models import Normalize
+from tests.kit.methods import loss_of, make_batch, small_net, step
 
 BASELINES = ("pgd", "ibp", "crown-ibp", "sabr", "mtl-ibp", "cc-ibp", "exp-ibp", "taps", "staps")
 
@@ -39,34 +37,6 @@ BASELINES = ("pgd", "ibp", "crown-ibp", "sabr", "mtl-ibp", "cc-ibp", "exp-ibp", 
 @pytest.fixture(autouse=True)
 def _one_thread(single_thread):
     """Tiny tensors: one intra-op thread (see the ``single_thread`` fixture)."""
-
-
-def small_net(seed: int = 0) -> nn.Sequential:
-    """(1, 6, 6) -> 3 classes: conv-BN-ReLU, linear-BN-ReLU, linear; in train mode."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        Normalize([0.5], [0.3]),
-        nn.Conv2d(1, 4, 3, stride=2, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 3 * 3, 12),
-        nn.BatchNorm1d(12),
-        nn.ReLU(),
-        nn.Linear(12, 3),
-    ).train()
-
-
-def make_batch(size: int = 24, seed: int = 1) -> Batch:
-    """Images whose label is the brightest of three horizontal bands."""
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.rand(size, 1, 6, 6, generator=generator)
-    y = torch.stack([x[:, 0, 2 * k : 2 * k + 2].mean((1, 2)) for k in range(3)], 1).argmax(1)
-    return Batch(x, y, torch.arange(size))
-
-
-def step(eps: float = 0.02, eps_max: float = 0.04, warmup: bool = True) -> Step:
-    return Step(index=50, epoch=3, eps=eps, eps_max=eps_max, warmup=warmup)
 
 
 def config(method: str, **overrides) -> TrainConfig:
@@ -86,12 +56,6 @@ def config(method: str, **overrides) -> TrainConfig:
         "pgd_restarts": 2,
     }
     return TrainConfig(method=method, **{**knobs, **overrides})
-
-
-def loss_of(method, model: nn.Sequential, batch: Batch, at: Step, seed: int = 0) -> float:
-    """The method's loss on a copy of ``model`` (running statistics untouched), fixed RNG."""
-    torch.manual_seed(seed)
-    return method.loss(copy.deepcopy(model), batch, at).loss.item()
 
 
 def batchnorm_buffers(model: nn.Module) -> list[torch.Tensor]:

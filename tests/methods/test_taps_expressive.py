@@ -4,11 +4,9 @@ test_baselines; then short real runs that train, resume and certify with each of
 
 import copy
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from test_baselines import loss_of, make_batch, small_net, step
 from torch import nn
 
 from acert.bounds import Interval, clean_forward, input_box
@@ -32,6 +30,9 @@ from acert.methods.exp_ibp import global_mean, log_product, robust_cross_entropi
 from acert.methods.taps import connect, taps_objective, taps_pass
 from acert.records.runs import RunDir
 from acert.workflows.train.run import run
+from tests.kit import tiny_run
+from tests.kit.methods import loss_of, make_batch, small_net, step
+from tests.kit.processes import torchrun
 
 NEW_METHODS = ("cc-ibp", "exp-ibp", "taps", "staps")
 
@@ -229,14 +230,12 @@ def test_a_head_as_long_as_the_network_is_a_config_error():
 # --- two processes -------------------------------------------------------------------------------
 
 
+@pytest.mark.train
 def test_product_losses_on_two_processes_are_the_one_process_losses():
     """L_TAPS·L_IBP and L_adv^(1-α)·L_IBP^α of global-batch means: two processes holding 5 and 6
     of 11 samples, weighting their losses and averaging their gradients as training does, get
     one process's loss and gradients (a product of per-process means would not)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from test_distributed import torchrun
-
-    done = torchrun(__file__, "product-losses")
+    done = torchrun("-m", "tests.methods.test_taps_expressive", "product-losses")
     assert done.stdout.count("product losses ok") == 2
 
 
@@ -277,14 +276,10 @@ def _product_losses_worker() -> None:
 
 
 def tiny(method: str) -> TrainConfig:
-    return TrainConfig(
-        dataset="mnist5k",
-        model="mlp-small",
+    return tiny_run(
         method=method,
         train_limit=120,
         val_size=20,
-        epochs=3,
-        reg_epochs=1,
         stn_epochs=0,
         batch_size=40,
         eval_limit=40,
@@ -293,6 +288,7 @@ def tiny(method: str) -> TrainConfig:
         eval_pgd_steps=1,
         pgd_steps=2,
         pgd_restarts=2,
+        lr=None,
     )
 
 
@@ -300,6 +296,7 @@ class InterruptError(Exception):
     pass
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("method", NEW_METHODS)
 def test_a_run_trains_resumes_to_the_same_weights_and_certifies(method, tmp_path):
     straight = run(tiny(method), out=tmp_path / "straight", progress=False, log=lambda _: None)

@@ -30,14 +30,17 @@ from acert.config.resolve import (
     resolve,
     validate,
 )
+from acert.config.tiny import BENCH_RUN, TINY_RUN, tiny_run
 from acert.config.values import config_from_dict, load_yaml, parse_override
 
 __all__ = [
+    "BENCH_RUN",
     "CROSS_CHECKS",
     "GIVEN_MODEL",
     "LOGGERS",
     "PRESETS",
     "SYSTEM_KEYS",
+    "TINY_RUN",
     "CrossCheck",
     "Key",
     "TrainConfig",
@@ -53,5 +56,6 @@ __all__ = [
     "parse_device",
     "parse_override",
     "resolve",
+    "tiny_run",
     "validate",
 ]

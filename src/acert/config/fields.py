@@ -281,6 +281,29 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def as_flags(self) -> list[str]:
+        """The command-line flags that give this config: one per key that differs from its
+        default (``["--epochs", "2", "--cert-eps", "0.1,0.2"]``)."""
+        flags = []
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            has_default = item.default is not dataclasses.MISSING
+            default = item.default if has_default else item.default_factory()  # type: ignore[misc]
+            if value != default:
+                flags += ["--" + item.name.replace("_", "-"), _flag_text(value)]
+        return flags
+
+
+def _flag_text(value: Any) -> str:
+    """A key's value as the command line writes it (lists comma-separated, null, true)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return ",".join(_flag_text(item) for item in value)
+    return str(value)
+
 
 def changed_keys(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
     """The keys, other than :data:`SYSTEM_KEYS`, in which two configs differ."""

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from acert.bounds import clean_forward, input_box, margin_bounds_on_box
-from acert.config import TrainConfig, available_device, resolve
+from acert.config import BENCH_RUN, TrainConfig, available_device, resolve, tiny_run
 from acert.data import BatchLoader, load_imageset, stratified_subset
 from acert.foundation.errors import AcertError
 from acert.methods import ACERT, Batch, Step, create_method
@@ -177,17 +177,7 @@ def _reference_runs(settings: BenchSettings, device: torch.device) -> _Reference
         saved = payload.get("method", {})
         memory = saved if "radius_memory" in saved else None
         return _Reference(model, model, resolve(run_config(settings.run)), memory)
-    config = TrainConfig(
-        model=settings.model,
-        train_limit=1500,
-        val_size=0,
-        epochs=4,
-        reg_epochs=2,
-        eval_limit=100,
-        eval_pgd_steps=0,
-        cert_eps=[0.4],
-        device=settings.device,
-    )
+    config = tiny_run(BENCH_RUN, model=settings.model, device=settings.device)
     snapshots: list[dict] = []
     with tempfile.TemporaryDirectory() as folder:
         run_dir = RunDir(folder)

@@ -56,10 +56,7 @@ import torch
 from scipy.optimize import Bounds, OptimizeWarning, milp
 from torch import Tensor, nn
 
-try:
-    from exact_milp import Encoding, Op, encode, forward_float64, network_float64, padded
-except ImportError:  # tests/ imported as a package
-    from tests.exact_milp import Encoding, Op, encode, forward_float64, network_float64, padded
+from tests.kit.exact_milp import Encoding, Op, encode, forward_float64, network_float64, padded
 
 __all__ = [
     "MILP_OPTIONS",
