@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from acert.bounds.layers import check_fixed_normalisation, check_supported
-from acert.config import GIVEN_MODEL, TrainConfig, config_from_dict, resolve
+from acert.config import GIVEN_METHOD, GIVEN_MODEL, TrainConfig, config_from_dict, resolve
 from acert.data import ImageSet, as_imageset, given_dataset
 from acert.evaluation.evaluate import Evaluation, EvaluationSettings, evaluate
 from acert.foundation.errors import AcertError, ConfigError
-from acert.methods import TrainingMethod, create_method, list_methods
+from acert.methods import TRAINING_METHODS, TrainingMethod, create_method, list_methods
 from acert.records.runs import RunDir
 from acert.workflows.train.run import RunInputs, run
 
@@ -57,7 +57,8 @@ def fit(
         eps_max: the training ε at the end of the ramp and the radius cap, pixel units.
         epochs: training epochs.
         method: a method name (``acert list``) or a method object, e.g.
-            ``acert.methods.ACERT(kappa=0.25)``.
+            ``acert.methods.ACERT(kappa=0.25)`` or one of one's own (``loss``, ``state_dict``,
+            ``load_state_dict``; see :class:`acert.methods.TrainingMethod`), registered or not.
         val: validation data (same forms) for model selection by acceps; without it the
             last epoch's model is kept.
         out: run folder (checkpoints, metrics, config, the network): resumable with
@@ -137,13 +138,15 @@ def _method(method: str | TrainingMethod) -> tuple[str, TrainingMethod | None]:
     """The method's config name, and the object when one was given."""
     if isinstance(method, str):
         return method, None
-    name = getattr(method, "name", None)
-    if name not in list_methods() or not callable(getattr(method, "loss", None)):
+    needed = ("loss", "state_dict", "load_state_dict")
+    if not all(callable(getattr(method, part, None)) for part in needed):
         raise ConfigError(
-            f"method must be a name ({', '.join(list_methods())}) or a method object of "
-            f"acert.methods, got {type(method).__name__}"
+            f"method must be a name ({', '.join(list_methods())}) or an object with "
+            f"{', '.join(needed)} (acert.methods.TrainingMethod), got {type(method).__name__}"
         )
-    return name, method
+    entry = TRAINING_METHODS.get(getattr(method, "name", None))
+    registered = entry is not None and type(method) is entry.method_class
+    return (entry.name if registered else GIVEN_METHOD), method
 
 
 def _config(

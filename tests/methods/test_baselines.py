@@ -31,7 +31,8 @@ from acert.methods import crown_ibp as crown_ibp_module
 from acert.methods.base import certified_objective, ibp_pass
 from tests.kit.methods import loss_of, make_batch, small_net, step
 
-BASELINES = ("pgd", "ibp", "crown-ibp", "sabr", "mtl-ibp", "cc-ibp", "exp-ibp", "taps", "staps")
+BASELINES = tuple(name for name in list_methods() if name not in ("acert", "standard"))
+"""Every registered method but ACERT and standard training: a new one is tested here at once."""
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +72,8 @@ def batchnorm_buffers(model: nn.Module) -> list[torch.Tensor]:
 
 
 def test_registry_holds_the_baselines():
-    assert set(BASELINES) | {"acert", "standard"} <= set(list_methods())
+    ten = {"pgd", "ibp", "crown-ibp", "sabr", "mtl-ibp", "cc-ibp", "exp-ibp", "taps", "staps"}
+    assert ten <= set(BASELINES) and {"acert", "standard"} <= set(list_methods())
 
 
 @pytest.mark.parametrize("name", list_methods())

@@ -13,6 +13,7 @@ from __future__ import annotations
 from acert.config.devices import available_device, parse_device
 from acert.config.docs import flag_help, markdown_table
 from acert.config.fields import (
+    GIVEN_METHOD,
     GIVEN_MODEL,
     LOGGERS,
     SYSTEM_KEYS,
@@ -36,6 +37,7 @@ from acert.config.values import config_from_dict, load_yaml, parse_override
 __all__ = [
     "BENCH_RUN",
     "CROSS_CHECKS",
+    "GIVEN_METHOD",
     "GIVEN_MODEL",
     "LOGGERS",
     "PRESETS",

@@ -36,6 +36,7 @@ BOUND = Deferred("acert.evaluation.evaluate", "BOUND")
 STRATEGY = Deferred("acert.radius.settings", "STRATEGY")
 
 __all__ = [
+    "GIVEN_METHOD",
     "GIVEN_MODEL",
     "LOGGERS",
     "SYSTEM_KEYS",
@@ -49,6 +50,10 @@ __all__ = [
 GIVEN_MODEL = "given"
 """The ``model`` of a run whose network was given from Python (``acert.fit``): no registry
 builds it; the run folder keeps it (``model.pt``)."""
+
+GIVEN_METHOD = "given"
+"""The ``method`` of a run trained by ``acert.fit`` with a method object that no registration
+names: only the same object can resume it."""
 
 LOGGERS = ("csv", "tensorboard")
 """Values of the config key ``logger``: metrics.csv alone, or TensorBoard event files beside it
@@ -90,7 +95,7 @@ def _models() -> list[str]:
 def _methods() -> list[str]:
     from acert.methods import list_methods
 
-    return list_methods()
+    return [*list_methods(), GIVEN_METHOD]
 
 
 _UNIT = between(0, 1)
@@ -143,7 +148,7 @@ class TrainConfig:
     method: str = key(
         "acert",
         "the training method (docs/METHOD.md, 'Training loss' and 'Baselines')",
-        OneOf(_methods, "a method of `acert list`"),
+        OneOf(_methods, "a method of `acert list`; given for a method object given to acert.fit"),
     )
     kappa: float = key(
         0.0,

@@ -7,7 +7,8 @@ schedule's ε, sets the ball on which the robust loss is computed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,7 @@ from acert.methods.base import (
     certified_objective,
     standard_phase_terms,
 )
+from acert.methods.registry import register_method
 from acert.methods.warmup import WarmupRegularizer
 from acert.radius import TRAINING_SEARCH, KnownBatch, SearchSettings, radius_search
 from acert.radius.settings import check_settings
@@ -67,6 +69,7 @@ class RadiusMemory:
         self.radius, self.capped = state["radius"].clone(), state["capped"].clone()
 
 
+@register_method("acert", knobs={"kappa": "κ"})
 @dataclass
 class ACERT:
     """The ACERT loss; κ moves the model along the accuracy–robustness trade-off.
@@ -86,7 +89,22 @@ class ACERT:
     search: SearchSettings = TRAINING_SEARCH
     min_warmup_eps: float = MIN_WARMUP_EPS
     memory: RadiusMemory | None = field(default_factory=RadiusMemory)
-    name: str = "acert"
+
+    @classmethod
+    def from_config(cls, config: Any) -> ACERT:
+        """κ, the warm-up regularisers and the training search of the config."""
+        search = replace(
+            TRAINING_SEARCH,
+            strategy=config.radius_search,
+            max_iter=config.radius_max_iter,
+            rtol=config.radius_rtol,
+        )
+        return cls(
+            kappa=config.kappa,
+            regularizer=WarmupRegularizer.from_config(config),
+            search=search,
+            memory=RadiusMemory() if config.radius_warm_start else None,
+        )
 
     def __post_init__(self) -> None:
         check_settings(self.search, "search")

@@ -10,7 +10,7 @@ terms of a loss are computed on one and the same function.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -301,6 +301,11 @@ class TrainingAttack:
     steps: int = 10
     step_size: float | None = None
     restarts: int = 1
+
+    @classmethod
+    def from_config(cls, config: Any) -> TrainingAttack:
+        """The config's ``pgd_steps``, ``pgd_step_size`` and ``pgd_restarts``."""
+        return cls(config.pgd_steps, config.pgd_step_size, config.pgd_restarts)
 
     def __post_init__(self) -> None:
         ATTACK_STEPS.check(self.steps, "pgd_steps")

@@ -21,12 +21,14 @@ Shi et al. 2021 regularisers on the IBP pass during warm-up).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import Tensor
 
 from acert.bounds.spec import other_classes
 from acert.methods.base import robust_cross_entropy
 from acert.methods.expressive import ExpressiveLoss
+from acert.methods.registry import register_method
 
 __all__ = ["CCIBP", "logit_margins"]
 
@@ -42,11 +44,12 @@ def logit_margins(logits: Tensor, y: Tensor) -> Tensor:
     return logits.gather(1, y.unsqueeze(1)) - others
 
 
+@register_method("cc-ibp", knobs={"cc_alpha": "α"})
 @dataclass
 class CCIBP(ExpressiveLoss):
     """Robust CE of ``(1-α)·m_adv + α·m_IBP`` (docs/METHOD.md (M18)); α is ``cc_alpha``."""
 
-    name: str = "cc-ibp"
+    alpha_key: ClassVar[str] = "cc_alpha"
 
     def combine(
         self, ibp_margins: Tensor, adv_logits: Tensor | None, y: Tensor, metrics: dict

@@ -13,6 +13,7 @@ pass, as for IBP (docs/METHOD.md, "Baselines").
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -30,11 +31,13 @@ from acert.methods.base import (
     standard_phase_terms,
     with_warmup,
 )
+from acert.methods.registry import register_method
 from acert.methods.warmup import WarmupRegularizer
 
 __all__ = ["CROWNIBP"]
 
 
+@register_method("crown-ibp", knobs={"kappa": "κ"})
 @dataclass
 class CROWNIBP(Stateless):
     """``(1-κ)·L_rob(β·lb_CROWN-IBP + (1-β)·lb_IBP) + κ·L_std`` plus warm-up regularisers.
@@ -52,7 +55,10 @@ class CROWNIBP(Stateless):
     beta_start: float = 1.0
     beta_end: float = 0.0
     kappa_start: float = 1.0
-    name: str = "crown-ibp"
+
+    @classmethod
+    def from_config(cls, config: Any) -> CROWNIBP:
+        return cls(kappa=config.kappa, regularizer=WarmupRegularizer.from_config(config))
 
     def beta(self, step: Step) -> float:
         """Weight of the CROWN-IBP bound, linear in the ramp's progress ``ε_s/ε_max``."""

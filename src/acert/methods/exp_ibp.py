@@ -21,6 +21,7 @@ The PGD point, the batch-norm statistics and the warm-up regularisers are those 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ from torch import Tensor
 
 from acert.foundation.process_group import global_sum
 from acert.methods.expressive import ExpressiveLoss
+from acert.methods.registry import register_method
 
 __all__ = ["EXPIBP", "global_mean", "log_product", "robust_cross_entropies"]
 
@@ -61,11 +63,12 @@ def log_product(first: Tensor, second: Tensor, weight: float) -> Tensor:
     return logs.exp()
 
 
+@register_method("exp-ibp", knobs={"exp_alpha": "α"})
 @dataclass
 class EXPIBP(ExpressiveLoss):
     """``L_adv^(1-α) · L_IBP^α`` (docs/METHOD.md (M19)); α is ``exp_alpha``."""
 
-    name: str = "exp-ibp"
+    alpha_key: ClassVar[str] = "exp_alpha"
 
     def combine(
         self, ibp_margins: Tensor, adv_logits: Tensor | None, y: Tensor, metrics: dict

@@ -16,6 +16,7 @@ function from above and below (the reference code normalises with the adversaria
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -52,6 +53,16 @@ class ExpressiveLoss(Stateless):
     alpha: float = 0.5
     attack: TrainingAttack = field(default_factory=TrainingAttack)
     regularizer: WarmupRegularizer = field(default_factory=WarmupRegularizer)
+    alpha_key: ClassVar[str] = "alpha"
+    """The config key of α (``mtl_alpha``, ...)."""
+
+    @classmethod
+    def from_config(cls, config: Any) -> ExpressiveLoss:
+        return cls(
+            alpha=getattr(config, cls.alpha_key),
+            attack=TrainingAttack.from_config(config),
+            regularizer=WarmupRegularizer.from_config(config),
+        )
 
     def combine(
         self, ibp_margins: Tensor, adv_logits: Tensor | None, y: Tensor, metrics: dict

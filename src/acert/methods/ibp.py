@@ -8,6 +8,7 @@ radius; the trade-off curve comes from several ``eps_train`` (docs/METHOD.md, "B
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,11 +22,13 @@ from acert.methods.base import (
     certified_objective,
     standard_phase_terms,
 )
+from acert.methods.registry import register_method
 from acert.methods.warmup import WarmupRegularizer
 
 __all__ = ["IBP"]
 
 
+@register_method("ibp", knobs={"kappa": "κ"})
 @dataclass
 class IBP(Stateless):
     """``(1-κ)·L_rob(ε_s) + κ·L_std`` plus warm-up regularisers; L_std and them while ε_s = 0.
@@ -37,7 +40,10 @@ class IBP(Stateless):
 
     kappa: float = 0.0
     regularizer: WarmupRegularizer = field(default_factory=WarmupRegularizer)
-    name: str = "ibp"
+
+    @classmethod
+    def from_config(cls, config: Any) -> IBP:
+        return cls(kappa=config.kappa, regularizer=WarmupRegularizer.from_config(config))
 
     def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
         logits, stats = clean_forward(model, batch.x)

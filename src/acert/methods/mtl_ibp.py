@@ -12,21 +12,24 @@ The attack, the batch-norm statistics and the regularisers: :mod:`acert.methods.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor
 
 from acert.methods.base import robust_cross_entropy
 from acert.methods.expressive import ExpressiveLoss
+from acert.methods.registry import register_method
 
 __all__ = ["MTLIBP"]
 
 
+@register_method("mtl-ibp", knobs={"mtl_alpha": "α"})
 @dataclass
 class MTLIBP(ExpressiveLoss):
     """``α·L_IBP + (1-α)·L_adv`` (docs/METHOD.md (M17)); α is ``mtl_alpha``."""
 
-    name: str = "mtl-ibp"
+    alpha_key: ClassVar[str] = "mtl_alpha"
 
     def combine(
         self, ibp_margins: Tensor, adv_logits: Tensor | None, y: Tensor, metrics: dict

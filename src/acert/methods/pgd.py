@@ -11,6 +11,7 @@ accuracy. Madry et al. normalise the adversarial batch with its own statistics i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -24,10 +25,12 @@ from acert.methods.base import (
     adversarial_terms,
     clean_terms,
 )
+from acert.methods.registry import register_method
 
 __all__ = ["PGDTraining"]
 
 
+@register_method("pgd")
 @dataclass
 class PGDTraining(Stateless):
     """``CE(f(x_adv), y)``; clean CE while ε_s = 0.
@@ -37,7 +40,10 @@ class PGDTraining(Stateless):
     """
 
     attack: TrainingAttack = field(default_factory=TrainingAttack)
-    name: str = "pgd"
+
+    @classmethod
+    def from_config(cls, config: Any) -> PGDTraining:
+        return cls(attack=TrainingAttack.from_config(config))
 
     def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
         logits, stats = clean_forward(model, batch.x)

@@ -13,6 +13,7 @@ point, shifted to lie inside the ball; λ moves the trade-off (docs/METHOD.md, "
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -29,6 +30,7 @@ from acert.methods.base import (
     standard_phase_terms,
     with_warmup,
 )
+from acert.methods.registry import register_method
 from acert.methods.warmup import WarmupRegularizer
 
 __all__ = ["SABR", "sabr_box"]
@@ -59,6 +61,7 @@ def sabr_box(x: Tensor, x_adv: Tensor, eps: float | Tensor, lam: float) -> Inter
     return Interval.from_bounds((centre - tau).maximum(lo), (centre + tau).minimum(hi))
 
 
+@register_method("sabr", knobs={"sabr_lambda": "λ"})
 @dataclass
 class SABR(Stateless):
     """Robust CE of the IBP margins of a small adversarial box; L_std and the warm-up
@@ -73,7 +76,14 @@ class SABR(Stateless):
     lam: float = 0.4
     attack: TrainingAttack = field(default_factory=TrainingAttack)
     regularizer: WarmupRegularizer = field(default_factory=WarmupRegularizer)
-    name: str = "sabr"
+
+    @classmethod
+    def from_config(cls, config: Any) -> SABR:
+        return cls(
+            lam=config.sabr_lambda,
+            attack=TrainingAttack.from_config(config),
+            regularizer=WarmupRegularizer.from_config(config),
+        )
 
     def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
         logits, stats = clean_forward(model, batch.x)

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch.nn.functional as F
 from torch import nn
 
 from acert.methods.base import Batch, LossTerms, Stateless, Step
+from acert.methods.registry import register_method
 
 __all__ = ["Standard"]
 
 
+@register_method("standard")
 @dataclass
 class Standard(Stateless):
     """``CE(f(x), y)``; ignores ε."""
 
-    name: str = "standard"
+    @classmethod
+    def from_config(cls, config: Any) -> Standard:
+        return cls()
 
     def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
         logits = model(batch.x)

@@ -12,17 +12,20 @@ TAPS on SABR's small box.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
 from acert.bounds import Interval
 from acert.methods.base import Batch, Step
+from acert.methods.registry import register_method
 from acert.methods.sabr import sabr_box
 from acert.methods.taps import TAPS
 
 __all__ = ["STAPS"]
 
 
+@register_method("staps", knobs={"sabr_lambda": "λ", "taps_grad_scale": "w"})
 @dataclass
 class STAPS(TAPS):
     """TAPS on the small box of SABR around a PGD point; L_std and the warm-up regularisers
@@ -36,7 +39,10 @@ class STAPS(TAPS):
     """
 
     lam: float = 0.4
-    name: str = "staps"
+
+    @classmethod
+    def from_config(cls, config: Any) -> STAPS:
+        return cls(lam=config.sabr_lambda, **cls.config_knobs(config))
 
     def box(self, model: nn.Sequential, batch: Batch, step: Step) -> tuple[Interval, Tensor]:
         """SABR's box around a PGD point, and its centre."""

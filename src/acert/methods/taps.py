@@ -34,6 +34,7 @@ STAPS (:mod:`acert.methods.staps`) runs the same steps on SABR's small box.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +56,7 @@ from acert.methods.base import (
     with_warmup,
 )
 from acert.methods.exp_ibp import global_mean, robust_cross_entropies
+from acert.methods.registry import register_method
 from acert.methods.warmup import WarmupRegularizer
 
 __all__ = [
@@ -257,6 +259,7 @@ def taps_objective(estimates: Tensor, margins: Tensor, grad_scale: float) -> tup
     return scaled * loss_ibp, loss_taps, loss_ibp
 
 
+@register_method("taps", knobs={"taps_grad_scale": "w"})
 @dataclass
 class TAPS(Stateless):
     """``L_TAPS · L_IBP`` over the ε-ball, plus warm-up regularisers; L_std and the warm-up
@@ -275,7 +278,21 @@ class TAPS(Stateless):
     connector: float = 0.5
     attack: TrainingAttack = field(default_factory=TrainingAttack)
     regularizer: WarmupRegularizer = field(default_factory=WarmupRegularizer)
-    name: str = "taps"
+
+    @classmethod
+    def from_config(cls, config: Any) -> TAPS:
+        return cls(**cls.config_knobs(config))
+
+    @staticmethod
+    def config_knobs(config: Any) -> dict[str, Any]:
+        """The settings TAPS and STAPS read from a config."""
+        return {
+            "head": config.taps_head,
+            "grad_scale": config.taps_grad_scale,
+            "connector": config.taps_connector,
+            "attack": TrainingAttack.from_config(config),
+            "regularizer": WarmupRegularizer.from_config(config),
+        }
 
     def box(self, model: nn.Sequential, batch: Batch, step: Step) -> tuple[Interval, Tensor]:
         """The input box and a point of it whose latent point starts the search: the clipped

@@ -17,6 +17,7 @@ Both act on the IBP interval [l, u] of every layer that feeds a ReLU, with centr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -84,6 +85,14 @@ class WarmupRegularizer:
     lambda_tight: float = 0.5
     lambda_relu: float = 0.5
     tau: float = 0.5
+
+    @classmethod
+    def from_config(cls, config: Any) -> WarmupRegularizer:
+        """The config's ``lambda_tight`` and ``lambda_relu``, these defaults where it leaves
+        them unset (docs/METHOD.md)."""
+        tight = cls.lambda_tight if config.lambda_tight is None else config.lambda_tight
+        relu = cls.lambda_relu if config.lambda_relu is None else config.lambda_relu
+        return cls(tight, relu)
 
     @property
     def active(self) -> bool:

@@ -39,16 +39,10 @@ __all__ = [
     "save_figure",
 ]
 
-KNOB_SYMBOLS = {
-    "kappa": "κ",
-    "eps_train": "ε_train",
-    "sabr_lambda": "λ",
-    "mtl_alpha": "α",
-    "cc_alpha": "α",
-    "exp_alpha": "α",
-    "taps_grad_scale": "w",
-}
-"""How a swept config key is written next to its point in the trade-off figure."""
+KNOB_SYMBOLS = {"eps_train": "ε_train"}
+"""How a swept config key that belongs to no one method is written next to its point in the
+trade-off figure; a method's own knobs are written as its registration says
+(:func:`acert.methods.knob_symbols`)."""
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
 
@@ -117,10 +111,13 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 def knob_label(point: str) -> str:
     """``"kappa=0.25, eps_train=0.1"`` -> ``"κ=0.25, ε_train=0.1"``."""
+    from acert.methods import knob_symbols  # the registry loads only when a figure is labelled
+
+    symbols = {**knob_symbols(), **KNOB_SYMBOLS}
     parts = []
     for part in filter(None, point.split(", ")):
         key, _, value = part.partition("=")
-        parts.append(f"{KNOB_SYMBOLS.get(key, key)}={value}")
+        parts.append(f"{symbols.get(key, key)}={value}")
     return ", ".join(parts)
 
 
