@@ -1,6 +1,6 @@
 """``acert.workflows.export.fold`` and the folded ONNX export: Normalize folded exactly into the
-first Conv/Linear, the conv border handled, the graph starting with Conv or Gemm
-(docs/VERIFIERS.md)."""
+first Conv/Linear, or a leading 1x1 conv before a zero-padded conv with nonzero means, the graph
+starting with Conv or Gemm (docs/VERIFIERS.md)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from acert.foundation.errors import AcertError
 from acert.models import Normalize
 from acert.records.runs import RunDir, build_model, load
 from acert.workflows.certify.runs import DataSelection
-from acert.workflows.export.fold import AddConstant, fold_normalize
+from acert.workflows.export.fold import fold_normalize
 from acert.workflows.export.run import PropertySettings, export_run
 from tests.kit.data import write_cifar
 
@@ -95,30 +95,28 @@ def relative_gap(got: torch.Tensor | np.ndarray, expected: torch.Tensor) -> floa
 def test_the_fold_is_exact_and_drops_normalize(build, shape):
     model = build()
     x = boxes(shape)
-    folded = fold_normalize(model, x[:1])
+    folded = fold_normalize(model)
     assert not any(isinstance(m, Normalize) for m in folded)
     assert isinstance(model[0], Normalize)  # the original is left alone
     with torch.no_grad():
         assert relative_gap(folded(x), model(x)) < 1e-6
 
 
-def test_a_padded_conv_gets_the_border_map_after_its_batch_norm():
+def test_a_zero_padded_conv_with_nonzero_means_gets_a_leading_one_by_one_conv():
     model = cifar_like_cnn()
     x = boxes((3, 8, 8))
-    folded = fold_normalize(model, x[:1])
-    assert [type(m).__name__ for m in folded[:4]] == [
-        "Conv2d",
-        "BatchNorm2d",
-        "AddConstant",
-        "ReLU",
-    ]
-    border = folded[2].value
-    assert border.shape == (1, 4, 8, 8)
-    assert border[..., 1:-1, 1:-1].abs().max() < 1e-6  # inside: the bias already holds the shift
-    assert border[..., 0, :].abs().min() > 1e-3 and border[..., :, -1].abs().min() > 1e-3
-    naive = nn.Sequential(*[m for m in folded if not isinstance(m, AddConstant)])
+    folded = fold_normalize(model)
+    assert [type(m).__name__ for m in folded[:4]] == ["Conv2d", "Conv2d", "BatchNorm2d", "ReLU"]
+    scale = folded[0]
+    assert scale.kernel_size == (1, 1) and scale.padding == (0, 0)
+    weight = scale.weight.view(3, 3)
+    std, mean = torch.tensor(CIFAR_STD), torch.tensor(CIFAR_MEAN)
+    assert torch.equal(weight, torch.diag(torch.diag(weight)))  # each channel scaled alone
+    assert torch.allclose(torch.diag(weight), 1 / std) and torch.allclose(scale.bias, -mean / std)
+    assert torch.equal(folded[1].weight, model[1].weight)  # the padded conv is left as it was
+    assert folded[1].padding == (1, 1)
     with torch.no_grad():
-        assert relative_gap(naive(x), model(x)) > 1e-3  # folding without it is not exact
+        assert relative_gap(folded(x), model(x)) < 1e-6
 
 
 PLAIN_FOLDS = {
@@ -129,11 +127,12 @@ PLAIN_FOLDS = {
 
 
 @pytest.mark.parametrize("case", list(PLAIN_FOLDS))
-def test_no_border_map_where_the_plain_fold_is_exact(case):
+def test_the_plain_fold_where_it_is_exact(case):
     model = cifar_like_cnn(**PLAIN_FOLDS[case])
     x = boxes((3, 8, 8))
-    folded = fold_normalize(model, x[:1])
-    assert not any(isinstance(m, AddConstant) for m in folded)
+    folded = fold_normalize(model)
+    assert [type(m).__name__ for m in folded[:3]] == ["Conv2d", "BatchNorm2d", "ReLU"]
+    assert folded[0].kernel_size == (3, 3)
     with torch.no_grad():
         assert relative_gap(folded(x), model(x)) < 1e-6
 
@@ -148,7 +147,7 @@ def test_no_border_map_where_the_plain_fold_is_exact(case):
 def test_an_unfoldable_first_layer_is_a_one_line_error(second, message):
     model = nn.Sequential(Normalize((0.5, 0.4), (0.2, 0.3)), second, nn.Flatten()).eval()
     with pytest.raises(AcertError, match=re.escape(message)) as err:
-        fold_normalize(model, torch.rand(1, 2, 4, 4))
+        fold_normalize(model)
     assert "\n" not in str(err.value)
 
 
@@ -176,6 +175,72 @@ def test_the_onnx_starts_with_conv_or_gemm_and_matches_torch(build, shape, first
     got = np.concatenate([session.run(["output"], {"input": p[None].numpy()})[0] for p in x])
     with torch.no_grad():
         assert relative_gap(got, model(x)) < 1e-5
+    assert acert.workflows.export.onnx_graph.verify_onnx(data, model, x, ort, 1e-5) < 1e-5
+
+
+def conv_kernels(proto) -> list[list[int]]:
+    """The kernel shape of each Conv node of the graph, in order."""
+    initializers = {t.name: t for t in proto.graph.initializer}
+    return [
+        list(initializers[node.input[1]].dims[2:])
+        for node in proto.graph.node
+        if node.op_type == "Conv"
+    ]
+
+
+def constants_added(proto) -> list[list[int]]:
+    """The shapes of the constants that the graph's Add nodes add."""
+    initializers = {t.name: t for t in proto.graph.initializer}
+    return [
+        list(initializers[name].dims)
+        for node in proto.graph.node
+        if node.op_type == "Add"
+        for name in node.input
+        if name in initializers
+    ]
+
+
+@needs_onnx
+def test_a_colour_export_is_a_one_by_one_conv_then_the_padded_conv_and_adds_no_map():
+    """αβ-CROWN's patches mode crashed on the border map this export used to add after the
+    first conv (a constant of the conv's output shape); docs/VERIFIERS.md."""
+    import onnx
+    import onnxruntime as ort
+
+    model = cifar_like_cnn()
+    x = boxes((3, 8, 8))
+    data = acert.workflows.export.onnx_graph.onnx_bytes(model, x[:1], onnx, "test")
+    proto = onnx.load_model_from_string(data)
+    ops = [node.op_type for node in proto.graph.node]
+    assert ops[:3] == ["Conv", "Conv", "Relu"] and constants_added(proto) == []
+    assert conv_kernels(proto)[:2] == [[1, 1], [3, 3]]
+    first, second = proto.graph.node[:2]
+    assert second.input[0] == first.output[0] and first.input[0] == "input"
+    assert acert.workflows.export.onnx_graph.verify_onnx(data, model, x, ort, 1e-5) < 1e-5
+
+
+def grey_cnn(mean: float) -> nn.Sequential:
+    """1x8x8 input, a zero-padded conv first (as mnist5k's CNNs)."""
+    torch.manual_seed(0)
+    layers = [Normalize((mean,), (0.3,)), nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()]
+    layers += [nn.Flatten(), nn.Linear(4 * 8 * 8, 5)]
+    return nn.Sequential(*layers).eval()
+
+
+@needs_onnx
+def test_a_grey_mean_zero_export_keeps_the_folded_conv_first():
+    import onnx
+    import onnxruntime as ort
+
+    model = grey_cnn(0.0)
+    x = boxes((1, 8, 8))
+    data = acert.workflows.export.onnx_graph.onnx_bytes(model, x[:1], onnx, "test")
+    proto = onnx.load_model_from_string(data)
+    assert [node.op_type for node in proto.graph.node] == ["Conv", "Relu", "Flatten", "Gemm"]
+    assert conv_kernels(proto) == [[3, 3]]
+    initializers = {t.name: t for t in proto.graph.initializer}
+    weight = onnx.numpy_helper.to_array(initializers[proto.graph.node[0].input[1]])
+    np.testing.assert_allclose(weight, model[1].weight.detach().numpy() / 0.3, rtol=1e-6)
     assert acert.workflows.export.onnx_graph.verify_onnx(data, model, x, ort, 1e-5) < 1e-5
 
 
@@ -210,7 +275,8 @@ def test_a_cifar10_export_starts_with_conv_and_matches_torch_on_the_boxes(cifar_
     )
     proto = onnx.load(result.onnx_path)
     ops = [node.op_type for node in proto.graph.node]
-    assert ops[:3] == ["Conv", "Add", "Relu"] and not {"Sub", "Div"} & set(ops)
+    assert ops[:3] == ["Conv", "Conv", "Relu"] and not {"Add", "Sub", "Div"} & set(ops)
+    assert conv_kernels(proto)[:2] == [[1, 1], [3, 3]]
     model = load(run)
     images = load_imageset("cifar10", "test", str(data_dir)).floats(torch.tensor(result.indices))
     points = acert.workflows.export.onnx_graph.check_points(images, eps, seed=6)
@@ -225,11 +291,13 @@ def test_a_cifar10_export_starts_with_conv_and_matches_torch_on_the_boxes(cifar_
 def test_an_inexact_fold_is_caught_and_nothing_is_written(cifar_run, tmp_path, monkeypatch):
     run, data_dir = cifar_run
 
-    def without_border_map(model, example):
-        folded = fold_normalize(model, example)
-        return nn.Sequential(*[m for m in folded if not isinstance(m, AddConstant)])
+    def without_the_mean(model):
+        folded = fold_normalize(model)
+        with torch.no_grad():
+            folded[0].bias.zero_()  # the 1x1 conv divides by the std but subtracts no mean
+        return folded
 
-    monkeypatch.setattr(acert.workflows.export.onnx_graph, "fold_normalize", without_border_map)
+    monkeypatch.setattr(acert.workflows.export.onnx_graph, "fold_normalize", without_the_mean)
     out = tmp_path / "bench"
     with pytest.raises(AcertError, match="differs from the torch model") as err:
         export_run(

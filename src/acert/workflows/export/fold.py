@@ -1,6 +1,6 @@
 """Folding a model's :class:`~acert.models.Normalize` layer into its first affine layer, for export.
 
-``acert export`` writes networks whose ONNX graph starts with the first Conv or Gemm: a leading
+``acert export`` writes networks whose ONNX graph starts with a Conv or Gemm: a leading
 ``Sub``/``Div`` pair (what the Normalize layer exports to) stops some verifiers from loading the
 file (docs/VERIFIERS.md). :func:`fold_normalize` returns an equivalent copy of the model without
 the Normalize layer. With ``s`` the per-channel std and ``m`` the mean, the first layer
@@ -8,20 +8,21 @@ the Normalize layer. With ``s`` the per-channel std and ``m`` the mean, the firs
 
 - a Linear layer (after an optional Flatten): ``W' = W / s`` per input feature and
   ``b' = b - W' m``; exact.
-- a Conv2d layer: ``W' = W / s`` per input channel and ``b' = b - sum(W' * m)`` over each kernel.
-  That is exact wherever the kernel lies inside the image. A conv that zero-pads its input pads
-  the *normalised* image with 0, i.e. the raw image with ``m``, so at the border the folded conv
-  (which pads the raw image with 0) misses the padded taps' ``sum(W' * m)``. When the conv pads
-  and some mean is nonzero, the fold adds that difference back as a constant map
-  ``D = f(normalise(0)) - f'(0)`` of the conv's output shape (zero inside, nonzero on the border
-  rows and columns), computed in float64. If the conv is followed by a BatchNorm2d in eval mode,
-  the map goes after it, scaled by the batch norm's per-channel factor, so that the ONNX exporter
-  still merges the batch norm into the conv; the graph then reads ``Conv, Add, Relu, ...``.
+- a Conv2d layer that reads no padded zeros (padding 0, a reflect/replicate/circular padding
+  mode, or all means 0): ``W' = W / s`` per input channel and ``b' = b - sum(W' * m)`` over each
+  kernel; exact.
+- a Conv2d layer that zero-pads and some mean is nonzero: not folded. Such a conv pads the
+  *normalised* image with 0, i.e. the raw image with ``m``, which no conv on the raw image
+  reproduces at the border. The normalisation becomes a leading 1x1 Conv2d instead (weights
+  ``1/s`` on the diagonal, bias ``-m/s``, computed in float64), followed by the unchanged conv;
+  the graph reads ``Conv (1x1), Conv, ...``.
 
-The map is used rather than an explicit ``Pad`` node of value ``m`` because such a node would
-come before the conv, needs equal means on all channels (ONNX pads with one value), and is
-bounded by some bound propagation code as if it padded with 0 (auto_LiRPA's ``BoundPad`` returns
-no bias term for the pad value), which would make a verifier's bounds unsound.
+Two other exact encodings are not used. A constant map added after the folded conv (zero
+inside, the missing padded taps on the border) crashes auto_LiRPA's patches mode, the default
+of αβ-CROWN: it concretises a constant node's term by expanding the constant to the network
+*input's* shape, and the map has the conv's output channels. An explicit ``Pad`` node of value
+``m`` needs equal means on all channels (ONNX pads with one value) and is bounded by
+auto_LiRPA's ``BoundPad`` as if it padded with 0, which would make a verifier's bounds unsound.
 """
 
 from __future__ import annotations
@@ -29,33 +30,21 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from acert.foundation.errors import AcertError
 from acert.models import Normalize
 
-__all__ = ["AddConstant", "fold_normalize"]
+__all__ = ["fold_normalize", "normalize_as_conv"]
 
 
-class AddConstant(nn.Module):
-    """``x + value``, with ``value`` a fixed tensor that broadcasts over ``x`` (a buffer)."""
-
-    def __init__(self, value: Tensor) -> None:
-        super().__init__()
-        self.register_buffer("value", value)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.value
-
-
-def fold_normalize(model: nn.Module, example: Tensor) -> nn.Sequential:
-    """An eval-mode copy of ``model`` with its leading Normalize folded into the first affine layer.
+def fold_normalize(model: nn.Module) -> nn.Sequential:
+    """An eval-mode copy of ``model`` with its leading Normalize folded into the first affine layer
+    (or, before a zero-padded conv with a nonzero mean, encoded as a leading 1x1 conv).
 
     Args:
         model: an ``nn.Sequential`` whose first module is :class:`Normalize` (every acert model);
             a Sequential without one is copied unchanged.
-        example: an input of the model's shape (1, C, H, W), used for the conv border map's size.
 
     Raises:
         AcertError: the first layer after Normalize (and an optional Flatten) is not a Linear or
@@ -79,7 +68,7 @@ def fold_normalize(model: nn.Module, example: Tensor) -> nn.Sequential:
             _check_flatten(rest[:position])
             rest[position] = _fold_linear(first, norm)
         elif isinstance(first, nn.Conv2d) and position == 0:
-            rest = _fold_conv(first, norm, rest, example)
+            rest = _fold_conv(first, norm, rest)
         else:
             found = type(first).__name__ if first is not None else "nothing"
             raise AcertError(
@@ -124,15 +113,16 @@ def _bias(bias: Tensor | None, size: int) -> Tensor:
     return bias.double() if bias is not None else torch.zeros(size, dtype=torch.float64)
 
 
-def _fold_conv(
-    conv: nn.Conv2d, norm: Normalize, rest: list[nn.Module], example: Tensor
-) -> list[nn.Module]:
-    """``rest`` (starting with ``conv``) with the normalisation folded into ``conv``."""
+def _fold_conv(conv: nn.Conv2d, norm: Normalize, rest: list[nn.Module]) -> list[nn.Module]:
+    """``rest`` (starting with ``conv``) with the normalisation folded into ``conv``, or put
+    before it as a 1x1 conv where the fold would be inexact at the border."""
     if conv.groups != 1:
         raise AcertError(
             f"export cannot fold the input normalisation into a grouped Conv2d "
             f"(groups={conv.groups}); report this with the model name"
         )
+    if _pads_with_zeros(conv) and bool((norm.mean != 0).any()):
+        return [normalize_as_conv(norm), *rest]
     mean, std = norm.mean.double(), norm.std.double()
     weight = conv.weight.double() / std.view(1, -1, 1, 1)
     bias = _bias(conv.bias, conv.out_channels) - (weight * mean.view(1, -1, 1, 1)).sum((1, 2, 3))
@@ -147,23 +137,19 @@ def _fold_conv(
     )
     folded.weight.copy_(weight)
     folded.bias.copy_(bias)
-    rest = [folded, *rest[1:]]
-    if not _pads_with_zeros(conv) or not bool((norm.mean != 0).any()):
-        return rest  # exact: no padded taps, or padding 0 is the normalised mean 0
-    # the border correction: what the conv gives on a zero image minus what the fold gives
-    zero_image = torch.zeros_like(example[:1], dtype=torch.float64)
-    normalised = (zero_image - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-    expected = _conv64(conv, normalised, conv.weight.double(), _bias(conv.bias, len(bias)))
-    border = expected - _conv64(conv, zero_image, weight, bias)
-    after = 1
-    if len(rest) > 1 and isinstance(rest[1], nn.BatchNorm2d) and rest[1].running_var is not None:
-        bn = rest[1]
-        scale = 1 / torch.sqrt(bn.running_var.double() + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight.double()
-        border, after = border * scale.view(1, -1, 1, 1), 2
-    rest.insert(after, AddConstant(border.float()))
-    return rest
+    return [folded, *rest[1:]]
+
+
+def normalize_as_conv(norm: Normalize) -> nn.Conv2d:
+    """``(x - mean) / std`` per channel as a 1x1 Conv2d: weights ``1/std`` on the diagonal,
+    bias ``-mean/std`` (computed in float64, stored in float32)."""
+    mean, std = norm.mean.double().flatten(), norm.std.double().flatten()
+    channels = len(mean)
+    conv = nn.Conv2d(channels, channels, 1).eval()
+    with torch.no_grad():
+        conv.weight.copy_(torch.diag(1 / std).view(channels, channels, 1, 1))
+        conv.bias.copy_(-mean / std)
+    return conv
 
 
 def _pads_with_zeros(conv: nn.Conv2d) -> bool:
@@ -173,8 +159,3 @@ def _pads_with_zeros(conv: nn.Conv2d) -> bool:
     if conv.padding == "valid":
         return False
     return conv.padding == "same" or any(p > 0 for p in conv.padding)
-
-
-def _conv64(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """``conv``'s geometry (stride, padding, dilation) applied in float64 with given parameters."""
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation)

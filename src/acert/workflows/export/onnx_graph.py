@@ -26,7 +26,7 @@ def onnx_bytes(model: nn.Module, example: Tensor, onnx: ModuleType, dataset: str
 
     The input is ``example``'s shape (1, C, H, W).
     """
-    folded = fold_normalize(model, example)
+    folded = fold_normalize(model)
     buffer = io.BytesIO()
     try:
         with warnings.catch_warnings():

@@ -12,10 +12,11 @@
   torch.export-based exporter needs the ``onnxscript`` package, which ``acert[export]`` does not
   install, while the TorchScript one needs nothing beyond torch and gives a plain Conv/Gemm/
   BatchNormalization/Relu/Flatten graph (Conv + BatchNorm merged) that verifiers' ONNX readers
-  accept; a conv that zero-pads a normalised input also gets an ``Add`` of a constant border map
-  after it. Before anything is written, the file is checked with ``onnx.checker`` and run with
-  onnxruntime on the centres, the lower and upper corners and a random corner of the first
-  :data:`CHECKED_INPUTS` property boxes; it is an error if it differs from the torch model by
+  accept; before a conv that zero-pads a normalised input with a nonzero mean, the normalisation
+  is a leading 1x1 Conv instead of folded (αβ-CROWN's patches mode loads it). Before anything
+  is written, the file is checked with ``onnx.checker`` and run with onnxruntime on the centres,
+  the lower and upper corners and a random corner of the first :data:`CHECKED_INPUTS` property
+  boxes; it is an error if it differs from the torch model by
   :data:`ONNX_TOLERANCE` times the largest logit magnitude (at least 1) or more.
 - ``vnnlib_dir/prop_<i>.vnnlib``, one per selected input, ``i`` its row in the split: VNNLIB
   (SMT-LIB) with ``X_k`` for every pixel in the C-order of the (1, C, H, W) input and ``Y_j`` for
