@@ -8,7 +8,6 @@ they were built from; it is reused only while the key is equal, written atomical
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import warnings
@@ -73,17 +72,6 @@ def decode_all(files: list[Path], shape: tuple[int, int, int], fix: str) -> np.n
     return images
 
 
-def fingerprint(root: Path, files: list[Path]) -> str:
-    """SHA-256 of the files' names (relative to ``root``), sizes and modification times: it
-    changes when a file is added, removed, renamed or rewritten."""
-    digest = hashlib.sha256()
-    for path in files:
-        stat = path.stat()
-        name = path.relative_to(root).as_posix()
-        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
 def load_cache(
     cache: Path, key: np.ndarray, names: tuple[str, ...] | None = None
 ) -> dict[str, np.ndarray] | None:
@@ -106,6 +94,7 @@ def save_cache(cache: Path, key: np.ndarray, **arrays: np.ndarray) -> None:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the cache from other users
         with os.fdopen(fd, "wb") as handle:
             np.savez(handle, key=key, **arrays)
         os.replace(tmp, cache)

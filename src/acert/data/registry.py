@@ -296,6 +296,7 @@ FOLDER_PREFIX = "folder:"
 ``PATH/test/<class>/*`` (:mod:`acert.data.folders`)."""
 
 
+@functools.lru_cache(maxsize=8)
 def folder_dataset(name: str) -> Dataset:
     """The record of the image folders ``folder:PATH`` names: classes (sorted folder names),
     image shape and per-channel mean/std of the training split, read from the folder (decoded
@@ -303,7 +304,8 @@ def folder_dataset(name: str) -> Dataset:
     generic choices (CIFAR-10's ε cap 8/255; set ``eps_max`` and ``cert_eps`` for other data);
     a tenth of the training images, at most 5,000, is held out for validation. A run keeps the
     normalisation in its checkpoint (the model's Normalize layer), so certifying or loading it
-    later uses the statistics it was trained with."""
+    later uses the statistics it was trained with. The record is made once per process and
+    name (listing a large folder takes a second or two)."""
     path = Path(name.removeprefix(FOLDER_PREFIX)).expanduser()
     if not name.removeprefix(FOLDER_PREFIX):
         raise DatasetError(
