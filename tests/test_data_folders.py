@@ -15,6 +15,7 @@ from PIL import Image
 import acert
 from acert import data
 from acert.cli import main as acert_main
+from acert.config import TrainConfig, resolve
 from acert.data import imagefiles, registry
 from acert.models import Normalize
 from conftest_data_helpers import one_line_error
@@ -65,6 +66,12 @@ def test_a_png_folder_reads_back_exactly_with_sorted_classes(tmp_path):
     pixels = written["train"][0] / 255
     assert info.mean == pytest.approx(pixels.mean(axis=(0, 2, 3)).tolist(), abs=1e-12)
     assert info.std == pytest.approx(pixels.std(axis=(0, 2, 3)).tolist(), abs=1e-12)
+
+
+def test_a_relative_folder_is_named_by_its_absolute_path_in_a_run(tmp_path, monkeypatch):
+    _write_png_folder(tmp_path / "pets")
+    monkeypatch.chdir(tmp_path)
+    assert resolve(TrainConfig(dataset="folder:pets")).dataset == f"folder:{tmp_path / 'pets'}"
 
 
 def test_grey_and_jpeg_folders(tmp_path):

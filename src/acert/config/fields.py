@@ -112,8 +112,8 @@ class TrainConfig:
         "the dataset to train and evaluate on",
         Parsed(
             dataset_info,
-            "a dataset of `acert list`; folder:PATH: image folders PATH/train/<class>/, "
-            "PATH/test/<class>/; given-CxHxW-K: data given to acert.fit",
+            "a dataset of `acert list`; given-CxHxW-K: data given to acert.fit; "
+            "folder:PATH: image folders PATH/train/<class>/, PATH/test/<class>/",
         ),
     )
     data_dir: str | None = key(

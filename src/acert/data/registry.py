@@ -314,7 +314,7 @@ def folder_dataset(name: str) -> Dataset:
     root = path.resolve()
     summary = summarise_folder(root)
     return Dataset(
-        name=name,
+        name=f"{FOLDER_PREFIX}{root}",
         description=f"image folders {root}/train/<class>/, {root}/test/<class>/",
         shape=summary.shape,
         num_classes=len(summary.classes),
