@@ -103,8 +103,8 @@ def test_a_device_this_build_lacks_is_one_line():
 
 @pytest.mark.parametrize("bound", ["ibp", "crown"])
 def test_certifying_under_autocast_is_refused(bound):
-    """Under CPU autocast the model and IBP compute in bfloat16 (CROWN raised a RuntimeError on
-    CUDA): no certificate covers that arithmetic."""
+    """Under CPU autocast the model and IBP compute in bfloat16 (issue 17 saw CROWN end in a
+    RuntimeError): no certificate covers that arithmetic."""
     x, y = _images()
     with torch.autocast("cpu"):
         raises(

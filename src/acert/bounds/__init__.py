@@ -212,12 +212,18 @@ def check_arithmetic() -> None:
     """One-line :class:`AcertError` when ``torch.autocast`` is on: the model would compute its
     layers in float16/bfloat16, which no certificate covers (:data:`CERTIFIED_DTYPES`)."""
     for device in ("cpu", "cuda"):
-        if torch.is_autocast_enabled(device):
+        if _autocast_on(device):
             raise AcertError(
-                f"torch.autocast is on for {device} ({torch.get_autocast_dtype(device)}), so "
-                "the model computes in a precision no certificate covers; certify outside "
-                "the autocast block"
+                f"torch.autocast is on for {device}, so the model computes in float16/bfloat16, "
+                "a precision no certificate covers; certify outside the autocast block"
             )
+
+
+def _autocast_on(device: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device)
+    except TypeError:  # torch < 2.4 asks per device
+        return torch.is_autocast_cpu_enabled() if device == "cpu" else torch.is_autocast_enabled()
 
 
 def check_eps(eps: object, name: str = "eps") -> None:
