@@ -94,11 +94,11 @@ def test_half_precision_models_are_refused_naming_the_dtypes_that_certify(dtype)
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_device_this_build_lacks_is_one_line():
-    raises(
+    for call in (
         lambda: acert.certify(_mlp(), _images(), eps_max=0.1, device="cuda", progress=False),
-        "'cuda'",
-        "no CUDA",
-    )
+        lambda: _fit(_mlp(), device=torch.device("cuda")),
+    ):
+        raises(call, "'cuda'", "no CUDA", 'pass device="cpu"')
 
 
 @pytest.mark.parametrize("bound", ["ibp", "crown"])

@@ -34,6 +34,8 @@ from acert.train import RunInputs, run
 
 __all__ = ["certify", "fit"]
 
+_CPU = 'pass device="cpu"'
+
 WARMUP_SHARE = 0.4
 """Epochs of the ε ramp, as a share of the epochs, when ``reg_epochs`` is not given (the
 presets ramp over 20-40% of training: docs/METHOD.md, "Settings per dataset")."""
@@ -71,6 +73,8 @@ def fit(
     resume, progress = bool(config.pop("resume", False)), bool(config.pop("progress", True))
     network = check_supported(model)
     _check_trainable(network)
+    if device is not None:
+        available_device(str(device), _CPU)
     dtype = model_dtype(network)
     classes = network[-1].out_features
     train_set = as_imageset(train, "train", classes, dtype)
@@ -128,7 +132,7 @@ def certify(
     data_set = as_imageset(data, "data", network[-1].out_features, dtype)
     bounds = parse_bound(bound) if isinstance(bound, str) else bound
     settings = EvaluationSettings(eps_max, eps, bounds, pgd_steps=pgd_steps)
-    place = available_device(str(device))
+    place = available_device(str(device), _CPU)
     return evaluate(
         network, data_set.floats(), data_set.labels, settings, device=place, progress=progress
     )
