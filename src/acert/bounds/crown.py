@@ -18,7 +18,7 @@ Backward state has shape (Q, S, *layer shape): Q queries, each tied to one batch
 coefficient tensors stay under ``memory_budget`` elements.
 
 The intermediate bounds of the convolutional part (the steps before the first one whose kind
-has no patch rule: Flatten, Linear, MaxPool2d) run on patches instead
+has no patch rule: Flatten, Linear) run on patches instead
 (:mod:`acert.bounds.patches`): a neuron's coefficients only on its receptive field, the same
 bounds up to rounding at a fraction of the time and memory. The neurons after those and the
 output margins use the dense pass here, which is also kept for every step with

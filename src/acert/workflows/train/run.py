@@ -227,7 +227,7 @@ def _run(
     state = TrainState()
     if run_dir is not None:
         state = start_or_resume(
-            run_dir, config, resume, model, method, optimizer, scheduler, world.is_main
+            run_dir, config, resume, model, method, optimizer, scheduler, world.is_main, log
         )
     x_val, y_val = (val_set.floats(), val_set.labels) if len(val_set) else (None, None)
     val_settings = EvaluationSettings(config.eps_max, pgd_eps=())  # IBP radii, no attack
