@@ -27,6 +27,7 @@ from acert.bounds.affine import fan_in
 from acert.bounds.channels import BatchStats
 from acert.bounds.interval import Interval
 from acert.bounds.kinds import LAYER_KINDS, walk
+from acert.bounds.overflow import limit, uncertified_unless_finite
 from acert.bounds.spec import folded_margin_layer, margin_matrix, rounding_allowance
 from acert.bounds.steps import BoxMap, LayerKind, Step
 
@@ -188,4 +189,7 @@ def last_layer_margins(layer: nn.Linear, box: Interval, y: Tensor, sound: bool =
         )
         if bias is not None:
             magnitude = magnitude + spec @ layer.bias.abs()
-    return centre - radius - rounding_allowance(magnitude, fan_in(layer))
+    # the logits' sums must not overflow either (acert.bounds.overflow)
+    margins = centre - radius - rounding_allowance(magnitude, fan_in(layer))
+    overflow = ~(magnitude < limit(margins.dtype))
+    return uncertified_unless_finite(margins.masked_fill(overflow, -torch.inf))
