@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from acert.attacks import pgd_attack
 from acert.bounds import METHODS, check_eps, check_inputs, crown, margin_bounds
+from acert.bounds.arithmetic import arithmetic_record, ieee_arithmetic
 from acert.errors import AcertError
 from acert.radius import check_cap, radius_search
 from acert.ranges import PGD_STEPS, OneOf, above, at_least, between, settings_object
@@ -69,6 +70,9 @@ class Evaluation:
     radii: Tensor = field(repr=False)
     bound_radii: dict[str, Tensor] = field(default_factory=dict, repr=False)
     """Each bound's own radii when several were asked for (``radii`` is their maximum)."""
+    arithmetic: dict[str, Any] = field(default_factory=dict)
+    """What the certificates cover: the model computing in this dtype on this device, in IEEE
+    arithmetic (:func:`acert.bounds.arithmetic.arithmetic_record`)."""
 
     def to_dict(self) -> dict:
         """JSON-ready metrics (radii left out)."""
@@ -87,6 +91,7 @@ class Evaluation:
             "pgd_accuracy": {f"{eps:.6g}": acc for eps, acc in self.pgd_accuracy.items()},
             "radius_evaluations_per_sample": self.radius_evaluations,
             **best,
+            **({"arithmetic": self.arithmetic} if self.arithmetic else {}),
         }
 
 
@@ -253,7 +258,9 @@ def evaluate(
     settings = check_settings(settings)
     modes = [(module, module.training) for module in model.modules()]
     try:
-        return _evaluate(model.to(device).eval(), x, y, settings, device, progress)
+        # the bounds and the forward pass whose prediction they certify, in IEEE arithmetic
+        with ieee_arithmetic(x.dtype, device):
+            return _evaluate(model.to(device).eval(), x, y, settings, device, progress)
     finally:
         for module, training in modes:
             module.training = training
@@ -317,6 +324,7 @@ def _evaluate(
         radius_evaluations=torch.cat(evaluations).float().mean().item(),
         radii=radius,
         bound_radii=bound_radii if len(bounds) > 1 else {},
+        arithmetic=arithmetic_record(x.dtype, device),
     )
 
 
