@@ -259,7 +259,9 @@ def evaluate(
     modes = [(module, module.training) for module in model.modules()]
     try:
         # the bounds and the forward pass whose prediction they certify, in IEEE arithmetic
-        with ieee_arithmetic(x.dtype, device):
+        # (x is checked inside: a bad one gets its one-line error there)
+        dtype = x.dtype if isinstance(x, Tensor) and x.is_floating_point() else torch.float32
+        with ieee_arithmetic(dtype, device):
             return _evaluate(model.to(device).eval(), x, y, settings, device, progress)
     finally:
         for module, training in modes:

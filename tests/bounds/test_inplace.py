@@ -56,6 +56,8 @@ def test_an_inplace_relu_at_the_start_of_a_residual_body_is_refused():
         acert.certify(overwriting, (x, y), eps_max=cap, progress=False)
     with pytest.raises(UnsupportedModelError, match="inplace=True"):
         clean_forward(overwriting.train(), x)
+    with pytest.raises(UnsupportedModelError, match="inplace=True"):
+        acert.fit(overwriting, (x, y), eps_max=cap, epochs=1, progress=False)
 
 
 def _block(*head: nn.Module) -> nn.Sequential:

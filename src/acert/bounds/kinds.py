@@ -7,7 +7,8 @@ layer, a batch-norm folded into the Linear/Conv2d before it, a residual block as
 body's steps and a join. IBP (:mod:`acert.bounds.ibp`), CROWN (:mod:`acert.bounds.crown`),
 the patch pass (:mod:`acert.bounds.patches`) and the rounding bounds
 (:mod:`acert.bounds.rounding`) all iterate these steps and dispatch on ``step.kind``; the list
-of supported layers and the refusal of any other module come from the table too.
+of supported layers and the refusal of any other module come from the table too, and the walk
+refuses an in-place layer whose write the forward pass would observe (:func:`_check_overwrite`).
 docs/ARCHITECTURE.md, "Layer kinds", shows what adding a kind takes.
 """
 
