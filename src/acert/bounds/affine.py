@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -124,13 +125,13 @@ def _affine_box(
 
     def widened(box: Interval) -> Interval:
         centre = _apply(layer, box.centre, weight, bias)
-        reach = sums(peak(box))
         magnitude = box.centre.detach().abs()
+        top = peak(box, magnitude)
         # r + γ|c|; without autograd into the fresh |c| tensor itself
         out = None if torch.is_grad_enabled() else magnitude
         spread = torch.add(box.radius, magnitude, alpha=gamma, out=out)
         radius = _apply(layer, spread, wide_weight, radius_bias)
-        return Interval(centre, guard(radius, *reach))
+        return Interval(centre, guard(radius, top, sums))
 
     return widened
 
@@ -148,22 +149,21 @@ def _fold_reach(norm: nn.Module, stats: BatchStats | None) -> FoldReach:
     return FoldReach(channel_affine(norm, stats)[0], normalisation_reach(norm, stats))
 
 
-def _sum_reach(
-    layer: nn.Linear | nn.Conv2d, fold: FoldReach | None
-) -> Callable[[Tensor], tuple[Tensor, ...]]:
-    """``peak -> magnitudes``: bounds on what the model's sums reach for inputs with
-    ``|h| <= peak`` (B,): the layer's own partial sums ``|W|·peak + |b|`` (the largest row sum
-    of |W|), and with a folded batch-norm what it forms from that z."""
+def _sum_reach(layer: nn.Linear | nn.Conv2d, fold: FoldReach | None) -> Callable[[Any], Any]:
+    """``peak -> magnitude``: a bound on what the model's sums reach for inputs with
+    ``|h| <= peak`` (a float or a (B,) tensor): the layer's own partial sums ``|W|·peak + |b|``
+    (the largest row sum of |W|), and with a folded batch-norm what it forms from that z."""
     with torch.no_grad():
-        rows = layer.weight.detach().abs().flatten(1).sum(1).amax()
-        bias = layer.bias.detach().abs().amax() if layer.bias is not None else rows.new_zeros(())
+        rows = float(layer.weight.detach().abs().flatten(1).sum(1).amax())
+        bias = float(layer.bias.detach().abs().amax()) if layer.bias is not None else 0.0
+        mean, factor, offset = (float(t) for t in fold.reach) if fold else (0.0, 0.0, 0.0)
 
-    def reach(top: Tensor) -> tuple[Tensor, ...]:
+    def reach(top: Any) -> Any:
         z = top * rows + bias
         if fold is None:
-            return (z,)
-        mean, factor, offset = fold.reach
-        return z, (z + mean) * factor + offset
+            return z
+        normalised = (z + mean) * factor + offset
+        return torch.maximum(z, normalised) if isinstance(z, Tensor) else max(z, normalised)
 
     return reach
 

@@ -191,5 +191,8 @@ def last_layer_margins(layer: nn.Linear, box: Interval, y: Tensor, sound: bool =
             magnitude = magnitude + spec @ layer.bias.abs()
     # the logits' sums must not overflow either (acert.bounds.overflow)
     margins = centre - radius - rounding_allowance(magnitude, fan_in(layer))
-    overflow = ~(magnitude < limit(margins.dtype))
-    return uncertified_unless_finite(margins.masked_fill(overflow, -torch.inf))
+    if magnitude.numel() and float(magnitude.max()) < limit(margins.dtype):  # False for NaN
+        return uncertified_unless_finite(margins)
+    return uncertified_unless_finite(
+        margins.masked_fill(~(magnitude < limit(margins.dtype)), -torch.inf)
+    )

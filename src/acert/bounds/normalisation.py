@@ -47,7 +47,9 @@ def _channel_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxM
     gamma = rounding_gamma(2, scale.dtype) if sound else 0.0
     with torch.no_grad():  # a bound on rounding, not part of the objective
         magnitude = channel_shift_magnitude(layer, stats) if gamma else None
-        mean, factor, offset = normalisation_reach(layer, stats) if gamma else (None,) * 3
+        mean, factor, offset = (
+            (float(t) for t in normalisation_reach(layer, stats)) if gamma else (0.0,) * 3
+        )
 
     def apply(box: Interval) -> Interval:
         shape = (1, -1) + (1,) * (box.centre.dim() - 2)
@@ -58,8 +60,8 @@ def _channel_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxM
         with torch.no_grad():
             error = (box.centre.abs() + box.radius) * abs_scale.view(shape) + magnitude.view(shape)
             error = gamma * error + underflow_floor(2, scale.dtype)
-            reach = (peak(box) + mean) * factor + offset
-        return Interval(centre, guard(radius + error, reach))
+            top = peak(box)
+        return Interval(centre, guard(radius + error, top, lambda h: (h + mean) * factor + offset))
 
     return apply
 

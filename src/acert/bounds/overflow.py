@@ -20,6 +20,9 @@ Ordinary networks are far below the limit: the checks change no number.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -36,22 +39,36 @@ def limit(dtype: torch.dtype) -> float:
     return LIMIT_SHARE * torch.finfo(dtype).max
 
 
-def peak(box: Interval) -> Tensor:
-    """(B,) a bound on ``|h|`` over each sample's interval: ``max|c| + max r`` (no gradient)."""
+def peak(box: Interval, centre_magnitude: Tensor | None = None) -> Tensor:
+    """(B,) a bound on ``|h|`` over each sample's interval: ``max|c| + max r`` (no gradient),
+    in reductions without a temporary (or from ``|c|`` where the caller has it)."""
     with torch.no_grad():
         centre, radius = box.centre.detach().flatten(1), box.radius.detach().flatten(1)
         if centre.shape[1] == 0:
             return centre.new_zeros(centre.shape[0])
-        return centre.abs().amax(1) + radius.amax(1)
+        if centre_magnitude is not None:
+            top = centre_magnitude.flatten(1).amax(1)
+        else:
+            low, high = torch.aminmax(centre, dim=1)
+            top = torch.maximum(high, -low)
+        return top + radius.amax(1)
 
 
-def guard(radius: Tensor, *magnitudes: Tensor) -> Tensor:
-    """``radius`` with the rows (samples) where any of ``magnitudes`` (each (B,)) may reach
-    :func:`limit` (or is NaN) set to inf; the same tensor where none does."""
+def guard(radius: Tensor, top: Tensor, reach: Callable[[Any], Any] = lambda top: top) -> Tensor:
+    """``radius`` with the rows (samples) whose magnitude ``reach(top)`` may reach
+    :func:`limit` (or is NaN) set to inf; the same tensor where none does.
+
+    Args:
+        radius: (B, ...) the step's output radius.
+        top: (B,) a bound on the step's input magnitudes (:func:`peak`).
+        reach: a monotone map from a bound on the inputs to one on what the step forms, for a
+            float (the batch's largest, checked first: the common case costs no tensor
+            operation) and for a (B,) tensor.
+    """
     bound = limit(radius.dtype)
-    unsafe = torch.zeros(radius.shape[0], dtype=torch.bool, device=radius.device)
-    for magnitude in magnitudes:
-        unsafe |= ~(magnitude.detach() < bound)
+    if top.numel() == 0 or reach(float(top.max())) < bound:  # False for NaN
+        return radius
+    unsafe = ~(reach(top.detach()) < bound)
     if not bool(unsafe.any()):
         return radius
     rows = unsafe.view(-1, *([1] * (radius.dim() - 1)))

@@ -74,7 +74,7 @@ def _avg_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxMap:
         spread = box.radius + gamma * box.centre.detach().abs()
         radius = layer(spread) * (1 + gamma) + underflow_floor(terms, centre.dtype)
         # the model sums each window before it divides: up to kh·kw times the largest |x|
-        return Interval(centre, guard(radius, peak(box) * (terms - 1)))
+        return Interval(centre, guard(radius, peak(box), lambda top: top * (terms - 1)))
 
     return apply
 

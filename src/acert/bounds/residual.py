@@ -44,8 +44,8 @@ def _join_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxMap:
         with torch.no_grad():
             magnitude = skip.centre.abs() + skip.radius + body.centre.abs() + body.radius
             error = gamma * magnitude + underflow_floor(2, centre.dtype)
-            reach = magnitude.flatten(1).amax(1)  # the sum's terms (overflow.py)
-        return Interval(centre, guard(radius + error, reach))
+            top = magnitude.flatten(1).amax(1)  # the sum's terms (overflow.py)
+        return Interval(centre, guard(radius + error, top))
 
     return join
 
