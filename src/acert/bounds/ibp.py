@@ -11,7 +11,9 @@ forward pass, not only what the bound's own float arithmetic happens to give: ev
 its output by a bound on those rounding errors when ``sound`` (the affine kinds:
 :mod:`acert.bounds.affine`), and the folded last layer subtracts
 :func:`acert.bounds.spec.rounding_allowance` of the terms of both logits it compares
-(``|W_y| + |W_t|``, which cannot cancel). Active ReLUs pass (c, r) on exactly.
+(``|W_y| + |W_t|``, which cannot cancel). Active ReLUs pass (c, r) on exactly. Where the
+model's own sums may overflow, a sound map gives the sample an infinite radius and its margins
+are -inf (:mod:`acert.bounds.overflow`).
 """
 
 from __future__ import annotations
