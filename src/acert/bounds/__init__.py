@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from acert.bounds import crown, ibp
+from acert.bounds.arithmetic import ieee_arithmetic
 from acert.bounds.interval import Interval, as_eps, input_box
 from acert.bounds.kinds import LAYER_KINDS, check_shapes
 from acert.bounds.layers import (
@@ -323,7 +324,8 @@ def margin_bounds(
     check_fixed_normalisation(model, stats)
     box = input_box(x, eps)
     try:
-        return margin_bounds_on_box(model, box, y, method, stats)
+        with ieee_arithmetic(x.dtype, x.device):
+            return margin_bounds_on_box(model, box, y, method, stats)
     except RuntimeError as err:
         first_line = str(err).strip().splitlines()[0]
         raise AcertError(

@@ -26,7 +26,13 @@ from acert.bounds.channels import (
     folded_bias_magnitude,
     uses_batch_stats,
 )
-from acert.bounds.kinds import SUPPORTED_LAYERS, check_certifiable, check_supported, kind_of
+from acert.bounds.kinds import (
+    SUPPORTED_LAYERS,
+    check_certifiable,
+    check_supported,
+    kind_of,
+    walk,
+)
 from acert.foundation import process_group as distributed
 from acert.foundation.errors import UnsupportedModelError
 from acert.models import Residual
@@ -87,7 +93,11 @@ def clean_forward(
 
     Returns:
         logits (B, K) exactly as ``model(x)`` computes them, and the statistics.
+
+    Raises a one-line error for an in-place layer whose write the pass would observe (as the
+    bounds do: :func:`acert.bounds.kinds.walk`), so training fits the function it bounds.
     """
+    walk(model)
     stats: BatchStats = {}
     return _clean(model, x, stats, distributed.active(), update_running_stats), stats
 

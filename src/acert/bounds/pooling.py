@@ -27,6 +27,7 @@ from torch.nn.modules.utils import _pair
 from acert.bounds.affine import conv_transpose_dense, spatial_shape
 from acert.bounds.channels import BatchStats
 from acert.bounds.interval import Interval
+from acert.bounds.overflow import guard, peak
 from acert.bounds.spec import rounding_gamma, underflow_floor
 from acert.bounds.steps import (
     BackwardContext,
@@ -62,7 +63,8 @@ def _kernel_elements(layer: nn.Module) -> int:
 
 def _avg_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxMap:
     """``(pool(c), pool(r))``, widened as a convolution of fan-in kh·kw + 1 is
-    (:mod:`acert.bounds.affine`): input radius ``r + γ|c|``, weights ``(1 + γ)/(kh·kw)``."""
+    (:mod:`acert.bounds.affine`): input radius ``r + γ|c|``, weights ``(1 + γ)/(kh·kw)``; no
+    certificate where a window's sum may overflow (:mod:`acert.bounds.overflow`)."""
     layer, terms = step.layer, _kernel_elements(step.layer) + 1
 
     def apply(box: Interval) -> Interval:
@@ -72,7 +74,8 @@ def _avg_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxMap:
             return Interval(centre, layer(box.radius))
         spread = box.radius + gamma * box.centre.detach().abs()
         radius = layer(spread) * (1 + gamma) + underflow_floor(terms, centre.dtype)
-        return Interval(centre, radius)
+        # the model sums each window before it divides: up to kh·kw times the largest |x|
+        return Interval(centre, guard(radius, peak(box), lambda top: top * (terms - 1)))
 
     return apply
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ from acert.bounds import (
     input_box,
     margin_evaluator,
 )
+from acert.bounds.arithmetic import ieee_arithmetic
 from acert.bounds.layers import (
     check_fixed_normalisation,
     forward_with_stats,
@@ -151,7 +153,9 @@ def radius_search(
         check_fixed_normalisation(model, known.stats)
     if settings.sound:
         check_arithmetic()
-    with torch.no_grad():
+    # certificates in the arithmetic their allowances assume (training's plain search: any)
+    arithmetic = ieee_arithmetic(x.dtype, x.device) if settings.sound else contextlib.nullcontext()
+    with torch.no_grad(), arithmetic:
         logits, stats = _clean_pass(model, x, known.stats, known.logits)
         floor = SAFETY_MARGIN * logits.abs().amax(1)
         margins = margin_evaluator(model, method, stats, settings.sound)
