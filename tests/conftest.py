@@ -38,6 +38,6 @@ def single_thread():
 @pytest.fixture
 def exact_arithmetic(monkeypatch):
     """Bounds without the rounding allowance, to compare them with values worked out by hand."""
-    import acert.bounds.spec
+    import acert.bounds.allowances
 
-    monkeypatch.setattr(acert.bounds.spec, "ROUNDING_ULPS", 0)
+    monkeypatch.setattr(acert.bounds.allowances, "ROUNDING_ULPS", 0)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from acert.bounds import check_arithmetic, check_model_input, model_dtype
-from acert.bounds.layers import check_fixed_normalisation, check_supported
+from acert.bounds.clean_pass import check_fixed_normalisation, check_supported
 from acert.config import (
     GIVEN_METHOD,
     GIVEN_MODEL,

@@ -132,7 +132,7 @@ def test_radius_search_input_errors(tiny_net, mode):
 
 
 def test_rounding_allowance_lowers_every_bound_by_its_share_of_the_magnitude(monkeypatch):
-    import acert.bounds.spec
+    import acert.bounds.allowances
     from acert.bounds import margin_bounds
     from tests.kit.nets import build_tiny_net
 
@@ -141,7 +141,7 @@ def test_rounding_allowance_lowers_every_bound_by_its_share_of_the_magnitude(mon
     y = model(x).argmax(1)
     for method in ("ibp", "crown-ibp", "crown"):
         with_allowance = margin_bounds(model, x, y, 0.05, method)
-        monkeypatch.setattr(acert.bounds.spec, "ROUNDING_ULPS", 0)
+        monkeypatch.setattr(acert.bounds.allowances, "ROUNDING_ULPS", 0)
         exact = margin_bounds(model, x, y, 0.05, method)
         monkeypatch.undo()
         gap = exact - with_allowance

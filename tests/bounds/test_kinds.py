@@ -29,10 +29,10 @@ from acert.bounds import (
     margin_bounds,
     margin_bounds_on_box,
 )
+from acert.bounds.clean_pass import forward_with_stats
 from acert.bounds.crown import crown_margins
+from acert.bounds.kind_rules import LayerKind
 from acert.bounds.kinds import walk
-from acert.bounds.layers import forward_with_stats
-from acert.bounds.steps import LayerKind
 from acert.models import Normalize
 from acert.radius import radius_search
 from acert.radius.attacks import pgd_attack

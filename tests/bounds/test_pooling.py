@@ -11,9 +11,9 @@ import acert.bounds as bounds
 from acert.bounds import input_box, margin_bounds
 from acert.bounds.crown import crown_margins
 from acert.bounds.interval import Interval
+from acert.bounds.kind_rules import BackwardContext
 from acert.bounds.kinds import walk
 from acert.bounds.pooling import MAXPOOL2D
-from acert.bounds.steps import BackwardContext
 from acert.models import Normalize
 from tests.kit.exact import exact_min_margins
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 import acert.radius.search
 from acert.bounds import clean_forward, input_box, margin_bounds, margin_evaluator
-from acert.bounds.layers import forward_with_stats
+from acert.bounds.clean_pass import forward_with_stats
 from acert.models import Normalize
 from acert.radius import (
     EVALUATION_SEARCH,

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from acert.bounds import Interval, clean_forward, input_box
-from acert.bounds.layers import forward_with_stats
+from acert.bounds.clean_pass import forward_with_stats
 from acert.config import TrainConfig, resolve
 from acert.foundation.errors import ConfigError
 from acert.methods import (

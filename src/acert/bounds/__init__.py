@@ -19,14 +19,14 @@ from torch import Tensor, nn
 
 from acert.bounds import crown, ibp
 from acert.bounds.arithmetic import ieee_arithmetic
-from acert.bounds.interval import Interval, as_eps, input_box
-from acert.bounds.kinds import LAYER_KINDS, check_shapes
-from acert.bounds.layers import (
+from acert.bounds.clean_pass import (
     BatchStats,
     check_fixed_normalisation,
     check_supported,
     clean_forward,
 )
+from acert.bounds.interval import Interval, as_eps, input_box
+from acert.bounds.kinds import LAYER_KINDS, check_shapes
 from acert.bounds.spec import margin_matrix, other_classes
 from acert.foundation.errors import AcertError
 
@@ -146,7 +146,7 @@ def check_batch(x: object, y: object) -> None:
 
 
 CERTIFIED_DTYPES = (torch.float32, torch.float64)
-"""The dtypes a model certifies in: the rounding allowances (:mod:`acert.bounds.spec`) take
+"""The dtypes a model certifies in: the rounding allowances (:mod:`acert.bounds.allowances`) take
 their unit roundoff and underflow floor from the dtype, but rest on γ_n = n·u staying far
 below 1 and on a range that inputs' products cannot leave, which float16 and bfloat16
 (u = 2⁻¹¹, 2⁻⁸; a 784-term sum already has n·u > 1 in bfloat16) do not give."""

@@ -16,17 +16,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from acert.bounds.allowances import rounding_gamma, underflow_floor
 from acert.bounds.channels import BatchStats
 from acert.bounds.interval import Interval
-from acert.bounds.spec import rounding_gamma, underflow_floor
-from acert.bounds.steps import (
+from acert.bounds.kind_rules import (
     BackwardContext,
     BoxMap,
     LayerKind,
     PatchContext,
     Relaxer,
-    Step,
     StepError,
+    WalkStep,
     dense_dot,
     same_shape,
 )
@@ -100,11 +100,13 @@ def relu_step(pre: Interval, intercept: Tensor) -> StepError:
     return StepError(elementwise, absolute)
 
 
-def _relu_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxMap:
+def _relu_interval(step: WalkStep, stats: BatchStats | None, sound: bool) -> BoxMap:
     return relu_box
 
 
-def _back_relu(step: Step, A: Tensor, bias: Tensor, ctx: BackwardContext) -> tuple[Tensor, Tensor]:
+def _back_relu(
+    step: WalkStep, A: Tensor, bias: Tensor, ctx: BackwardContext
+) -> tuple[Tensor, Tensor]:
     relax = ctx.relaxation
     assert relax is not None
     lower_slope, upper_slope, upper_intercept = (
@@ -118,7 +120,7 @@ def _back_relu(step: Step, A: Tensor, bias: Tensor, ctx: BackwardContext) -> tup
 
 
 def _patch_relu(
-    step: Step, windows: Windows, bias: Tensor, ctx: PatchContext
+    step: WalkStep, windows: Windows, bias: Tensor, ctx: PatchContext
 ) -> tuple[Windows, Tensor]:
     """The lower line for positive coefficients, the upper line and its intercept for
     negative ones, with the slopes gathered on the windows."""
@@ -163,13 +165,13 @@ RELU = LayerKind(
 )
 
 
-def _flatten_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxMap:
+def _flatten_interval(step: WalkStep, stats: BatchStats | None, sound: bool) -> BoxMap:
     layer = step.layer
     return lambda box: Interval(layer(box.centre), layer(box.radius))
 
 
 def _back_flatten(
-    step: Step, A: Tensor, bias: Tensor, ctx: BackwardContext
+    step: WalkStep, A: Tensor, bias: Tensor, ctx: BackwardContext
 ) -> tuple[Tensor, Tensor]:
     return A.reshape(*A.shape[:2], *ctx.input_shape), bias
 
@@ -196,18 +198,18 @@ FLATTEN = LayerKind(
 )
 
 
-def _identity_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxMap:
+def _identity_interval(step: WalkStep, stats: BatchStats | None, sound: bool) -> BoxMap:
     return lambda box: box
 
 
 def _back_identity(
-    step: Step, A: Tensor, bias: Tensor, ctx: BackwardContext
+    step: WalkStep, A: Tensor, bias: Tensor, ctx: BackwardContext
 ) -> tuple[Tensor, Tensor]:
     return A, bias
 
 
 def _patch_identity(
-    step: Step, windows: Windows, bias: Tensor, ctx: PatchContext
+    step: WalkStep, windows: Windows, bias: Tensor, ctx: PatchContext
 ) -> tuple[Windows, Tensor]:
     return windows, bias
 

@@ -2,9 +2,9 @@
 
 IBP sends the box (c, r) to ``(W c + b, |W| r)``, widened by a bound on the rounding of the
 model's and the bound's arithmetic, ``γ·(|W|(|c| + r) + |b|)`` with γ from
-:func:`acert.bounds.spec.rounding_gamma` for its fan-in, inside the same radius pass (the input
-radius becomes ``r + γ|c|``, the weights ``(1 + γ)|W|``, the radius bias ``γ|b|`` plus the
-underflow floor of :func:`acert.bounds.spec.underflow_floor`). CROWN's backward step is the
+:func:`acert.bounds.allowances.rounding_gamma` for its fan-in, inside the same radius pass (the
+input radius becomes ``r + γ|c|``, the weights ``(1 + γ)|W|``, the radius bias ``γ|b|`` plus the
+underflow floor of :func:`acert.bounds.allowances.underflow_floor`). CROWN's backward step is the
 transpose; its rounding is bounded by ``γ·(|W|·h̄ + |b|)`` on the step's output
 (:mod:`acert.bounds.rounding`). The per-channel kinds are in :mod:`acert.bounds.normalisation`.
 """
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from acert.bounds.allowances import rounding_gamma, underflow_floor
 from acert.bounds.channels import (
     BatchStats,
     channel_affine,
@@ -28,17 +29,16 @@ from acert.bounds.channels import (
     normalisation_reach,
 )
 from acert.bounds.interval import Interval
-from acert.bounds.overflow import guard, peak
-from acert.bounds.spec import rounding_gamma, underflow_floor
-from acert.bounds.steps import (
+from acert.bounds.kind_rules import (
     BackwardContext,
     BoxMap,
     Geometry,
     LayerKind,
     PatchContext,
-    Step,
     StepError,
+    WalkStep,
 )
+from acert.bounds.overflow import guard, peak
 from acert.bounds.windows import Windows, conv_transpose_windows
 
 __all__ = [
@@ -66,7 +66,7 @@ def fan_out(layer: nn.Linear | nn.Conv2d) -> int:
     return layer.out_channels // layer.groups * math.prod(layer.kernel_size)
 
 
-def _weights(step: Step, stats: BatchStats | None) -> tuple[Tensor, Tensor | None]:
+def _weights(step: WalkStep, stats: BatchStats | None) -> tuple[Tensor, Tensor | None]:
     """(weight, bias) of the step: the layer's own, or with its batch-norm folded in."""
     if step.norm is None:
         return step.layer.weight, step.layer.bias
@@ -168,7 +168,7 @@ def _sum_reach(layer: nn.Linear | nn.Conv2d, fold: FoldReach | None) -> Callable
     return reach
 
 
-def _affine_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxMap:
+def _affine_interval(step: WalkStep, stats: BatchStats | None, sound: bool) -> BoxMap:
     """A linear/conv layer, and the batch-norm after it as part of the same map (fewer passes
     over h): ``BN(W h + b) = (s·W) h + (s·b + t)`` per output channel and ``|s·W| = |s|·|W|``,
     so the interval is the one the two maps give one after the other."""
@@ -185,7 +185,7 @@ def _affine_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxMa
 
 
 def _back_linear(
-    step: Step, A: Tensor, bias: Tensor, ctx: BackwardContext
+    step: WalkStep, A: Tensor, bias: Tensor, ctx: BackwardContext
 ) -> tuple[Tensor, Tensor]:
     weight, layer_bias = _weights(step, ctx.stats)
     if layer_bias is not None:
@@ -237,14 +237,16 @@ def _conv_geometry(layer: nn.Conv2d) -> Geometry:
     return Geometry(layer.kernel_size, layer.stride, layer.padding, layer.dilation)
 
 
-def _back_conv(step: Step, A: Tensor, bias: Tensor, ctx: BackwardContext) -> tuple[Tensor, Tensor]:
+def _back_conv(
+    step: WalkStep, A: Tensor, bias: Tensor, ctx: BackwardContext
+) -> tuple[Tensor, Tensor]:
     weight, layer_bias = _weights(step, ctx.stats)
     geometry, groups = _conv_geometry(step.layer), step.layer.groups
     return conv_transpose_dense(geometry, groups, weight, layer_bias, A, bias, ctx.input_shape)
 
 
 def _patch_conv(
-    step: Step, windows: Windows, bias: Tensor, ctx: PatchContext
+    step: WalkStep, windows: Windows, bias: Tensor, ctx: PatchContext
 ) -> tuple[Windows, Tensor]:
     weight, layer_bias = _weights(step, ctx.stats)
     geometry, groups = _conv_geometry(step.layer), step.layer.groups
@@ -283,7 +285,7 @@ def affine_error(
 
 
 def _affine_rounding(
-    step: Step, stats: BatchStats | None, before: Interval, after: Interval
+    step: WalkStep, stats: BatchStats | None, before: Interval, after: Interval
 ) -> StepError:
     h = torch.maximum(before.lower.abs(), before.upper.abs())
     layer = step.layer

@@ -1,8 +1,8 @@
 """The floating-point arithmetic a certificate covers, and the global modes that would change it.
 
-The rounding allowances (:mod:`acert.bounds.spec`) assume IEEE arithmetic in the model's dtype:
-round to nearest, unit roundoff ``eps/2``, gradual underflow (subnormal results off by at most
-half the smallest subnormal). Global switches of PyTorch change that for every operation:
+The rounding allowances (:mod:`acert.bounds.allowances`) assume IEEE arithmetic in the model's
+dtype: round to nearest, unit roundoff ``eps/2``, gradual underflow (subnormal results off by at
+most half the smallest subnormal). Global switches of PyTorch change that for every operation:
 
 - TF32 (Ampere and newer GPUs: ``torch.backends.cudnn.allow_tf32``, on by default for
   convolutions, ``torch.backends.cuda.matmul.allow_tf32``, ``set_float32_matmul_precision``)

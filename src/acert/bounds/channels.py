@@ -3,7 +3,7 @@ linear/convolution layer before it: the arithmetic every bound method shares abo
 
 Batch-norm in eval mode uses its running statistics. In train mode the bounds use the mean and
 (biased) variance of the *clean* batch at that layer, as auto_LiRPA does
-(:func:`acert.bounds.layers.clean_forward` records them).
+(:func:`acert.bounds.clean_pass.clean_forward` records them).
 """
 
 from __future__ import annotations

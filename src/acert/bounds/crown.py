@@ -38,12 +38,12 @@ from acert.bounds import ibp, patches
 from acert.bounds.activations import Relaxation, relu_relaxation
 from acert.bounds.channels import BatchStats
 from acert.bounds.interval import Interval
+from acert.bounds.kind_rules import WalkStep
 from acert.bounds.kinds import walk
 from acert.bounds.network import Network
 from acert.bounds.overflow import uncertified_unless_finite
 from acert.bounds.rounding import step_errors
 from acert.bounds.spec import folded_margin_layer, margin_matrix
-from acert.bounds.steps import Step
 from acert.foundation.errors import AcertError
 
 __all__ = [
@@ -73,7 +73,7 @@ def memory_budget(elements: int) -> Iterator[None]:
         _budget.pop()
 
 
-def _input_shapes(steps: Sequence[Step], box: Interval) -> list[tuple[int, ...]]:
+def _input_shapes(steps: Sequence[WalkStep], box: Interval) -> list[tuple[int, ...]]:
     shapes, shape = [], tuple(box.shape[1:])
     for step in steps:
         shapes.append(shape)
@@ -81,7 +81,7 @@ def _input_shapes(steps: Sequence[Step], box: Interval) -> list[tuple[int, ...]]
     return shapes
 
 
-def _is_affine_exact(steps: Sequence[Step]) -> bool:
+def _is_affine_exact(steps: Sequence[WalkStep]) -> bool:
     """IBP is exact on a chain of elementwise steps with at most one other affine one."""
     if any(step.kind.exactness == "relaxed" for step in steps):
         return False
@@ -149,7 +149,7 @@ def _prepare(
     if not relaxed:
         return net
 
-    def refine(step: Step, pre: Interval) -> Interval:
+    def refine(step: WalkStep, pre: Interval) -> Interval:
         relaxer = step.kind.relaxer
         assert relaxer is not None
         if intermediate == "crown" and not _is_affine_exact(steps[: step.index]):
@@ -188,7 +188,7 @@ def crown_margins(
             (:mod:`acert.bounds.patches`); False runs the dense pass everywhere (the same bounds
             up to rounding, much slower; kept for tests and comparisons).
         sound: IBP intermediate bounds widened for rounding (False for a training objective:
-            see :data:`acert.bounds.steps.IntervalRule`).
+            see :data:`acert.bounds.kind_rules.IntervalRule`).
 
     Returns:
         (B, K-1) lower bounds, classes in increasing order with y left out.

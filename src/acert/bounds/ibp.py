@@ -10,7 +10,7 @@ Rounding: the intervals contain what the network computes in exact arithmetic an
 forward pass, not only what the bound's own float arithmetic happens to give: every rule widens
 its output by a bound on those rounding errors when ``sound`` (the affine kinds:
 :mod:`acert.bounds.affine`), and the folded last layer subtracts
-:func:`acert.bounds.spec.rounding_allowance` of the terms of both logits it compares
+:func:`acert.bounds.allowances.rounding_allowance` of the terms of both logits it compares
 (``|W_y| + |W_t|``, which cannot cancel). Active ReLUs pass (c, r) on exactly. Where the
 model's own sums may overflow, a sound map gives the sample an infinite radius and its margins
 are -inf (:mod:`acert.bounds.overflow`).
@@ -26,12 +26,13 @@ import torch
 from torch import Tensor, nn
 
 from acert.bounds.affine import fan_in
+from acert.bounds.allowances import rounding_allowance
 from acert.bounds.channels import BatchStats
 from acert.bounds.interval import Interval
+from acert.bounds.kind_rules import BoxMap, LayerKind, WalkStep
 from acert.bounds.kinds import LAYER_KINDS, walk
 from acert.bounds.overflow import limit, uncertified_unless_finite
-from acert.bounds.spec import folded_margin_layer, margin_matrix, rounding_allowance
-from acert.bounds.steps import BoxMap, LayerKind, Step
+from acert.bounds.spec import folded_margin_layer, margin_matrix
 
 __all__ = [
     "RULES",
@@ -46,12 +47,12 @@ __all__ = [
 
 Rule = Callable[[nn.Module, "BatchStats | None", bool], BoxMap]
 """``rule(layer, stats, sound)``: one layer's interval map (see
-:data:`acert.bounds.steps.IntervalRule`)."""
+:data:`acert.bounds.kind_rules.IntervalRule`)."""
 
 
 def _layer_rule(kind: LayerKind) -> Rule:
     def rule(layer: nn.Module, stats: BatchStats | None, sound: bool = True) -> BoxMap:
-        return kind.interval(Step(0, layer, kind), stats, sound)
+        return kind.interval(WalkStep(0, layer, kind), stats, sound)
 
     return rule
 
@@ -62,8 +63,8 @@ RULES: Mapping[type[nn.Module], Rule] = MappingProxyType(
 """The interval rule of one layer on its own, by type: a view of the table
 (:data:`acert.bounds.kinds.LAYER_KINDS`) for callers that bound a single layer."""
 
-Refine = Callable[[Step, Interval], Interval]
-Observe = Callable[[Step, Interval, Interval], None]
+Refine = Callable[[WalkStep, Interval], Interval]
+Observe = Callable[[WalkStep, Interval, Interval], None]
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class Program:
         relu_inputs: the indices of the ReLU steps.
     """
 
-    steps: tuple[Step, ...]
+    steps: tuple[WalkStep, ...]
     maps: tuple[BoxMap, ...]
     relu_inputs: frozenset[int]
 
@@ -119,7 +120,9 @@ class Program:
         return box, preactivations
 
 
-def program(steps: Sequence[Step], stats: BatchStats | None = None, sound: bool = True) -> Program:
+def program(
+    steps: Sequence[WalkStep], stats: BatchStats | None = None, sound: bool = True
+) -> Program:
     """The :class:`Program` of a walk's steps (see :func:`prepare`)."""
     maps = tuple(step.kind.interval(step, stats, sound) for step in steps)
     relu_inputs = frozenset(step.index for step in steps if step.kind.type is nn.ReLU)
@@ -135,7 +138,7 @@ def prepare(
     Args:
         layers: supported modules (:data:`acert.bounds.kinds.LAYER_KINDS`).
         stats: clean-batch statistics for train-mode batch-norms.
-        sound: widen every interval for rounding (see :data:`acert.bounds.steps.IntervalRule`).
+        sound: widen every interval for rounding (see :data:`acert.bounds.kind_rules.IntervalRule`).
     """
     return program(walk(layers), stats, sound)
 
@@ -152,7 +155,7 @@ def propagate(
         layers: supported modules (:data:`acert.bounds.kinds.LAYER_KINDS`).
         box: interval of the first layer's input.
         stats: clean-batch statistics for train-mode batch-norms.
-        sound: widen every interval for rounding (see :data:`acert.bounds.steps.IntervalRule`).
+        sound: widen every interval for rounding (see :data:`acert.bounds.kind_rules.IntervalRule`).
 
     Returns:
         the output interval and the input interval of every ReLU, in order.
@@ -170,7 +173,8 @@ def last_layer_margins(layer: nn.Linear, box: Interval, y: Tensor, sound: bool =
         layer: the last linear layer (K outputs).
         box: (B, D) interval of its input.
         y: (B,) labels.
-        sound: subtract the rounding allowance of :func:`acert.bounds.spec.rounding_allowance`.
+        sound: subtract the rounding allowance of
+        :func:`acert.bounds.allowances.rounding_allowance`.
 
     Returns:
         (B, K-1) lower bounds, classes t in increasing order with y left out.

@@ -2,7 +2,7 @@
 
 :data:`LAYER_KINDS` holds every module type the bounds support, each with its rules for IBP,
 CROWN (dense and on patches), the rounding of CROWN's backward steps, its output shape and its
-checks (:class:`acert.bounds.steps.LayerKind`). :func:`walk` turns a model into steps: one per
+checks (:class:`acert.bounds.kind_rules.LayerKind`). :func:`walk` turns a model into steps: one per
 layer, a batch-norm folded into the Linear/Conv2d before it, a residual block as a fork, its
 body's steps and a join. IBP (:mod:`acert.bounds.ibp`), CROWN (:mod:`acert.bounds.crown`),
 the patch pass (:mod:`acert.bounds.patches`) and the rounding bounds
@@ -20,10 +20,10 @@ from torch import nn
 
 from acert.bounds.activations import DROPOUT, FLATTEN, IDENTITY, RELU
 from acert.bounds.affine import CONV2D, LINEAR
+from acert.bounds.kind_rules import LayerKind, WalkStep
 from acert.bounds.normalisation import BATCHNORM1D, BATCHNORM2D, NORMALIZE
 from acert.bounds.pooling import AVGPOOL2D, MAXPOOL2D
 from acert.bounds.residual import RESIDUAL
-from acert.bounds.steps import LayerKind, Step
 from acert.foundation.errors import AcertError, UnsupportedModelError
 
 __all__ = [
@@ -71,8 +71,8 @@ def kind_of(layer: nn.Module, where: str = "?") -> LayerKind:
     return kind
 
 
-def walk(layers: Iterable[nn.Module]) -> tuple[Step, ...]:
-    """The steps of a chain of layers (:class:`acert.bounds.steps.Step`), in forward order.
+def walk(layers: Iterable[nn.Module]) -> tuple[WalkStep, ...]:
+    """The steps of a chain of layers (:class:`acert.bounds.kind_rules.WalkStep`), in forward order.
 
     A batch-norm right after a kind that folds one (Linear, Conv2d) becomes that step's
     ``norm``; a residual block becomes a fork step, the steps of its body and a join step.
@@ -80,7 +80,7 @@ def walk(layers: Iterable[nn.Module]) -> tuple[Step, ...]:
     kind's check refuses, and an in-place layer whose write the forward pass can observe
     (:func:`_check_overwrite`).
     """
-    steps: list[Step] = []
+    steps: list[WalkStep] = []
     _walk(list(layers), "", steps, (_MODEL_INPUT,))
     return tuple(steps)
 
@@ -89,7 +89,7 @@ _MODEL_INPUT = "the model's input (which the caller, the bounds and the attacks 
 
 
 def _walk(
-    layers: list[nn.Module], prefix: str, steps: list[Step], readers: tuple[str, ...]
+    layers: list[nn.Module], prefix: str, steps: list[WalkStep], readers: tuple[str, ...]
 ) -> tuple[str, ...]:
     """Append the steps of ``layers``; ``readers``: who reads the tensor the first layer gets
     after that layer has run (see :func:`_check_overwrite`). Returns the readers of the
@@ -104,18 +104,18 @@ def _walk(
         position += 1
         if kind.body is not None:
             fork = len(steps)
-            steps.append(Step(fork, layer, kind))  # replaced once its join's index is known
+            steps.append(WalkStep(fork, layer, kind))  # replaced once its join's index is known
             skip = f"the input of residual block {where}, which its sum x + body(x) reads again"
             _walk(list(getattr(layer, kind.body)), f"{where}.{kind.body}.", steps, (*readers, skip))
             join = len(steps)
-            steps[fork] = Step(fork, layer, kind.fork or kind, None, where, join)
-            steps.append(Step(join, layer, kind, None, where, fork))
+            steps[fork] = WalkStep(fork, layer, kind.fork or kind, None, where, join)
+            steps.append(WalkStep(join, layer, kind, None, where, fork))
             readers = ()  # the sum is a new tensor
             continue
         following = layers[position] if position < len(layers) else None
         norm = following if kind.folds_batchnorm and type(following) in _BATCHNORMS else None
         position += norm is not None
-        steps.append(Step(len(steps), layer, kind, norm, where))
+        steps.append(WalkStep(len(steps), layer, kind, norm, where))
         readers = _readers_after(layer, kind, where, readers, norm is not None)
     return readers
 
@@ -157,7 +157,7 @@ def _check_overwrite(
     )
 
 
-def _modules(step: Step) -> Iterator[tuple[nn.Module, str]]:
+def _modules(step: WalkStep) -> Iterator[tuple[nn.Module, str]]:
     """The step's layer and its folded batch-norm, each with its name in the model."""
     yield step.layer, step.where
     if step.norm is not None:

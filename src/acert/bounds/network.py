@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from acert.bounds.allowances import input_lower_bound
 from acert.bounds.channels import BatchStats
 from acert.bounds.interval import Interval
+from acert.bounds.kind_rules import BackwardContext, WalkStep, dense_dot
 from acert.bounds.rounding import StepError
-from acert.bounds.spec import input_lower_bound
-from acert.bounds.steps import BackwardContext, Step, dense_dot
 
 __all__ = ["Network"]
 
@@ -22,7 +22,7 @@ __all__ = ["Network"]
 class Network:
     """A model prepared for backward passes: its steps, their input shapes, the relaxations."""
 
-    steps: tuple[Step, ...]
+    steps: tuple[WalkStep, ...]
     input_shapes: list[tuple[int, ...]]
     box: Interval
     stats: BatchStats | None

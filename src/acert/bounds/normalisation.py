@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from acert.bounds.allowances import rounding_gamma, underflow_floor
 from acert.bounds.channels import (
     BatchStats,
     channel_affine,
@@ -21,24 +22,23 @@ from acert.bounds.channels import (
     uses_batch_stats,
 )
 from acert.bounds.interval import Interval
-from acert.bounds.overflow import guard, peak
-from acert.bounds.spec import rounding_gamma, underflow_floor
-from acert.bounds.steps import (
+from acert.bounds.kind_rules import (
     BackwardContext,
     BoxMap,
     LayerKind,
     PatchContext,
-    Step,
     StepError,
+    WalkStep,
     same_shape,
 )
+from acert.bounds.overflow import guard, peak
 from acert.bounds.windows import Windows
 from acert.models import Normalize
 
 __all__ = ["BATCHNORM1D", "BATCHNORM2D", "NORMALIZE", "random_batchnorm"]
 
 
-def _channel_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxMap:
+def _channel_interval(step: WalkStep, stats: BatchStats | None, sound: bool) -> BoxMap:
     """``(c·s + t, r·|s|)`` per channel, widened by the rounding of ``c·s + t`` and of the
     parameters, relative to ``(|c| + r)·|s| + Σ|terms of t|``."""
     layer = step.layer
@@ -67,7 +67,7 @@ def _channel_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxM
 
 
 def _back_channel(
-    step: Step, A: Tensor, bias: Tensor, ctx: BackwardContext
+    step: WalkStep, A: Tensor, bias: Tensor, ctx: BackwardContext
 ) -> tuple[Tensor, Tensor]:
     scale, shift = channel_affine(step.layer, ctx.stats)
     shape = (1, 1, -1) + (1,) * (A.dim() - 3)
@@ -77,7 +77,7 @@ def _back_channel(
 
 
 def _patch_channel(
-    step: Step, windows: Windows, bias: Tensor, ctx: PatchContext
+    step: WalkStep, windows: Windows, bias: Tensor, ctx: PatchContext
 ) -> tuple[Windows, Tensor]:
     """Through ``h * scale + shift`` per channel (Normalize, BatchNorm2d)."""
     scale, shift = channel_affine(step.layer, ctx.stats)
@@ -88,7 +88,7 @@ def _patch_channel(
 
 
 def _channel_rounding(
-    step: Step, stats: BatchStats | None, before: Interval, after: Interval
+    step: WalkStep, stats: BatchStats | None, before: Interval, after: Interval
 ) -> StepError:
     h = torch.maximum(before.lower.abs(), before.upper.abs())
     scale, _ = channel_affine(step.layer, stats)

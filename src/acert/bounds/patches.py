@@ -32,10 +32,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from acert.bounds.allowances import input_lower_bound
 from acert.bounds.interval import Interval
+from acert.bounds.kind_rules import PatchContext, WalkStep
 from acert.bounds.network import Network
-from acert.bounds.spec import input_lower_bound
-from acert.bounds.steps import PatchContext, Step
 from acert.bounds.windows import Windows, add_windows, gather, window_dot
 
 __all__ = ["Windows", "lower_bound", "preactivation_bounds", "supports"]
@@ -65,7 +65,7 @@ class _Tables:
     errors: dict[int, tuple[Tensor, tuple[int, int, int]]]
 
 
-def supports(steps: Sequence[Step], shape: Sequence[int]) -> bool:
+def supports(steps: Sequence[WalkStep], shape: Sequence[int]) -> bool:
     """True when the output (C, H, W) of ``steps`` can be bounded on patches."""
     return len(shape) == 3 and all(step.kind.patches is not None for step in steps)
 

@@ -25,21 +25,21 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from acert.bounds.affine import conv_transpose_dense, spatial_shape
+from acert.bounds.allowances import rounding_gamma, underflow_floor
 from acert.bounds.channels import BatchStats
 from acert.bounds.interval import Interval
-from acert.bounds.overflow import guard, peak
-from acert.bounds.spec import rounding_gamma, underflow_floor
-from acert.bounds.steps import (
+from acert.bounds.kind_rules import (
     BackwardContext,
     BoxMap,
     Geometry,
     LayerKind,
     PatchContext,
     Relaxer,
-    Step,
     StepError,
+    WalkStep,
     dense_dot,
 )
+from acert.bounds.overflow import guard, peak
 from acert.bounds.windows import Windows, conv_transpose_windows, scatter_windows, window_dot
 
 __all__ = ["AVGPOOL2D", "MAXPOOL2D", "PoolRelaxation"]
@@ -61,7 +61,7 @@ def _kernel_elements(layer: nn.Module) -> int:
 # --- average pooling ------------------------------------------------------------------------
 
 
-def _avg_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxMap:
+def _avg_interval(step: WalkStep, stats: BatchStats | None, sound: bool) -> BoxMap:
     """``(pool(c), pool(r))``, widened as a convolution of fan-in kh·kw + 1 is
     (:mod:`acert.bounds.affine`): input radius ``r + γ|c|``, weights ``(1 + γ)/(kh·kw)``; no
     certificate where a window's sum may overflow (:mod:`acert.bounds.overflow`)."""
@@ -86,7 +86,9 @@ def _avg_weight(layer: nn.Module, channels: int, like: Tensor) -> Tensor:
                       device=like.device)  # fmt: skip
 
 
-def _back_avg(step: Step, A: Tensor, bias: Tensor, ctx: BackwardContext) -> tuple[Tensor, Tensor]:
+def _back_avg(
+    step: WalkStep, A: Tensor, bias: Tensor, ctx: BackwardContext
+) -> tuple[Tensor, Tensor]:
     channels = ctx.input_shape[0]
     weight = _avg_weight(step.layer, channels, A)
     geometry = _geometry(step.layer)
@@ -94,7 +96,7 @@ def _back_avg(step: Step, A: Tensor, bias: Tensor, ctx: BackwardContext) -> tupl
 
 
 def _patch_avg(
-    step: Step, windows: Windows, bias: Tensor, ctx: PatchContext
+    step: WalkStep, windows: Windows, bias: Tensor, ctx: PatchContext
 ) -> tuple[Windows, Tensor]:
     channels = ctx.input_shape[0]
     weight = _avg_weight(step.layer, channels, windows.coeffs)
@@ -103,7 +105,7 @@ def _patch_avg(
 
 
 def _avg_rounding(
-    step: Step, stats: BatchStats | None, before: Interval, after: Interval
+    step: WalkStep, stats: BatchStats | None, before: Interval, after: Interval
 ) -> StepError:
     """As :func:`acert.bounds.affine.affine_error` for the depthwise convolution."""
     h = torch.maximum(before.lower.abs(), before.upper.abs())
@@ -170,7 +172,7 @@ def _windows(layer: nn.Module, t: Tensor) -> Tensor:
     return columns.view(t.shape[0], t.shape[1], math.prod(g.kernel), -1)
 
 
-def _max_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxMap:
+def _max_interval(step: WalkStep, stats: BatchStats | None, sound: bool) -> BoxMap:
     """The maximum of each end, widened by the rounding of the ends and the centre/radius
     form (``γ₂·(|c| + r)``)."""
     layer = step.layer
@@ -214,7 +216,9 @@ def _undecided_max(layer: nn.Module, pre: Interval) -> Tensor:
     return counts > 0
 
 
-def _back_max(step: Step, A: Tensor, bias: Tensor, ctx: BackwardContext) -> tuple[Tensor, Tensor]:
+def _back_max(
+    step: WalkStep, A: Tensor, bias: Tensor, ctx: BackwardContext
+) -> tuple[Tensor, Tensor]:
     relax = ctx.relaxation
     assert relax is not None
     index, decided, upper = (t[ctx.rows] for t in (relax.index, relax.decided, relax.upper))
@@ -246,7 +250,7 @@ def _max_table(relax: PoolRelaxation) -> tuple[Tensor, ...]:
 
 
 def _patch_max(
-    step: Step, windows: Windows, bias: Tensor, ctx: PatchContext
+    step: WalkStep, windows: Windows, bias: Tensor, ctx: PatchContext
 ) -> tuple[Windows, Tensor]:
     """:func:`_back_max` on windows: ``coeffs - negative·open`` (the lower line x_i for
     positive coefficients, x_i or the constant for negative ones) onto the chosen inputs, and

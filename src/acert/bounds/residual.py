@@ -15,27 +15,27 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from acert.bounds.allowances import rounding_gamma, underflow_floor
 from acert.bounds.channels import BatchStats
 from acert.bounds.interval import Interval
-from acert.bounds.normalisation import random_batchnorm
-from acert.bounds.overflow import guard
-from acert.bounds.spec import rounding_gamma, underflow_floor
-from acert.bounds.steps import (
+from acert.bounds.kind_rules import (
     BackwardContext,
     BoxMap,
     LayerKind,
     PatchContext,
-    Step,
     StepError,
+    WalkStep,
     same_shape,
 )
+from acert.bounds.normalisation import random_batchnorm
+from acert.bounds.overflow import guard
 from acert.bounds.windows import Windows
 from acert.models import Residual
 
 __all__ = ["FORK", "RESIDUAL"]
 
 
-def _join_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxMap:
+def _join_interval(step: WalkStep, stats: BatchStats | None, sound: bool) -> BoxMap:
     def join(body: Interval, skip: Interval) -> Interval:
         centre, radius = skip.centre + body.centre, skip.radius + body.radius
         gamma = rounding_gamma(2, centre.dtype) if sound else 0.0
@@ -50,16 +50,18 @@ def _join_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxMap:
     return join
 
 
-def _pass_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxMap:
+def _pass_interval(step: WalkStep, stats: BatchStats | None, sound: bool) -> BoxMap:
     return lambda box: box
 
 
-def _back_pass(step: Step, A: Tensor, bias: Tensor, ctx: BackwardContext) -> tuple[Tensor, Tensor]:
+def _back_pass(
+    step: WalkStep, A: Tensor, bias: Tensor, ctx: BackwardContext
+) -> tuple[Tensor, Tensor]:
     return A, bias
 
 
 def _patch_pass(
-    step: Step, windows: Windows, bias: Tensor, ctx: PatchContext
+    step: WalkStep, windows: Windows, bias: Tensor, ctx: PatchContext
 ) -> tuple[Windows, Tensor]:
     return windows, bias
 
@@ -72,13 +74,13 @@ def _addition_error(box: Interval) -> StepError:
 
 
 def _join_rounding(
-    step: Step, stats: BatchStats | None, before: Interval, after: Interval
+    step: WalkStep, stats: BatchStats | None, before: Interval, after: Interval
 ) -> StepError:
     return _addition_error(after)
 
 
 def _fork_rounding(
-    step: Step, stats: BatchStats | None, before: Interval, after: Interval
+    step: WalkStep, stats: BatchStats | None, before: Interval, after: Interval
 ) -> StepError:
     return _addition_error(before)
 

@@ -14,12 +14,12 @@ contain the float forward pass), the rewrite is off by at most
     Σ |A| · elementwise  +  absolute
 
 - ``elementwise`` (the layer's output shape): ``γ·(|W|·h̄ + |b|)`` for an affine layer, γ from
-  :func:`acert.bounds.spec.rounding_gamma` for the products summed forwards (fan-in) and
+  :func:`acert.bounds.allowances.rounding_gamma` for the products summed forwards (fan-in) and
   backwards (fan-out) together; the same with the per-channel scale and shift for Normalize
   and batch-norm; for a ReLU, ``γ·(h̄ + |intercept|)`` of its relaxation's slopes and lines
   and ``γ_n·|intercept|`` of the intercepts summed over the whole layer; plus the underflow floor
   of those sums
-  (:func:`acert.bounds.spec.underflow_floor`) for the forward pass;
+  (:func:`acert.bounds.allowances.underflow_floor`) for the forward pass;
 - ``absolute`` (one number per sample): the underflow of the products that form ``A'``, which
   no relative bound covers, ``floor(fan-out)·Σ h̄``.
 
@@ -27,7 +27,7 @@ Each kind gives its own bound (``LayerKind.rounding``, or its relaxer's for ReLU
 MaxPool2d): the affine kinds in :mod:`acert.bounds.affine`, average pooling as a convolution of
 fan-in kh·kw, a residual block's addition in :mod:`acert.bounds.residual`; Flatten, Identity and
 Dropout are exact. The backward pass adds these up and subtracts them with the allowance of the
-input step (:func:`acert.bounds.spec.input_lower_bound`). docs/ARCHITECTURE.md, "Soundness",
+input step (:func:`acert.bounds.allowances.input_lower_bound`). docs/ARCHITECTURE.md, "Soundness",
 explains the rounding model.
 """
 
@@ -42,13 +42,13 @@ from acert.bounds.activations import relu_step
 from acert.bounds.affine import fan_out
 from acert.bounds.channels import BatchStats
 from acert.bounds.interval import Interval
-from acert.bounds.steps import Step, StepError
+from acert.bounds.kind_rules import StepError, WalkStep
 
 __all__ = ["StepError", "fan_out", "relu_step", "step_errors"]
 
 
 def step_errors(
-    steps: Sequence[Step], box: Interval, stats: BatchStats | None
+    steps: Sequence[WalkStep], box: Interval, stats: BatchStats | None
 ) -> dict[int, StepError]:
     """The rounding bound of every backward step whose kind has a rounding rule, by step index
     (a ReLU's, or any relaxed kind's, comes with its relaxation: ``Relaxer.rounding``).
@@ -60,7 +60,7 @@ def step_errors(
     """
     errors: dict[int, StepError] = {}
 
-    def observe(step: Step, before: Interval, after: Interval) -> None:
+    def observe(step: WalkStep, before: Interval, after: Interval) -> None:
         if step.kind.rounding is not None:
             error = step.kind.rounding(step, stats, before, after)
             if error is not None:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from acert.bounds.steps import Geometry
+from acert.bounds.kind_rules import Geometry
 
 __all__ = [
     "Windows",

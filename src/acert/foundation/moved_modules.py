@@ -48,6 +48,8 @@ MOVED_MODULES: dict[str, str] = {
     "acert.process_group": "acert.foundation.process_group",
     "acert._threads": "acert.foundation.threads",
     "acert.schedules": "acert.foundation.schedules",
+    "acert.bounds.steps": "acert.bounds.kind_rules",
+    "acert.bounds.layers": "acert.bounds.clean_pass",
 }
 """Old dotted name -> the module's dotted name now."""
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from acert.bounds import BatchStats, Interval, input_box
 from acert.bounds import ibp as ibp_rules
-from acert.bounds.layers import forward_with_stats
+from acert.bounds.clean_pass import forward_with_stats
 from acert.foundation.ranges import ATTACK_RESTARTS, ATTACK_STEP_SIZE, ATTACK_STEPS
 from acert.methods.warmup import WarmupRegularizer
 from acert.radius.attacks import eval_mode, pgd_attack

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from acert.bounds import clean_forward, input_box
-from acert.bounds.layers import forward_with_stats
+from acert.bounds.clean_pass import forward_with_stats
 from acert.methods.base import (
     Batch,
     LossTerms,

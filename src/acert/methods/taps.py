@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from acert.bounds import BatchStats, Interval, clean_forward, input_box
 from acert.bounds import ibp as ibp_rules
-from acert.bounds.layers import forward_with_stats
+from acert.bounds.clean_pass import forward_with_stats
 from acert.bounds.spec import other_classes
 from acert.foundation.errors import ConfigError
 from acert.methods.base import (

@@ -22,7 +22,7 @@ from acert.bounds import (
     margin_evaluator,
 )
 from acert.bounds.arithmetic import ieee_arithmetic
-from acert.bounds.layers import (
+from acert.bounds.clean_pass import (
     check_fixed_normalisation,
     forward_with_stats,
     needs_batch_stats,

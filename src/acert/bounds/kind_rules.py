@@ -27,8 +27,8 @@ __all__ = [
     "PatchRule",
     "Relaxer",
     "RoundingRule",
-    "Step",
     "StepError",
+    "WalkStep",
     "dense_dot",
     "same_shape",
 ]
@@ -141,19 +141,19 @@ class Relaxer:
     table: Callable[[Any], tuple[Tensor, ...]] | None = None
 
 
-IntervalRule = Callable[["Step", "BatchStats | None", bool], BoxMap]
+IntervalRule = Callable[["WalkStep", "BatchStats | None", bool], BoxMap]
 """``rule(step, stats, sound)``: the step's interval map, its parameters (folded batch-norm,
 ``|W|``) computed once; ``sound`` widens it for the rounding of the model's and the bound's
 arithmetic (certificates), False keeps the plain interval (training objectives, whose value at
 tiny ε the widening would swamp). A map carries gradients to the parameters when made with
 autograd on."""
-BackwardRule = Callable[["Step", Tensor, Tensor, BackwardContext], tuple[Tensor, Tensor]]
+BackwardRule = Callable[["WalkStep", Tensor, Tensor, BackwardContext], tuple[Tensor, Tensor]]
 """``rule(step, A, bias, ctx) -> (A', bias')``: a lower bound ``A·h_out + bias`` rewritten as
 ``A'·h_in + bias'`` (A: (Q, S, *output shape), bias: (Q, S))."""
-PatchRule = Callable[["Step", Any, Tensor, PatchContext], tuple[Any, Tensor]]
+PatchRule = Callable[["WalkStep", Any, Tensor, PatchContext], tuple[Any, Tensor]]
 """``rule(step, windows, bias, ctx) -> (windows', bias')``: the backward rule on
 :class:`acert.bounds.windows.Windows`."""
-RoundingRule = Callable[["Step", "BatchStats | None", Interval, Interval], "StepError | None"]
+RoundingRule = Callable[["WalkStep", "BatchStats | None", Interval, Interval], "StepError | None"]
 """``rule(step, stats, before, after)``: what rounding can cost the backward step through it,
 from the sound IBP intervals of its input and output; None where it is exact."""
 CheckRule = Callable[[nn.Module], "str | None"]
@@ -220,7 +220,7 @@ class LayerKind:
 
 
 @dataclass(frozen=True)
-class Step:
+class WalkStep:
     """One step of the walk over a model (:func:`acert.bounds.kinds.walk`).
 
     Attributes:
