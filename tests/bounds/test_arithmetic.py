@@ -80,14 +80,22 @@ def _switches() -> dict:
 
 
 @pytest.fixture
-def reduced_precision():
-    """The switches a training script sets (TF32 matmuls, bfloat16 oneDNN matmuls on a CPU
-    that has them, cuDNN's TF32 convolutions) and CPU autocast; the defaults afterwards."""
+def reduced_switches():
+    """The global switches a training script sets (TF32 matmuls, bfloat16 oneDNN matmuls on a
+    CPU that has them, cuDNN's TF32 convolutions); the defaults afterwards."""
+    cudnn = torch.backends.cudnn.allow_tf32
     torch.set_float32_matmul_precision("medium")
     torch.backends.cudnn.allow_tf32 = True
+    yield _switches()
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = cudnn
+
+
+@pytest.fixture
+def reduced_precision(reduced_switches):
+    """The same switches, inside a CPU autocast block."""
     with torch.autocast("cpu", dtype=torch.bfloat16):
         yield _switches()
-    torch.set_float32_matmul_precision("highest")
 
 
 def test_reduced_precision_is_off_inside_and_restored_after(reduced_precision):
@@ -105,9 +113,11 @@ def test_reduced_precision_is_off_inside_and_restored_after(reduced_precision):
     assert torch.get_float32_matmul_precision() == "medium"  # the legacy view works again
 
 
-def test_certification_runs_in_ieee_float32_and_says_so(reduced_precision, monkeypatch):
+def test_certification_runs_in_ieee_float32_and_says_so(reduced_switches, monkeypatch):
     """The bound passes and the forward pass of an evaluation see the IEEE switches; the
-    certificate records what it covers; the caller's switches come back, also after an error."""
+    certificate records what it covers; the caller's switches come back, also after an error.
+    (Inside an autocast block certification is refused: tests/test_api_inputs.py.)"""
+    reduced_precision = reduced_switches
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
     x, y = torch.rand(5, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1])
