@@ -103,3 +103,14 @@ def test_fit_refuses_an_object_that_is_no_method_in_one_line():
         data = (torch.rand(4, 1, 2, 2), torch.zeros(4, dtype=torch.long))
         model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
         acert.fit(model, data, eps_max=0.1, epochs=1, method=object())
+
+
+def test_every_module_of_the_package_is_imported_so_a_new_file_registers_itself():
+    import pkgutil
+    import sys
+
+    import acert.methods
+
+    names = [module.name for module in pkgutil.iter_modules(acert.methods.__path__)]
+    assert "ibp" in names and "registry" in names
+    assert all(f"acert.methods.{name}" in sys.modules for name in names)

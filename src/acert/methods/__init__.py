@@ -1,14 +1,17 @@
 """Training methods, each one class with one loss, registered by name.
 
 A method is one file: its class, decorated with :func:`register_method`, builds itself from a
-run's config (``from_config``); ``methods/ibp.py`` is the example to copy, and importing its
-module below is what registers it. ``create_method(config)`` builds the method a config names;
+run's config (``from_config``); ``methods/ibp.py`` is the example to copy. Every module of this
+package is imported here (:func:`_import_every_module`), which registers its methods: a new
+file needs no line anywhere else. ``create_method(config)`` builds the method a config names;
 ``list_methods()`` names them all. ``acert.fit`` also takes a method object of one's own,
 registered or not.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
 from acert.foundation.errors import ConfigError
@@ -57,6 +60,15 @@ __all__ = [
     "register_method",
     "sabr_box",
 ]
+
+
+def _import_every_module() -> None:
+    """Import each module of this package once, so that its registrations run."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+_import_every_module()
 
 
 def list_methods() -> list[str]:
