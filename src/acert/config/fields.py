@@ -92,6 +92,19 @@ def _models() -> list[str]:
     return [*list_models(), GIVEN_MODEL]
 
 
+@dataclass(frozen=True)
+class _MethodName(OneOf):
+    """A registered method; ``adaptive-<base>`` of a base without a certified loss is refused
+    with the list of the methods that take adaptive radii."""
+
+    def check(self, value: Any, name: str) -> None:
+        from acert.methods import check_adaptive_name
+
+        if isinstance(value, str):
+            check_adaptive_name(value)
+        super().check(value, name)
+
+
 def _methods() -> list[str]:
     from acert.methods import list_methods
 
@@ -148,7 +161,9 @@ class TrainConfig:
     method: str = key(
         "acert",
         "the training method (docs/METHOD.md, 'Training loss' and 'Baselines')",
-        OneOf(_methods, "a method of `acert list`; given for a method object given to acert.fit"),
+        _MethodName(
+            _methods, "a method of `acert list`; given for a method object given to acert.fit"
+        ),
     )
     kappa: float = key(
         0.0,
@@ -185,6 +200,12 @@ class TrainConfig:
     )
     radius_warm_start: bool = key(
         True, "start each sample's ACERT radius search from its radius of the last epoch"
+    )
+    adaptive_bound: str = key(
+        "ibp",
+        "the bound of the training radius search of the adaptive-<base> methods (docs/METHOD.md, "
+        "'Adaptive radii for every certified loss')",
+        OneOf(("ibp", "crown-ibp")),
     )
     lambda_tight: float | None = key(
         None,
