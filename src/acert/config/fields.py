@@ -285,6 +285,12 @@ class TrainConfig:
         None,
         "evaluate on a stratified, seeded subset of this many test images; null: all of them",
     )
+    eval_seed: int | None = key(
+        None,
+        "seed of the eval_limit test subset and of acert certify --limit: one value for every "
+        "run of a study certifies every model on the same images",
+        at_least(0, whole=True, null="the run's seed"),
+    )
     # system
     seed: int = key(
         0,
@@ -306,6 +312,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def test_subset_seed(self) -> int:
+        """The seed of the run's stratified test subsets: ``eval_seed``, else ``seed``."""
+        return self.seed if self.eval_seed is None else self.eval_seed
 
     def as_flags(self) -> list[str]:
         """The command-line flags that give this config: one per key that differs from its

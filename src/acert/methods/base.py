@@ -361,9 +361,7 @@ class TrainingAttack:
         ATTACK_STEP_SIZE.check(self.step_size, "pgd_step_size")
         ATTACK_RESTARTS.check(self.restarts, "pgd_restarts")
 
-    def __call__(
-        self, model: nn.Sequential, x: Tensor, y: Tensor, eps: float | Tensor
-    ) -> Tensor:
+    def __call__(self, model: nn.Sequential, x: Tensor, y: Tensor, eps: float | Tensor) -> Tensor:
         """(B, ...) the adversarial points found in ``{x' : |x' - x|_∞ <= eps} ∩ [0, 1]``;
         ``eps`` a number or (B,) per-sample radii (the default step, 2.5·ε/steps, is then
         per sample too)."""
