@@ -342,33 +342,23 @@ def cascade_radii(
     """Each sample's best-of radius, the bounds tried in turn, each only where it can help.
 
     The first bound searches every sample. A later bound skips the samples already certified
-    at the cap (no radius can exceed it) or at 0 (misclassified, or not certified by any bound
-    so far: a later one still searches those); where the best radius r so far lies in (0, cap)
-    it is first evaluated at r and searches only if it certifies there, starting from r (a
-    warm start at r: the bracket it finds lies above r). Every radius returned is a point its
-    bound certifies, so the best of them is sound, as for the full best-of.
+    at the cap (no radius can exceed it); where the best radius r so far lies in (0, cap) it is
+    first evaluated at r and searches [r, cap] only if it certifies there (``KnownBatch.beat``),
+    so a bound that cannot beat r costs one evaluation, not a search. Every radius returned is
+    a point its bound certifies, so the best of them is sound, as for the full best-of.
 
     Returns:
         per bound its (N,) radii on the CPU (0 where it was skipped or fell below r), and the
         (N,) bound evaluations spent per sample.
     """
     found: dict[str, Tensor] = {}
+    at_cap = float(torch.tensor(eps_max, dtype=x.dtype))  # a radius at the cap, as searched
     best = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     spent = torch.zeros(x.shape[0], dtype=torch.float64)
     for index, name in enumerate(bounds):
         cap = torch.full_like(best, eps_max)
-        known = None
-        if index > 0:
-            cap[best >= eps_max] = 0.0
-            partial = torch.nonzero((best > 0) & (best < eps_max), as_tuple=True)[0]
-            if partial.numel():
-                at = best[partial].to(x.dtype)
-                margins = margin_bounds(model, x[partial], y[partial], at, name)
-                spent[partial.cpu()] += 1
-                below = partial[margins.min(1).values <= 0]
-                cap[below] = 0.0
-            guess = torch.where((best > 0) & (cap > 0), best, torch.full_like(best, math.nan))
-            known = KnownBatch(guess=guess.to(x.dtype))
+        cap[best >= at_cap] = 0.0  # nothing to gain: no radius exceeds the cap
+        known = KnownBatch(beat=best.to(x.dtype)) if index > 0 else None
         result = radius_search(model, x, y, cap.to(x.dtype), name, known=known)
         found[name] = result.radius.cpu()
         spent += result.evaluations.cpu().double()
