@@ -127,9 +127,11 @@ def test_the_radii_are_acerts_whatever_the_base():
 
 def test_the_crown_ibp_search_certifies_the_radii_with_crown_ibp():
     model, batch, at = small_net(), make_batch(), step(0.04, warmup=False)
-    method = create_method(
-        config("adaptive-crown-ibp", adaptive_bound="crown-ibp", radius_warm_start=False)
-    )
+    method = create_method(config("adaptive-crown-ibp", radius_warm_start=False))
+    assert method.bound == "crown-ibp"  # its default; the other bases search with IBP
+    assert create_method(config("adaptive-sabr")).bound == "ibp"
+    assert create_method(config("adaptive-crown-ibp", adaptive_bound="ibp")).bound == "ibp"
+    assert create_method(config("adaptive-taps", adaptive_bound="crown-ibp")).bound == "crown-ibp"
     radii = method.loss(copy.deepcopy(model), batch, at).radii
     trained = copy.deepcopy(model)
     logits, stats = clean_forward(trained, batch.x)

@@ -105,6 +105,11 @@ class _MethodName(OneOf):
         super().check(value, name)
 
 
+def _adaptive_bound(value: Any) -> None:
+    if value is not None:
+        OneOf(("ibp", "crown-ibp")).check(value, "adaptive_bound")
+
+
 def _methods() -> list[str]:
     from acert.methods import list_methods
 
@@ -201,11 +206,14 @@ class TrainConfig:
     radius_warm_start: bool = key(
         True, "start each sample's ACERT radius search from its radius of the last epoch"
     )
-    adaptive_bound: str = key(
-        "ibp",
+    adaptive_bound: str | None = key(
+        None,
         "the bound of the training radius search of the adaptive-<base> methods (docs/METHOD.md, "
         "'Adaptive radii for every certified loss')",
-        OneOf(("ibp", "crown-ibp")),
+        Parsed(
+            _adaptive_bound,
+            "ibp, crown-ibp, or null: the base's (crown-ibp for adaptive-crown-ibp, else ibp)",
+        ),
     )
     lambda_tight: float | None = key(
         None,

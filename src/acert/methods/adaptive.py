@@ -72,6 +72,9 @@ class Adaptive:
     name: ClassVar[str] = "adaptive"
     base_name: ClassVar[str] = ""
     """The registered base method of a registered ``adaptive-<base>`` class."""
+    default_bound: ClassVar[str] = "ibp"
+    """The search's bound when the config's ``adaptive_bound`` is null (docs/PERFORMANCE.md,
+    "Adaptive radii: the search's bound")."""
 
     @classmethod
     def from_config(cls, config: Any) -> Adaptive:
@@ -81,7 +84,7 @@ class Adaptive:
             base=TRAINING_METHODS[cls.base_name].from_config(config),
             kappa=config.kappa,
             search=training_search(config),
-            bound=config.adaptive_bound,
+            bound=config.adaptive_bound or cls.default_bound,
             memory=RadiusMemory() if config.radius_warm_start else None,
         )
 
@@ -135,15 +138,17 @@ class Adaptive:
             self.memory.load_state_dict(state["radius_memory"])
 
 
-def _register(base: str) -> type[Adaptive]:
+def _register(base: str, default_bound: str = "ibp") -> type[Adaptive]:
     """The class of ``adaptive-<base>``, registered with κ and the base's knobs."""
     class_name = "Adaptive" + "".join(part.upper() for part in base.split("-"))
-    adaptive = type(class_name, (Adaptive,), {"base_name": base, "__module__": __name__})
+    attributes = {"base_name": base, "default_bound": default_bound, "__module__": __name__}
+    adaptive = type(class_name, (Adaptive,), attributes)
     knobs = {"kappa": "κ", **TRAINING_METHODS[base].knobs}
     return register_method(PREFIX + base, knobs=knobs)(adaptive)
 
 
-AdaptiveCROWNIBP = _register("crown-ibp")
+# trained on CROWN-IBP margins, searched with them: +25% CROWN-IBP ACR for ~2x the step
+AdaptiveCROWNIBP = _register("crown-ibp", default_bound="crown-ibp")
 AdaptiveSABR = _register("sabr")
 AdaptiveMTLIBP = _register("mtl-ibp")
 AdaptiveCCIBP = _register("cc-ibp")
