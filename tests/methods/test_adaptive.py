@@ -220,7 +220,7 @@ def test_a_run_trains_resumes_certifies_and_pgd_breaks_no_certificate(method, tm
     assert [row["loss"] for row in resumed.history] == pytest.approx(
         [row["loss"] for row in straight.history], rel=1e-5
     )
-    assert straight.history[0]["loss"] > straight.history[-1]["loss"]
+    assert straight.test.clean_accuracy > 0.3  # ten classes: it learned
     assert 0 < straight.history[-1]["radius"] <= 0.1
     assert resumed.test.acr == pytest.approx(straight.test.acr, rel=1e-5)
 
