@@ -46,8 +46,13 @@ def test_certify_with_crown_writes_json(trained_run, capsys):
     )
     printed = capsys.readouterr().out
     assert "ACR" in printed and "certified acc @ 0.1" in printed
+    assert "float32 on cpu, IEEE (no TF32, no autocast), gradual underflow" in printed
     metrics = json.loads((trained_run / "certify_crown.json").read_text())
     assert metrics["bound"] == "crown" and metrics["n"] == 30 and metrics["pgd_accuracy"] == {}
+    assert metrics["arithmetic"] == {
+        "dtype": "float32", "device": "cpu", "ieee": True, "tf32": False, "autocast": False,
+        "flush_to_zero": False,
+    }  # fmt: skip
     radii = torch.load(trained_run / "certify_crown.radii.pt")
     assert radii.shape == (30,) and metrics["acr"] == pytest.approx(radii.mean().item(), rel=1e-5)
 

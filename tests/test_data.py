@@ -15,7 +15,7 @@ import torch
 
 from acert import data
 from acert.config import PRESETS, TrainConfig, resolve
-from acert.data import loading, readers
+from acert.data import imagefiles, loading, readers
 from acert.foundation.errors import DatasetError
 from tests.kit.data import (
     IMAGES_MAGIC,
@@ -125,7 +125,14 @@ def test_missing_files_say_where_to_get_them(tmp_path, isolated_home, name):
 
 
 def test_registry_matches_method_table():
-    assert set(data.DATASETS) == {"mnist5k", "mnist", "fashion-mnist", "cifar10", "tinyimagenet"}
+    assert set(data.DATASETS) == {
+        "mnist5k",
+        "mnist",
+        "fashion-mnist",
+        "cifar10",
+        "cifar10-jpeg",
+        "tinyimagenet",
+    }
     assert data.dataset_info("mnist").eps_max == 0.4
     cifar = data.dataset_info("cifar10")
     assert cifar.eps_max == pytest.approx(8.8 / 255) and cifar.val_size == 5000
@@ -355,10 +362,10 @@ def test_tinyimagenet_cache_is_reused_and_refreshed(tmp_path, monkeypatch):
     assert (root / "acert-cache-train.npz").is_file()
     assert not list(root.glob("*.tmp"))
 
-    def no_decoding(path):
+    def no_decoding(path, *args):
         raise AssertionError(f"decoded {path} although the cache is valid")
 
-    monkeypatch.setattr(readers, "_decode", no_decoding)
+    monkeypatch.setattr(imagefiles, "decode_image", no_decoding)
     again = data.load_imageset("tinyimagenet", "train", tmp_path)
     assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)
     monkeypatch.undo()

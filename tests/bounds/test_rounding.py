@@ -229,3 +229,27 @@ def test_subnormal_logits_are_not_over_certified(method):
             y = model(x).argmax(1)
         radius = radius_search(model, x, y, 1.0, method).radius
         assert ((radius == 0) | (radius < _flip_distance(model, x, grid))).all(), (seed, radius)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_float64_certificates_use_float64s_own_floor_and_hold(method):
+    """The float64 counterpart of the subnormal case: a last layer scaled by 2^-1070 puts a
+    float64 model's logits in float64's subnormal range (grid 2^-1074); the allowances come
+    from float64's own constants, and no radius passes a flip of the float64 model."""
+    grid = torch.linspace(0, 1, 4001, dtype=torch.float64)
+    flips = 0
+    for seed in range(8):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 3)).double().eval()
+        with torch.no_grad():
+            model[2].weight.mul_(2.0**-1070)
+            model[2].bias.mul_(2.0**-1070)
+        x = grid[::400].view(-1, 1)
+        with torch.no_grad():
+            y = model(x).argmax(1)
+        distance = _flip_distance(model, x, grid)
+        flips += int(torch.isfinite(distance).sum())
+        radius = radius_search(model, x, y, 1.0, method).radius
+        assert radius.dtype == torch.float64
+        assert ((radius == 0) | (radius < distance)).all(), (seed, radius)
+    assert flips > 0  # the construction does flip inside the cap

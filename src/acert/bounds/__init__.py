@@ -10,6 +10,7 @@ t != y over the ℓ∞ ball of radius eps (pixel units, per sample) clipped to [
 
 from __future__ import annotations
 
+import itertools
 import numbers
 from collections.abc import Callable
 
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from acert.bounds import crown, ibp
+from acert.bounds.arithmetic import ieee_arithmetic
 from acert.bounds.interval import Interval, as_eps, input_box
 from acert.bounds.kinds import LAYER_KINDS, check_shapes
 from acert.bounds.layers import (
@@ -29,21 +31,26 @@ from acert.bounds.spec import margin_matrix, other_classes
 from acert.foundation.errors import AcertError
 
 __all__ = [
+    "CERTIFIED_DTYPES",
     "LAYER_KINDS",
     "METHODS",
     "BatchStats",
     "Interval",
     "MarginEvaluator",
     "as_eps",
+    "check_arithmetic",
     "check_batch",
     "check_eps",
+    "check_input_dtype",
     "check_inputs",
+    "check_model_input",
     "clean_forward",
     "input_box",
     "margin_bounds",
     "margin_bounds_on_box",
     "margin_evaluator",
     "margin_matrix",
+    "model_dtype",
     "other_classes",
 ]
 
@@ -76,12 +83,14 @@ METHODS: dict[str, Method] = {
 }
 
 
-def check_inputs(model: nn.Module, x: Tensor, y: Tensor) -> None:
+def check_inputs(model: nn.Module, x: Tensor, y: Tensor, runs: bool = True) -> None:
     """Raise a one-line :class:`AcertError` unless x, y fit a supported model.
 
     The public entry points (:func:`margin_bounds`, :func:`acert.radius.radius_search`,
     :func:`acert.evaluation.evaluate.evaluate`) take torch tensors only: numpy arrays and lists are
-    refused, not converted, so that no dtype or device is chosen silently.
+    refused, not converted, so that no dtype or device is chosen silently. ``runs=False``
+    leaves out running the layers on the input's shape (:func:`check_model_input`, some
+    milliseconds), for a caller that runs the model on x itself before any bound.
     """
     check_supported(model)
     check_batch(x, y)
@@ -92,8 +101,11 @@ def check_inputs(model: nn.Module, x: Tensor, y: Tensor) -> None:
             "needs >= 2 classes "
             "(a margin is the true logit minus another class's)"
         )
-    _check_dtypes(model, x)
-    check_shapes(model, tuple(x.shape[1:]))
+    dtype = check_input_dtype(model, x)
+    if runs:
+        check_model_input(model, tuple(x.shape[1:]), dtype)
+    else:
+        check_shapes(model, tuple(x.shape[1:]))
     if not torch.isfinite(x).all():
         raise AcertError("inputs contain NaN or inf; clean the data before computing bounds")
     if x.min() < 0 or x.max() > 1:
@@ -133,8 +145,17 @@ def check_batch(x: object, y: object) -> None:
         )
 
 
-def _check_dtypes(model: nn.Module, x: Tensor) -> None:
-    """The model's floating-point parameters and buffers share one dtype, that of x."""
+CERTIFIED_DTYPES = (torch.float32, torch.float64)
+"""The dtypes a model certifies in: the rounding allowances (:mod:`acert.bounds.spec`) take
+their unit roundoff and underflow floor from the dtype, but rest on γ_n = n·u staying far
+below 1 and on a range that inputs' products cannot leave, which float16 and bfloat16
+(u = 2⁻¹¹, 2⁻⁸; a 784-term sum already has n·u > 1 in bfloat16) do not give."""
+
+
+def model_dtype(model: nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
+    """The one dtype of the model's floating-point parameters and buffers (``default`` when it
+    has none), or a one-line :class:`AcertError` when they mix dtypes or it is not one of
+    :data:`CERTIFIED_DTYPES`."""
     dtypes: dict[torch.dtype, str] = {}
     for name, tensor in (*model.named_parameters(), *model.named_buffers()):
         if tensor.is_floating_point():
@@ -144,12 +165,66 @@ def _check_dtypes(model: nn.Module, x: Tensor) -> None:
         raise AcertError(
             f"the model mixes dtypes {found}; convert it to one: model.float() or model.double()"
         )
-    dtype = next(iter(dtypes), x.dtype)
-    if x.dtype != dtype:
+    dtype = next(iter(dtypes), default)
+    if dtype not in CERTIFIED_DTYPES:
         raise AcertError(
-            f"inputs are {x.dtype} but the model computes in {dtype} (its parameters); "
-            f"convert one to the other: x.to({dtype}) or model.to({x.dtype})"
+            f"the model computes in {dtype}, which acert does not certify (its rounding "
+            "allowances hold for float32 and float64 only); convert it: model.float() or "
+            "model.double()"
         )
+    return dtype
+
+
+def check_input_dtype(model: nn.Module, x: Tensor) -> torch.dtype:
+    """The model's dtype (:func:`model_dtype`), or a one-line :class:`AcertError` unless the
+    inputs ``x`` have it too."""
+    dtype = model_dtype(model, x.dtype)
+    if x.dtype != dtype:
+        fix = f"x.to({dtype})"
+        if x.dtype in CERTIFIED_DTYPES:
+            fix = f"convert one to the other: {fix} or model.to({x.dtype})"
+        raise AcertError(
+            f"inputs are {x.dtype} but the model computes in {dtype} (its parameters); {fix}"
+        )
+    return dtype
+
+
+def check_model_input(model: nn.Sequential, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """One-line :class:`AcertError` unless ``model`` takes inputs of ``shape`` (no batch) and
+    ``dtype``: each layer's rank and every residual body's shape (:func:`check_shapes`), then
+    the forward pass itself, run on shapes alone (the ``meta`` device: no arithmetic, no
+    random numbers drawn, no running statistics touched), so that no bound is computed for a
+    model that cannot run on the input."""
+    check_shapes(model, shape)
+    meta = {
+        name: torch.empty_like(tensor, device="meta")
+        for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())
+    }
+    example = torch.empty((2, *shape), dtype=dtype, device="meta")
+    try:
+        with torch.no_grad():
+            torch.func.functional_call(model, meta, (example,))
+    except (RuntimeError, ValueError, IndexError, TypeError) as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise AcertError(f"input of shape {shape} does not fit the model: {first_line}") from err
+
+
+def check_arithmetic() -> None:
+    """One-line :class:`AcertError` when ``torch.autocast`` is on: the model would compute its
+    layers in float16/bfloat16, which no certificate covers (:data:`CERTIFIED_DTYPES`)."""
+    for device in ("cpu", "cuda"):
+        if _autocast_on(device):
+            raise AcertError(
+                f"torch.autocast is on for {device}, so the model computes in float16/bfloat16, "
+                "a precision no certificate covers; certify outside the autocast block"
+            )
+
+
+def _autocast_on(device: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device)
+    except TypeError:  # torch < 2.4 asks per device
+        return torch.is_autocast_cpu_enabled() if device == "cpu" else torch.is_autocast_enabled()
 
 
 def check_eps(eps: object, name: str = "eps") -> None:
@@ -243,13 +318,14 @@ def margin_bounds(
     Returns:
         (B, K-1) lower bounds; the sample is certified at eps when all are > 0.
     """
+    check_arithmetic()
     check_inputs(model, x, y)
     check_eps(eps)
-    if stats is None:
-        check_fixed_normalisation(model)
+    check_fixed_normalisation(model, stats)
     box = input_box(x, eps)
     try:
-        return margin_bounds_on_box(model, box, y, method, stats)
+        with ieee_arithmetic(x.dtype, x.device):
+            return margin_bounds_on_box(model, box, y, method, stats)
     except RuntimeError as err:
         first_line = str(err).strip().splitlines()[0]
         raise AcertError(

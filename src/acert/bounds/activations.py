@@ -192,6 +192,7 @@ FLATTEN = LayerKind(
     rounding=None,
     example=lambda: (nn.Flatten(), (2, 4, 4)),
     check=_check_flatten,
+    aliases=True,
 )
 
 
@@ -219,6 +220,7 @@ IDENTITY = LayerKind(
     patches=_patch_identity,
     rounding=None,
     example=lambda: (nn.Identity(), (2, 4, 4)),
+    aliases=True,
 )
 
 
@@ -240,4 +242,5 @@ DROPOUT = LayerKind(
     rounding=None,
     example=lambda: (nn.Dropout(0.3).eval(), (2, 4, 4)),
     certify_check=_check_dropout_mode,
+    aliases=True,
 )

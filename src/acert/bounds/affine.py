@@ -12,7 +12,9 @@ transpose; its rounding is bounded by ``γ·(|W|·h̄ + |b|)`` on the step's out
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +22,13 @@ from torch import Tensor, nn
 
 from acert.bounds.channels import (
     BatchStats,
+    channel_affine,
     fold_batchnorm,
     folded_bias_magnitude,
+    normalisation_reach,
 )
 from acert.bounds.interval import Interval
+from acert.bounds.overflow import guard, peak
 from acert.bounds.spec import rounding_gamma, underflow_floor
 from acert.bounds.steps import (
     BackwardContext,
@@ -84,6 +89,7 @@ def _affine_box(
     bias: Tensor | None,
     bias_magnitude: Tensor | None = None,
     sound: bool = True,
+    fold: FoldReach | None = None,
 ) -> BoxMap:
     """``(W c + b, |W| r)`` widened by the rounding of the layer (module docstring).
 
@@ -91,7 +97,10 @@ def _affine_box(
         layer: the linear or convolution layer whose shape parameters apply.
         weight, bias: the affine map (the layer's own, or with a batch-norm folded in).
         bias_magnitude: Σ|terms| of a computed bias (a folded one), default ``|bias|``.
-        sound: widen for rounding; False for the plain arithmetic of a training objective.
+        sound: widen for rounding, and check the magnitudes the model's arithmetic forms
+            (:mod:`acert.bounds.overflow`); False for the plain arithmetic of a training
+            objective.
+        fold: the batch-norm folded into ``weight`` and ``bias``, if any.
     """
     gamma = rounding_gamma(fan_in(layer), weight.dtype) if sound else 0.0
     if gamma == 0:
@@ -103,24 +112,60 @@ def _affine_box(
 
         return plain
     wide_weight = (1 + gamma) * weight.abs()
-    # the underflow of the layer's products, which no relative bound covers
+    # the underflow of the layer's products, which no relative bound covers; a folded
+    # batch-norm scales that of the layer's own sum z by |s|
+    floor = underflow_floor(fan_in(layer), weight.dtype)
     radius_bias = torch.full(
-        weight.shape[:1], underflow_floor(fan_in(layer), weight.dtype), dtype=weight.dtype,
-        device=weight.device,
-    )  # fmt: skip
+        weight.shape[:1], floor, dtype=weight.dtype, device=weight.device
+    ) if fold is None else floor * fold.scale.detach().abs().clamp(min=1)  # fmt: skip
     if bias is not None:
         magnitude = bias.abs() if bias_magnitude is None else bias_magnitude
         radius_bias = radius_bias + gamma * magnitude.detach()
+    sums = _sum_reach(layer, fold)
 
     def widened(box: Interval) -> Interval:
         centre = _apply(layer, box.centre, weight, bias)
         magnitude = box.centre.detach().abs()
+        top = peak(box, magnitude)
         # r + γ|c|; without autograd into the fresh |c| tensor itself
         out = None if torch.is_grad_enabled() else magnitude
         spread = torch.add(box.radius, magnitude, alpha=gamma, out=out)
-        return Interval(centre, _apply(layer, spread, wide_weight, radius_bias))
+        radius = _apply(layer, spread, wide_weight, radius_bias)
+        return Interval(centre, guard(radius, top, sums))
 
     return widened
+
+
+@dataclass(frozen=True)
+class FoldReach:
+    """A batch-norm folded into the layer before it: its scale s (C,) and what it forms from
+    the layer's z (:func:`acert.bounds.channels.normalisation_reach`)."""
+
+    scale: Tensor
+    reach: tuple[Tensor, ...]
+
+
+def _fold_reach(norm: nn.Module, stats: BatchStats | None) -> FoldReach:
+    return FoldReach(channel_affine(norm, stats)[0], normalisation_reach(norm, stats))
+
+
+def _sum_reach(layer: nn.Linear | nn.Conv2d, fold: FoldReach | None) -> Callable[[Any], Any]:
+    """``peak -> magnitude``: a bound on what the model's sums reach for inputs with
+    ``|h| <= peak`` (a float or a (B,) tensor): the layer's own partial sums ``|W|·peak + |b|``
+    (the largest row sum of |W|), and with a folded batch-norm what it forms from that z."""
+    with torch.no_grad():
+        rows = float(layer.weight.detach().abs().flatten(1).sum(1).amax())
+        bias = float(layer.bias.detach().abs().amax()) if layer.bias is not None else 0.0
+        mean, factor, offset = (float(t) for t in fold.reach) if fold else (0.0, 0.0, 0.0)
+
+    def reach(top: Any) -> Any:
+        z = top * rows + bias
+        if fold is None:
+            return z
+        normalised = (z + mean) * factor + offset
+        return torch.maximum(z, normalised) if isinstance(z, Tensor) else max(z, normalised)
+
+    return reach
 
 
 def _affine_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxMap:
@@ -132,7 +177,8 @@ def _affine_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxMa
         return _affine_box(layer, layer.weight, layer.bias, sound=sound)
     weight, bias = fold_batchnorm(layer, step.norm, stats)
     magnitude = folded_bias_magnitude(layer, step.norm, stats)
-    return _affine_box(layer, weight, bias, magnitude, sound)
+    fold = _fold_reach(step.norm, stats) if sound else None
+    return _affine_box(layer, weight, bias, magnitude, sound, fold)
 
 
 # --- CROWN ----------------------------------------------------------------------------------
@@ -211,9 +257,14 @@ def _patch_conv(
 
 
 def affine_error(
-    layer: nn.Linear | nn.Conv2d, weight: Tensor, bias_magnitude: Tensor | None, h: Tensor
+    layer: nn.Linear | nn.Conv2d,
+    weight: Tensor,
+    bias_magnitude: Tensor | None,
+    h: Tensor,
+    floor_scale: Tensor | None = None,
 ) -> StepError:
-    """``γ·(|W|·h̄ + |b|)`` for the fan-in and fan-out summed, plus the underflow floors."""
+    """``γ·(|W|·h̄ + |b|)`` for the fan-in and fan-out summed, plus the underflow floors (the
+    layer's own scaled by ``floor_scale`` (C,), a folded batch-norm's ``max(1, |s|)``)."""
     terms = fan_in(layer) + fan_out(layer)
     gamma = rounding_gamma(terms, h.dtype)
     if isinstance(layer, nn.Linear):
@@ -223,7 +274,10 @@ def affine_error(
             h, weight.abs(), bias_magnitude, layer.stride, layer.padding, layer.dilation,
             layer.groups,
         )  # fmt: skip
-    elementwise = gamma * magnitude + underflow_floor(fan_in(layer), h.dtype)
+    floor = underflow_floor(fan_in(layer), h.dtype)
+    if floor_scale is not None:
+        floor = floor * floor_scale.view(-1, *([1] * (magnitude.dim() - 2)))
+    elementwise = gamma * magnitude + floor
     absolute = underflow_floor(fan_out(layer), h.dtype) * h.flatten(1).sum(1)
     return StepError(elementwise, absolute)
 
@@ -237,7 +291,8 @@ def _affine_rounding(
         bias = None if layer.bias is None else layer.bias.abs()
         return affine_error(layer, layer.weight, bias, h)
     weight, _ = fold_batchnorm(layer, step.norm, stats)
-    return affine_error(layer, weight, folded_bias_magnitude(layer, step.norm, stats), h)
+    scale = channel_affine(step.norm, stats)[0].abs().clamp(min=1)
+    return affine_error(layer, weight, folded_bias_magnitude(layer, step.norm, stats), h, scale)
 
 
 # --- the kinds ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ Batch-norm in eval mode uses its running statistics. In train mode the bounds us
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -21,6 +22,7 @@ __all__ = [
     "channel_shift_magnitude",
     "fold_batchnorm",
     "folded_bias_magnitude",
+    "normalisation_reach",
     "uses_batch_stats",
 ]
 
@@ -95,3 +97,21 @@ def fold_batchnorm(
     weight = layer.weight * scale.view(-1, *([1] * (layer.weight.dim() - 1)))
     bias = shift if layer.bias is None else layer.bias * scale + shift
     return weight, bias
+
+
+def normalisation_reach(layer: nn.Module, stats: BatchStats | None) -> tuple[Tensor, ...]:
+    """(max |mean|, factor, offset), 0-d each, such that ``(|h| + max|mean|)·factor + offset``
+    bounds every value the model's Normalize or batch-norm forms from an input with ``|h|``:
+    ``(h - mean) / std``, or ``(h - mean)·invstd·w + β`` and ``h·s + t`` in any order
+    (factor ``max(1, invstd, |s|)``, offset ``max|β|``) (:mod:`acert.bounds.overflow`)."""
+    with torch.no_grad():
+        scale, _ = channel_affine(layer, stats)
+        factor = scale.detach().abs().amax().clamp(min=1)
+        if isinstance(layer, Normalize):
+            return layer.mean.abs().amax(), factor, factor.new_zeros(())
+        assert isinstance(layer, _BatchNorm)
+        mean, var = stats[layer] if uses_batch_stats(layer) else (layer.running_mean,
+                                                                  layer.running_var)  # fmt: skip
+        factor = torch.maximum(factor, (var.detach() + layer.eps).rsqrt().amax())
+        offset = layer.bias.detach().abs().amax() if layer.affine else factor.new_zeros(())
+        return mean.detach().abs().amax(), factor, offset

@@ -18,7 +18,7 @@ Backward state has shape (Q, S, *layer shape): Q queries, each tied to one batch
 coefficient tensors stay under ``memory_budget`` elements.
 
 The intermediate bounds of the convolutional part (the steps before the first one whose kind
-has no patch rule: Flatten, Linear, MaxPool2d) run on patches instead
+has no patch rule: Flatten, Linear) run on patches instead
 (:mod:`acert.bounds.patches`): a neuron's coefficients only on its receptive field, the same
 bounds up to rounding at a fraction of the time and memory. The neurons after those and the
 output margins use the dense pass here, which is also kept for every step with
@@ -40,6 +40,7 @@ from acert.bounds.channels import BatchStats
 from acert.bounds.interval import Interval
 from acert.bounds.kinds import walk
 from acert.bounds.network import Network
+from acert.bounds.overflow import uncertified_unless_finite
 from acert.bounds.rounding import step_errors
 from acert.bounds.spec import folded_margin_layer, margin_matrix
 from acert.bounds.steps import Step
@@ -205,7 +206,7 @@ def crown_margins(
     error = _last_layer_error(net, end, y)
     widest = max(math.prod(shape) for shape in net.input_shapes)
     chunk = max(1, memory_budget // (A.shape[1] * widest))
-    return torch.cat(
+    margins = torch.cat(
         [
             net.lower_bound(
                 end,
@@ -217,6 +218,8 @@ def crown_margins(
             for s in range(0, y.shape[0], chunk)
         ]
     )
+    # an overflow the sound intervals marked (acert.bounds.overflow) gives no certificate
+    return uncertified_unless_finite(margins) if sound else margins
 
 
 def _last_layer_error(net: Network, position: int, y: Tensor) -> Tensor | None:

@@ -11,7 +11,9 @@ forward pass, not only what the bound's own float arithmetic happens to give: ev
 its output by a bound on those rounding errors when ``sound`` (the affine kinds:
 :mod:`acert.bounds.affine`), and the folded last layer subtracts
 :func:`acert.bounds.spec.rounding_allowance` of the terms of both logits it compares
-(``|W_y| + |W_t|``, which cannot cancel). Active ReLUs pass (c, r) on exactly.
+(``|W_y| + |W_t|``, which cannot cancel). Active ReLUs pass (c, r) on exactly. Where the
+model's own sums may overflow, a sound map gives the sample an infinite radius and its margins
+are -inf (:mod:`acert.bounds.overflow`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from acert.bounds.affine import fan_in
 from acert.bounds.channels import BatchStats
 from acert.bounds.interval import Interval
 from acert.bounds.kinds import LAYER_KINDS, walk
+from acert.bounds.overflow import limit, uncertified_unless_finite
 from acert.bounds.spec import folded_margin_layer, margin_matrix, rounding_allowance
 from acert.bounds.steps import BoxMap, LayerKind, Step
 
@@ -188,4 +191,10 @@ def last_layer_margins(layer: nn.Linear, box: Interval, y: Tensor, sound: bool =
         )
         if bias is not None:
             magnitude = magnitude + spec @ layer.bias.abs()
-    return centre - radius - rounding_allowance(magnitude, fan_in(layer))
+    # the logits' sums must not overflow either (acert.bounds.overflow)
+    margins = centre - radius - rounding_allowance(magnitude, fan_in(layer))
+    if magnitude.numel() and float(magnitude.max()) < limit(margins.dtype):  # False for NaN
+        return uncertified_unless_finite(margins)
+    return uncertified_unless_finite(
+        margins.masked_fill(~(magnitude < limit(margins.dtype)), -torch.inf)
+    )

@@ -7,7 +7,8 @@ layer, a batch-norm folded into the Linear/Conv2d before it, a residual block as
 body's steps and a join. IBP (:mod:`acert.bounds.ibp`), CROWN (:mod:`acert.bounds.crown`),
 the patch pass (:mod:`acert.bounds.patches`) and the rounding bounds
 (:mod:`acert.bounds.rounding`) all iterate these steps and dispatch on ``step.kind``; the list
-of supported layers and the refusal of any other module come from the table too.
+of supported layers and the refusal of any other module come from the table too, and the walk
+refuses an in-place layer whose write the forward pass would observe (:func:`_check_overwrite`).
 docs/ARCHITECTURE.md, "Layer kinds", shows what adding a kind takes.
 """
 
@@ -75,34 +76,85 @@ def walk(layers: Iterable[nn.Module]) -> tuple[Step, ...]:
 
     A batch-norm right after a kind that folds one (Linear, Conv2d) becomes that step's
     ``norm``; a residual block becomes a fork step, the steps of its body and a join step.
-    Raises a one-line :class:`UnsupportedModelError` for a module without a kind or one its
-    kind's check refuses.
+    Raises a one-line :class:`UnsupportedModelError` for a module without a kind, one its
+    kind's check refuses, and an in-place layer whose write the forward pass can observe
+    (:func:`_check_overwrite`).
     """
     steps: list[Step] = []
-    _walk(list(layers), "", steps)
+    _walk(list(layers), "", steps, (_MODEL_INPUT,))
     return tuple(steps)
 
 
-def _walk(layers: list[nn.Module], prefix: str, steps: list[Step]) -> None:
+_MODEL_INPUT = "the model's input (which the caller, the bounds and the attacks read again)"
+
+
+def _walk(
+    layers: list[nn.Module], prefix: str, steps: list[Step], readers: tuple[str, ...]
+) -> tuple[str, ...]:
+    """Append the steps of ``layers``; ``readers``: who reads the tensor the first layer gets
+    after that layer has run (see :func:`_check_overwrite`). Returns the readers of the
+    tensor the last layer gives."""
     position = 0
     while position < len(layers):
         layer, where = layers[position], f"{prefix}{position}"
         kind = kind_of(layer, where)
         if kind.check is not None and (problem := kind.check(layer)) is not None:
             raise UnsupportedModelError(f"layer {where} ({kind.name}) {problem}")
+        _check_overwrite(layer, kind, where, readers)
         position += 1
         if kind.body is not None:
             fork = len(steps)
             steps.append(Step(fork, layer, kind))  # replaced once its join's index is known
-            _walk(list(getattr(layer, kind.body)), f"{where}.{kind.body}.", steps)
+            skip = f"the input of residual block {where}, which its sum x + body(x) reads again"
+            _walk(list(getattr(layer, kind.body)), f"{where}.{kind.body}.", steps, (*readers, skip))
             join = len(steps)
             steps[fork] = Step(fork, layer, kind.fork or kind, None, where, join)
             steps.append(Step(join, layer, kind, None, where, fork))
+            readers = ()  # the sum is a new tensor
             continue
         following = layers[position] if position < len(layers) else None
         norm = following if kind.folds_batchnorm and type(following) in _BATCHNORMS else None
         position += norm is not None
         steps.append(Step(len(steps), layer, kind, norm, where))
+        readers = _readers_after(layer, kind, where, readers, norm is not None)
+    return readers
+
+
+def _writes_in_place(layer: nn.Module) -> bool:
+    return bool(getattr(layer, "inplace", False))
+
+
+def _readers_after(
+    layer: nn.Module, kind: LayerKind, where: str, readers: tuple[str, ...], folded: bool
+) -> tuple[str, ...]:
+    """Who reads the layer's output again: its input's readers where the output may be the
+    input itself or a view of it (``LayerKind.aliases``, an in-place layer), and autograd,
+    which keeps a ReLU's output to compute its gradient."""
+    if kind.type is nn.ReLU:
+        kept = f"the output of layer {where} (ReLU), which autograd keeps for its gradient"
+        return (*readers, kept) if _writes_in_place(layer) else (kept,)
+    if not folded and (kind.aliases or _writes_in_place(layer)):
+        return readers
+    return ()
+
+
+def _check_overwrite(
+    layer: nn.Module, kind: LayerKind, where: str, readers: tuple[str, ...]
+) -> None:
+    """Refuse an in-place layer (``inplace=True``) whose input is read again after it wrote it:
+    the model's input, a residual block's input (``x + body(x)`` would add the overwritten x:
+    the model computes ``relu(x) + body(relu(x))``, the bounds ``x + body(relu(x))``), or a
+    ReLU's output, which autograd keeps; directly or through layers that pass their input on
+    as it is or as a view (Identity, Dropout, Flatten). Elsewhere (a ReLU right after a
+    Conv2d, a batch-norm or a sum) the write is exact: no one reads the old values."""
+    if not _writes_in_place(layer) or not readers:
+        return
+    arguments = f"{layer.p}, " if isinstance(layer, nn.Dropout) else ""
+    raise UnsupportedModelError(
+        f"layer {where} ({kind.name}(inplace=True)) overwrites {readers[-1]}, so the model "
+        f"computes another function than the chain of its layers; use nn.{kind.name}"
+        f"({arguments.rstrip(', ')}) instead of nn.{kind.name}({arguments}inplace=True)"
+    )
 
 
 def _modules(step: Step) -> Iterator[tuple[nn.Module, str]]:

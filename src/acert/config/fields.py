@@ -133,7 +133,11 @@ class TrainConfig:
     dataset: str = key(
         "mnist5k",
         "the dataset to train and evaluate on",
-        Parsed(dataset_info, "a dataset of `acert list`; given-CxHxW-K: data given to acert.fit"),
+        Parsed(
+            dataset_info,
+            "a dataset of `acert list`; given-CxHxW-K: data given to acert.fit; "
+            "folder:PATH: image folders PATH/train/<class>/, PATH/test/<class>/",
+        ),
     )
     data_dir: str | None = key(
         None, "folder holding the dataset files; null: $ACERT_DATA_DIR, else ~/.cache/acert/data"

@@ -36,6 +36,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     info = dataset_info(config.dataset)
     preset = {**_GENERIC, **info.preset.values()}
     filled: dict[str, Any] = {
+        "dataset": info.name,  # image folders by their absolute path, so a run names them anywhere
         **{k: v for k, v in preset.items() if getattr(config, k) is None},
         "val_size": _default_val_size(info.val_size, config.train_limit)
         if config.val_size is None

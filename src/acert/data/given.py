@@ -1,5 +1,6 @@
 """Data given from Python: a ``torch.utils.data.Dataset`` of (image, label), a ``DataLoader`` or
-an ``(x, y)`` pair of tensors, as one :class:`~acert.data.ImageSet` of float32 pixels, checked.
+an ``(x, y)`` pair of tensors, as one :class:`~acert.data.ImageSet` of float pixels in the
+model's dtype (float32 or float64), checked.
 
 ``acert.fit`` and ``acert.certify`` take any of the three; the images must be pixels in
 [0, 1] (the model's ``Normalize`` layer holds any normalisation, so that ε stays in pixel
@@ -16,21 +17,29 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from acert.data.imageset import ImageSet
+from acert.data.imageset import PIXEL_DTYPES, ImageSet
 from acert.foundation.errors import DatasetError
 
 __all__ = ["as_imageset"]
 
 
-def as_imageset(data: Any, name: str = "data", num_classes: int | None = None) -> ImageSet:
-    """``data`` as an :class:`ImageSet` of float32 pixels, or a one-line DatasetError.
+def as_imageset(
+    data: Any,
+    name: str = "data",
+    num_classes: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> ImageSet:
+    """``data`` as an :class:`ImageSet` of ``dtype`` pixels, or a one-line DatasetError.
 
     Args:
         data: an ``(x, y)`` pair of tensors, a map-style ``Dataset`` of ``(image, label)``
             or a ``DataLoader`` yielding ``(x, y)`` batches.
         name: what the data is called in an error (``train``, ``val``, ``data``).
         num_classes: the classes the model has; labels must lie below it.
+        dtype: the pixels' dtype, the model's (float32 or float64: :data:`PIXEL_DTYPES`).
     """
+    if dtype not in PIXEL_DTYPES:
+        raise DatasetError(f"pixels are kept as float32 or float64, not {dtype}")
     if isinstance(data, tuple | list) and len(data) == 2 and isinstance(data[0], Tensor):
         x, y = data
     elif isinstance(data, DataLoader):
@@ -42,7 +51,7 @@ def as_imageset(data: Any, name: str = "data", num_classes: int | None = None) -
             f"{name} must be an (x, y) pair of tensors, a torch Dataset of (image, label) or a "
             f"DataLoader, got {type(data).__name__}"
         )
-    return _checked(x, y, name, num_classes)
+    return _checked(x, y, name, num_classes, dtype)
 
 
 def _pair(item: Any, name: str) -> tuple[Tensor, Tensor]:
@@ -73,7 +82,9 @@ def _stack(pairs: list[tuple[Tensor, Tensor]], name: str, batched: bool) -> tupl
     )
 
 
-def _checked(x: Tensor, y: Tensor, name: str, num_classes: int | None) -> ImageSet:
+def _checked(
+    x: Tensor, y: Tensor, name: str, num_classes: int | None, dtype: torch.dtype
+) -> ImageSet:
     if not isinstance(y, Tensor):
         raise DatasetError(f"{name}'s labels must be a tensor, got {type(y).__name__}")
     if x.dim() < 2 or y.dim() != 1 or x.shape[0] != y.shape[0]:
@@ -100,6 +111,4 @@ def _checked(x: Tensor, y: Tensor, name: str, num_classes: int | None) -> ImageS
             f"{name}'s labels must lie in [0, {high if high is not None else 'K'}), got "
             f"{y.min().item()}..{y.max().item()}"
         )
-    return ImageSet(
-        x.detach().to("cpu", torch.float32).contiguous(), y.detach().to("cpu", torch.int64)
-    )
+    return ImageSet(x.detach().to("cpu", dtype).contiguous(), y.detach().to("cpu", torch.int64))

@@ -9,6 +9,9 @@ from torch import Tensor
 
 from acert.foundation.errors import DatasetError
 
+PIXEL_DTYPES = (torch.float32, torch.float64)
+"""The dtypes of float pixels an ImageSet keeps: those the bounds certify in."""
+
 
 @dataclass
 class ImageSet:
@@ -16,7 +19,8 @@ class ImageSet:
 
     Attributes:
         images: uint8 (N, C, H, W), pixel values 0..255 (a dataset's files, compactly), or
-            float32 (N, ...) pixels in [0, 1] (data given from Python, :func:`as_imageset`).
+            float32 or float64 (N, ...) pixels in [0, 1] (data given from Python, in the
+            model's dtype: :func:`as_imageset`).
         labels: int64 (N,).
     """
 
@@ -25,11 +29,11 @@ class ImageSet:
 
     def __post_init__(self) -> None:
         compact = self.images.dtype == torch.uint8 and self.images.dim() == 4
-        pixels = self.images.dtype == torch.float32 and self.images.dim() >= 2
+        pixels = self.images.dtype in PIXEL_DTYPES and self.images.dim() >= 2
         if not (compact or pixels):
             raise DatasetError(
-                "ImageSet images must be uint8 (N, C, H, W) or float32 (N, ...) pixels, got "
-                f"{self.images.dtype} {tuple(self.images.shape)}"
+                "ImageSet images must be uint8 (N, C, H, W) or float32/float64 (N, ...) "
+                f"pixels, got {self.images.dtype} {tuple(self.images.shape)}"
             )
         if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
             raise DatasetError(
@@ -46,9 +50,10 @@ class ImageSet:
         return tuple(self.images.shape[1:])
 
     def floats(self, idx: Tensor | None = None) -> Tensor:
-        """Pixels of rows ``idx`` (all if None) as float32 (n, ...) in [0, 1], a new tensor."""
+        """Pixels of rows ``idx`` (all if None) in [0, 1], a new tensor: float32 from uint8
+        images, float pixels in their own dtype."""
         rows = self.images if idx is None else self.images[idx]
-        if rows.dtype == torch.float32:
+        if rows.dtype in PIXEL_DTYPES:
             return rows.clone()
         return rows.to(torch.float32).div_(255.0)
 

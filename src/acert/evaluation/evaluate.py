@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from acert.bounds import METHODS, check_eps, check_inputs, crown, margin_bounds
+from acert.bounds.arithmetic import arithmetic_record, ieee_arithmetic
 from acert.foundation.errors import AcertError
 from acert.foundation.ranges import PGD_STEPS, OneOf, above, at_least, between, settings_object
 from acert.radius import KnownBatch, check_cap, radius_search
@@ -71,6 +72,9 @@ class Evaluation:
     radii: Tensor = field(repr=False)
     bound_radii: dict[str, Tensor] = field(default_factory=dict, repr=False)
     """Each bound's own radii when several were asked for (``radii`` is their maximum)."""
+    arithmetic: dict[str, Any] = field(default_factory=dict)
+    """What the certificates cover: the model computing in this dtype on this device, in IEEE
+    arithmetic (:func:`acert.bounds.arithmetic.arithmetic_record`)."""
 
     def to_dict(self) -> dict:
         """JSON-ready metrics (radii left out)."""
@@ -89,6 +93,7 @@ class Evaluation:
             "pgd_accuracy": {f"{eps:.6g}": acc for eps, acc in self.pgd_accuracy.items()},
             "radius_evaluations_per_sample": self.radius_evaluations,
             **best,
+            **({"arithmetic": self.arithmetic} if self.arithmetic else {}),
         }
 
 
@@ -263,7 +268,11 @@ def evaluate(
     settings = check_settings(settings)
     modes = [(module, module.training) for module in model.modules()]
     try:
-        return _evaluate(model.to(device).eval(), x, y, settings, device, progress)
+        # the bounds and the forward pass whose prediction they certify, in IEEE arithmetic
+        # (x is checked inside: a bad one gets its one-line error there)
+        dtype = x.dtype if isinstance(x, Tensor) and x.is_floating_point() else torch.float32
+        with ieee_arithmetic(dtype, device):
+            return _evaluate(model.to(device).eval(), x, y, settings, device, progress)
     finally:
         for module, training in modes:
             module.training = training
@@ -333,6 +342,7 @@ def _evaluate(
         radius_evaluations=torch.cat(evaluations).float().mean().item(),
         radii=radius,
         bound_radii=bound_radii if len(bounds) > 1 else {},
+        arithmetic=arithmetic_record(x.dtype, device),
     )
 
 

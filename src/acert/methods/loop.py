@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from acert.bounds import check_batch, check_input_dtype
 from acert.foundation.errors import AcertError
 from acert.methods.acert import ACERT
 from acert.methods.base import Batch, LossTerms, Step, TrainingMethod
@@ -45,8 +47,10 @@ class TrainingLoss:
     steps: int = 0
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.eps_max, int | float) and 0 < self.eps_max <= 1):
+        eps_max = _number(self.eps_max)
+        if eps_max is None or not 0 < eps_max <= 1:
             raise AcertError(f"eps_max must lie in (0, 1] pixel units, got {self.eps_max!r}")
+        self.eps_max = eps_max
 
     def __call__(
         self,
@@ -62,8 +66,8 @@ class TrainingLoss:
         Args:
             model: the network, in train mode.
             x: (B, ...) inputs in [0, 1]; y: (B,) int64 labels.
-            eps: this step's training ε in [0, eps_max]; 0 is standard training with the
-                warm-up regularisers.
+            eps: this step's training ε in [0, eps_max] (a number, numpy scalar or one-element
+                tensor); 0 is standard training with the warm-up regularisers.
             idx: (B,) rows of the samples in the training set, for per-sample state.
             warmup: whether the step is in the warm-up (the regularisers and ACERT's radius
                 floor apply); default: while ``eps < eps_max``.
@@ -72,12 +76,14 @@ class TrainingLoss:
             :class:`~acert.methods.LossTerms`: ``loss``, clean ``logits``, ``metrics`` and, for
             ACERT, the per-sample training ``radii``.
         """
-        if not isinstance(x, Tensor) or not isinstance(y, Tensor) or x.shape[0] != y.shape[0]:
-            raise AcertError("x and y must be tensors of the same batch size; pass torch tensors")
-        if not (isinstance(eps, int | float) and math.isfinite(eps) and 0 <= eps <= self.eps_max):
+        check_batch(x, y)
+        check_input_dtype(model, x)
+        value = _number(eps)
+        if value is None or not (math.isfinite(value) and 0 <= value <= self.eps_max):
             raise AcertError(f"eps must lie in [0, eps_max={self.eps_max}], got {eps!r}")
-        in_warmup = eps < self.eps_max if warmup is None else warmup
-        step = Step(self.steps, 0, float(eps), self.eps_max, in_warmup)
+        _check_rows(idx, x.shape[0])
+        in_warmup = value < self.eps_max if warmup is None else warmup
+        step = Step(self.steps, 0, value, self.eps_max, in_warmup)
         self.steps += 1
         with _cold_if_unindexed(self.method, idx):
             rows = torch.arange(x.shape[0], device=x.device) if idx is None else idx
@@ -90,6 +96,40 @@ class ACERTLoss(TrainingLoss):
 
     def __init__(self, eps_max: float, kappa: float = 0.0, **settings: Any) -> None:
         super().__init__(ACERT(kappa=kappa, **settings), eps_max)
+
+
+def _number(value: object) -> float | None:
+    """A real number given as a Python or numpy scalar or a one-element tensor, as a float;
+    None for anything else (a bool, a complex, a tensor of several values)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            return None
+        return float(value.item())
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _check_rows(idx: object, batch: int) -> None:
+    """One-line :class:`AcertError` unless ``idx`` is None or (B,) integer row indices >= 0."""
+    if idx is None:
+        return
+    if not isinstance(idx, Tensor):
+        raise AcertError(
+            f"idx must be a ({batch},) torch tensor of row indices, got {type(idx).__name__}; "
+            "pass torch.as_tensor(idx)"
+        )
+    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        raise AcertError(
+            f"idx must hold integer row indices of the training set, got {idx.dtype}; "
+            "pass idx.long()"
+        )
+    if idx.shape != (batch,):
+        raise AcertError(
+            f"idx must be ({batch},), one row index per sample, got shape {tuple(idx.shape)}"
+        )
+    if batch and idx.min() < 0:
+        raise AcertError(f"idx must hold row indices >= 0, got {idx.min().item()}")
 
 
 @contextlib.contextmanager

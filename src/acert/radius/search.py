@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -14,11 +15,13 @@ from acert.bounds import (
     BatchStats,
     MarginEvaluator,
     as_eps,
+    check_arithmetic,
     check_eps,
     check_inputs,
     input_box,
     margin_evaluator,
 )
+from acert.bounds.arithmetic import ieee_arithmetic
 from acert.bounds.layers import (
     check_fixed_normalisation,
     forward_with_stats,
@@ -154,7 +157,15 @@ def radius_search(
     known = KnownBatch() if known is None else known
     _check_search_arguments(model, x, y, eps_max, settings, known)
     cap = as_eps(eps_max, x.shape[0], x)
-    with torch.no_grad():
+    if known.stats is None or settings.sound:
+        # a certificate holds only where the statistics fix every batch-norm (and no Dropout
+        # draws); a training search may bound the function its clean batch's statistics fix
+        check_fixed_normalisation(model, known.stats)
+    if settings.sound:
+        check_arithmetic()
+    # certificates in the arithmetic their allowances assume (training's plain search: any)
+    arithmetic = ieee_arithmetic(x.dtype, x.device) if settings.sound else contextlib.nullcontext()
+    with torch.no_grad(), arithmetic:
         logits, stats = _clean_pass(model, x, known.stats, known.logits)
         floor = SAFETY_MARGIN * logits.abs().amax(1)
         margins = margin_evaluator(model, method, stats, settings.sound)
@@ -172,7 +183,7 @@ def _check_search_arguments(
 ) -> None:
     """Every argument of :func:`radius_search`, checked before any work (the settings checked
     themselves when made): a one-line :class:`AcertError` naming the argument and the fix."""
-    check_inputs(model, x, y)
+    check_inputs(model, x, y, runs=False)  # the clean pass runs the model (or gave logits)
     check_settings(settings)
     check_cap(eps_max, x.shape[0])
     settings_object(
@@ -218,17 +229,14 @@ def _shape(value: object) -> str:
 def _clean_pass(
     model: nn.Sequential, x: Tensor, stats: BatchStats | None, logits: Tensor | None
 ) -> tuple[Tensor, BatchStats | None]:
-    """The clean logits of x and the batch-norm statistics the bounds use (a batch-norm that
-    normalises with the current batch needs them given: no radius is a certificate of it), or
-    a one-line error for a misfit input."""
-    if stats is None:
-        check_fixed_normalisation(model)
+    """The clean logits of x and the batch-norm statistics the bounds use, or a one-line error
+    for a misfit input."""
     try:
         if logits is None and needs_batch_stats(model):
             # the clean logits under the given statistics (not those of x's own batch)
             return forward_with_stats(model, x, stats), stats
         return (model(x) if logits is None else logits), stats
-    except RuntimeError as err:
+    except (RuntimeError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0]
         raise AcertError(
             f"input of shape {tuple(x.shape[1:])} does not fit the model: {first_line}"

@@ -9,7 +9,8 @@ averaged (:mod:`acert.workflows.train.ddp`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,7 +25,49 @@ from acert.methods import Batch, Step, TrainingMethod
 from acert.workflows.train.ddp import distributed_loss
 from acert.workflows.train.state import TrainState
 
-__all__ = ["TrainingDivergedError", "fit"]
+__all__ = ["EpochCallback", "LoopSettings", "TrainingDivergedError", "TrainingParts", "fit"]
+
+EpochCallback = Callable[["TrainState", dict[str, Any]], None]
+"""Called after each epoch with the state and the epoch's row of the history (validation,
+checkpoints, logs: :mod:`acert.workflows.train.callbacks`)."""
+
+
+@dataclass
+class TrainingParts:
+    """What the loop trains, and with what.
+
+    Attributes:
+        model: the network (put in train mode).
+        method: its ``loss(model, batch, step)`` gives the objective.
+        loader: training batches ``(x, y, idx)``; the global batches when several processes
+            train, each process taking its share (:func:`acert.foundation.process_group.shard`).
+        schedule: training ε of each step.
+        optimizer, scheduler: stepped once per batch.
+    """
+
+    model: nn.Sequential
+    method: TrainingMethod
+    loader: BatchLoader
+    schedule: EpsSchedule
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How the loop trains.
+
+    Attributes:
+        epochs: total epochs of the run.
+        grad_clip: maximum gradient norm (10).
+        l1: weight of the L1 penalty on weights (TinyImageNet 1e-4).
+        progress: show a progress bar per epoch.
+    """
+
+    epochs: int
+    grad_clip: float = 10.0
+    l1: float = 0.0
+    progress: bool = True
 
 
 class TrainingDivergedError(AcertError):
@@ -38,39 +81,19 @@ def _l1_penalty(model: nn.Module) -> torch.Tensor:
 
 
 def fit(
-    model: nn.Sequential,
-    method: TrainingMethod,
-    loader: BatchLoader,
-    schedule: EpsSchedule,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    epochs: int,
+    parts: TrainingParts,
+    settings: LoopSettings,
     state: TrainState,
-    grad_clip: float = 10.0,
-    l1: float = 0.0,
-    end_of_epoch: Callable[[TrainState, dict[str, Any]], None] | None = None,
-    progress: bool = True,
+    callbacks: Sequence[EpochCallback] = (),
     world: World | None = None,
 ) -> TrainState:
-    """Train from ``state.epoch`` to ``epochs``; call ``end_of_epoch(state, row)`` after each.
-
-    Args:
-        model: the network (put in train mode).
-        method: its ``loss(model, batch, step)`` gives the objective.
-        loader: training batches ``(x, y, idx)``; the global batches when several processes
-            train, each process taking its share (:func:`acert.foundation.process_group.shard`).
-        schedule: training ε of each step.
-        optimizer, scheduler: stepped once per batch.
-        epochs: total epochs of the run.
-        state: where to start (a fresh or a restored state).
-        grad_clip: maximum gradient norm (10).
-        l1: weight of the L1 penalty on weights (TinyImageNet 1e-4).
-        end_of_epoch: validation, checkpointing and logging.
-        progress: show a progress bar per epoch.
-        world: the processes training together (default: this one alone).
-    """
+    """Train from ``state.epoch`` (a fresh or a restored state) to ``settings.epochs``; call
+    each of ``callbacks`` in turn with ``(state, row)`` after each epoch. ``world``: the
+    processes training together (default: this one alone)."""
     world = world or World()
-    compute_loss = distributed_loss(model, method, world)
+    model, loader, schedule = parts.model, parts.loader, parts.schedule
+    optimizer, epochs = parts.optimizer, settings.epochs
+    compute_loss = distributed_loss(model, parts.method, world)
     for epoch in range(state.epoch, epochs):
         model.train()
         loader.set_epoch(epoch)
@@ -78,7 +101,9 @@ def fit(
         started = time.perf_counter()
         totals: dict[str, tuple[float, float]] = {}
         last_lr = optimizer.param_groups[0]["lr"]
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        bar = tqdm(
+            loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not settings.progress, leave=False
+        )
         for x, y, idx in bar:
             rows, weight = shard(x.shape[0], world)
             step = Step(
@@ -90,9 +115,7 @@ def fit(
             )
             batch = Batch(x[rows], y[rows], idx[rows])
             last_lr = optimizer.param_groups[0]["lr"]
-            values = _train_step(
-                compute_loss, model, batch, step, optimizer, scheduler, grad_clip, l1, weight
-            )
+            values = _train_step(compute_loss, parts, settings, batch, step, weight)
             state.step += 1
             size = batch.x.shape[0]
             for key, value in values.items():
@@ -110,23 +133,21 @@ def fit(
         row["epoch_seconds"] = time.perf_counter() - started
         state.epoch = epoch + 1
         state.history.append(row)
-        if end_of_epoch is not None:
-            end_of_epoch(state, row)
+        for callback in callbacks:
+            callback(state, row)
     return state
 
 
 def _train_step(
     compute_loss: Callable[[Batch, Step], Any],
-    model: nn.Sequential,
+    parts: TrainingParts,
+    settings: LoopSettings,
     batch: Batch,
     step: Step,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    grad_clip: float,
-    l1: float,
     weight: float,
 ) -> dict[str, float]:
     """One optimisation step; the batch's loss, accuracy, ε and the method's metrics."""
+    model, optimizer, l1 = parts.model, parts.optimizer, settings.l1
     terms = compute_loss(batch, step)
     loss = terms.loss + l1 * _l1_penalty(model) if l1 > 0 else terms.loss
     if not torch.isfinite(loss):
@@ -135,8 +156,8 @@ def _train_step(
         )
     optimizer.zero_grad(set_to_none=True)
     (loss if weight == 1 else loss * weight).backward()
-    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
     optimizer.step()
-    scheduler.step()
+    parts.scheduler.step()
     accuracy = (terms.logits.argmax(1) == batch.y).float().mean().item()
     return {"loss": loss.item(), "train_acc": accuracy, "eps": step.eps, **terms.metrics}

@@ -12,11 +12,11 @@ each takes its share of every global batch, rank 0 alone writes the run folder, 
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,6 @@ from acert.evaluation.sharded import evaluate_sharded
 from acert.foundation.errors import ConfigError
 from acert.foundation.process_group import (
     World,
-    barrier,
     broadcast_object,
     check_last_batch,
     launched_world,
@@ -50,7 +49,22 @@ from acert.foundation.schedules import EpsSchedule
 from acert.methods import TrainingMethod, create_method
 from acert.records.loggers import check_logger, open_logger
 from acert.records.runs import RunDir, build_model
-from acert.workflows.train.loop import TrainingDivergedError, fit
+from acert.workflows.train.callbacks import (
+    BestEpoch,
+    Checkpoints,
+    EpochClock,
+    EpochLine,
+    EventFiles,
+    Validation,
+    wait_for_every_process,
+)
+from acert.workflows.train.loop import (
+    EpochCallback,
+    LoopSettings,
+    TrainingDivergedError,
+    TrainingParts,
+    fit,
+)
 from acert.workflows.train.state import TrainState, checkpoint_payload, start_or_resume
 
 __all__ = [
@@ -142,23 +156,6 @@ def _optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
     return optimizer, scheduler
 
 
-def _format_row(row: dict[str, Any], epochs: int, seconds_per_epoch: float) -> str:
-    done = row["epoch"]
-    eta = seconds_per_epoch * (epochs - done)
-    parts = [
-        f"epoch {done}/{epochs}",
-        f"loss {row.get('loss', float('nan')):.4f}",
-        f"acc {100 * row.get('train_acc', 0):.1f}%",
-        f"eps {row.get('eps', 0):.4g}",
-    ]
-    if "radius" in row:
-        parts.append(f"radius {row['radius']:.4g}")
-    if "val_acc" in row:
-        parts.append(f"val acc {100 * row['val_acc']:.1f}% ACR {row['val_acr']:.4g}")
-    parts.append(f"{row['epoch_seconds']:.1f}s, {eta / 60:.1f} min left")
-    return "  ".join(parts)
-
-
 def run(
     config: TrainConfig,
     out: str | Path | None = None,
@@ -227,58 +224,15 @@ def _run(
     state = TrainState()
     if run_dir is not None:
         state = start_or_resume(
-            run_dir, config, resume, model, method, optimizer, scheduler, world.is_main
+            run_dir, config, resume, model, method, optimizer, scheduler, world.is_main, log
         )
-    x_val, y_val = (val_set.floats(), val_set.labels) if len(val_set) else (None, None)
-    val_settings = EvaluationSettings(config.eps_max, pgd_eps=())  # IBP radii, no attack
+    parts = TrainingParts(model, method, loader, schedule, optimizer, scheduler)
     board = open_logger(config, out) if world.is_main else None  # --logger tensorboard
-    started, first_epoch = time.perf_counter(), state.epoch
-    clock = [started]
-
-    def end_of_epoch(state: TrainState, row: dict[str, Any]) -> None:
-        val = None
-        if x_val is not None:
-            val = evaluate_sharded(model, x_val, y_val, val_settings, world, device=device)
-            model.train()
-            row.update(val_acc=val.clean_accuracy, val_acr=val.acr, val_acceps=val.acceps)
-        eligible = (
-            state.epoch >= config.stn_epochs + config.reg_epochs or state.epoch == config.epochs
-        )
-        score = row.get("val_acceps", -math.inf)
-        improved = x_val is not None and eligible and score > state.best_score
-        if improved:
-            state.best_score, state.best_epoch = score, state.epoch
-        now = time.perf_counter()
-        state.seconds, clock[0] = state.seconds + now - clock[0], now
-        if run_dir is not None and world.is_main:
-            payload = checkpoint_payload(config, model, method, optimizer, scheduler, state)
-            run_dir.save_checkpoint("last", payload)
-            if improved:
-                run_dir.save_checkpoint("best", payload)
-            run_dir.write_metrics(state.history)
-        if board is not None:
-            board.epoch(row, val.radii if val is not None else None)
-        if world.is_main:
-            per_epoch = (now - started) / (state.epoch - first_epoch)
-            log(_format_row(row, config.epochs, per_epoch))
-        barrier()  # the checkpoints are on disk before any process reads them
-
+    place = _Place(run_dir, world, device)
+    callbacks = _epoch_callbacks(config, parts, val_set, place, board, state.epoch, log)
+    settings = LoopSettings(config.epochs, config.grad_clip, config.l1, progress)
     try:
-        state = fit(
-            model,
-            method,
-            loader,
-            schedule,
-            optimizer,
-            scheduler,
-            config.epochs,
-            state,
-            config.grad_clip,
-            config.l1,
-            end_of_epoch,
-            progress,
-            world,
-        )
+        state = fit(parts, settings, state, callbacks, world)
     except TrainingDivergedError as err:
         if run_dir is None or not run_dir.has_checkpoint("last"):
             raise TrainingDivergedError(f"{err}; lower --lr or check the data") from None
@@ -301,6 +255,47 @@ def _run(
     return TrainResult(
         model, state.history, state.best_epoch, test, run_dir.path if run_dir else None, config
     )
+
+
+@dataclass(frozen=True)
+class _Place:
+    """Where a process of a run trains: its run folder (None: none), its world and device."""
+
+    run_dir: RunDir | None
+    world: World
+    device: torch.device
+
+
+def _epoch_callbacks(
+    config: TrainConfig,
+    parts: TrainingParts,
+    val_set: ImageSet,
+    place: _Place,
+    board: Any,
+    first_epoch: int,
+    log: Callable[[str], None],
+) -> list[EpochCallback]:
+    """What the run does after each epoch (:mod:`acert.workflows.train.callbacks`), in order."""
+    callbacks: list[EpochCallback] = []
+    validation = None
+    if len(val_set):
+        settings = EvaluationSettings(config.eps_max, pgd_eps=())  # IBP radii, no attack
+        validation = Validation(
+            parts.model, val_set.floats(), val_set.labels, place.world, place.device, settings
+        )
+        callbacks += [validation, BestEpoch(config.stn_epochs + config.reg_epochs, config.epochs)]
+    callbacks.append(EpochClock())
+    if place.run_dir is not None and place.world.is_main:
+        payload = partial(
+            checkpoint_payload, config, parts.model, parts.method, parts.optimizer, parts.scheduler
+        )
+        callbacks.append(Checkpoints(place.run_dir, payload))
+    if board is not None:
+        callbacks.append(EventFiles(board, validation))
+    if place.world.is_main:
+        callbacks.append(EpochLine(log, config.epochs, first_epoch))
+    callbacks.append(wait_for_every_process)
+    return callbacks
 
 
 def _loader(

@@ -9,6 +9,7 @@ run it holds, refusing a resume under a different config.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,11 +85,14 @@ def start_or_resume(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     write: bool = True,
+    note: Callable[[str], None] = print,
 ) -> TrainState:
     """A fresh state (saving the config when ``write``) or the state of ``run_dir``'s last.pt.
 
     Resuming loads the model, optimiser, scheduler, method state and RNG from the checkpoint;
-    every process of a multi-process run reads it.
+    every process of a multi-process run reads it. A run killed in its first epoch has its
+    config.yaml but no checkpoint yet: resuming it (the same command re-issued, as a requeued
+    cluster job does) starts it from the beginning, with a ``note``, if the config is the same.
     """
     has_last = run_dir.has_checkpoint("last")
     if not resume:
@@ -100,9 +104,10 @@ def start_or_resume(
         if write:
             run_dir.save_config(config)
         return TrainState()
-    if not has_last:
+    if not has_last and not run_dir.config_path.is_file():
         raise CheckpointError(
-            f"nothing to resume in {run_dir.path} (no checkpoints/last.pt); drop --resume"
+            f"nothing to resume in {run_dir.path} (no config.yaml, no checkpoints/last.pt); "
+            "drop --resume"
         )
     changed = changed_keys(run_dir.load_config(), config)
     if changed:
@@ -110,6 +115,14 @@ def start_or_resume(
             f"--resume with a different config ({', '.join(changed)}); "
             "resume with the run's own settings (drop those flags)"
         )
+    if not has_last:
+        if write:
+            note(
+                f"note: {run_dir.path} holds no checkpoint yet (the run stopped in its first "
+                "epoch); starting it from the beginning"
+            )
+            run_dir.remove_temporaries()
+        return TrainState()
     payload = run_dir.load_checkpoint("last")
     if write:
         run_dir.remove_temporaries()  # a kill mid-write leaves its temporary file behind
