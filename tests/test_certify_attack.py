@@ -375,6 +375,7 @@ def test_a_cascade_spends_one_evaluation_where_a_bound_cannot_beat_the_radius(mo
     assert crown_rows[0] == inside and not found["crown"].any()
 
 
+@pytest.mark.train
 def test_eval_seed_draws_one_subset_for_runs_of_every_seed(run, tmp_path):
     """eval_seed (and acert certify --eval-seed) fixes the images of --limit / eval_limit,
     whatever the run's seed; unset, the run's seed draws them as before."""
