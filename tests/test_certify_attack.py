@@ -9,11 +9,15 @@ from torch import nn
 import acert.bounds.crown
 import acert.workflows.certify.runs
 from acert.cli import main
-from acert.evaluation.evaluate import attack_check, best_of
+from acert.config import tiny_run
+from acert.data import load_imageset, stratified_subset
+from acert.evaluation.evaluate import attack_check, best_of, cascade_radii
 from acert.foundation.errors import AcertError
 from acert.radius import radius_search
 from acert.radius.attacks import AttackSearch, attack_radii
+from acert.records.runs import load
 from acert.workflows.certify.runs import DataSelection, certify_run, parse_bound, run_settings
+from acert.workflows.train.run import _test_set
 from tests.kit import short_flags
 
 TINY = short_flags(eval_pgd_steps=2)
@@ -311,5 +315,84 @@ def test_certify_run_takes_settings_objects_and_caps_crown_memory(run, tmp_path,
     assert plain.metrics["n"] == capped.metrics["n"] == 20
     assert plain.metrics["bound"] == "crown" and plain.metrics["pgd_accuracy"] == {}
     torch.testing.assert_close(capped.radii, plain.radii, atol=1e-4, rtol=0)
-    with pytest.raises(AcertError, match=r"data must be an acert\.certify_runs\.DataSelection"):
+    with pytest.raises(AcertError, match=r"data must be an
+    acert\.workflows\.certify\.runs\.DataSelection"):
         certify_run(run, settings, {"limit": 20})
+
+
+@pytest.mark.train
+def test_a_cascade_gives_the_best_of_radii_for_fewer_crown_evaluations(run, monkeypatch):
+    """--cascade: CROWN-IBP and CROWN only where IBP (and CROWN-IBP) leave a sample below the
+    cap and can beat the radius reached; each sample's radius is the full best-of's to the
+    search's tolerance, every one holds in float64 and no attack radius lies below it."""
+    crown_margins, crown_rows = acert.bounds.crown.crown_margins, []
+
+    def counted(model, box, y, stats=None, intermediate="crown", **kwargs):
+        if intermediate == "crown":
+            crown_rows[-1] += box.lower.shape[0]
+        return crown_margins(model, box, y, stats, intermediate=intermediate, **kwargs)
+
+    monkeypatch.setattr(acert.bounds.crown, "crown_margins", counted)
+    common = ["--bound", "best:ibp,crown-ibp,crown", "--limit", "30", "--pgd-steps", "0"]
+    metrics, radii = {}, {}
+    for name, extra in (("full", []), ("cascade", ["--cascade", "--check-float64", "--attack"])):
+        out = run / f"{name}.json"
+        crown_rows.append(0)
+        assert main(["certify", str(run), *common, *extra, "--quiet", "--out", str(out)]) == 0
+        metrics[name] = json.loads(out.read_text())
+        radii[name] = torch.load(out.with_suffix(".radii.pt"))
+    assert torch.allclose(radii["cascade"], radii["full"], rtol=0, atol=1e-3 * EPS_MAX)
+    assert metrics["cascade"]["acr"] == pytest.approx(metrics["full"]["acr"], rel=1e-3)
+    full, cascade = crown_rows[0], crown_rows[1]
+    assert 0 < cascade <= full + 30  # at most one more per sample: the one at the radius to beat
+    assert metrics["cascade"]["float64_check"]["violations"] == 0
+    assert metrics["cascade"]["attack_check"]["violations"] == 0
+    certified = metrics["cascade"]["certified_accuracy"]
+    assert certified == metrics["full"]["certified_accuracy"]
+
+
+def test_a_cascade_spends_one_evaluation_where_a_bound_cannot_beat_the_radius(monkeypatch):
+    """On a linear model IBP and CROWN are exact and equal: CROWN cannot beat IBP's radius, so
+    the cascade evaluates it once on each sample IBP leaves in (0, cap) and never on one at the
+    cap or at 0, and the radii are IBP's."""
+    generator = torch.Generator().manual_seed(3)
+    weight, bias = torch.randn(3, 12, generator=generator), torch.randn(3, generator=generator)
+    model, x = linear_model(weight, bias), torch.rand(40, 12, generator=generator)
+    y = model(x).argmax(1)
+    y[:4] = (y[:4] + 1) % 3  # four misclassified samples: radius 0
+    crown_margins, crown_rows = acert.bounds.crown.crown_margins, [0]
+
+    def counted(model, box, y, stats=None, intermediate="crown", **kwargs):
+        crown_rows[0] += box.lower.shape[0] if intermediate == "crown" else 0
+        return crown_margins(model, box, y, stats, intermediate=intermediate, **kwargs)
+
+    monkeypatch.setattr(acert.bounds.crown, "crown_margins", counted)
+    eps_max = 0.05
+    found, _ = cascade_radii(model, x, y, eps_max, ("ibp", "crown"))
+    ibp = radius_search(model, x, y, eps_max, "ibp").radius
+    assert torch.equal(found["ibp"], ibp)
+    inside = int(((ibp > 0) & (ibp < eps_max)).sum())
+    assert (ibp == 0).sum() >= 4 and (ibp >= torch.tensor(eps_max)).sum() > 0 and inside > 0
+    assert crown_rows[0] == inside and not found["crown"].any()
+
+
+@pytest.mark.train
+def test_eval_seed_draws_one_subset_for_runs_of_every_seed(run, tmp_path):
+    """eval_seed (and acert certify --eval-seed) fixes the images of --limit / eval_limit,
+    whatever the run's seed; unset, the run's seed draws them as before."""
+
+    drawn = [_test_set(tiny_run(seed=seed, eval_limit=30, eval_seed=7)).floats() for seed in (0, 1)]
+    expected = stratified_subset(load_imageset("mnist5k", "test"), 30, seed=7)
+    assert torch.equal(drawn[0], drawn[1]) and torch.equal(drawn[0], expected.floats())
+    default = _test_set(tiny_run(seed=1, eval_limit=30))
+    by_run_seed = stratified_subset(load_imageset("mnist5k", "test"), 30, seed=1)
+    assert torch.equal(default.floats(), by_run_seed.floats())
+    settings = run_settings(run, pgd_steps=0)
+    for seed in (3, 4):
+        out = tmp_path / f"seed{seed}.json"
+        result = certify_run(run, settings, DataSelection(limit=30, seed=seed), out=out)
+        subset = stratified_subset(load_imageset("mnist5k", "test"), 30, seed=seed)
+        alone = radius_search(load(run).eval(), subset.floats(), subset.labels, EPS_MAX)
+        assert torch.equal(result.radii, alone.radius)
+    with pytest.raises(AcertError, match="eval_seed"):
+        DataSelection(limit=30, seed=-1)

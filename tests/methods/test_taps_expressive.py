@@ -208,7 +208,7 @@ def test_staps_small_box_gives_a_smaller_ibp_loss_than_the_ball():
     torch.manual_seed(0)
     small = STAPS(lam=0.2).loss(copy.deepcopy(model), batch, at)
     assert small.metrics["loss_rob"] < whole.metrics["loss_rob"]
-    box, centre = STAPS(lam=0.2).box(copy.deepcopy(model), batch, at)
+    box, centre = STAPS(lam=0.2).box(copy.deepcopy(model), batch, at.eps)
     assert torch.all(box.radius <= 0.2 * at.eps + 1e-7)
     assert torch.equal(centre, box.centre)
 

@@ -25,6 +25,12 @@ def add_certify_parser(sub: argparse._SubParsersAction) -> None:
     certify = sub.add_parser("certify", help="certified radii, ACR and accuracies of a trained run")
     certify.add_argument("run", help="run folder or checkpoint")
     certify.add_argument("--bound", default="ibp", help=BOUND_HELP)
+    certify.add_argument(
+        "--cascade",
+        action="store_true",
+        help="with a best-of --bound, search each later bound only on the samples the earlier "
+        "ones leave below the cap, from the radius they reached (same radii, far cheaper)",
+    )
     certify.add_argument("--eps", type=float, nargs="+", help="eps values for certified accuracy")
     certify.add_argument("--eps-max", type=float, help="cap of the radius search and the ACR")
     certify.add_argument("--dataset", help="dataset (default: the run's)")
@@ -32,6 +38,12 @@ def add_certify_parser(sub: argparse._SubParsersAction) -> None:
     certify.add_argument("--split", default="test", help="train or test")
     certify.add_argument(
         "--limit", type=int, help="certify a stratified subset of this many inputs"
+    )
+    certify.add_argument(
+        "--eval-seed",
+        type=int,
+        help="seed of that subset (default: the run's eval_seed, else its seed); the same "
+        "seed certifies every run on the same images",
     )
     certify.add_argument("--pgd-steps", type=int, default=20, help="PGD steps (0: skip PGD)")
     certify.add_argument("--batch-size", type=int, default=256)
@@ -94,8 +106,9 @@ def cmd_certify(args: argparse.Namespace) -> int:
         pgd_steps=args.pgd_steps,
         batch_size=args.batch_size,
         crown_memory_mib=args.crown_memory_mib,
+        cascade=args.cascade,
     )
-    data = DataSelection(args.dataset, args.data_dir, args.split, args.limit)
+    data = DataSelection(args.dataset, args.data_dir, args.split, args.limit, args.eval_seed)
     checks = CertificateChecks(float64=args.check_float64, attack=_attack_search(args))
     result = certify_run(
         args.run,

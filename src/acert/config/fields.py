@@ -92,6 +92,24 @@ def _models() -> list[str]:
     return [*list_models(), GIVEN_MODEL]
 
 
+@dataclass(frozen=True)
+class _MethodName(OneOf):
+    """A registered method; ``adaptive-<base>`` of a base without a certified loss is refused
+    with the list of the methods that take adaptive radii."""
+
+    def check(self, value: Any, name: str) -> None:
+        from acert.methods import check_adaptive_name
+
+        if isinstance(value, str):
+            check_adaptive_name(value)
+        super().check(value, name)
+
+
+def _adaptive_bound(value: Any) -> None:
+    if value is not None:
+        OneOf(("ibp", "crown-ibp")).check(value, "adaptive_bound")
+
+
 def _methods() -> list[str]:
     from acert.methods import list_methods
 
@@ -152,7 +170,9 @@ class TrainConfig:
     method: str = key(
         "acert",
         "the training method (docs/METHOD.md, 'Training loss' and 'Baselines')",
-        OneOf(_methods, "a method of `acert list`; given for a method object given to acert.fit"),
+        _MethodName(
+            _methods, "a method of `acert list`; given for a method object given to acert.fit"
+        ),
     )
     kappa: float = key(
         0.0,
@@ -189,6 +209,15 @@ class TrainConfig:
     )
     radius_warm_start: bool = key(
         True, "start each sample's ACERT radius search from its radius of the last epoch"
+    )
+    adaptive_bound: str | None = key(
+        None,
+        "the bound of the training radius search of the adaptive-<base> methods (docs/METHOD.md, "
+        "'Adaptive radii for every certified loss')",
+        Parsed(
+            _adaptive_bound,
+            "ibp, crown-ibp, or null: the base's (crown-ibp for adaptive-crown-ibp, else ibp)",
+        ),
     )
     lambda_tight: float | None = key(
         None,
@@ -268,6 +297,12 @@ class TrainConfig:
         None,
         "evaluate on a stratified, seeded subset of this many test images; null: all of them",
     )
+    eval_seed: int | None = key(
+        None,
+        "seed of the eval_limit test subset and of acert certify --limit: one value for every "
+        "run of a study certifies every model on the same images",
+        at_least(0, whole=True, null="the run's seed"),
+    )
     # system
     seed: int = key(
         0,
@@ -289,6 +324,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def test_subset_seed(self) -> int:
+        """The seed of the run's stratified test subsets: ``eval_seed``, else ``seed``."""
+        return self.seed if self.eval_seed is None else self.eval_seed
 
     def as_flags(self) -> list[str]:
         """The command-line flags that give this config: one per key that differs from its

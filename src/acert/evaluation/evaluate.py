@@ -28,7 +28,7 @@ from acert.bounds import METHODS, check_eps, check_inputs, crown, margin_bounds
 from acert.bounds.arithmetic import arithmetic_record, ieee_arithmetic
 from acert.foundation.errors import AcertError
 from acert.foundation.ranges import PGD_STEPS, OneOf, above, at_least, between, settings_object
-from acert.radius import check_cap, radius_search
+from acert.radius import KnownBatch, check_cap, radius_search
 from acert.radius.attacks import pgd_attack
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "attacked_radii",
     "best_label",
     "best_of",
+    "cascade_radii",
     "check_settings",
     "evaluate",
     "float64_violations",
@@ -127,6 +128,11 @@ class EvaluationSettings:
         batch_size: samples per bound pass, >= 1.
         crown_memory_mib: cap of each CROWN backward chunk's coefficients in MiB (> 0), or
             None: no cap (:func:`acert.bounds.crown.memory_budget`).
+        cascade: with several bounds, search each later bound only where it can raise the
+            radius (:func:`cascade_radii`): on the samples the earlier bounds leave below the
+            cap, from the radius they reached. Each sample's radius is the same best-of (up to
+            the search's tolerance) at a fraction of the cost; a bound's own radii
+            (``bound_radii``) are then those it added, 0 where it was not searched.
     """
 
     eps_max: float
@@ -136,6 +142,7 @@ class EvaluationSettings:
     pgd_steps: int = 20
     batch_size: int = 256
     crown_memory_mib: float | None = None
+    cascade: bool = False
 
     def __post_init__(self) -> None:
         check_cap(self.eps_max, None)
@@ -146,6 +153,8 @@ class EvaluationSettings:
         PGD_STEPS.check(self.pgd_steps, "pgd_steps")
         BATCH_SIZE.check(self.batch_size, "batch_size")
         CROWN_MEMORY_MIB.check(self.crown_memory_mib, "crown_memory_mib")
+        if not isinstance(self.cascade, bool):
+            raise AcertError(f"cascade must be True or False, got {self.cascade!r}")
 
     @property
     def label(self) -> str:
@@ -295,10 +304,16 @@ def _evaluate(
             with torch.no_grad():
                 correct.append(model(xb).argmax(1) == yb)
                 spent = torch.zeros(xb.shape[0], dtype=torch.float64)
-                for name in bounds:
-                    result = radius_search(model, xb, yb, eps_max, name)
-                    per_bound[name].append(result.radius.cpu())
-                    spent += result.evaluations.cpu()
+                if settings.cascade:
+                    found, spent = cascade_radii(model, xb, yb, eps_max, bounds)
+                else:
+                    found = {}
+                    for name in bounds:
+                        result = radius_search(model, xb, yb, eps_max, name)
+                        found[name] = result.radius.cpu()
+                        spent += result.evaluations.cpu()
+                for name, radii in found.items():
+                    per_bound[name].append(radii)
                 for eps in cert_eps:
                     # a sample counts only where the model's own forward pass classifies it right
                     by_bound = _certified_by_any(model, xb, yb, eps, bounds)
@@ -329,6 +344,36 @@ def _evaluate(
         bound_radii=bound_radii if len(bounds) > 1 else {},
         arithmetic=arithmetic_record(x.dtype, device),
     )
+
+
+def cascade_radii(
+    model: nn.Sequential, x: Tensor, y: Tensor, eps_max: float, bounds: Sequence[str]
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Each sample's best-of radius, the bounds tried in turn, each only where it can help.
+
+    The first bound searches every sample. A later bound skips the samples already certified
+    at the cap (no radius can exceed it); where the best radius r so far lies in (0, cap) it is
+    first evaluated at r and searches [r, cap] only if it certifies there (``KnownBatch.beat``),
+    so a bound that cannot beat r costs one evaluation, not a search. Every radius returned is
+    a point its bound certifies, so the best of them is sound, as for the full best-of.
+
+    Returns:
+        per bound its (N,) radii on the CPU (0 where it was skipped or fell below r), and the
+        (N,) bound evaluations spent per sample.
+    """
+    found: dict[str, Tensor] = {}
+    at_cap = float(torch.tensor(eps_max, dtype=x.dtype))  # a radius at the cap, as searched
+    best = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    spent = torch.zeros(x.shape[0], dtype=torch.float64)
+    for index, name in enumerate(bounds):
+        cap = torch.full_like(best, eps_max)
+        cap[best >= at_cap] = 0.0  # nothing to gain: no radius exceeds the cap
+        known = KnownBatch(beat=best.to(x.dtype)) if index > 0 else None
+        result = radius_search(model, x, y, cap.to(x.dtype), name, known=known)
+        found[name] = result.radius.cpu()
+        spent += result.evaluations.cpu().double()
+        best = torch.maximum(best, result.radius.double())
+    return found, spent
 
 
 def _certified_by_any(

@@ -16,6 +16,7 @@ from typing import Any
 
 from acert.foundation.errors import ConfigError
 from acert.methods.acert import ACERT, RadiusMemory
+from acert.methods.adaptive import ADAPTIVE_BASES, Adaptive, check_adaptive_name
 from acert.methods.base import Batch, LossTerms, Step, TrainingAttack, TrainingMethod
 from acert.methods.cc_ibp import CCIBP
 from acert.methods.crown_ibp import CROWNIBP
@@ -33,6 +34,7 @@ from acert.methods.warmup import WarmupRegularizer
 
 __all__ = [
     "ACERT",
+    "ADAPTIVE_BASES",
     "CCIBP",
     "CROWNIBP",
     "EXPIBP",
@@ -43,6 +45,7 @@ __all__ = [
     "TAPS",
     "TRAINING_METHODS",
     "ACERTLoss",
+    "Adaptive",
     "Batch",
     "LossTerms",
     "MethodEntry",
@@ -54,6 +57,7 @@ __all__ = [
     "TrainingLoss",
     "TrainingMethod",
     "WarmupRegularizer",
+    "check_adaptive_name",
     "create_method",
     "knob_symbols",
     "list_methods",
@@ -83,6 +87,7 @@ def create_method(config: Any) -> TrainingMethod:
             "this run was trained with a method object given to acert.fit; resume it with "
             "acert.fit(..., method=<the same object>, resume=True)"
         )
+    check_adaptive_name(config.method)
     if config.method not in TRAINING_METHODS:
         raise ConfigError(
             f"unknown method {config.method!r}; choose one of {', '.join(list_methods())}"

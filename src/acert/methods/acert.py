@@ -27,7 +27,18 @@ from acert.methods.warmup import WarmupRegularizer
 from acert.radius import TRAINING_SEARCH, KnownBatch, SearchSettings, radius_search
 from acert.radius.settings import check_settings
 
-__all__ = ["ACERT", "RadiusMemory"]
+__all__ = ["ACERT", "RadiusMemory", "adaptive_radii", "training_search"]
+
+
+def training_search(config: Any) -> SearchSettings:
+    """The training search of a config: ``radius_search``, ``radius_max_iter``, ``radius_rtol``
+    on :data:`acert.radius.TRAINING_SEARCH`."""
+    return replace(
+        TRAINING_SEARCH,
+        strategy=config.radius_search,
+        max_iter=config.radius_max_iter,
+        rtol=config.radius_rtol,
+    )
 
 
 class RadiusMemory:
@@ -69,6 +80,43 @@ class RadiusMemory:
         self.radius, self.capped = state["radius"].clone(), state["capped"].clone()
 
 
+def adaptive_radii(
+    model: nn.Sequential,
+    batch: Batch,
+    step: Step,
+    logits: Tensor,
+    stats: BatchStats,
+    search: SearchSettings,
+    memory: RadiusMemory | None,
+    min_warmup_eps: float = MIN_WARMUP_EPS,
+    bound: str = "ibp",
+) -> tuple[Tensor, float]:
+    """(B,) certified radii of ``bound`` capped at ε_s, 0 if misclassified (docs/METHOD.md
+    step 3; floored at ``min_warmup_eps`` in the warm-up), found without gradients by
+    ``search``, warm-started from and remembered in ``memory``; and the mean number of bound
+    evaluations per sample.
+
+    Args:
+        model: the network in train mode.
+        batch: the batch (its ``idx`` keys the memory).
+        step: the schedule's state; ``step.eps`` is the cap.
+        logits: (B, K) clean logits of the batch.
+        stats: clean-batch statistics of the train-mode batch-norms.
+        search: the training search.
+        memory: each sample's last radius, or None for cold searches.
+        min_warmup_eps: floor of the radii during warm-up.
+        bound: the bound that certifies the radii, ``"ibp"`` or ``"crown-ibp"``.
+    """
+    guess = None if memory is None else memory.guess(batch.idx)
+    known = KnownBatch(logits=logits.detach(), stats=stats, guess=guess)
+    with torch.no_grad():
+        result = radius_search(model, batch.x, batch.y, step.eps, bound, search, known=known)
+    if memory is not None:
+        memory.remember(batch.idx, result.radius, step.eps)
+    radii = result.radius.clamp(min=min_warmup_eps) if step.warmup else result.radius
+    return radii, result.mean_evaluations
+
+
 @register_method("acert", knobs={"kappa": "κ"})
 @dataclass
 class ACERT:
@@ -93,16 +141,10 @@ class ACERT:
     @classmethod
     def from_config(cls, config: Any) -> ACERT:
         """κ, the warm-up regularisers and the training search of the config."""
-        search = replace(
-            TRAINING_SEARCH,
-            strategy=config.radius_search,
-            max_iter=config.radius_max_iter,
-            rtol=config.radius_rtol,
-        )
         return cls(
             kappa=config.kappa,
             regularizer=WarmupRegularizer.from_config(config),
-            search=search,
+            search=training_search(config),
             memory=RadiusMemory() if config.radius_warm_start else None,
         )
 
@@ -114,16 +156,9 @@ class ACERT:
     ) -> tuple[Tensor, float]:
         """(B,) IBP certified radii capped at ε_s, 0 if misclassified (docs/METHOD.md step 3), by
         the search of ``self.search``, warm-started from the memory."""
-        guess = None if self.memory is None else self.memory.guess(batch.idx)
-        known = KnownBatch(logits=logits.detach(), stats=stats, guess=guess)
-        with torch.no_grad():
-            result = radius_search(
-                model, batch.x, batch.y, step.eps, "ibp", self.search, known=known
-            )
-        if self.memory is not None:
-            self.memory.remember(batch.idx, result.radius, step.eps)
-        radii = result.radius.clamp(min=self.min_warmup_eps) if step.warmup else result.radius
-        return radii, result.mean_evaluations
+        return adaptive_radii(
+            model, batch, step, logits, stats, self.search, self.memory, self.min_warmup_eps
+        )
 
     def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
         """docs/METHOD.md, "Training loss" steps 1-5."""

@@ -10,7 +10,7 @@ terms of a loss are computed on one and the same function.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ __all__ = [
     "ATTACK_STEPS",
     "ATTACK_STEP_SIZE",
     "Batch",
+    "CertifiedLoss",
     "IBPPass",
     "LossTerms",
     "Step",
@@ -35,8 +36,10 @@ __all__ = [
     "TrainingMethod",
     "adversarial_terms",
     "certified_objective",
+    "certified_terms",
     "clean_terms",
     "ibp_pass",
+    "mean_radius",
     "mixed_objective",
     "robust_cross_entropy",
     "standard_phase_terms",
@@ -116,6 +119,33 @@ class TrainingMethod(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+class CertifiedLoss(TrainingMethod, Protocol):
+    """A method with a certified loss, which :mod:`acert.methods.adaptive` evaluates at each
+    sample's own radius.
+
+    Attributes:
+        owns_kappa: whether :meth:`robust_terms` mixes in the clean loss itself (IBP,
+            CROWN-IBP); otherwise the adaptive wrapper adds ``κ·L_std``.
+        regularizer: the warm-up regularisers, added by the caller on the returned IBP pass.
+    """
+
+    owns_kappa: ClassVar[bool]
+    regularizer: WarmupRegularizer
+
+    def robust_terms(
+        self,
+        model: nn.Sequential,
+        batch: Batch,
+        step: Step,
+        logits: Tensor,
+        stats: BatchStats,
+        eps: float | Tensor,
+    ) -> tuple[LossTerms, IBPPass]:
+        """The loss at radius ``eps`` (a number, or (B,) per sample) before the warm-up
+        regularisers, and the IBP pass they act on; ``step`` gives the schedule's ε_s."""
+        ...
+
+
 class Stateless:
     """Mixin for methods with nothing to carry across a resume."""
 
@@ -124,6 +154,11 @@ class Stateless:
 
     def load_state_dict(self, state: dict) -> None:
         return None
+
+
+def mean_radius(eps: float | Tensor) -> float:
+    """The mean of a training radius given as a number or as (B,) per-sample radii."""
+    return eps.mean().item() if isinstance(eps, Tensor) else eps
 
 
 def robust_cross_entropy(margin_lower: Tensor) -> Tensor:
@@ -276,12 +311,26 @@ def certified_objective(
         kappa: weight of the clean loss.
         regularizer: Shi et al. 2021 warm-up terms, weighted by ``1 - ε/ε_max`` in warm-up.
     """
-    bounds = ibp_pass(model, input_box(batch.x, eps), batch.y, stats)
-    terms = mixed_objective(robust_cross_entropy(bounds.margins), logits, batch.y, kappa)
-    terms.metrics["radius"] = eps.mean().item()
+    terms, bounds = certified_terms(model, batch, eps, logits, stats, kappa)
     terms = with_warmup(terms, regularizer, model, bounds, stats, step)
     terms.metrics["certified"] = bounds.certified
     return terms
+
+
+def certified_terms(
+    model: nn.Sequential,
+    batch: Batch,
+    eps: Tensor,
+    logits: Tensor,
+    stats: BatchStats,
+    kappa: float,
+) -> tuple[LossTerms, IBPPass]:
+    """:func:`certified_objective` before the warm-up regularisers: ``(1-κ)·L_rob + κ·L_std``
+    and the IBP pass that gives L_rob (the regularisers' intervals)."""
+    bounds = ibp_pass(model, input_box(batch.x, eps), batch.y, stats)
+    terms = mixed_objective(robust_cross_entropy(bounds.margins), logits, batch.y, kappa)
+    terms.metrics["radius"] = eps.mean().item()
+    return terms, bounds
 
 
 @dataclass(frozen=True)
@@ -312,8 +361,10 @@ class TrainingAttack:
         ATTACK_STEP_SIZE.check(self.step_size, "pgd_step_size")
         ATTACK_RESTARTS.check(self.restarts, "pgd_restarts")
 
-    def __call__(self, model: nn.Sequential, x: Tensor, y: Tensor, eps: float) -> Tensor:
-        """(B, ...) the adversarial points found in ``{x' : |x' - x|_∞ <= eps} ∩ [0, 1]``."""
+    def __call__(self, model: nn.Sequential, x: Tensor, y: Tensor, eps: float | Tensor) -> Tensor:
+        """(B, ...) the adversarial points found in ``{x' : |x' - x|_∞ <= eps} ∩ [0, 1]``;
+        ``eps`` a number or (B,) per-sample radii (the default step, 2.5·ε/steps, is then
+        per sample too)."""
         with eval_mode(model):
             return pgd_attack(
                 model, x, y, eps, self.steps, self.step_size, self.restarts, loss="ce"

@@ -13,7 +13,7 @@ pass, as for IBP (docs/METHOD.md, "Baselines").
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -55,6 +55,7 @@ class CROWNIBP(Stateless):
     beta_start: float = 1.0
     beta_end: float = 0.0
     kappa_start: float = 1.0
+    owns_kappa: ClassVar[bool] = True
 
     @classmethod
     def from_config(cls, config: Any) -> CROWNIBP:
@@ -69,9 +70,15 @@ class CROWNIBP(Stateless):
         return self.kappa_start + (self.kappa - self.kappa_start) * step.ramp_fraction
 
     def margins(
-        self, model: nn.Sequential, batch: Batch, eps: float, stats: BatchStats, beta: float
+        self,
+        model: nn.Sequential,
+        batch: Batch,
+        eps: float | Tensor,
+        stats: BatchStats,
+        beta: float,
     ) -> tuple[Tensor, IBPPass]:
-        """(B, K-1) mixed lower bounds of the margins over the ε-ball, and the IBP pass.
+        """(B, K-1) mixed lower bounds of the margins over the ε-ball (ε a number or (B,) per
+        sample), and the IBP pass.
 
         The CROWN-IBP backward pass is skipped when β = 0 (it would get weight 0).
         """
@@ -86,11 +93,24 @@ class CROWNIBP(Stateless):
         logits, stats = clean_forward(model, batch.x)
         if step.eps == 0:
             return standard_phase_terms(model, batch, logits, stats, step, self.regularizer)
+        terms, bounds = self.robust_terms(model, batch, step, logits, stats, step.eps)
+        return with_warmup(terms, self.regularizer, model, bounds, stats, step)
+
+    def robust_terms(
+        self,
+        model: nn.Sequential,
+        batch: Batch,
+        step: Step,
+        logits: Tensor,
+        stats: BatchStats,
+        eps: float | Tensor,
+    ) -> tuple[LossTerms, IBPPass]:
+        """The loss over the ε-ball before the warm-up regularisers, and the IBP pass; β and κ
+        follow the schedule's ``ε_s/ε_max`` whatever ``eps`` is."""
         beta, kappa = self.beta(step), self.kappa_at(step)
-        margins, bounds = self.margins(model, batch, step.eps, stats, beta)
+        margins, bounds = self.margins(model, batch, eps, stats, beta)
         terms = mixed_objective(robust_cross_entropy(margins), logits, batch.y, kappa)
-        terms = with_warmup(terms, self.regularizer, model, bounds, stats, step)
         terms.metrics.update(
             beta=beta, kappa=kappa, certified=(margins.min(1).values > 0).float().mean().item()
         )
-        return terms
+        return terms, bounds

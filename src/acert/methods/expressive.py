@@ -20,10 +20,11 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from acert.bounds import clean_forward, input_box
+from acert.bounds import BatchStats, clean_forward, input_box
 from acert.bounds.clean_pass import forward_with_stats
 from acert.methods.base import (
     Batch,
+    IBPPass,
     LossTerms,
     Stateless,
     Step,
@@ -55,6 +56,7 @@ class ExpressiveLoss(Stateless):
     regularizer: WarmupRegularizer = field(default_factory=WarmupRegularizer)
     alpha_key: ClassVar[str] = "alpha"
     """The config key of α (``mtl_alpha``, ...)."""
+    owns_kappa: ClassVar[bool] = False
 
     @classmethod
     def from_config(cls, config: Any) -> ExpressiveLoss:
@@ -75,15 +77,26 @@ class ExpressiveLoss(Stateless):
         logits, stats = clean_forward(model, batch.x)
         if step.eps == 0:
             return standard_phase_terms(model, batch, logits, stats, step, self.regularizer)
+        terms, bounds = self.robust_terms(model, batch, step, logits, stats, step.eps)
+        return with_warmup(terms, self.regularizer, model, bounds, stats, step)
+
+    def robust_terms(
+        self,
+        model: nn.Sequential,
+        batch: Batch,
+        step: Step,
+        logits: Tensor,
+        stats: BatchStats,
+        eps: float | Tensor,
+    ) -> tuple[LossTerms, IBPPass]:
+        """The combined loss over the ε-ball before the warm-up regularisers, and the IBP pass."""
         terms = clean_terms(logits, batch.y)
-        bounds = ibp_pass(model, input_box(batch.x, step.eps), batch.y, stats)
+        bounds = ibp_pass(model, input_box(batch.x, eps), batch.y, stats)
         adv_logits = None
         if self.alpha < 1:
-            x_adv = self.attack(model, batch.x, batch.y, step.eps)
+            x_adv = self.attack(model, batch.x, batch.y, eps)
             adv_logits = forward_with_stats(model, x_adv, stats)
             terms.metrics["adv_acc"] = (adv_logits.argmax(1) == batch.y).float().mean().item()
         loss = self.combine(bounds.margins, adv_logits, batch.y, terms.metrics)
         terms.metrics["certified"] = bounds.certified
-        return with_warmup(
-            LossTerms(loss, logits, terms.metrics), self.regularizer, model, bounds, stats, step
-        )
+        return LossTerms(loss, logits, terms.metrics), bounds

@@ -8,18 +8,20 @@ radius; the trade-off curve comes from several ``eps_train`` (docs/METHOD.md, "B
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from acert.bounds import clean_forward
+from acert.bounds import BatchStats, as_eps, clean_forward
 from acert.methods.base import (
     Batch,
+    IBPPass,
     LossTerms,
     Stateless,
     Step,
     certified_objective,
+    certified_terms,
     standard_phase_terms,
 )
 from acert.methods.registry import register_method
@@ -40,6 +42,7 @@ class IBP(Stateless):
 
     kappa: float = 0.0
     regularizer: WarmupRegularizer = field(default_factory=WarmupRegularizer)
+    owns_kappa: ClassVar[bool] = True
 
     @classmethod
     def from_config(cls, config: Any) -> IBP:
@@ -53,3 +56,16 @@ class IBP(Stateless):
         return certified_objective(
             model, batch, eps, step, logits, stats, self.kappa, self.regularizer
         )
+
+    def robust_terms(
+        self,
+        model: nn.Sequential,
+        batch: Batch,
+        step: Step,
+        logits: Tensor,
+        stats: BatchStats,
+        eps: float | Tensor,
+    ) -> tuple[LossTerms, IBPPass]:
+        """``(1-κ)·L_rob(ε) + κ·L_std`` and its IBP pass (at per-sample radii: ACERT's loss)."""
+        radii = as_eps(eps, batch.x.shape[0], batch.x)
+        return certified_terms(model, batch, radii, logits, stats, self.kappa)

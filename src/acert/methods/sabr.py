@@ -13,19 +13,21 @@ point, shifted to lie inside the ball; λ moves the trade-off (docs/METHOD.md, "
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from acert.bounds import Interval, as_eps, clean_forward, input_box
+from acert.bounds import BatchStats, Interval, as_eps, clean_forward, input_box
 from acert.methods.base import (
     Batch,
+    IBPPass,
     LossTerms,
     Stateless,
     Step,
     TrainingAttack,
     clean_terms,
     ibp_pass,
+    mean_radius,
     robust_cross_entropy,
     standard_phase_terms,
     with_warmup,
@@ -76,6 +78,7 @@ class SABR(Stateless):
     lam: float = 0.4
     attack: TrainingAttack = field(default_factory=TrainingAttack)
     regularizer: WarmupRegularizer = field(default_factory=WarmupRegularizer)
+    owns_kappa: ClassVar[bool] = False
 
     @classmethod
     def from_config(cls, config: Any) -> SABR:
@@ -89,13 +92,26 @@ class SABR(Stateless):
         logits, stats = clean_forward(model, batch.x)
         if step.eps == 0:
             return standard_phase_terms(model, batch, logits, stats, step, self.regularizer)
+        terms, bounds = self.robust_terms(model, batch, step, logits, stats, step.eps)
+        return with_warmup(terms, self.regularizer, model, bounds, stats, step)
+
+    def robust_terms(
+        self,
+        model: nn.Sequential,
+        batch: Batch,
+        step: Step,
+        logits: Tensor,
+        stats: BatchStats,
+        eps: float | Tensor,
+    ) -> tuple[LossTerms, IBPPass]:
+        """The robust CE of the small box in the ε-ball, before the warm-up regularisers."""
         terms = clean_terms(logits, batch.y)
-        x_adv = self.attack(model, batch.x, batch.y, step.eps)
-        bounds = ibp_pass(model, sabr_box(batch.x, x_adv, step.eps, self.lam), batch.y, stats)
+        x_adv = self.attack(model, batch.x, batch.y, eps)
+        bounds = ibp_pass(model, sabr_box(batch.x, x_adv, eps, self.lam), batch.y, stats)
         loss_rob = robust_cross_entropy(bounds.margins)
         terms.metrics.update(
-            loss_rob=loss_rob.item(), box_radius=self.lam * step.eps, box_certified=bounds.certified
+            loss_rob=loss_rob.item(),
+            box_radius=self.lam * mean_radius(eps),
+            box_certified=bounds.certified,
         )
-        return with_warmup(
-            LossTerms(loss_rob, logits, terms.metrics), self.regularizer, model, bounds, stats, step
-        )
+        return LossTerms(loss_rob, logits, terms.metrics), bounds

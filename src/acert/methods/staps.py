@@ -17,7 +17,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from acert.bounds import Interval
-from acert.methods.base import Batch, Step
+from acert.methods.base import Batch
 from acert.methods.registry import register_method
 from acert.methods.sabr import sabr_box
 from acert.methods.taps import TAPS
@@ -44,8 +44,10 @@ class STAPS(TAPS):
     def from_config(cls, config: Any) -> STAPS:
         return cls(lam=config.sabr_lambda, **cls.config_knobs(config))
 
-    def box(self, model: nn.Sequential, batch: Batch, step: Step) -> tuple[Interval, Tensor]:
-        """SABR's box around a PGD point, and its centre."""
-        x_adv = self.attack(model, batch.x, batch.y, step.eps)
-        box = sabr_box(batch.x, x_adv, step.eps, self.lam)
+    def box(
+        self, model: nn.Sequential, batch: Batch, eps: float | Tensor
+    ) -> tuple[Interval, Tensor]:
+        """SABR's box around a PGD point of the ε-ball, and its centre."""
+        x_adv = self.attack(model, batch.x, batch.y, eps)
+        box = sabr_box(batch.x, x_adv, eps, self.lam)
         return box, box.centre

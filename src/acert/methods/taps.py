@@ -34,7 +34,7 @@ STAPS (:mod:`acert.methods.staps`) runs the same steps on SABR's small box.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -278,6 +278,7 @@ class TAPS(Stateless):
     connector: float = 0.5
     attack: TrainingAttack = field(default_factory=TrainingAttack)
     regularizer: WarmupRegularizer = field(default_factory=WarmupRegularizer)
+    owns_kappa: ClassVar[bool] = False
 
     @classmethod
     def from_config(cls, config: Any) -> TAPS:
@@ -294,18 +295,38 @@ class TAPS(Stateless):
             "regularizer": WarmupRegularizer.from_config(config),
         }
 
-    def box(self, model: nn.Sequential, batch: Batch, step: Step) -> tuple[Interval, Tensor]:
+    def box(
+        self, model: nn.Sequential, batch: Batch, eps: float | Tensor
+    ) -> tuple[Interval, Tensor]:
         """The input box and a point of it whose latent point starts the search: the clipped
         ε-ball and the clean input."""
-        return input_box(batch.x, step.eps), batch.x
+        return input_box(batch.x, eps), batch.x
+
+    def check_model(self, model: nn.Sequential) -> None:
+        """A ConfigError unless the head leaves a feature extractor in ``model``."""
+        check_head(model, self.head)
 
     def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
-        check_head(model, self.head)  # from the first step, the standard phase's too
+        self.check_model(model)  # from the first step, the standard phase's too
         logits, stats = clean_forward(model, batch.x)
         if step.eps == 0:
             return standard_phase_terms(model, batch, logits, stats, step, self.regularizer)
+        terms, bounds = self.robust_terms(model, batch, step, logits, stats, step.eps)
+        return with_warmup(terms, self.regularizer, model, bounds, stats, step)
+
+    def robust_terms(
+        self,
+        model: nn.Sequential,
+        batch: Batch,
+        step: Step,
+        logits: Tensor,
+        stats: BatchStats,
+        eps: float | Tensor,
+    ) -> tuple[LossTerms, IBPPass]:
+        """``L_TAPS · L_IBP`` over the box at radius ``eps`` before the warm-up regularisers,
+        and the IBP pass."""
         terms = clean_terms(logits, batch.y)
-        box, anchor = self.box(model, batch, step)
+        box, anchor = self.box(model, batch, eps)
         result = taps_pass(
             model, box, batch.y, stats, anchor, self.head, self.attack, self.connector
         )
@@ -318,11 +339,4 @@ class TAPS(Stateless):
             certified=result.bounds.certified,
             taps_certified=(result.estimates.min(1).values > 0).float().mean().item(),
         )
-        return with_warmup(
-            LossTerms(loss, logits, terms.metrics),
-            self.regularizer,
-            model,
-            result.bounds,
-            stats,
-            step,
-        )
+        return LossTerms(loss, logits, terms.metrics), result.bounds

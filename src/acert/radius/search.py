@@ -92,11 +92,17 @@ class KnownBatch:
             evaluations at the guess and ``guess·(1 ± spread)`` (:class:`SearchSettings`),
             instead of one at the cap. Every bracket end is evaluated, so a wrong guess costs
             time, never soundness.
+        beat: (B,) a radius below which the caller needs nothing (one another bound already
+            certified, in a best-of cascade); where it lies in (0, cap) the search first
+            evaluates the bound one tolerance above it: a sample it does not certify there
+            gets radius 0 at that one evaluation, one it certifies is searched from there to
+            the cap. Overrides ``guess``.
     """
 
     logits: Tensor | None = None
     stats: BatchStats | None = None
     guess: Tensor | None = None
+    beat: Tensor | None = None
 
     def check(self, batch: int, classes: int) -> None:
         """One-line :class:`AcertError` unless logits and guess fit a batch of that size."""
@@ -107,13 +113,17 @@ class KnownBatch:
                 f"logits must be the ({batch}, {classes}) clean logits of x, got "
                 f"{_shape(self.logits)}; pass model(x) or leave logits out"
             )
-        guess = self.guess
-        if guess is not None and (
-            not isinstance(guess, Tensor) or tuple(guess.shape) != (batch,) or guess.is_complex()
-        ):
-            raise AcertError(
-                f"guess must be a ({batch},) tensor of radii, one per sample, got {_shape(guess)}"
-            )
+        for name in ("guess", "beat"):
+            radii = getattr(self, name)
+            if radii is not None and (
+                not isinstance(radii, Tensor)
+                or tuple(radii.shape) != (batch,)
+                or radii.is_complex()
+            ):
+                raise AcertError(
+                    f"{name} must be a ({batch},) tensor of radii, one per sample, "
+                    f"got {_shape(radii)}"
+                )
 
 
 def radius_search(
@@ -160,7 +170,7 @@ def radius_search(
         floor = SAFETY_MARGIN * logits.abs().amax(1)
         margins = margin_evaluator(model, method, stats, settings.sound)
         state = _Search(margins, x, y, cap, floor, settings)
-        return state.run(clean_margins(logits, y) - floor, known.guess)
+        return state.run(clean_margins(logits, y) - floor, known.guess, known.beat)
 
 
 def _check_search_arguments(
@@ -308,23 +318,48 @@ class _Search:
         pieces.append((rows[sel], Bracket.new(zero, f0[sel], probe[sel], f_probe[sel])))
         return torch.cat([r for r, _ in pieces]), Bracket.cat([b for _, b in pieces])
 
-    def run(self, f0: Tensor, guess: Tensor | None) -> RadiusResult:
-        """Bracket every open sample (cold at the cap, or warm around its guess), then refine.
+    def beat_brackets(self, rows: Tensor, f0: Tensor, beat: Tensor) -> tuple[Tensor, Bracket]:
+        """Evaluate one tolerance above ``beat``: a row not certified there keeps radius 0 (the
+        caller's radius is as good to the search's tolerance); a certified row is bracketed on
+        [that point, cap] (or is at the cap)."""
+        beat = (beat + self.tol(beat)).minimum(self.cap[rows])
+        f_beat = self.margin_at(rows, beat)
+        certified = f_beat > 0
+        rows, f0, beat, f_beat = rows[certified], f0[certified], beat[certified], f_beat[certified]
+        if rows.numel() == 0:  # no bound evaluation on an empty batch
+            return rows, Bracket.new(beat, f_beat, beat, f_beat)
+        cap_rows, cap_bracket = self.cold_brackets(rows, f0)
+        kept = torch.isin(rows, cap_rows)
+        return cap_rows, Bracket.new(beat[kept], f_beat[kept], cap_bracket.hi, cap_bracket.f_hi)
+
+    def run(self, f0: Tensor, guess: Tensor | None, beat: Tensor | None = None) -> RadiusResult:
+        """Bracket every open sample (cold at the cap, warm around its guess, or above the
+        radius to beat), then refine.
 
         Args:
             f0: (B,) margin at ε = 0 less the floor; the open samples are those above 0.
             guess: (B,) warm-start radii (:class:`KnownBatch`), or None.
+            beat: (B,) radii to beat (:class:`KnownBatch`), or None.
         """
         open_ = (f0 > 0) & (self.cap > 0)
         warm = torch.zeros_like(open_)
+        above = torch.zeros_like(open_)
+        if beat is not None:
+            beat = beat.to(self.cap)
+            above = open_ & torch.isfinite(beat) & (beat > 0) & (beat < self.cap)
         if guess is not None:
             guess = guess.to(self.cap)
-            warm = open_ & torch.isfinite(guess) & (guess > 0) & (guess < self.cap)
-        rows = torch.nonzero(open_ & ~warm, as_tuple=True)[0]
+            warm = open_ & ~above & torch.isfinite(guess) & (guess > 0) & (guess < self.cap)
+        rows = torch.nonzero(open_ & ~warm & ~above, as_tuple=True)[0]
         pieces = [self.cold_brackets(rows, f0[rows])] if rows.numel() else []
         rows = torch.nonzero(warm, as_tuple=True)[0]
         if rows.numel():
             pieces.append(self.warm_brackets(rows, f0[rows], guess[rows]))
+        rows = torch.nonzero(above, as_tuple=True)[0]
+        if rows.numel():
+            beat_rows, bracket = self.beat_brackets(rows, f0[rows], beat[rows])
+            if beat_rows.numel():
+                pieces.append((beat_rows, bracket))
         if pieces:
             rows = torch.cat([r for r, _ in pieces])
             strategy = SEARCHES[self.settings.strategy]()

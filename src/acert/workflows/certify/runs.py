@@ -66,6 +66,9 @@ SPLIT = OneOf(SPLITS)
 LIMIT = at_least(1, whole=True, null="the whole split")
 """Inputs of a stratified subset to certify."""
 
+SUBSET_SEED = at_least(0, whole=True, null="the run's eval_seed")
+"""The seed of that subset."""
+
 
 @dataclass(frozen=True)
 class DataSelection:
@@ -75,14 +78,16 @@ class DataSelection:
         dataset: dataset name (default None: the run's); same input shape and classes.
         data_dir: folder holding the dataset files (default None: the run's).
         split: ``"test"`` or ``"train"``.
-        limit: a stratified subset of this many inputs (seeded with the run's seed), >= 1;
-            None: the whole split.
+        limit: a stratified subset of this many inputs, >= 1; None: the whole split.
+        seed: the seed of that subset; None: the run's ``eval_seed`` (its ``seed`` if unset),
+            so that ``--limit`` draws the images the run's own evaluation drew.
     """
 
     dataset: str | None = None
     data_dir: str | Path | None = None
     split: str = "test"
     limit: int | None = None
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.dataset is not None and not isinstance(self.dataset, str):
@@ -91,6 +96,7 @@ class DataSelection:
             raise AcertError(f"data_dir must be a folder path or None, got {self.data_dir!r}")
         SPLIT.check(self.split, "split")
         LIMIT.check(self.limit, "limit")
+        SUBSET_SEED.check(self.seed, "eval_seed")
 
 
 def check_selection(value: object) -> DataSelection:
@@ -132,6 +138,7 @@ def run_settings(
     pgd_steps: int = 20,
     batch_size: int = 256,
     crown_memory_mib: float | None = None,
+    cascade: bool = False,
 ) -> EvaluationSettings:
     """The settings of a certification of ``run`` (a run folder, checkpoint or its config):
     what ``acert certify`` passes to :func:`certify_run`.
@@ -143,7 +150,7 @@ def run_settings(
         eps: radii for certified (and PGD) accuracy; default: the run's ``cert_eps`` up to
             ``eps_max`` (``eps_max`` itself if none is).
         eps_max: cap of the radius search and the ACR; default: the run's.
-        pgd_steps, batch_size, crown_memory_mib: as in :class:`EvaluationSettings`.
+        pgd_steps, batch_size, crown_memory_mib, cascade: as in :class:`EvaluationSettings`.
     """
     config = run if isinstance(run, TrainConfig) else run_config(run)
     bounds = parse_bound(bound)
@@ -155,6 +162,7 @@ def run_settings(
         pgd_steps=pgd_steps,
         batch_size=batch_size,
         crown_memory_mib=crown_memory_mib,
+        cascade=cascade,
     )
     if eps is not None:
         return settings
@@ -204,7 +212,8 @@ def certify_run(
             raise AcertError(
                 f"--limit {data.limit} cannot cover the {classes} classes; use >= {classes}"
             )
-        images = stratified_subset(images, data.limit, seed=config.seed)
+        seed = config.test_subset_seed if data.seed is None else data.seed
+        images = stratified_subset(images, data.limit, seed=seed)
     model = load(run)
     x, y = images.floats(), images.labels
     result = evaluate(model, x, y, settings, device=device, progress=progress)

@@ -322,10 +322,11 @@ def _print_now(line: str) -> None:
 
 
 def _test_set(config: TrainConfig) -> ImageSet:
-    """The test split a config names (its ``eval_limit`` stratified subset)."""
+    """The test split a config names (its ``eval_limit`` stratified subset, drawn with
+    ``eval_seed``)."""
     test = load_imageset(config.dataset, "test", config.data_dir)
     if config.eval_limit is not None:
-        test = stratified_subset(test, config.eval_limit, seed=config.seed)
+        test = stratified_subset(test, config.eval_limit, seed=config.test_subset_seed)
     return test
 
 
