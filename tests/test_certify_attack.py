@@ -315,8 +315,8 @@ def test_certify_run_takes_settings_objects_and_caps_crown_memory(run, tmp_path,
     assert plain.metrics["n"] == capped.metrics["n"] == 20
     assert plain.metrics["bound"] == "crown" and plain.metrics["pgd_accuracy"] == {}
     torch.testing.assert_close(capped.radii, plain.radii, atol=1e-4, rtol=0)
-    with pytest.raises(AcertError, match=r"data must be an
-    acert\.workflows\.certify\.runs\.DataSelection"):
+    wrong_kind = r"data must be an acert\.workflows\.certify\.runs\.DataSelection"
+    with pytest.raises(AcertError, match=wrong_kind):
         certify_run(run, settings, {"limit": 20})
 
 
