@@ -108,7 +108,7 @@ def test_observable_inplace_writes_are_refused_through_aliases_and_nested_blocks
     with pytest.raises(UnsupportedModelError, match=rf"layer {where} .*overwrites .*{reader}"):
         margin_bounds(model.eval(), x, y, 0.01, "ibp")
     with pytest.raises(UnsupportedModelError, match="inplace=True"):
-        bounds.layers.check_supported(model)
+        bounds.clean_pass.check_supported(model)
 
 
 def test_dropout_is_named_with_its_probability_in_the_fix():
@@ -116,7 +116,7 @@ def test_dropout_is_named_with_its_probability_in_the_fix():
         UnsupportedModelError,
         match=r"nn\.Dropout\(0\.2\) instead of nn\.Dropout\(0\.2, inplace=True\)",
     ):
-        bounds.layers.check_supported(_block(nn.Dropout(0.2, inplace=True)))
+        bounds.clean_pass.check_supported(_block(nn.Dropout(0.2, inplace=True)))
 
 
 def _harmless(inplace: bool) -> nn.Sequential:

@@ -56,6 +56,18 @@ def _copy_url(url: str, target: Path) -> None:
         shutil.copyfileobj(response, out, 1 << 20)
 
 
+def create_folder(folder: Path) -> None:
+    """``folder`` and its parents, or a one-line DatasetError saying to choose another
+    --data-dir (a file in the way, no permission)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DatasetError(
+            f"cannot create folder {folder} ({err.strerror or type(err).__name__}); "
+            "choose another --data-dir"
+        ) from err
+
+
 def fetch(remote: Remote, folder: Path) -> Path:
     """Download ``remote`` into ``folder`` unless a file with the right MD5 is already there.
 
@@ -65,13 +77,7 @@ def fetch(remote: Remote, folder: Path) -> Path:
     dest = folder / remote.filename
     if dest.is_file() and (remote.md5 is None or md5_of(dest) == remote.md5):
         return dest
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise DatasetError(
-            f"cannot create folder {folder} ({err.strerror or type(err).__name__}); "
-            "choose another --data-dir"
-        ) from err
+    create_folder(folder)
     failures = []
     for base in remote.mirrors:
         url = base + remote.filename

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from acert.data.readers import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, IDX_STEMS
+from acert.data.remote import create_folder
 from acert.foundation.errors import DatasetError
 
 __all__ = [
@@ -252,7 +253,7 @@ def write_all_or_nothing(folder: Path, files: Mapping[str, bytes]) -> None:
     all renamed into place (``os.replace``) only once every one is complete."""
     mode = 0o666 & ~_umask()  # mkstemp's 0600 would hide the files from other users
     created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
+    create_folder(folder)
     temporaries: dict[str, Path] = {}
     try:
         for name, payload in files.items():
