@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from acert.bounds import BatchStats, Interval, input_box
+from acert.bounds import BatchStats, Interval, clean_forward, input_box
 from acert.bounds import ibp as ibp_rules
 from acert.bounds.clean_pass import forward_with_stats
 from acert.foundation.ranges import ATTACK_RESTARTS, ATTACK_STEP_SIZE, ATTACK_STEPS
@@ -38,6 +38,7 @@ __all__ = [
     "certified_objective",
     "certified_terms",
     "clean_terms",
+    "fixed_eps_loss",
     "ibp_pass",
     "mean_radius",
     "mixed_objective",
@@ -388,3 +389,16 @@ def adversarial_terms(
     logits = forward_with_stats(model, x_adv, stats)
     accuracy = (logits.argmax(1) == y).float().mean().item()
     return F.cross_entropy(logits, y), accuracy
+
+
+def fixed_eps_loss(
+    method: CertifiedLoss, model: nn.Sequential, batch: Batch, step: Step
+) -> LossTerms:
+    """A certified method's loss at the schedule's ε_s: the clean pass (it sets the batch-norm
+    statistics), the standard phase while ε_s = 0, else the method's :meth:`robust_terms` at
+    ε_s plus the warm-up regularisers on its IBP pass."""
+    logits, stats = clean_forward(model, batch.x)
+    if step.eps == 0:
+        return standard_phase_terms(model, batch, logits, stats, step, method.regularizer)
+    terms, bounds = method.robust_terms(model, batch, step, logits, stats, step.eps)
+    return with_warmup(terms, method.regularizer, model, bounds, stats, step)

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from acert.bounds import BatchStats, clean_forward, input_box
+from acert.bounds import BatchStats, input_box
 from acert.bounds.crown import crown_margins
 from acert.methods.base import (
     Batch,
@@ -25,11 +25,10 @@ from acert.methods.base import (
     LossTerms,
     Stateless,
     Step,
+    fixed_eps_loss,
     ibp_pass,
     mixed_objective,
     robust_cross_entropy,
-    standard_phase_terms,
-    with_warmup,
 )
 from acert.methods.registry import register_method
 from acert.methods.warmup import WarmupRegularizer
@@ -90,11 +89,7 @@ class CROWNIBP(Stateless):
         return beta * crown + (1 - beta) * bounds.margins, bounds
 
     def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
-        logits, stats = clean_forward(model, batch.x)
-        if step.eps == 0:
-            return standard_phase_terms(model, batch, logits, stats, step, self.regularizer)
-        terms, bounds = self.robust_terms(model, batch, step, logits, stats, step.eps)
-        return with_warmup(terms, self.regularizer, model, bounds, stats, step)
+        return fixed_eps_loss(self, model, batch, step)
 
     def robust_terms(
         self,

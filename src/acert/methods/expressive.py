@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from acert.bounds import BatchStats, clean_forward, input_box
+from acert.bounds import BatchStats, input_box
 from acert.bounds.clean_pass import forward_with_stats
 from acert.methods.base import (
     Batch,
@@ -30,9 +30,8 @@ from acert.methods.base import (
     Step,
     TrainingAttack,
     clean_terms,
+    fixed_eps_loss,
     ibp_pass,
-    standard_phase_terms,
-    with_warmup,
 )
 from acert.methods.warmup import WarmupRegularizer
 
@@ -74,11 +73,7 @@ class ExpressiveLoss(Stateless):
         raise NotImplementedError
 
     def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
-        logits, stats = clean_forward(model, batch.x)
-        if step.eps == 0:
-            return standard_phase_terms(model, batch, logits, stats, step, self.regularizer)
-        terms, bounds = self.robust_terms(model, batch, step, logits, stats, step.eps)
-        return with_warmup(terms, self.regularizer, model, bounds, stats, step)
+        return fixed_eps_loss(self, model, batch, step)
 
     def robust_terms(
         self,

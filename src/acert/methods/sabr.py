@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from acert.bounds import BatchStats, Interval, as_eps, clean_forward, input_box
+from acert.bounds import BatchStats, Interval, as_eps, input_box
 from acert.methods.base import (
     Batch,
     IBPPass,
@@ -26,11 +26,10 @@ from acert.methods.base import (
     Step,
     TrainingAttack,
     clean_terms,
+    fixed_eps_loss,
     ibp_pass,
     mean_radius,
     robust_cross_entropy,
-    standard_phase_terms,
-    with_warmup,
 )
 from acert.methods.registry import register_method
 from acert.methods.warmup import WarmupRegularizer
@@ -89,11 +88,7 @@ class SABR(Stateless):
         )
 
     def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
-        logits, stats = clean_forward(model, batch.x)
-        if step.eps == 0:
-            return standard_phase_terms(model, batch, logits, stats, step, self.regularizer)
-        terms, bounds = self.robust_terms(model, batch, step, logits, stats, step.eps)
-        return with_warmup(terms, self.regularizer, model, bounds, stats, step)
+        return fixed_eps_loss(self, model, batch, step)
 
     def robust_terms(
         self,

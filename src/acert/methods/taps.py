@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from acert.bounds import BatchStats, Interval, clean_forward, input_box
+from acert.bounds import BatchStats, Interval, input_box
 from acert.bounds import ibp as ibp_rules
 from acert.bounds.clean_pass import forward_with_stats
 from acert.bounds.spec import other_classes
@@ -52,8 +52,7 @@ from acert.methods.base import (
     Step,
     TrainingAttack,
     clean_terms,
-    standard_phase_terms,
-    with_warmup,
+    fixed_eps_loss,
 )
 from acert.methods.exp_ibp import global_mean, robust_cross_entropies
 from acert.methods.registry import register_method
@@ -308,11 +307,7 @@ class TAPS(Stateless):
 
     def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
         self.check_model(model)  # from the first step, the standard phase's too
-        logits, stats = clean_forward(model, batch.x)
-        if step.eps == 0:
-            return standard_phase_terms(model, batch, logits, stats, step, self.regularizer)
-        terms, bounds = self.robust_terms(model, batch, step, logits, stats, step.eps)
-        return with_warmup(terms, self.regularizer, model, bounds, stats, step)
+        return fixed_eps_loss(self, model, batch, step)
 
     def robust_terms(
         self,
