@@ -71,8 +71,19 @@ _MNIST_WHEEL = Wheel(
 _FASHION_MIRRORS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",)
 
 
-_CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-_CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+_CIFAR10_TRAINING = {
+    "shape": (3, 32, 32),
+    "num_classes": 10,
+    "split_sizes": {"train": 50000, "test": 10000},
+    "mean": (0.4914, 0.4822, 0.4465),
+    "std": (0.2023, 0.1994, 0.2010),
+    "eps_max": 8.8 / 255,
+    "cert_eps": (2 / 255, 8 / 255),
+    "val_size": 5000,
+    "augmentation": "crop2-flip-edge",
+    "preset": Preset("cnn7", 200, 128, 2e-3, 80),
+}
+"""What CIFAR-10 and its JPEG copy share: shape, splits, normalisation, ε, the paper's training."""
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )  # fmt: skip
@@ -164,16 +175,7 @@ _ALL = (
     Dataset(
         name="cifar10",
         description="CIFAR-10 50,000/10,000 from the python batches",
-        shape=(3, 32, 32),
-        num_classes=10,
-        split_sizes={"train": 50000, "test": 10000},
-        mean=_CIFAR10_MEAN,
-        std=_CIFAR10_STD,
-        eps_max=8.8 / 255,
-        cert_eps=(2 / 255, 8 / 255),
-        val_size=5000,
-        augmentation="crop2-flip-edge",
-        preset=Preset("cnn7", 200, 128, 2e-3, 80),
+        **_CIFAR10_TRAINING,
         reader=read_cifar10,
         markers={"train": CIFAR_TRAIN_BATCHES[:1], "test": CIFAR_TEST_BATCHES[:1]},
         folders=(".", "cifar-10-batches-py"),
@@ -197,16 +199,7 @@ _ALL = (
     Dataset(
         name="cifar10-jpeg",
         description="CIFAR-10 50,000/10,000 as JPEG folders train/<class>/*.jpg, test/<class>/",
-        shape=(3, 32, 32),
-        num_classes=10,
-        split_sizes={"train": 50000, "test": 10000},
-        mean=_CIFAR10_MEAN,
-        std=_CIFAR10_STD,
-        eps_max=8.8 / 255,
-        cert_eps=(2 / 255, 8 / 255),
-        val_size=5000,
-        augmentation="crop2-flip-edge",
-        preset=Preset("cnn7", 200, 128, 2e-3, 80),
+        **_CIFAR10_TRAINING,
         reader=functools.partial(read_image_folder, classes=CIFAR10_CLASSES),
         markers=_FOLDER_MARKERS,
         folders=("cifar10-jpeg",),
