@@ -49,7 +49,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "radii": ("acert.radius", "acert.radius.*"),
     "bounds": ("acert.bounds", "acert.bounds.*"),
-    "models": ("acert.models",),
+    "models": ("acert.models", "acert.models.*"),
     "foundation": ("acert.foundation", "acert.foundation.*", "acert.data", "acert.data.*"),
 }
 

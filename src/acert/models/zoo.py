@@ -1,4 +1,4 @@
-"""Models: the Normalize layer, the CNN7 family of Shi et al. (2021), a small ResNet, MLPs, IBP
+"""The registered architectures: the CNN7 family of Shi et al. (2021), a small ResNet, MLPs, IBP
 initialisation.
 
 Every model is a plain ``torch.nn.Sequential`` whose first module is :class:`Normalize`, so the
@@ -13,17 +13,15 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from acert.foundation.errors import ConfigError
 from acert.foundation.ranges import OneOf
+from acert.models.layers import Normalize, Residual
 
 __all__ = [
     "INITS",
     "MODELS",
-    "Normalize",
-    "Residual",
     "cnn7",
     "create_model",
     "ibp_init_",
@@ -31,52 +29,6 @@ __all__ = [
     "mlp",
     "resnet",
 ]
-
-
-class Normalize(nn.Module):
-    """``(x - mean) / std`` per channel; the first layer of every acert model.
-
-    Args:
-        mean: one value per input channel.
-        std: one value per input channel, all positive.
-    """
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        if len(mean) != len(std):
-            raise ConfigError(
-                f"Normalize needs as many means as stds, got {len(mean)} and {len(std)}"
-            )
-        if any(s <= 0 for s in std):
-            raise ConfigError(f"Normalize needs positive stds, got {list(std)}")
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32))
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32))
-
-    def channel_view(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
-        """``t`` (C,) reshaped to broadcast over an input with ``ndim`` dimensions."""
-        return t.view(1, -1, *([1] * (ndim - 2))) if ndim > 2 else t.view(1, -1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.channel_view(self.mean, x.dim())) / self.channel_view(self.std, x.dim())
-
-    def extra_repr(self) -> str:
-        return f"mean={self.mean.tolist()}, std={self.std.tolist()}"
-
-
-class Residual(nn.Module):
-    """``x + body(x)``: a residual block (He et al. 2016) whose body keeps its input's shape.
-
-    Args:
-        body: the layers of the residual branch; the bounds support an ``nn.Sequential`` of
-            the layers they support (nested blocks included).
-    """
-
-    def __init__(self, body: nn.Sequential) -> None:
-        super().__init__()
-        self.body = body
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x)
 
 
 def _conv_block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
