@@ -293,10 +293,10 @@ def test_the_package_top_holds_folders_and_few_files_none_private():
 _DUNDER = {"__init__.py", "__main__.py"}
 
 
-def test_every_layer_but_the_top_is_folders_except_the_models():
+def test_every_layer_but_the_top_is_folders():
     modules = package_modules(ROOT / "src", "acert")
     flat = sorted(m for m in modules if m.count(".") == 1 and not (PACKAGE / f"{m[6:]}").is_dir())
-    assert flat == ["acert.__main__", "acert.api", "acert.models"]
+    assert flat == ["acert.__main__", "acert.api"]
 
 
 def test_an_old_module_path_warns_and_is_the_module_of_the_new_path():
