@@ -16,6 +16,7 @@ from typing import Any
 
 from acert.config.devices import parse_device
 from acert.data import dataset_info
+from acert.foundation.layout import LAYOUTS
 from acert.foundation.ranges import (
     ATTACK_RESTARTS,
     ATTACK_STEP_SIZE,
@@ -59,7 +60,7 @@ LOGGERS = ("csv", "tensorboard")
 """Values of the config key ``logger``: metrics.csv alone, or TensorBoard event files beside it
 (:mod:`acert.records.loggers`)."""
 
-SYSTEM_KEYS = ("device", "threads", "logger", "data_dir", "out")
+SYSTEM_KEYS = ("device", "threads", "layout", "logger", "data_dir", "out")
 """Config keys that say where and how a run computes, not what it computes: they may differ
 when a run is resumed or found again by a sweep."""
 
@@ -314,6 +315,13 @@ class TrainConfig:
         None,
         "CPU threads of the run",
         at_least(1, whole=True, null="PyTorch's default, one per core"),
+    )
+    layout: str = key(
+        "contiguous",
+        "memory layout of the images and convolution weights in training: contiguous (NCHW, "
+        "PyTorch's default) or channels-last (NHWC; faster convolutions on some CPUs, numbers "
+        "that differ by rounding; docs/PERFORMANCE.md, 'Memory layout')",
+        LAYOUTS,
     )
     logger: str = key(
         "csv",
