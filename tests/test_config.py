@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -210,3 +212,18 @@ def test_objects_that_take_a_key_check_it_with_the_keys_own_rule():
     check_key("kappa", 0.5)
     with pytest.raises(ConfigError, match=r"kappa must lie in \[0, 1\], got 2"):
         check_key("kappa", 2)
+
+
+def test_importing_the_config_and_the_figures_imports_no_training_code():
+    """The methods' keys are found when a config first needs them, not when the config (or
+    ``acert.records.plots``, which reads run folders through it) is imported."""
+    code = (
+        "import sys, acert.config, acert.records.plots; "
+        "print(sorted(m for m in sys.modules if m.split('.')[:2] in [['acert', p] for p in "
+        "('methods', 'bounds', 'radius', 'evaluation', 'workflows')]))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert found.strip() == "[]"
+    assert "kappa" in config_keys() and "acert.methods.ibp" in sys.modules  # found when needed
