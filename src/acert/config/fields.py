@@ -268,7 +268,9 @@ class TrainConfig:
         keys = method_keys()
         unknown = [name for name in given if name not in keys]
         if unknown:
-            raise TypeError(f"TrainConfig got an unexpected keyword argument {unknown[0]!r}")
+            raise TypeError(
+                f"TrainConfig.__init__() got an unexpected keyword argument {unknown[0]!r}"
+            )
         settings = {name: given.get(name, item.default) for name, item in keys.items()}
         object.__setattr__(self, "method_settings", settings)
 
