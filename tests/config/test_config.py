@@ -104,14 +104,14 @@ def test_yaml_and_overrides(tmp_path):
 
 
 def test_shipped_config_files_resolve():
-    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+    for path in sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")):
         config = resolve(config_from_dict(load_yaml(path)))
         assert config.dataset in path.stem
 
 
 # --- every key documented once ----------------------------------------------------------------
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_docs_config_md_holds_the_generated_tables():
