@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from acert.bounds import BatchStats, clean_forward
-from acert.foundation.ranges import at_least
+from acert.foundation.ranges import OneOf, at_least
 from acert.foundation.settings import setting
 from acert.methods.base import (
     MIN_WARMUP_EPS,
@@ -22,8 +22,12 @@ from acert.methods.base import (
     LossTerms,
     Step,
     certified_objective,
+    mixed_objective,
+    robust_cross_entropy,
     standard_phase_terms,
+    with_warmup,
 )
+from acert.methods.cap_first import CAP_CHECKS, cap_first_pass
 from acert.methods.ibp import KappaSettings
 from acert.methods.registry import register_method
 from acert.methods.warmup import WarmupRegularizer
@@ -55,6 +59,14 @@ class ACERTSettings(KappaSettings):
     )
     radius_warm_start: bool = setting(
         True, "start each sample's ACERT radius search from its radius of the last epoch"
+    )
+    cap_check: str = setting(
+        "search",
+        "how a sample is found certified at the cap: search (the radius search's first "
+        "evaluation, then the training pass) or training-pass (the training pass at the cap "
+        "is the check; only the others are searched; docs/PERFORMANCE.md, 'The training pass "
+        "as the check at the cap')",
+        OneOf(CAP_CHECKS),
     )
 
     def search(self) -> SearchSettings:
@@ -166,6 +178,8 @@ class ACERT:
             change it with ``dataclasses.replace(TRAINING_SEARCH, max_iter=20)``.
         min_warmup_eps: floor of the radii during warm-up (1e-6).
         memory: last radius per training sample for warm starts (None: cold searches).
+        cap_check: ``"search"`` or ``"training-pass"``
+            (:mod:`acert.methods.cap_first`; the same radii and loss, fewer passes).
     """
 
     kappa: float = 0.0
@@ -173,6 +187,7 @@ class ACERT:
     search: SearchSettings = TRAINING_SEARCH
     min_warmup_eps: float = MIN_WARMUP_EPS
     memory: RadiusMemory | None = field(default_factory=RadiusMemory)
+    cap_check: str = "search"
 
     @classmethod
     def from_config(cls, config: Any) -> ACERT:
@@ -183,6 +198,7 @@ class ACERT:
             regularizer=WarmupRegularizer.from_config(config),
             search=settings.search(),
             memory=settings.memory(),
+            cap_check=settings.cap_check,
         )
 
     def __post_init__(self) -> None:
@@ -204,11 +220,34 @@ class ACERT:
             return standard_phase_terms(
                 model, batch, logits, stats, step, self.regularizer, self.min_warmup_eps
             )
+        if self.cap_check == "training-pass" and not self.search.sound:
+            return self._cap_first_loss(model, batch, step, logits, stats)
         radii, evaluations = self.adaptive_radii(model, batch, step, logits, stats)
         terms = certified_objective(
             model, batch, radii, step, logits, stats, self.kappa, self.regularizer
         )
         terms.metrics["radius_evals"] = evaluations
+        terms.radii = radii.detach()
+        return terms
+
+    def _cap_first_loss(
+        self, model: nn.Module, batch: Batch, step: Step, logits: Tensor, stats: BatchStats
+    ) -> LossTerms:
+        """:meth:`loss` with the training pass as the check at the cap
+        (:mod:`acert.methods.cap_first`): the same terms, from one or two training passes."""
+        guess = None if self.memory is None else self.memory.guess(batch.idx)
+        floor = self.min_warmup_eps if step.warmup else None
+        bounds, result = cap_first_pass(
+            model, batch, step, logits, stats, self.search, guess, floor
+        )
+        if self.memory is not None:
+            self.memory.remember(batch.idx, result.radius, step.eps)
+        radii = result.radius if floor is None else result.radius.clamp(min=floor)
+        terms = mixed_objective(robust_cross_entropy(bounds.margins), logits, batch.y, self.kappa)
+        terms.metrics["radius"] = radii.mean().item()
+        terms = with_warmup(terms, self.regularizer, model, bounds, stats, step)
+        terms.metrics["certified"] = bounds.certified
+        terms.metrics["radius_evals"] = result.mean_evaluations
         terms.radii = radii.detach()
         return terms
 

@@ -21,9 +21,9 @@ Brent, bisection), :mod:`~acert.radius.settings` (the settings and their checks)
 
 from __future__ import annotations
 
+from acert.radius.known import KnownBatch
 from acert.radius.search import (
     SAFETY_MARGIN,
-    KnownBatch,
     RadiusResult,
     certified_radius,
     check_cap,

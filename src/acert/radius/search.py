@@ -30,12 +30,12 @@ from acert.bounds.clean_pass import (
 from acert.bounds.spec import other_classes
 from acert.foundation.errors import AcertError
 from acert.foundation.ranges import settings_object
+from acert.radius.known import KnownBatch
 from acert.radius.settings import EVALUATION_SEARCH, SearchSettings, check_settings
 from acert.radius.strategies import SEARCHES, Bracket, Strategy
 
 __all__ = [
     "SAFETY_MARGIN",
-    "KnownBatch",
     "RadiusResult",
     "certified_radius",
     "check_cap",
@@ -76,54 +76,6 @@ def clean_margins(logits: Tensor, y: Tensor) -> Tensor:
     """(B,) ``min_t z_y - z_t`` of the logits; positive exactly when the prediction is y."""
     true = logits.gather(1, y.unsqueeze(1))
     return (true - logits.gather(1, other_classes(y, logits.shape[1]))).min(1).values
-
-
-@dataclass(frozen=True)
-class KnownBatch:
-    """What the caller of a radius search already knows of its batch; what is None is
-    computed (logits, stats) or done without (guess).
-
-    Attributes:
-        logits: (B, K) the clean logits of x (under ``stats`` where those are given).
-        stats: clean-batch statistics for train-mode batch-norms (a batch-norm that normalises
-            with the current batch needs them: no radius is a certificate of it otherwise).
-        guess: (B,) a radius expected to be close (e.g. the sample's radius one epoch ago);
-            where it lies in (0, cap) the search starts with a bracket around it, two
-            evaluations at the guess and ``guess·(1 ± spread)`` (:class:`SearchSettings`),
-            instead of one at the cap. Every bracket end is evaluated, so a wrong guess costs
-            time, never soundness.
-        beat: (B,) a radius below which the caller needs nothing (one another bound already
-            certified, in a best-of cascade); where it lies in (0, cap) the search first
-            evaluates the bound one tolerance above it: a sample it does not certify there
-            gets radius 0 at that one evaluation, one it certifies is searched from there to
-            the cap. Overrides ``guess``.
-    """
-
-    logits: Tensor | None = None
-    stats: BatchStats | None = None
-    guess: Tensor | None = None
-    beat: Tensor | None = None
-
-    def check(self, batch: int, classes: int) -> None:
-        """One-line :class:`AcertError` unless logits and guess fit a batch of that size."""
-        if self.logits is not None and (
-            not isinstance(self.logits, Tensor) or tuple(self.logits.shape) != (batch, classes)
-        ):
-            raise AcertError(
-                f"logits must be the ({batch}, {classes}) clean logits of x, got "
-                f"{_shape(self.logits)}; pass model(x) or leave logits out"
-            )
-        for name in ("guess", "beat"):
-            radii = getattr(self, name)
-            if radii is not None and (
-                not isinstance(radii, Tensor)
-                or tuple(radii.shape) != (batch,)
-                or radii.is_complex()
-            ):
-                raise AcertError(
-                    f"{name} must be a ({batch},) tensor of radii, one per sample, "
-                    f"got {_shape(radii)}"
-                )
 
 
 def radius_search(
@@ -170,7 +122,9 @@ def radius_search(
         floor = SAFETY_MARGIN * logits.abs().amax(1)
         margins = margin_evaluator(model, method, stats, settings.sound)
         state = _Search(margins, x, y, cap, floor, settings)
-        return state.run(clean_margins(logits, y) - floor, known.guess, known.beat)
+        return state.run(
+            clean_margins(logits, y) - floor, known.guess, known.beat, known.cap_margin
+        )
 
 
 def _check_search_arguments(
@@ -218,12 +172,6 @@ def check_cap(eps_max: object, batch: int | None, name: str = "eps_max") -> None
         raise AcertError(
             f"{name} must lie in (0, 1] pixel units (pixels lie in [0, 1]), got {value:g}"
         )
-
-
-def _shape(value: object) -> str:
-    if isinstance(value, Tensor):
-        return f"shape {tuple(value.shape)}"
-    return type(value).__name__
 
 
 def _clean_pass(
@@ -274,10 +222,14 @@ class _Search:
     def tol(self, lo: Tensor) -> Tensor:
         return self.xtol + self.settings.rtol * lo
 
-    def cold_brackets(self, rows: Tensor, f0: Tensor) -> tuple[Tensor, Bracket]:
-        """Evaluate at the cap; the uncertified rows get the bracket [0, cap]."""
+    def cold_brackets(
+        self, rows: Tensor, f0: Tensor, f_cap: Tensor | None = None
+    ) -> tuple[Tensor, Bracket]:
+        """Evaluate at the cap (unless ``f_cap`` gives the margins there); the uncertified rows
+        get the bracket [0, cap]."""
         cap = self.cap[rows]
-        f_cap = self.margin_at(rows, cap)
+        if f_cap is None:
+            f_cap = self.margin_at(rows, cap)
         at_cap = f_cap > 0
         self.radius[rows[at_cap]] = cap[at_cap]
         keep = ~at_cap
@@ -332,7 +284,13 @@ class _Search:
         kept = torch.isin(rows, cap_rows)
         return cap_rows, Bracket.new(beat[kept], f_beat[kept], cap_bracket.hi, cap_bracket.f_hi)
 
-    def run(self, f0: Tensor, guess: Tensor | None, beat: Tensor | None = None) -> RadiusResult:
+    def run(
+        self,
+        f0: Tensor,
+        guess: Tensor | None,
+        beat: Tensor | None = None,
+        cap_margin: Tensor | None = None,
+    ) -> RadiusResult:
         """Bracket every open sample (cold at the cap, warm around its guess, or above the
         radius to beat), then refine.
 
@@ -340,6 +298,7 @@ class _Search:
             f0: (B,) margin at ε = 0 less the floor; the open samples are those above 0.
             guess: (B,) warm-start radii (:class:`KnownBatch`), or None.
             beat: (B,) radii to beat (:class:`KnownBatch`), or None.
+            cap_margin: (B,) margins at the cap less the floor, NaN where not known, or None.
         """
         open_ = (f0 > 0) & (self.cap > 0)
         warm = torch.zeros_like(open_)
@@ -350,8 +309,17 @@ class _Search:
         if guess is not None:
             guess = guess.to(self.cap)
             warm = open_ & ~above & torch.isfinite(guess) & (guess > 0) & (guess < self.cap)
-        rows = torch.nonzero(open_ & ~warm & ~above, as_tuple=True)[0]
-        pieces = [self.cold_brackets(rows, f0[rows])] if rows.numel() else []
+        cold = open_ & ~warm & ~above
+        known = torch.zeros_like(cold)
+        if cap_margin is not None:
+            known = cold & torch.isfinite(cap_margin.to(self.cap))
+        pieces = []
+        rows = torch.nonzero(known, as_tuple=True)[0]
+        if rows.numel():
+            pieces.append(self.cold_brackets(rows, f0[rows], cap_margin.to(self.cap)[rows]))
+        rows = torch.nonzero(cold & ~known, as_tuple=True)[0]
+        if rows.numel():
+            pieces.append(self.cold_brackets(rows, f0[rows]))
         rows = torch.nonzero(warm, as_tuple=True)[0]
         if rows.numel():
             pieces.append(self.warm_brackets(rows, f0[rows], guess[rows]))

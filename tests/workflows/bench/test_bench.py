@@ -25,6 +25,7 @@ KEYS = (
     "radius_evals_per_sample_bisection",
     "acert_step_over_ibp_step",
     "acert_cold_step_over_ibp_step",
+    "acert_training_pass_step_over_ibp_step",
     "ibp_step_over_standard_step",
     "ibp_step_channels_last_over_contiguous",
     "acert_step_channels_last_over_contiguous",

@@ -240,6 +240,9 @@ def _step_times(
     methods["acert_cold"] = create_method(
         dataclasses.replace(config, method="acert", radius_warm_start=False)
     )
+    methods["acert_training_pass"] = create_method(  # the training pass checks the cap
+        dataclasses.replace(config, method="acert", cap_check="training-pass")
+    )
     primed = reference.saved_method or _primed_radius_memory(
         methods["acert"], reference.earlier, batch, step
     )
@@ -268,6 +271,7 @@ def _step_times(
         "acert_step_over_ibp_step": median_ratio(times, "acert", "ibp"),
         "acert_cold_step_over_ibp_step": median_ratio(times, "acert_cold", "ibp"),
         "ibp_step_over_standard_step": median_ratio(times, "ibp", "standard"),
+        "acert_training_pass_step_over_ibp_step": median_ratio(times, "acert_training_pass", "ibp"),
         "ibp_step_channels_last_over_contiguous": median_ratio(times, "ibp_channels_last", "ibp"),
         "acert_step_channels_last_over_contiguous": median_ratio(
             times, "acert_channels_last", "acert"
@@ -347,6 +351,7 @@ def bench(settings: BenchSettings, log: Callable[[str], None] = print) -> dict[s
         "acert_step_over_ibp_step": raw["acert_step_over_ibp_step"],
         "acert_cold_step_over_ibp_step": raw["acert_cold_step_over_ibp_step"],
         "ibp_step_over_standard_step": raw["ibp_step_over_standard_step"],
+        "acert_training_pass_step_over_ibp_step": raw["acert_training_pass_step_over_ibp_step"],
         "ibp_step_channels_last_over_contiguous": raw["ibp_step_channels_last_over_contiguous"],
         "acert_step_channels_last_over_contiguous": raw["acert_step_channels_last_over_contiguous"],
         "busy_step_over_alone_step": raw["acert_busy_step_over_alone_step"],
