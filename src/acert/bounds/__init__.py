@@ -26,7 +26,7 @@ from acert.bounds.clean_pass import (
     clean_forward,
 )
 from acert.bounds.interval import Interval, as_eps, input_box
-from acert.bounds.kinds import LAYER_KINDS, check_shapes
+from acert.bounds.kinds import LAYER_KINDS, check_shapes, last_layer
 from acert.bounds.spec import margin_matrix, other_classes
 from acert.foundation.errors import AcertError
 
@@ -60,8 +60,8 @@ MarginEvaluator = Callable[[Interval, Tensor], Tensor]
 
 
 def _ibp(model: nn.Sequential, stats: BatchStats | None, sound: bool) -> MarginEvaluator:
-    program, last = ibp.prepare(model[:-1], stats, sound), model[-1]
-    return lambda box, y: ibp.last_layer_margins(last, program(box)[0], y, sound)
+    head, last = ibp.prepare_head(model, stats, sound)
+    return lambda box, y: ibp.last_layer_margins(last, head(box)[0], y, sound)
 
 
 def _crown_ibp(model: nn.Sequential, stats: BatchStats | None, sound: bool) -> MarginEvaluator:
@@ -94,7 +94,7 @@ def check_inputs(model: nn.Module, x: Tensor, y: Tensor, runs: bool = True) -> N
     """
     check_supported(model)
     check_batch(x, y)
-    num_classes = model[-1].out_features
+    num_classes = last_layer(model).out_features
     if num_classes < 2:
         raise AcertError(
             f"the model has {num_classes} output{'s' * (num_classes != 1)}; certification "
