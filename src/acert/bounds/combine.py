@@ -1,5 +1,5 @@
-"""The kinds that bring branches of a graph together: ``Add`` (:class:`acert.models.Add`, also the sum
-``x + body(x)`` a residual block becomes in the walk) and ``Concat``
+"""The kinds that bring branches of a graph together: ``Add`` (:class:`acert.models.Add`, also
+the sum ``x + body(x)`` a residual block becomes in the walk) and ``Concat``
 (:class:`acert.models.Concat`).
 
 Add: IBP adds the intervals of its inputs. They may be correlated (``body(x)`` is a function

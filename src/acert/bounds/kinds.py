@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from acert.bounds.activations import DROPOUT, FLATTEN, IDENTITY, RELU
+from acert.bounds.activations import DROPOUT, FLATTEN, IDENTITY, LEAKY_RELU, RELU
 from acert.bounds.affine import CONV2D, LINEAR
 from acert.bounds.combine import ADD
 from acert.bounds.kind_rules import LayerKind, WalkStep
@@ -51,6 +51,7 @@ LAYER_KINDS: tuple[LayerKind, ...] = (
     BATCHNORM1D,
     BATCHNORM2D,
     RELU,
+    LEAKY_RELU,
     FLATTEN,
     AVGPOOL2D,
     MAXPOOL2D,
