@@ -24,7 +24,7 @@ from torch import nn
 
 from acert.bounds.activations import DROPOUT, FLATTEN, IDENTITY, LEAKY_RELU, RELU
 from acert.bounds.affine import CONV2D, LINEAR
-from acert.bounds.combine import ADD
+from acert.bounds.combine import ADD, CONCAT
 from acert.bounds.kind_rules import LayerKind, WalkStep
 from acert.bounds.normalisation import BATCHNORM1D, BATCHNORM2D, NORMALIZE
 from acert.bounds.pooling import AVGPOOL2D, MAXPOOL2D
@@ -58,6 +58,7 @@ LAYER_KINDS: tuple[LayerKind, ...] = (
     IDENTITY,
     DROPOUT,
     ADD,
+    CONCAT,
 )
 """Every layer kind the bounds support; a new kind is one entry here."""
 
