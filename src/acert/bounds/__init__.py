@@ -26,7 +26,7 @@ from acert.bounds.clean_pass import (
     clean_forward,
 )
 from acert.bounds.interval import Interval, as_eps, input_box
-from acert.bounds.kinds import LAYER_KINDS, check_shapes, last_layer
+from acert.bounds.kinds import LAYER_KINDS, check_shapes, last_layer, register_kind
 from acert.bounds.spec import margin_matrix, other_classes
 from acert.foundation.errors import AcertError
 
@@ -52,6 +52,7 @@ __all__ = [
     "margin_matrix",
     "model_dtype",
     "other_classes",
+    "register_kind",
 ]
 
 

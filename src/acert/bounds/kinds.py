@@ -28,7 +28,7 @@ from acert.bounds.combine import ADD, CONCAT
 from acert.bounds.kind_rules import LayerKind, WalkStep
 from acert.bounds.normalisation import BATCHNORM1D, BATCHNORM2D, NORMALIZE
 from acert.bounds.pooling import AVGPOOL2D, MAXPOOL2D
-from acert.foundation.errors import AcertError, UnsupportedModelError
+from acert.foundation.errors import AcertError, ConfigError, UnsupportedModelError
 from acert.models import GraphNet, Residual
 from acert.models.graph import INPUT
 
@@ -41,10 +41,11 @@ __all__ = [
     "kind_of",
     "last_layer",
     "output_shapes",
+    "register_kind",
     "walk",
 ]
 
-LAYER_KINDS: tuple[LayerKind, ...] = (
+LAYER_KINDS: list[LayerKind] = [
     NORMALIZE,
     CONV2D,
     LINEAR,
@@ -59,13 +60,38 @@ LAYER_KINDS: tuple[LayerKind, ...] = (
     DROPOUT,
     ADD,
     CONCAT,
-)
-"""Every layer kind the bounds support; a new kind is one entry here."""
+]
+"""Every layer kind the bounds support; a new kind is one entry here (or, for a user's own
+layer, :func:`register_kind`)."""
 
-SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (*(kind.type for kind in LAYER_KINDS), Residual)
+SUPPORTED_LAYERS: list[type[nn.Module]] = [*(kind.type for kind in LAYER_KINDS), Residual]
 """The supported modules: the kinds', and the residual block, which the walk expands."""
 
 _KINDS: dict[type[nn.Module], LayerKind] = {kind.type: kind for kind in LAYER_KINDS}
+
+
+def register_kind(kind: LayerKind) -> LayerKind:
+    """Add a user's layer type to the table: from then on every bound method, the clean pass,
+    the checks and the supported list know it (docs/ARCHITECTURE.md, "Layer kinds", has an
+    example). Its rules must be sound under rounding like the table's own; its ``example``
+    lets the tests of tests/bounds/test_kinds.py check it.
+
+    Raises:
+        ConfigError: not a :class:`LayerKind`, or a type that already has a kind.
+    """
+    if not isinstance(kind, LayerKind):
+        raise ConfigError(
+            f"register_kind takes an acert.bounds.kind_rules.LayerKind, got {type(kind).__name__}"
+        )
+    if kind.type in _KINDS or kind.type in (Residual, GraphNet):
+        raise ConfigError(
+            f"{kind.name} already has a kind in the table; register a subclass of it instead "
+            "(kinds match a module's exact type)"
+        )
+    LAYER_KINDS.append(kind)
+    SUPPORTED_LAYERS.insert(len(SUPPORTED_LAYERS) - 1, kind.type)
+    _KINDS[kind.type] = kind
+    return kind
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
