@@ -92,6 +92,8 @@ def register_kind(kind: LayerKind) -> LayerKind:
     SUPPORTED_LAYERS.insert(len(SUPPORTED_LAYERS) - 1, kind.type)
     _KINDS[kind.type] = kind
     return kind
+
+
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
