@@ -121,7 +121,7 @@ def walk(model: nn.Module | Iterable[nn.Module]) -> tuple[WalkStep, ...]:
     (Linear, Conv2d), and that kind's output's only reader, becomes that step's ``norm``.
     Raises a one-line :class:`UnsupportedModelError` for a module without a kind, one its
     kind's check refuses, and an in-place layer whose write the forward pass can observe
-    (:func:`_check_overwrite`).
+    (:func:`_check_overwrites`).
     """
     nodes: list[_Node] = []
     if isinstance(model, GraphNet):
