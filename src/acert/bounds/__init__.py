@@ -303,9 +303,10 @@ def margin_bounds(
     """Lower bounds of ``f_y - f_t`` for every t != y over the clipped ℓ∞ ball.
 
     Args:
-        model: ``nn.Sequential`` of the layers of :data:`LAYER_KINDS` (Normalize, Conv2d,
-            Linear, BatchNorm1d/2d, ReLU, Flatten, AvgPool2d, MaxPool2d, Identity, Dropout,
-            residual blocks), ending in Linear. Batch-norm uses running statistics in eval
+        model: ``nn.Sequential`` or :class:`acert.models.GraphNet` of the layers of
+            :data:`LAYER_KINDS` (Normalize, Conv2d, Linear, BatchNorm1d/2d, ReLU, LeakyReLU,
+            Flatten, AvgPool2d, MaxPool2d, Identity, Dropout, Add, Concat, residual blocks),
+            ending in Linear. Batch-norm uses running statistics in eval
             mode; one that normalises with the current batch (train mode) needs ``stats`` (a
             training objective's bounds) and is refused without them, as is Dropout in train
             mode: no certificate holds for them.
