@@ -26,7 +26,7 @@ from acert.bounds.clean_pass import (
     clean_forward,
 )
 from acert.bounds.interval import Interval, as_eps, input_box
-from acert.bounds.kinds import LAYER_KINDS, check_shapes
+from acert.bounds.kinds import LAYER_KINDS, check_shapes, last_layer, register_kind
 from acert.bounds.spec import margin_matrix, other_classes
 from acert.foundation.errors import AcertError
 
@@ -52,6 +52,7 @@ __all__ = [
     "margin_matrix",
     "model_dtype",
     "other_classes",
+    "register_kind",
 ]
 
 
@@ -60,8 +61,8 @@ MarginEvaluator = Callable[[Interval, Tensor], Tensor]
 
 
 def _ibp(model: nn.Sequential, stats: BatchStats | None, sound: bool) -> MarginEvaluator:
-    program, last = ibp.prepare(model[:-1], stats, sound), model[-1]
-    return lambda box, y: ibp.last_layer_margins(last, program(box)[0], y, sound)
+    head, last = ibp.prepare_head(model, stats, sound)
+    return lambda box, y: ibp.last_layer_margins(last, head(box)[0], y, sound)
 
 
 def _crown_ibp(model: nn.Sequential, stats: BatchStats | None, sound: bool) -> MarginEvaluator:
@@ -94,7 +95,7 @@ def check_inputs(model: nn.Module, x: Tensor, y: Tensor, runs: bool = True) -> N
     """
     check_supported(model)
     check_batch(x, y)
-    num_classes = model[-1].out_features
+    num_classes = last_layer(model).out_features
     if num_classes < 2:
         raise AcertError(
             f"the model has {num_classes} output{'s' * (num_classes != 1)}; certification "
@@ -302,9 +303,10 @@ def margin_bounds(
     """Lower bounds of ``f_y - f_t`` for every t != y over the clipped ℓ∞ ball.
 
     Args:
-        model: ``nn.Sequential`` of the layers of :data:`LAYER_KINDS` (Normalize, Conv2d,
-            Linear, BatchNorm1d/2d, ReLU, Flatten, AvgPool2d, MaxPool2d, Identity, Dropout,
-            residual blocks), ending in Linear. Batch-norm uses running statistics in eval
+        model: ``nn.Sequential`` or :class:`acert.models.GraphNet` of the layers of
+            :data:`LAYER_KINDS` (Normalize, Conv2d, Linear, BatchNorm1d/2d, ReLU, LeakyReLU,
+            Flatten, AvgPool2d, MaxPool2d, Identity, Dropout, Add, Concat, residual blocks),
+            ending in Linear. Batch-norm uses running statistics in eval
             mode; one that normalises with the current batch (train mode) needs ``stats`` (a
             training objective's bounds) and is refused without them, as is Dropout in train
             mode: no certificate holds for them.
