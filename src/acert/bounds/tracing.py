@@ -38,7 +38,14 @@ from acert.bounds.tracing_checks import (
 from acert.foundation.errors import UnsupportedModelError
 from acert.models import INPUT, Add, Concat, GraphNet
 
-__all__ = ["as_graph", "bounds_form", "is_plain_chain"]
+__all__ = [
+    "as_graph",
+    "bounds_form",
+    "first_layer",
+    "hidden_layers",
+    "is_plain_chain",
+    "last_layer",
+]
 
 _JOINS: tuple[type[nn.Module], ...] = (Add, Concat, nn.LeakyReLU)
 """Kept whole even before the bounds have a rule for them, so that the walk names them."""
@@ -95,8 +102,52 @@ def bounds_form(model: nn.Module, shape: tuple[int, ...] | None = None) -> nn.Mo
                 f"{type(model).__name__} must be traced into a graph before its bounds, which "
                 "needs the input shape; pass inputs first (acert.certify, margin_bounds)"
             )
-        graph = _GRAPHS[model] = as_graph(model, shape)
+        graph = as_graph(model, shape)
+        last_layer(graph)
+        _GRAPHS[model] = graph
+    graph.training = model.training  # its own flag: eval_mode(graph) restores it to all
     return graph
+
+
+def last_layer(form: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` that gives the logits of a bounds form (:func:`bounds_form`), into
+    which the margin specification is folded; a one-line error for any other last layer."""
+    if isinstance(form, GraphNet):
+        last, inputs = form.nodes[-1], form.inputs[-1]
+        if isinstance(last, nn.Linear) and inputs == (len(form.nodes) - 2,):
+            return last
+        name = f"{type(last).__name__} of nodes {list(inputs)} (node {form.names[-1]})"
+    elif isinstance(form, nn.Sequential) and len(form) and isinstance(form[-1], nn.Linear):
+        return form[-1]
+    else:
+        name = type(form[-1]).__name__ if isinstance(form, nn.Sequential) and len(form) else "?"
+    raise UnsupportedModelError(
+        f"the model's output must be an nn.Linear of the layer before it (the margin "
+        f"specification is folded into it), got {name}; end forward with the logits' Linear"
+    )
+
+
+_HIDDEN: weakref.WeakKeyDictionary[GraphNet, GraphNet] = weakref.WeakKeyDictionary()
+
+
+def hidden_layers(form: nn.Module) -> nn.Module:
+    """A bounds form without its last layer (:func:`last_layer`): what IBP propagates before
+    the margins are folded into the logits' Linear; a graph's is cached."""
+    last_layer(form)
+    if isinstance(form, nn.Sequential):
+        return form[:-1]
+    if len(form.nodes) == 1:
+        return nn.Sequential()
+    hidden = _HIDDEN.get(form)
+    if hidden is None:
+        nodes = zip(form.names[:-1], form.nodes[:-1], form.inputs[:-1], strict=True)
+        hidden = _HIDDEN[form] = GraphNet(list(nodes))
+    return hidden
+
+
+def first_layer(form: nn.Module) -> nn.Module:
+    """The layer that reads the input first (a chain's first, a graph's first node)."""
+    return form[0] if isinstance(form, nn.Sequential) else form.nodes[0]
 
 
 def as_graph(model: nn.Module, shape: tuple[int, ...]) -> GraphNet:
@@ -136,22 +187,28 @@ _ADDS = {operator.add, operator.iadd, torch.add}
 _FLATTENS = {"view", "reshape"}
 _SHAPE_NODES = {"size", "shape"}
 SUPPORTED_FUNCTIONS = (
-    "F.relu, torch.relu, x.relu(), F.leaky_relu, a + b, torch.add(a, b), torch.cat(xs, dim), "
-    "torch.flatten(x, 1), x.flatten(1), x.view(x.size(0), -1), x.reshape(x.shape[0], -1), "
-    "F.avg_pool2d, F.max_pool2d"
+    "F.relu, F.leaky_relu, a + b, torch.cat(xs, dim), torch.flatten(x, 1), "
+    "x.view(x.size(0), -1), F.avg_pool2d, F.max_pool2d"
 )
 
 
-def _user_frame() -> str:
-    """The innermost frame of the forward being traced: not torch's, not this module's."""
+_LIBRARIES = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
+
+
+def _user_frame() -> str | None:
+    """The innermost frame of the forward being traced that is the user's (not torch's or
+    acert's: an ``nn.Sequential``'s forward has none)."""
     for frame in reversed(traceback.extract_stack()):
-        if frame.filename != __file__ and f"{os.sep}torch{os.sep}" not in frame.filename:
+        if not frame.filename.startswith(_LIBRARIES):
             return f"{os.path.basename(frame.filename)}:{frame.lineno} `{frame.line}`"
-    return "forward"
+        if frame.name in ("trace", "as_graph"):
+            break
+    return None
 
 
 def _where(node: fx.Node) -> str:
-    return f"node {node.name} ({node.meta.get('where', 'forward')})"
+    where = node.meta.get("where")
+    return f"node {node.name}" + (f" ({where})" if where else "")
 
 
 class _Converter:
@@ -199,7 +256,7 @@ class _Converter:
         if node.op == "call_module":
             module = self.gm.get_submodule(str(node.target))
             if type(module) not in (*kinds.SUPPORTED_LAYERS, *_JOINS) or node.kwargs:
-                self._refuse(node, f"module {node.target} ({type(module).__name__})")
+                self._refuse(node, f"layer {node.target} ({type(module).__name__})")
             self._add(str(node.target), module, node.args, node)
             return
         made = self._functional(node)
@@ -283,8 +340,9 @@ class _Converter:
 
     def _refuse(self, node: fx.Node, what: str) -> None:
         raise UnsupportedModelError(
-            f"{self.name}.forward: {what} at {_where(node)} has no bound rule; supported are "
-            f"the layers {_kind_names()} and {SUPPORTED_FUNCTIONS}"
+            f"{what} has no bound rule; supported layers are {_kind_names()}, and the "
+            f"functional forms {SUPPORTED_FUNCTIONS}; it is {_where(node)} in "
+            f"{self.name}.forward"
         )
 
 

@@ -23,7 +23,7 @@ def check_hooks(model: nn.Module) -> None:
     """Refuse forward hooks and replaced forwards on modules kept whole (tracing calls no
     hooks, so the graph would compute without them)."""
     hooked = [
-        f"{f'module {where}' if where else 'the model'} ({type(module).__name__})"
+        f"{f'layer {where}' if where else 'the model'} ({type(module).__name__})"
         for where, module in model.named_modules()
         if module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module)
     ]
@@ -128,7 +128,7 @@ def _fix(writer: fx.Node, gm: fx.GraphModule) -> str:
 
 
 def _line(node: fx.Node) -> str:
-    return str(node.meta.get("where", "forward"))
+    return str(node.meta.get("where") or "in forward")
 
 
 @contextlib.contextmanager

@@ -48,7 +48,7 @@ class IBP(Stateless):
     def from_config(cls, config: Any) -> IBP:
         return cls(kappa=config.kappa, regularizer=WarmupRegularizer.from_config(config))
 
-    def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
+    def loss(self, model: nn.Module, batch: Batch, step: Step) -> LossTerms:
         logits, stats = clean_forward(model, batch.x)
         if step.eps == 0:
             return standard_phase_terms(model, batch, logits, stats, step, self.regularizer)
@@ -59,7 +59,7 @@ class IBP(Stateless):
 
     def robust_terms(
         self,
-        model: nn.Sequential,
+        model: nn.Module,
         batch: Batch,
         step: Step,
         logits: Tensor,

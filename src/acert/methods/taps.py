@@ -204,7 +204,14 @@ class TAPSPass:
 
 
 def check_head(model: nn.Sequential, head: int) -> None:
-    """A ConfigError unless ``head`` leaves a non-empty feature extractor before it."""
+    """A ConfigError unless ``model`` is a chain (:func:`acert.bounds.bounds_form`) and
+    ``head`` leaves a non-empty feature extractor before it."""
+    if not isinstance(model, nn.Sequential):
+        raise ConfigError(
+            f"TAPS splits a chain of layers into a feature extractor and a head, but this "
+            f"model is a graph ({type(model).__name__}); train it with another method "
+            "(acert, ibp, crown-ibp, sabr)"
+        )
     if not 1 <= head < len(model):
         raise ConfigError(
             f"taps_head must lie in [1, {len(model) - 1}] for this {len(model)}-layer model, "
