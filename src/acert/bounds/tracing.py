@@ -360,6 +360,8 @@ def _is_batch_size(node: fx.Node) -> bool:
 
 def _pool(target: Callable, args: tuple, kw: dict) -> tuple[nn.Module, tuple] | None:
     module = nn.AvgPool2d if target is F.avg_pool2d else nn.MaxPool2d
+    if module is nn.MaxPool2d and len(args) > 5:  # F's ceil_mode, return_indices: swapped
+        return None
     try:
         return module(*args[1:], **kw), args[:1]
     except TypeError:

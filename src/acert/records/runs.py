@@ -125,7 +125,7 @@ def _write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda stream: stream.write(text.encode()))
 
 
-def build_model(config: TrainConfig) -> nn.Sequential:
+def build_model(config: TrainConfig) -> nn.Module:
     """The (untrained) model a resolved config describes."""
     info = dataset_info(config.dataset)
     return create_model(
