@@ -235,7 +235,7 @@ _INPUT = "the model's input, which the caller, the bounds and the attacks read a
             "use the out-of-place form (F.relu(x), x.relu(), x + y)",
         ),
         (_skip_after_relu_, False, "abs_1 (test_tracing.py:", "use the out-of-place form"),
-        (_iadd_read_again, False, "add (test_tracing.py:218", "write x = x + y instead of x += y"),
+        (_iadd_read_again, False, "add (test_tracing.py:217", "write x = x + y instead of x += y"),
         (
             _inplace_module_before_skip,
             True,
