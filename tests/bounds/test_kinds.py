@@ -48,7 +48,8 @@ VECTOR = (4,)
 def kind_network(kind: LayerKind, seed: int = 0) -> tuple[nn.Sequential, tuple[int, ...]]:
     """An eval-mode network around the kind's example and its per-sample input shape:
     Normalize, a layer that makes the example's input (Conv2d or Linear) and a ReLU, the
-    example, then Flatten (if still an image), Linear(6), ReLU, Linear(3)."""
+    example (a layer, or for a kind of several inputs a small GraphNet around one), then
+    Flatten (if still an image), Linear(6), ReLU, Linear(3)."""
     torch.manual_seed(seed)
     module, shape = kind.example()
     if len(shape) == 3:
@@ -58,7 +59,8 @@ def kind_network(kind: LayerKind, seed: int = 0) -> tuple[nn.Sequential, tuple[i
         layers = [Normalize([0.4, 0.5, 0.6, 0.5], [0.3, 0.2, 0.3, 0.25]), nn.Linear(4, shape[0])]
         in_shape = VECTOR
     layers += [nn.ReLU(), module]
-    out = kind.shape(module, shape)
+    with torch.no_grad():
+        out = tuple(copy.deepcopy(module).eval()(torch.zeros(1, *shape)).shape[1:])
     if len(out) > 1:
         layers.append(nn.Flatten())
     layers += [nn.Linear(math.prod(out), 6), nn.ReLU(), nn.Linear(6, 3)]
@@ -239,17 +241,12 @@ def test_training_bounds_carry_gradients_to_every_parameter(kind, method):
 
 def _step_outputs(steps, x: torch.Tensor) -> list[torch.Tensor]:
     """The output of every step of the walk, computed by the modules themselves."""
-    outputs, skips, h = [], [], x
+    outputs = []
     with torch.no_grad():
         for step in steps:
-            if step.role == "fork":
-                skips.append(h)
-            elif step.role == "join":
-                h = skips.pop() + h  # as Residual computes x + body(x)
-            else:
-                h = step.layer(h)
-                h = h if step.norm is None else step.norm(h)
-            outputs.append(h)
+            ins = [x if i == -1 else outputs[i] for i in step.inputs]
+            h = step.kind.run(step, *ins)
+            outputs.append(h if step.norm is None else step.norm(h))
     return outputs
 
 

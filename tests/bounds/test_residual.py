@@ -18,26 +18,23 @@ from .test_patches import _assert_patches_equal_dense
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def test_the_walk_makes_fork_body_and_join_steps():
+def test_the_walk_makes_body_and_add_steps_reading_the_block_input():
     inner = Residual(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
     model = nn.Sequential(
         nn.Flatten(), nn.Linear(4, 4), Residual(nn.Sequential(nn.ReLU(), inner)), nn.Linear(4, 2)
     )
     steps = walk(model)
-    roles = [(step.role, step.where, type(step.layer).__name__) for step in steps]
-    assert roles == [
-        ("layer", "0", "Flatten"),
-        ("layer", "1", "Linear"),
-        ("fork", "2", "Residual"),
-        ("layer", "2.body.0", "ReLU"),
-        ("fork", "2.body.1", "Residual"),
-        ("layer", "2.body.1.body.0", "Linear"),  # its batch-norm folded in
-        ("join", "2.body.1", "Residual"),
-        ("join", "2", "Residual"),
-        ("layer", "3", "Linear"),
+    shape = [(step.kind.name, step.where, type(step.layer).__name__, step.inputs) for step in steps]
+    assert shape == [
+        ("Flatten", "0", "Flatten", (-1,)),
+        ("Linear", "1", "Linear", (0,)),
+        ("ReLU", "2.body.0", "ReLU", (1,)),
+        ("Linear", "2.body.1.body.0", "Linear", (2,)),  # its batch-norm folded in
+        ("Add", "2.body.1", "Residual", (2, 3)),  # x + body(x) of the inner block
+        ("Add", "2", "Residual", (1, 4)),
+        ("Linear", "3", "Linear", (5,)),
     ]
-    assert steps[5].norm is inner.body[1]
-    assert [(steps[i].partner, steps[j].partner) for i, j in ((2, 7), (4, 6))] == [(7, 2), (6, 4)]
+    assert steps[3].norm is inner.body[1] and steps[3].norm_where == "2.body.1.body.1"
 
 
 def _cancelling_net() -> nn.Sequential:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +22,7 @@ from torch.nn.modules.utils import _pair
 
 from acert.bounds.kinds import kind_of
 from acert.foundation.errors import UnsupportedModelError
-from acert.models import Residual
+from acert.models import Add, Concat, GraphNet, Residual
 
 __all__ = ["Encoding", "Op", "encode", "forward_float64", "network_float64", "padded"]
 
@@ -35,29 +36,25 @@ _BOUND_SLACK = 1e-9  # relative widening of the interval bounds (covers float64 
 
 @dataclass
 class Op:
-    """One operation on flattened vectors.
+    """One operation on flattened vectors, reading earlier operations' outputs.
 
     Attributes:
-        kind: ``"affine"`` (``W h + b``), ``"relu"``, ``"maxpool"`` (output j is the maximum of
-            the inputs ``windows[j]``), ``"fork"`` (a residual block's input, kept) or
-            ``"join"`` (the kept input added to the current vector).
+        kind: ``"affine"`` (``W h + b``), ``"relu"`` (``max(h, slope·h)``: ReLU and
+            LeakyReLU), ``"maxpool"`` (output j is the maximum of the inputs ``windows[j]``),
+            ``"add"`` (the sum of its inputs) or ``"select"`` (output j is element
+            ``windows[j]`` of its inputs' outputs one after another: a concatenation).
         W, b: the affine map, float64.
-        windows: (n_out, K) input indices of each max-pooling window.
+        windows: (n_out, K) input indices of each max-pooling window; (n_out,) for select.
+        inputs: the operations it reads (-1: the network's input).
+        slope: a ReLU's slope below zero.
     """
 
     kind: str
     W: np.ndarray | None = None
     b: np.ndarray | None = None
     windows: np.ndarray | None = field(default=None, repr=False)
-
-
-def _leaves(model: nn.Module) -> Iterator[nn.Module]:
-    """The modules of a (possibly nested) plain Sequential, in execution order."""
-    if type(model) is nn.Sequential:
-        for module in model:
-            yield from _leaves(module)
-    else:
-        yield model
+    inputs: tuple[int, ...] = ()
+    slope: float = 0.0
 
 
 def _affine_map(module: nn.Module, shape: tuple[int, ...]) -> tuple[Op, tuple[int, ...]]:
@@ -94,9 +91,53 @@ def _maxpool(module: nn.MaxPool2d, shape: tuple[int, ...]) -> tuple[Op, tuple[in
     return Op("maxpool", windows=windows.long().numpy()), out_shape
 
 
-def _ops(module: nn.Module, shape: tuple[int, ...], ops: list[Op]) -> tuple[int, ...]:
-    """Append the operations of ``module`` on inputs of ``shape``; returns its output shape."""
-    for leaf in _leaves(module):
+def _concat_select(layer: nn.Module, shapes: list[tuple[int, ...]]) -> tuple[np.ndarray, tuple]:
+    """The C-order indices, into the inputs' flattenings one after another, of each element
+    of their concatenation, and its shape."""
+    starts = np.cumsum([0] + [math.prod(s) for s in shapes])
+    parts = [
+        torch.arange(start, start + math.prod(s), dtype=torch.float64).reshape(1, *s)
+        for start, s in zip(starts, shapes, strict=False)
+    ]
+    joined = layer(*parts)
+    return joined.reshape(-1).long().numpy(), tuple(joined.shape[1:])
+
+
+def _nodes(module: nn.Module, source: int, nodes: list[tuple[nn.Module, tuple[int, ...]]]) -> int:
+    """Append the leaf modules of ``module`` reading node ``source`` with the nodes each reads
+    (a plain Sequential is a chain, a residual block its body and a sum, a GraphNet its
+    nodes); returns the node giving its output."""
+    if type(module) is nn.Sequential:
+        for layer in module:
+            source = _nodes(layer, source, nodes)
+        return source
+    if type(module) is Residual:
+        out = _nodes(module.body, source, nodes)
+        nodes.append((Add(), (source, out)))
+        return len(nodes) - 1
+    if type(module) is GraphNet:
+        outputs: list[int] = []
+        for layer, inputs in zip(module.nodes, module.inputs, strict=True):
+            reads = tuple(source if j == -1 else outputs[j] for j in inputs)
+            if len(reads) == 1:
+                outputs.append(_nodes(layer, reads[0], nodes))
+            else:
+                nodes.append((layer, reads))
+                outputs.append(len(nodes) - 1)
+        return outputs[-1]
+    nodes.append((module, (source,)))
+    return len(nodes) - 1
+
+
+def _ops(model: nn.Module, shape: tuple[int, ...], ops: list[Op]) -> tuple[int, ...]:
+    """Append the operations of ``model``'s graph on inputs of ``shape``; returns its output
+    shape."""
+    nodes: list[tuple[nn.Module, tuple[int, ...]]] = []
+    _nodes(model, -1, nodes)
+    readers = Counter(i for _, inputs in nodes for i in inputs)
+    shapes: dict[int, tuple[int, ...]] = {-1: shape}
+    for index, (leaf, ins) in enumerate(nodes):
+        in_shapes = [shapes[i] for i in ins]
         try:
             kind = kind_of(leaf)
         except UnsupportedModelError:
@@ -105,30 +146,49 @@ def _ops(module: nn.Module, shape: tuple[int, ...], ops: list[Op]) -> tuple[int,
             raise ValueError(
                 f"{type(leaf).__name__} layers must be in eval mode (call model.eval()): {problem}"
             )
-        if type(leaf) is Residual:
-            ops.append(Op("fork"))
-            out = _ops(leaf.body, shape, ops)
-            if out != shape:
-                raise ValueError(f"a residual body maps {shape} to {out}")
-            ops.append(Op("join"))
-        elif isinstance(leaf, nn.ReLU):
-            ops.append(Op("relu"))
+        if isinstance(leaf, Add):
+            if any(s != in_shapes[0] for s in in_shapes):
+                raise ValueError(f"an addition of shapes {in_shapes}")
+            op, out = Op("add", inputs=ins), in_shapes[0]
+        elif isinstance(leaf, Concat):
+            select, out = _concat_select(leaf, in_shapes)
+            op = Op("select", windows=select, inputs=ins)
+        elif isinstance(leaf, nn.ReLU | nn.LeakyReLU):
+            slope = float(getattr(leaf, "negative_slope", 0.0))
+            if not 0.0 <= slope < 1.0:
+                raise TypeError(f"exact verifier has no rule for a LeakyReLU of slope {slope}")
+            op, out = Op("relu", inputs=ins, slope=slope), in_shapes[0]
         elif isinstance(leaf, nn.MaxPool2d):
-            op, shape = _maxpool(leaf, shape)
-            ops.append(op)
-        elif kind.exactness != "relaxed" and kind.body is None:
-            op, shape = _affine_map(leaf, shape)
-            if ops and ops[-1].kind == "affine":  # compose with the map before
-                previous = ops.pop()
-                op = Op("affine", op.W @ previous.W, op.W @ previous.b + op.b)
-            ops.append(op)
+            op, out = _maxpool(leaf, in_shapes[0])
+            op.inputs = ins
+        elif kind.exactness != "relaxed" and kind.arity == 1:
+            op, out = _affine_map(leaf, in_shapes[0])
+            op.inputs = ins
+            (source,) = ins
+            if source != -1 and ops[source].kind == "affine" and readers[source] == 1:
+                previous = ops[source]  # compose with the map before, which only it reads
+                W, b = op.W @ previous.W, op.W @ previous.b + op.b
+                op = Op("affine", W, b, inputs=previous.inputs)
+                ops[source] = Op("dead")
         else:
             raise TypeError(f"exact verifier has no rule for {type(leaf).__name__}")
-    return shape
+        ops.append(op)
+        shapes[index] = tuple(out)
+    kept = {-1: -1}  # drop the maps composed into the next one
+    for index, op in enumerate(ops):
+        if op.kind != "dead":
+            kept[index] = len(kept) - 1
+    ops[:] = [
+        Op(op.kind, op.W, op.b, op.windows, tuple(kept[i] for i in op.inputs), op.slope)
+        for op in ops
+        if op.kind != "dead"
+    ]
+    return shapes[len(nodes) - 1]
 
 
 def network_float64(model: nn.Module, in_shape: Sequence[int]) -> list[Op]:
-    """The model as float64 operations on the C-order flattening of one input of ``in_shape``.
+    """The model as float64 operations on the C-order flattening of one input of ``in_shape``;
+    the last operation gives the logits.
 
     Raises:
         TypeError: a module the verifier cannot encode.
@@ -142,19 +202,21 @@ def network_float64(model: nn.Module, in_shape: Sequence[int]) -> list[Op]:
 
 def forward_float64(ops: Sequence[Op], x: np.ndarray) -> np.ndarray:
     """The network of :func:`network_float64` on flattened inputs ``x`` (n_0,) or (N, n_0)."""
-    h = np.asarray(x, dtype=np.float64)
-    skips = []
-    for op in ops:
+    values = {-1: np.asarray(x, dtype=np.float64)}
+    h = values[-1]
+    for index, op in enumerate(ops):
+        ins = [values[i] for i in op.inputs]
         if op.kind == "affine":
-            h = h @ op.W.T + op.b
+            h = ins[0] @ op.W.T + op.b
         elif op.kind == "relu":
-            h = np.maximum(h, 0.0)
+            h = np.maximum(ins[0], op.slope * ins[0])
         elif op.kind == "maxpool":
-            h = h[..., op.windows].max(-1)
-        elif op.kind == "fork":
-            skips.append(h)
-        else:
-            h = h + skips.pop()
+            h = ins[0][..., op.windows].max(-1)
+        elif op.kind == "add":
+            h = sum(ins[1:], ins[0])
+        else:  # select
+            h = np.concatenate(ins, -1)[..., op.windows]
+        values[index] = h
     return h
 
 
@@ -285,19 +347,30 @@ def encode(
     """The constraints of the network on the box ``[lo, hi]``, and the logits as ``M v + c``."""
     enc = Encoding()
     x = enc.variables(lo.copy(), hi.copy())
-    M, c = np.eye(x.size), np.zeros(x.size)
-    skips: list[tuple[np.ndarray, np.ndarray]] = []
-    for op in ops:
+    exprs: dict[int, tuple[np.ndarray, np.ndarray]] = {-1: (np.eye(x.size), np.zeros(x.size))}
+    M, c = exprs[-1]
+    for index, op in enumerate(ops):
+        ins = [exprs[i] for i in op.inputs]
+        M, c = ins[0]
         if op.kind == "affine":
             M, c = op.W @ M, op.W @ c + op.b
         elif op.kind in ("relu", "maxpool"):
             made = _relu(enc, M, c) if op.kind == "relu" else _maxpool_vars(enc, M, c, op.windows)
-            M, c = np.zeros((made.size, enc.n_var)), np.zeros(made.size)
-            M[np.arange(made.size), made] = 1.0
-        elif op.kind == "fork":
-            skips.append((M, c))
+            relu_M = np.zeros((made.size, enc.n_var))
+            relu_M[np.arange(made.size), made] = 1.0
+            if op.slope:  # max(z, a·z) = a·z + (1 - a)·relu(z)
+                relu_M = op.slope * padded(M, enc.n_var) + (1 - op.slope) * relu_M
+                M, c = relu_M, op.slope * c
+            else:
+                M, c = relu_M, np.zeros(made.size)
         else:
-            skip_M, skip_c = skips.pop()
-            n = max(M.shape[1], skip_M.shape[1])
-            M, c = padded(M, n) + padded(skip_M, n), c + skip_c
+            n = max(m.shape[1] for m, _ in ins)
+            if op.kind == "add":
+                M, c = padded(ins[0][0], n), ins[0][1]
+                for m, v in ins[1:]:
+                    M, c = M + padded(m, n), c + v
+            else:  # select
+                M = np.vstack([padded(m, n) for m, _ in ins])[op.windows]
+                c = np.concatenate([v for _, v in ins])[op.windows]
+        exprs[index] = (M, c)
     return enc, M, c

@@ -28,7 +28,7 @@ from acert.bounds.clean_pass import (
 from acert.bounds.interval import Interval, as_eps, input_box
 from acert.bounds.kinds import LAYER_KINDS, check_shapes
 from acert.bounds.spec import margin_matrix, other_classes
-from acert.bounds.tracing import bounds_form, hidden_layers, last_layer
+from acert.bounds.tracing import bounds_form, last_layer
 from acert.foundation.errors import AcertError
 
 __all__ = [
@@ -62,8 +62,8 @@ MarginEvaluator = Callable[[Interval, Tensor], Tensor]
 
 
 def _ibp(model: nn.Module, stats: BatchStats | None, sound: bool) -> MarginEvaluator:
-    program, last = ibp.prepare(hidden_layers(model), stats, sound), last_layer(model)
-    return lambda box, y: ibp.last_layer_margins(last, program(box)[0], y, sound)
+    head, last = ibp.prepare_head(model, stats, sound)
+    return lambda box, y: ibp.last_layer_margins(last, head(box)[0], y, sound)
 
 
 def _crown_ibp(model: nn.Module, stats: BatchStats | None, sound: bool) -> MarginEvaluator:

@@ -162,6 +162,7 @@ RELU = LayerKind(
     relaxer=Relaxer(_relax_relu, _unstable, _relu_rounding, _relu_table),
     example=lambda: (nn.ReLU(), (2, 4, 4)),
     exactness="relaxed",
+    activation=True,
 )
 
 

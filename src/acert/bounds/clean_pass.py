@@ -6,12 +6,13 @@ Batch-norm in eval mode uses its running statistics. In train mode the bounds us
 runs the ordinary forward pass and records them, so a training method pays for them once.
 When several processes train together (:mod:`acert.foundation.process_group`), the clean batch is
 the global batch: the statistics are those of all processes' inputs, as one process would see them.
-Both passes follow residual blocks (:class:`acert.models.Residual`) into their bodies.
+Both passes follow the walk over the model (:func:`acert.bounds.kinds.walk`), node by node in
+topological order, as the bounds do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +27,9 @@ from acert.bounds.channels import (
     folded_bias_magnitude,
     uses_batch_stats,
 )
+from acert.bounds.kind_rules import WalkStep
 from acert.bounds.kinds import (
+    _KINDS,
     SUPPORTED_LAYERS,
     check_certifiable,
     check_supported,
@@ -35,7 +38,7 @@ from acert.bounds.kinds import (
 )
 from acert.foundation import process_group as distributed
 from acert.foundation.errors import UnsupportedModelError
-from acert.models import Residual
+from acert.models.graph import INPUT
 
 __all__ = [
     "SUPPORTED_LAYERS",
@@ -53,7 +56,7 @@ __all__ = [
 ]
 
 
-def check_fixed_normalisation(model: nn.Sequential, stats: BatchStats | None = None) -> None:
+def check_fixed_normalisation(model: nn.Module, stats: BatchStats | None = None) -> None:
     """Refuse layers that make ``model(x)`` depend on more than x: batch-norms that normalise
     with the current batch (train mode, or ``track_running_stats=False``; fixed running
     statistics make it a function of x) and Dropout in train mode
@@ -66,18 +69,19 @@ def check_fixed_normalisation(model: nn.Sequential, stats: BatchStats | None = N
     for where, module in model.named_modules():
         if module in stats or type(module) not in SUPPORTED_LAYERS:
             continue
-        kind = kind_of(module, where)
-        if kind.certify_check is not None and (problem := kind.certify_check(module)):
+        kind = kind_of(module, where) if type(module) in _KINDS else None
+        check = None if kind is None else kind.certify_check
+        if check is not None and (problem := check(module)):
             raise UnsupportedModelError(f"layer {where} ({kind.name}) {problem}")
 
 
-def needs_batch_stats(model: nn.Sequential) -> bool:
+def needs_batch_stats(model: nn.Module) -> bool:
     """True when some batch-norm uses batch statistics (bounds then need the clean batch's)."""
     return any(uses_batch_stats(m) for m in model.modules())
 
 
 def clean_forward(
-    model: nn.Sequential, x: Tensor, update_running_stats: bool = True
+    model: nn.Module, x: Tensor, update_running_stats: bool = True
 ) -> tuple[Tensor, BatchStats]:
     """The model's output on clean inputs and the batch statistics of its train-mode batch-norms.
 
@@ -86,7 +90,7 @@ def clean_forward(
     updated with them as ``nn.BatchNorm`` would; every process must then make the same calls.
 
     Args:
-        model: an ``nn.Sequential``.
+        model: an ``nn.Sequential`` or :class:`acert.models.GraphNet`.
         x: (B, ...) clean inputs (this process's share of the batch).
         update_running_stats: when False, train-mode batch-norms normalise with the batch
             statistics without touching their running averages (for bound-only passes).
@@ -97,55 +101,67 @@ def clean_forward(
     Raises a one-line error for an in-place layer whose write the pass would observe (as the
     bounds do: :func:`acert.bounds.kinds.walk`), so training fits the function it bounds.
     """
-    walk(model)
+    steps = walk(model)
     stats: BatchStats = {}
-    return _clean(model, x, stats, distributed.active(), update_running_stats), stats
+    global_batch = distributed.active()
+
+    def apply(module: nn.Module, h: Tensor) -> Tensor:
+        if not uses_batch_stats(module):
+            return module(h)
+        dims = [0, *range(2, h.dim())]
+        if global_batch:
+            return _normalise_globally(module, h, dims, stats, update_running_stats)
+        stats[module] = (h.mean(dims), h.var(dims, unbiased=False))
+        if not update_running_stats:
+            return _normalise(module, h, *stats[module])
+        return module(h)
+
+    return _forward(steps, x, apply), stats
 
 
-def _clean(
-    layers: Iterable[nn.Module], h: Tensor, stats: BatchStats, global_batch: bool, update: bool
-) -> Tensor:
-    for layer in layers:
-        if uses_batch_stats(layer):
-            dims = [0, *range(2, h.dim())]
-            if global_batch:
-                h = _normalise_globally(layer, h, dims, stats, update)
-                continue
-            stats[layer] = (h.mean(dims), h.var(dims, unbiased=False))
-            if not update:
-                h = _normalise(layer, h, *stats[layer])
-                continue
-        if type(layer) is Residual:
-            h = h + _clean(layer.body, h, stats, global_batch, update)
-            continue
-        h = layer(h)
-    return h
-
-
-def forward_with_stats(model: nn.Sequential, x: Tensor, stats: BatchStats) -> Tensor:
+def forward_with_stats(model: nn.Module, x: Tensor, stats: BatchStats) -> Tensor:
     """``model(x)`` with every batch-norm in ``stats`` normalising by those clean-batch statistics.
 
     Other inputs of the same batch (adversarial points, a radius search's inputs) thus see the
     function the bounds see, and the running statistics stay those of the clean pass.
 
     Args:
-        model: an ``nn.Sequential``.
+        model: an ``nn.Sequential`` or :class:`acert.models.GraphNet`.
         x: (B, ...) inputs, e.g. adversarial points of the batch ``stats`` came from.
         stats: from :func:`acert.bounds.clean_forward` (empty in eval mode).
 
     Returns:
         (B, K) logits.
     """
+
+    def apply(module: nn.Module, h: Tensor) -> Tensor:
+        if module not in stats:
+            return module(h)
+        scale, shift = channel_affine(module, stats)
+        shape = (1, -1) + (1,) * (h.dim() - 2)
+        return h * scale.view(shape) + shift.view(shape)
+
+    return _forward(walk(model), x, apply)
+
+
+def _forward(
+    steps: tuple[WalkStep, ...], x: Tensor, apply: Callable[[nn.Module, Tensor], Tensor]
+) -> Tensor:
+    """The model's forward pass along its walk, each single-input module (and folded
+    batch-norm) run by ``apply``, a kind of several inputs by its kind (``LayerKind.evaluate``); a node's output
+    kept while a later step reads it."""
+    last_read = {i: step.index for step in steps for i in step.inputs}
+    values: dict[int, Tensor] = {INPUT: x}
     h = x
-    for layer in model:
-        if layer in stats:
-            scale, shift = channel_affine(layer, stats)
-            shape = (1, -1) + (1,) * (h.dim() - 2)
-            h = h * scale.view(shape) + shift.view(shape)
-        elif type(layer) is Residual:
-            h = h + forward_with_stats(layer.body, h, stats)
-        else:
-            h = layer(h)
+    for step in steps:
+        ins = [values[i] for i in step.inputs]
+        h = apply(step.layer, ins[0]) if step.kind.arity == 1 else step.kind.run(step, *ins)
+        if step.norm is not None:
+            h = apply(step.norm, h)
+        values[step.index] = h
+        for i in step.inputs:
+            if last_read[i] == step.index:
+                values.pop(i, None)
     return h
 
 

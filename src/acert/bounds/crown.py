@@ -4,9 +4,11 @@ A lower bound of a linear function ``A · h_k + bias`` of some step's output is 
 step by step to the input along the walk over the model (:func:`acert.bounds.kinds.walk`),
 each step by its kind's backward rule (``LayerKind.backward``). A nonlinear kind (ReLU,
 MaxPool2d) is relaxed by linear bounds from bounds on its input (``LayerKind.relaxer``; ReLU's
-adaptive rule of docs/METHOD.md "Threat model and certificates"). At a residual block's join the
-coefficients go on along both branches: they are kept for the skip and added to the body's at
-the fork. At the input the linear function is minimised over the clipped box in closed form.
+adaptive rule of docs/METHOD.md "Threat model and certificates"). The pass visits the steps in
+reverse topological order and keeps coefficients per node: where several steps read a node
+(the branches of a residual block meeting at its input), their coefficients add up there
+(:class:`acert.bounds.network.Network`). At the input the linear function is minimised over the
+clipped box in closed form.
 
 CROWN bounds the input of every relaxed step with the same backward pass, for the neurons
 whose bounds can tighten its relaxation (intersected with IBP, which is sound and never
@@ -39,12 +41,13 @@ from acert.bounds.activations import Relaxation, relu_relaxation
 from acert.bounds.channels import BatchStats
 from acert.bounds.interval import Interval
 from acert.bounds.kind_rules import WalkStep
-from acert.bounds.kinds import walk
+from acert.bounds.kinds import output_shapes, walk
 from acert.bounds.network import Network
 from acert.bounds.overflow import uncertified_unless_finite
 from acert.bounds.rounding import step_errors
 from acert.bounds.spec import folded_margin_layer, margin_matrix
 from acert.foundation.errors import AcertError
+from acert.models.graph import INPUT
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
@@ -71,14 +74,6 @@ def memory_budget(elements: int) -> Iterator[None]:
         yield
     finally:
         _budget.pop()
-
-
-def _input_shapes(steps: Sequence[WalkStep], box: Interval) -> list[tuple[int, ...]]:
-    shapes, shape = [], tuple(box.shape[1:])
-    for step in steps:
-        shapes.append(shape)
-        shape = tuple(step.kind.shape(step.layer, shape))
-    return shapes
 
 
 def _is_affine_exact(steps: Sequence[WalkStep]) -> bool:
@@ -132,7 +127,7 @@ def _dense_preactivation(
 
 
 def _prepare(
-    layers: Sequence[nn.Module],
+    model: nn.Module | Sequence[nn.Module],
     box: Interval,
     stats: BatchStats | None,
     intermediate: str,
@@ -142,9 +137,11 @@ def _prepare(
 ) -> Network:
     """The network's steps with the relaxation of every relaxed step: IBP up to it, then (for
     CROWN) the backward pass's bounds of its input, which IBP then carries on from."""
-    steps = walk(layers)
-    errors = step_errors(steps, box, stats) if sound else {}
-    net = Network(steps, _input_shapes(steps, box), box, stats, {}, errors)
+    steps = walk(model)
+    errors, sums = step_errors(steps, box, stats) if sound else ({}, {})
+    shapes = output_shapes(steps, tuple(box.shape[1:]))
+    firsts = [tuple(box.shape[1:]) if s.inputs[0] == INPUT else shapes[s.inputs[0]] for s in steps]
+    net = Network(steps, firsts, box, stats, {}, errors, shapes, sums)
     relaxed = [step.index for step in steps if step.kind.relaxer is not None]
     if not relaxed:
         return net
@@ -152,9 +149,10 @@ def _prepare(
     def refine(step: WalkStep, pre: Interval) -> Interval:
         relaxer = step.kind.relaxer
         assert relaxer is not None
-        if intermediate == "crown" and not _is_affine_exact(steps[: step.index]):
+        end = step.inputs[0] + 1
+        if intermediate == "crown" and not _is_affine_exact(steps[:end]):
             undecided = relaxer.undecided(step.layer, pre)
-            pre = _crown_preactivation(net, step.index, pre, undecided, budget, use_patches)
+            pre = _crown_preactivation(net, end, pre, undecided, budget, use_patches)
         net.relaxations[step.index] = relaxer.relax(step.layer, pre)
         if sound:
             net.errors[step.index] = relaxer.rounding(step.layer, pre, net.relaxations[step.index])
@@ -177,7 +175,8 @@ def crown_margins(
     """Lower bounds of ``f_y - f_t`` for t != y by a backward pass from the output.
 
     Args:
-        model: a supported ``nn.Sequential`` ending in ``nn.Linear``.
+        model: a supported ``nn.Sequential`` or :class:`acert.models.GraphNet` ending in
+            ``nn.Linear``.
         box: input interval (B, ...), already clipped to the domain.
         y: (B,) labels.
         stats: clean-batch statistics for train-mode batch-norms.
@@ -193,17 +192,16 @@ def crown_margins(
     Returns:
         (B, K-1) lower bounds, classes in increasing order with y left out.
     """
-    layers = list(model)
-    last = layers[-1]
-    assert isinstance(last, nn.Linear)
     memory_budget = _budget[-1] if memory_budget is None else memory_budget
-    net = _prepare(layers, box, stats, intermediate, memory_budget, use_patches, sound)
-    end = len(net.steps) - 1  # the last layer is folded with the specification
-    A, bias = folded_margin_layer(last, y)
+    net = _prepare(model, box, stats, intermediate, memory_budget, use_patches, sound)
+    last = net.steps[-1]  # folded with the specification
+    assert isinstance(last.layer, nn.Linear) and last.norm is None
+    end = last.inputs[0] + 1
+    A, bias = folded_margin_layer(last.layer, y)
     if bias is None:
         bias = torch.zeros(A.shape[:2], dtype=A.dtype, device=A.device)
     rows = torch.arange(y.shape[0], device=y.device)
-    error = _last_layer_error(net, end, y)
+    error = _last_layer_error(net, last.index, y)
     widest = max(math.prod(shape) for shape in net.input_shapes)
     chunk = max(1, memory_budget // (A.shape[1] * widest))
     margins = torch.cat(

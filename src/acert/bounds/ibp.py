@@ -1,10 +1,10 @@
 """Interval bound propagation (Gowal et al. 2019) in centre/radius form.
 
 Each step of the walk over the model (:func:`acert.bounds.kinds.walk`) makes its interval map
-once with its kind's rule (``LayerKind.interval``); a :class:`Program` runs them in order, the
-interval of a residual block's input kept for its join. The margin specification is folded
-into the last linear layer before the interval is applied (docs/METHOD.md, "Threat model and
-certificates").
+once with its kind's rule (``LayerKind.interval``); a :class:`Program` runs them in topological
+order, each step's interval kept while a later step still reads it. The margin specification
+is folded into the last linear layer before the interval is applied (docs/METHOD.md, "Threat
+model and certificates").
 
 Rounding: the intervals contain what the network computes in exact arithmetic and in its float
 forward pass, not only what the bound's own float arithmetic happens to give: every rule widens
@@ -33,6 +33,7 @@ from acert.bounds.kind_rules import BoxMap, LayerKind, WalkStep
 from acert.bounds.kinds import LAYER_KINDS, walk
 from acert.bounds.overflow import limit, uncertified_unless_finite
 from acert.bounds.spec import folded_margin_layer, margin_matrix
+from acert.models.graph import INPUT
 
 __all__ = [
     "RULES",
@@ -41,6 +42,7 @@ __all__ = [
     "fan_in",
     "last_layer_margins",
     "prepare",
+    "prepare_head",
     "program",
     "propagate",
 ]
@@ -58,7 +60,7 @@ def _layer_rule(kind: LayerKind) -> Rule:
 
 
 RULES: Mapping[type[nn.Module], Rule] = MappingProxyType(
-    {kind.type: _layer_rule(kind) for kind in LAYER_KINDS if kind.body is None}
+    {kind.type: _layer_rule(kind) for kind in LAYER_KINDS if kind.arity == 1}
 )
 """The interval rule of one layer on its own, by type: a view of the table
 (:data:`acert.bounds.kinds.LAYER_KINDS`) for callers that bound a single layer."""
@@ -69,22 +71,24 @@ Observe = Callable[[WalkStep, Interval, Interval], None]
 
 @dataclass(frozen=True)
 class Program:
-    """The interval maps of a chain of layers, prepared once for many boxes (a radius search
+    """The interval maps of a model's walk, prepared once for many boxes (a radius search
     evaluates the same network on many radii): batch-norm folded, ``|W|`` computed, for one
     set of batch statistics and one ``sound`` setting.
 
     Attributes:
         steps: the walk over the layers.
         maps: one interval map per step.
-        relu_inputs: the indices of the ReLU steps.
+        activation_inputs: the indices of the activation steps (``LayerKind.activation``),
+            whose input intervals the warm-up regularisers read.
     """
 
     steps: tuple[WalkStep, ...]
     maps: tuple[BoxMap, ...]
-    relu_inputs: frozenset[int]
+    activation_inputs: frozenset[int]
 
     def __call__(self, box: Interval) -> tuple[Interval, list[Interval]]:
-        """The output interval of ``box`` and the input interval of every ReLU, in order."""
+        """The output interval of ``box`` and the input interval of every activation, in
+        order."""
         return self.run(box)
 
     def run(
@@ -94,30 +98,38 @@ class Program:
         refine: Refine | None = None,
         observe: Observe | None = None,
     ) -> tuple[Interval, list[Interval]]:
-        """:meth:`__call__` through the first ``end`` steps (all by default).
+        """:meth:`__call__` through the first ``end`` steps (all by default); with ``end``,
+        the interval returned is that of the (first) input of step ``end``.
 
         Args:
             refine: ``refine(step, box)``: a tighter interval of the input of each step with
                 a relaxation (CROWN's intermediate bounds), which the map then takes.
-            observe: ``observe(step, input, output)`` after every step.
+            observe: ``observe(step, input, output)`` after every step (its first input's
+                interval).
         """
+        steps = self.steps if end is None else self.steps[:end]
+        last_read = {i: step.index for step in steps for i in step.inputs}
+        if end is not None and end < len(self.steps):
+            last_read[self.steps[end].inputs[0]] = end
+        values: dict[int, Interval] = {INPUT: box}
         preactivations: list[Interval] = []
-        skips: list[Interval] = []
-        for step, box_map in zip(self.steps[:end], self.maps[:end], strict=True):
+        out = box
+        for step, box_map in zip(steps, self.maps, strict=False):
+            ins = [values[i] for i in step.inputs]
             if refine is not None and step.kind.relaxer is not None:
-                box = refine(step, box)
-            if step.index in self.relu_inputs:
-                preactivations.append(box)
-            if step.role == "join":
-                out = box_map(box, skips.pop())
-            else:
-                if step.role == "fork":
-                    skips.append(box)
-                out = box_map(box)
+                ins[0] = refine(step, ins[0])
+            if step.index in self.activation_inputs:
+                preactivations.append(ins[0])
+            out = box_map(*ins)
             if observe is not None:
-                observe(step, box, out)
-            box = out
-        return box, preactivations
+                observe(step, ins[0], out)
+            values[step.index] = out
+            for i in step.inputs:  # keep an interval only while a later step reads it
+                if last_read[i] == step.index:
+                    values.pop(i, None)
+        if end is not None and end < len(self.steps):
+            out = values[self.steps[end].inputs[0]]
+        return out, preactivations
 
 
 def program(
@@ -125,26 +137,44 @@ def program(
 ) -> Program:
     """The :class:`Program` of a walk's steps (see :func:`prepare`)."""
     maps = tuple(step.kind.interval(step, stats, sound) for step in steps)
-    relu_inputs = frozenset(step.index for step in steps if step.kind.type is nn.ReLU)
-    return Program(tuple(steps), maps, relu_inputs)
+    activations = frozenset(step.index for step in steps if step.kind.activation)
+    return Program(tuple(steps), maps, activations)
 
 
 def prepare(
-    layers: Iterable[nn.Module], stats: BatchStats | None = None, sound: bool = True
+    model: nn.Module | Iterable[nn.Module], stats: BatchStats | None = None, sound: bool = True
 ) -> Program:
-    """The :class:`Program` of ``layers``; each linear/conv layer followed by a batch-norm is one
+    """The :class:`Program` of a model's walk (a chain of layers or a
+    :class:`acert.models.GraphNet`); each linear/conv layer followed by a batch-norm is one
     affine map (:func:`acert.bounds.channels.fold_batchnorm`).
 
     Args:
-        layers: supported modules (:data:`acert.bounds.kinds.LAYER_KINDS`).
+        model: supported modules (:data:`acert.bounds.kinds.LAYER_KINDS`).
         stats: clean-batch statistics for train-mode batch-norms.
         sound: widen every interval for rounding (see :data:`acert.bounds.kind_rules.IntervalRule`).
     """
-    return program(walk(layers), stats, sound)
+    return program(walk(model), stats, sound)
+
+
+def prepare_head(
+    model: nn.Module, stats: BatchStats | None = None, sound: bool = True
+) -> tuple[Callable[[Interval], tuple[Interval, list[Interval]]], nn.Linear]:
+    """The interval map of a model up to its last layer (an ``nn.Linear``, into which the
+    margin specification is folded: :func:`last_layer_margins`) and that layer.
+
+    Returns:
+        ``head(box) -> (interval of the last layer's input, activation inputs)``, and the
+        last layer.
+    """
+    prepared = prepare(model, stats, sound)
+    last = prepared.steps[-1]
+    assert isinstance(last.layer, nn.Linear) and last.norm is None
+    end = len(prepared.steps) - 1
+    return (lambda box: prepared.run(box, end=end)), last.layer
 
 
 def propagate(
-    layers: Iterable[nn.Module],
+    layers: nn.Module | Iterable[nn.Module],
     box: Interval,
     stats: BatchStats | None = None,
     sound: bool = True,
@@ -158,7 +188,7 @@ def propagate(
         sound: widen every interval for rounding (see :data:`acert.bounds.kind_rules.IntervalRule`).
 
     Returns:
-        the output interval and the input interval of every ReLU, in order.
+        the output interval and the input interval of every activation, in order.
     """
     return prepare(layers, stats, sound)(box)
 

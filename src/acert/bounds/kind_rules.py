@@ -34,8 +34,7 @@ __all__ = [
 ]
 
 BoxMap = Callable[..., Interval]
-"""The interval of a step's output from the interval of its input (a join's: from its body's
-output and the interval of the block's input, ``box_map(body, skip)``)."""
+"""The interval of a step's output from the intervals of its inputs, in the step's order."""
 
 
 def same_shape(layer: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -97,12 +96,14 @@ class BackwardContext:
         stats: clean-batch statistics of train-mode batch-norms.
         input_shape: the step's input shape, without the batch.
         relaxation: the step's relaxation (kinds with a :class:`Relaxer`), for all B rows.
+        input_shapes: the shapes of all its inputs (a kind of several inputs).
     """
 
     rows: Tensor
     stats: BatchStats | None
     input_shape: tuple[int, ...]
     relaxation: Any = None
+    input_shapes: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass
@@ -113,11 +114,13 @@ class PatchContext:
         stats: clean-batch statistics of train-mode batch-norms.
         input_shape: the step's input shape (C, H, W).
         relaxation: the step's :attr:`Relaxer.table` gathered on the windows, each (Q, h, w, C).
+        input_shapes: the shapes of all its inputs (a kind of several inputs).
     """
 
     stats: BatchStats | None
     input_shape: tuple[int, ...]
     relaxation: tuple[Tensor, ...] | None = None
+    input_shapes: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -149,13 +152,15 @@ tiny ε the widening would swamp). A map carries gradients to the parameters whe
 autograd on."""
 BackwardRule = Callable[["WalkStep", Tensor, Tensor, BackwardContext], tuple[Tensor, Tensor]]
 """``rule(step, A, bias, ctx) -> (A', bias')``: a lower bound ``A·h_out + bias`` rewritten as
-``A'·h_in + bias'`` (A: (Q, S, *output shape), bias: (Q, S))."""
+``A'·h_in + bias'`` (A: (Q, S, *output shape), bias: (Q, S)); a kind of several inputs gives
+A' as a tuple, one tensor per input."""
 PatchRule = Callable[["WalkStep", Any, Tensor, PatchContext], tuple[Any, Tensor]]
 """``rule(step, windows, bias, ctx) -> (windows', bias')``: the backward rule on
 :class:`acert.bounds.windows.Windows`."""
 RoundingRule = Callable[["WalkStep", "BatchStats | None", Interval, Interval], "StepError | None"]
 """``rule(step, stats, before, after)``: what rounding can cost the backward step through it,
-from the sound IBP intervals of its input and output; None where it is exact."""
+from the sound IBP intervals of its (first) input and of its output; None where it is
+exact."""
 CheckRule = Callable[[nn.Module], "str | None"]
 """``check(layer)``: why the module cannot be bounded, or None."""
 
@@ -166,7 +171,9 @@ class LayerKind:
 
     Attributes:
         type: the module class, matched exactly (a subclass may compute something else).
-        shape: ``(layer, input shape) -> output shape``, shapes without the batch.
+        shape: ``(layer, *input shapes) -> output shape``, shapes without the batch; raises
+            :class:`acert.foundation.errors.AcertError` (a sentence the walk prefixes with
+            the layer's name) for inputs it cannot take.
         interval: IBP (:data:`IntervalRule`).
         backward: CROWN's dense backward rule (:data:`BackwardRule`).
         patches: CROWN's rule on windows (:data:`PatchRule`); None: the neurons after the
@@ -176,27 +183,34 @@ class LayerKind:
         relaxer: for a nonlinear kind, how CROWN relaxes it.
         example: ``() -> (module, input shape)``: a small instance with random parameters
             and the shape (without the batch) of an input it takes, for the tests every kind
-            gets (tests/bounds/test_kinds.py).
+            gets (tests/bounds/test_kinds.py); for a kind of several inputs the module is a
+            small :class:`acert.models.GraphNet` around it, of one input of that shape.
         check: why a module of the type cannot be bounded (a padding mode, ...), or None.
         certify_check: why no input's prediction can be certified with the module in its
             current mode (a batch-norm that normalises with the current batch, Dropout in
             train mode), or None; training objectives with clean-batch statistics skip it.
         input_rank: dims (with the batch) the input must have, None for any.
         exactness: ``"elementwise"`` (a diagonal map or a reshape), ``"affine"`` (any other
-            affine map) or ``"relaxed"``: IBP is exact on a chain of elementwise kinds with at
+            affine map) or ``"relaxed"`` (IBP is not exact through it: a nonlinearity, or a
+            sum of correlated inputs): IBP is exact on a chain of elementwise kinds with at
             most one affine one, and CROWN then needs no bounds of its own.
         folds_batchnorm: a batch-norm right after it becomes part of its step.
         aliases: its output may be its input tensor itself or a view of it (Identity,
             Dropout, Flatten), so an in-place layer after it writes its input too.
         window: the :class:`Geometry` of a spatial map, for the patch windows.
-        body: the attribute holding a residual block's body, an ``nn.Sequential`` (the walk
-            yields a fork step, the body's steps, then a join step of this kind).
-        fork: the kind of a residual block's fork step.
-        role: ``"layer"``, or ``"fork"`` / ``"join"`` for the two steps of a residual block.
+        arity: how many inputs the kind takes (Add's: 2; None for any number);
+            its interval map then takes one interval per input, its shape rule one shape
+            per input, and its backward and patch rules return one coefficient tensor (or
+            :class:`~acert.bounds.windows.Windows`) per input, as a tuple.
+        activation: an elementwise nonlinearity whose input intervals the warm-up
+            regularisers read (:attr:`acert.bounds.ibp.Program.activation_inputs`), and
+            whose output autograd keeps (an in-place layer after it is refused).
+        evaluate: ``(step, *inputs) -> output``: the step's function on tensors where it is
+            not ``step.layer(*inputs)`` (a residual block's Add step); see :meth:`run`.
     """
 
     type: type[nn.Module]
-    shape: Callable[[nn.Module, tuple[int, ...]], tuple[int, ...]]
+    shape: Callable[..., tuple[int, ...]]
     interval: IntervalRule
     backward: BackwardRule
     patches: PatchRule | None
@@ -210,9 +224,15 @@ class LayerKind:
     folds_batchnorm: bool = False
     aliases: bool = False
     window: Callable[[nn.Module], Geometry] | None = None
-    body: str | None = None
-    fork: LayerKind | None = None
-    role: Literal["layer", "fork", "join"] = "layer"
+    arity: int | None = 1
+    activation: bool = False
+    evaluate: Callable[..., Tensor] | None = None
+
+    def run(self, step: WalkStep, *inputs: Tensor) -> Tensor:
+        """The step's output on tensors (without its folded batch-norm)."""
+        if self.evaluate is not None:
+            return self.evaluate(step, *inputs)
+        return step.layer(*inputs)
 
     @property
     def name(self) -> str:
@@ -221,17 +241,19 @@ class LayerKind:
 
 @dataclass(frozen=True)
 class WalkStep:
-    """One step of the walk over a model (:func:`acert.bounds.kinds.walk`).
+    """One step of the walk over a model (:func:`acert.bounds.kinds.walk`): a node of the
+    model's graph, in topological order.
 
     Attributes:
         index: position in the walk: steps, not modules (a folded batch-norm shares its
-            layer's step; a residual block is a fork step, its body's steps and a join step).
-        layer: the module (a fork's or a join's: the residual block).
-        kind: the module's entry of the table (a fork's: the block's ``kind.fork``).
+            layer's step; a residual block is its body's steps and an Add step).
+        layer: the module (the Add step of a residual block: the block).
+        kind: the table's entry the step runs (for a residual block's Add step: ``Add``'s).
         norm: a batch-norm folded into ``layer``: the step is ``norm(layer(h))``.
         where: the module's name in the model (``model.named_modules()``): ``"3"``, or
             ``"5.body.2"`` for layer 2 of the body of layer 5.
-        partner: the index of a fork's join and of a join's fork, else None.
+        inputs: the steps whose outputs the step reads, in order; -1 is the model's input.
+        norm_where: the name of the folded batch-norm.
     """
 
     index: int
@@ -239,8 +261,5 @@ class WalkStep:
     kind: LayerKind
     norm: nn.Module | None = None
     where: str = ""
-    partner: int | None = None
-
-    @property
-    def role(self) -> str:
-        return self.kind.role
+    inputs: tuple[int, ...] = (-1,)
+    norm_where: str = ""

@@ -2,29 +2,35 @@
 
 :data:`LAYER_KINDS` holds every module type the bounds support, each with its rules for IBP,
 CROWN (dense and on patches), the rounding of CROWN's backward steps, its output shape and its
-checks (:class:`acert.bounds.kind_rules.LayerKind`). :func:`walk` turns a model into steps: one per
-layer, a batch-norm folded into the Linear/Conv2d before it, a residual block as a fork, its
-body's steps and a join. IBP (:mod:`acert.bounds.ibp`), CROWN (:mod:`acert.bounds.crown`),
-the patch pass (:mod:`acert.bounds.patches`) and the rounding bounds
-(:mod:`acert.bounds.rounding`) all iterate these steps and dispatch on ``step.kind``; the list
-of supported layers and the refusal of any other module come from the table too, and the walk
-refuses an in-place layer whose write the forward pass would observe (:func:`_check_overwrite`).
-docs/ARCHITECTURE.md, "Layer kinds", shows what adding a kind takes.
+checks (:class:`acert.bounds.kind_rules.LayerKind`). :func:`walk` turns a model (a chain of
+layers or a :class:`acert.models.GraphNet`) into the nodes of its graph, in topological order,
+each with the steps it reads: a batch-norm folded into the Linear/Conv2d before it, a residual
+block as its body's steps and an ``Add`` of the block's input and the body's output; the walk is
+the only place that knows about residual blocks. IBP (:mod:`acert.bounds.ibp`), CROWN
+(:mod:`acert.bounds.crown`), the patch pass (:mod:`acert.bounds.patches`), the rounding bounds
+(:mod:`acert.bounds.rounding`) and the clean pass (:mod:`acert.bounds.clean_pass`) all follow
+these steps and dispatch on ``step.kind``; the list of supported layers and the refusal of any
+other module come from the table too, and the walk refuses an in-place layer whose write the
+forward pass would observe (:func:`_check_overwrites`). :func:`register_kind` adds a user's
+kind. docs/ARCHITECTURE.md, "Layer kinds", shows what adding a kind takes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 from torch import nn
 
 from acert.bounds.activations import DROPOUT, FLATTEN, IDENTITY, RELU
 from acert.bounds.affine import CONV2D, LINEAR
+from acert.bounds.combine import ADD
 from acert.bounds.kind_rules import LayerKind, WalkStep
 from acert.bounds.normalisation import BATCHNORM1D, BATCHNORM2D, NORMALIZE
 from acert.bounds.pooling import AVGPOOL2D, MAXPOOL2D
-from acert.bounds.residual import RESIDUAL
 from acert.foundation.errors import AcertError, UnsupportedModelError
+from acert.models import GraphNet, Residual
+from acert.models.graph import INPUT
 
 __all__ = [
     "LAYER_KINDS",
@@ -33,6 +39,8 @@ __all__ = [
     "check_shapes",
     "check_supported",
     "kind_of",
+    "last_layer",
+    "output_shapes",
     "walk",
 ]
 
@@ -48,11 +56,12 @@ LAYER_KINDS: tuple[LayerKind, ...] = (
     MAXPOOL2D,
     IDENTITY,
     DROPOUT,
-    RESIDUAL,
+    ADD,
 )
 """Every layer kind the bounds support; a new kind is one entry here."""
 
-SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = tuple(kind.type for kind in LAYER_KINDS)
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (*(kind.type for kind in LAYER_KINDS), Residual)
+"""The supported modules: the kinds', and the residual block, which the walk expands."""
 
 _KINDS: dict[type[nn.Module], LayerKind] = {kind.type: kind for kind in LAYER_KINDS}
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -71,130 +80,242 @@ def kind_of(layer: nn.Module, where: str = "?") -> LayerKind:
     return kind
 
 
-def walk(layers: Iterable[nn.Module]) -> tuple[WalkStep, ...]:
-    """The steps of a chain of layers (:class:`acert.bounds.kind_rules.WalkStep`), in forward order.
+def walk(model: nn.Module | Iterable[nn.Module]) -> tuple[WalkStep, ...]:
+    """The steps of a model (:class:`acert.bounds.kind_rules.WalkStep`): its graph's nodes in
+    topological order, each with the indices of the steps it reads.
 
-    A batch-norm right after a kind that folds one (Linear, Conv2d) becomes that step's
-    ``norm``; a residual block becomes a fork step, the steps of its body and a join step.
+    ``model`` is a chain of layers (an ``nn.Sequential`` or any iterable of modules: each
+    step reads the one before) or a :class:`acert.models.GraphNet`. A residual block
+    (:class:`acert.models.Residual`) becomes its body's steps and an ``Add`` step of the
+    block's input and the body's output; a batch-norm whose input is a kind that folds one
+    (Linear, Conv2d), and that kind's output's only reader, becomes that step's ``norm``.
     Raises a one-line :class:`UnsupportedModelError` for a module without a kind, one its
     kind's check refuses, and an in-place layer whose write the forward pass can observe
     (:func:`_check_overwrite`).
     """
+    nodes: list[_Node] = []
+    if isinstance(model, GraphNet):
+        _graph(model, "", INPUT, nodes)
+    else:
+        _chain(list(model), "", INPUT, nodes)
+    _check_overwrites(nodes)
+    return _steps(nodes)
+
+
+@dataclass
+class _Node:
+    """A module of the model with the nodes it reads, before batch-norms are folded."""
+
+    where: str
+    layer: nn.Module
+    kind: LayerKind
+    inputs: tuple[int, ...]
+    reader: str = ""
+    """How it reads its first input again, for a residual block's sum (the in-place check)."""
+
+
+def _chain(layers: list[nn.Module], prefix: str, source: int, nodes: list[_Node]) -> int:
+    """Append the nodes of a chain of ``layers`` reading ``source``; returns the last one."""
+    for position, layer in enumerate(layers):
+        source = _expand(layer, f"{prefix}{position}", (source,), nodes)
+    return source
+
+
+def _graph(graph: GraphNet, prefix: str, source: int, nodes: list[_Node]) -> int:
+    """Append the nodes of ``graph`` whose input is ``source``; returns its output node."""
+    outputs: list[int] = []
+    for name, module, inputs in zip(graph.names, graph.nodes, graph.inputs, strict=True):
+        reads = tuple(source if j == INPUT else outputs[j] for j in inputs)
+        outputs.append(_expand(module, f"{prefix}{name}", reads, nodes))
+    return outputs[-1]
+
+
+def _expand(module: nn.Module, where: str, inputs: tuple[int, ...], nodes: list[_Node]) -> int:
+    """Append the node(s) of ``module`` reading ``inputs``; returns the one giving its output.
+    A :class:`acert.models.GraphNet` inside the model is a sub-graph of its own nodes."""
+    if type(module) is GraphNet and len(inputs) == 1:
+        return _graph(module, f"{where}.", inputs[0], nodes)
+    if type(module) is Residual:
+        body = module.body
+        if type(body) is not nn.Sequential or len(body) == 0:
+            raise UnsupportedModelError(
+                f"layer {where} (Residual) has a body of type {type(body).__name__} with "
+                f"{len(list(body.children()))} modules; the bounds follow a non-empty "
+                "nn.Sequential of supported layers"
+            )
+        (source,) = inputs
+        out = _chain(list(body), f"{where}.body.", source, nodes)
+        reader = f"the input of residual block {where}, which its sum x + body(x) reads again"
+        nodes.append(_Node(where, module, ADD, (source, out), reader))
+        return len(nodes) - 1
+    kind = kind_of(module, where)
+    if kind.check is not None and (problem := kind.check(module)) is not None:
+        raise UnsupportedModelError(f"layer {where} ({kind.name}) {problem}")
+    if kind.arity is not None and len(inputs) != kind.arity:
+        raise UnsupportedModelError(
+            f"layer {where} ({kind.name}) takes {kind.arity} input(s), got {len(inputs)}"
+        )
+    nodes.append(_Node(where, module, kind, inputs))
+    return len(nodes) - 1
+
+
+def _steps(nodes: list[_Node]) -> tuple[WalkStep, ...]:
+    """The walk's steps: one per node, a batch-norm folded into the Linear/Conv2d it reads
+    when it is that node's only reader."""
+    readers: dict[int, list[int]] = {}
+    for index, node in enumerate(nodes):
+        for i in node.inputs:
+            readers.setdefault(i, []).append(index)
+    folded: dict[int, int] = {}  # the folded batch-norm's node -> its layer's node
+    for index, node in enumerate(nodes):
+        (source, *_) = node.inputs
+        if (
+            type(node.layer) in _BATCHNORMS
+            and source != INPUT
+            and nodes[source].kind.folds_batchnorm
+            and source not in folded.values()
+            and readers.get(source) == [index]
+        ):
+            folded[index] = source
+    norms = {layer: index for index, layer in folded.items()}
+    step_of: dict[int, int] = {INPUT: INPUT}
     steps: list[WalkStep] = []
-    _walk(list(layers), "", steps, (_MODEL_INPUT,))
+    for index, node in enumerate(nodes):
+        if index in folded:
+            step_of[index] = step_of[folded[index]]
+            continue
+        norm = nodes[norms[index]] if index in norms else None
+        inputs = tuple(step_of[i] for i in node.inputs)
+        step_of[index] = len(steps)
+        steps.append(
+            WalkStep(
+                len(steps),
+                node.layer,
+                node.kind,
+                None if norm is None else norm.layer,
+                node.where,
+                inputs,
+                "" if norm is None else norm.where,
+            )
+        )
     return tuple(steps)
 
 
 _MODEL_INPUT = "the model's input (which the caller, the bounds and the attacks read again)"
 
 
-def _walk(
-    layers: list[nn.Module], prefix: str, steps: list[WalkStep], readers: tuple[str, ...]
-) -> tuple[str, ...]:
-    """Append the steps of ``layers``; ``readers``: who reads the tensor the first layer gets
-    after that layer has run (see :func:`_check_overwrite`). Returns the readers of the
-    tensor the last layer gives."""
-    position = 0
-    while position < len(layers):
-        layer, where = layers[position], f"{prefix}{position}"
-        kind = kind_of(layer, where)
-        if kind.check is not None and (problem := kind.check(layer)) is not None:
-            raise UnsupportedModelError(f"layer {where} ({kind.name}) {problem}")
-        _check_overwrite(layer, kind, where, readers)
-        position += 1
-        if kind.body is not None:
-            fork = len(steps)
-            steps.append(WalkStep(fork, layer, kind))  # replaced once its join's index is known
-            skip = f"the input of residual block {where}, which its sum x + body(x) reads again"
-            _walk(list(getattr(layer, kind.body)), f"{where}.{kind.body}.", steps, (*readers, skip))
-            join = len(steps)
-            steps[fork] = WalkStep(fork, layer, kind.fork or kind, None, where, join)
-            steps.append(WalkStep(join, layer, kind, None, where, fork))
-            readers = ()  # the sum is a new tensor
-            continue
-        following = layers[position] if position < len(layers) else None
-        norm = following if kind.folds_batchnorm and type(following) in _BATCHNORMS else None
-        position += norm is not None
-        steps.append(WalkStep(len(steps), layer, kind, norm, where))
-        readers = _readers_after(layer, kind, where, readers, norm is not None)
-    return readers
-
-
 def _writes_in_place(layer: nn.Module) -> bool:
     return bool(getattr(layer, "inplace", False))
 
 
-def _readers_after(
-    layer: nn.Module, kind: LayerKind, where: str, readers: tuple[str, ...], folded: bool
-) -> tuple[str, ...]:
-    """Who reads the layer's output again: its input's readers where the output may be the
-    input itself or a view of it (``LayerKind.aliases``, an in-place layer), and autograd,
-    which keeps a ReLU's output to compute its gradient."""
-    if kind.type is nn.ReLU:
-        kept = f"the output of layer {where} (ReLU), which autograd keeps for its gradient"
-        return (*readers, kept) if _writes_in_place(layer) else (kept,)
-    if not folded and (kind.aliases or _writes_in_place(layer)):
-        return readers
-    return ()
-
-
-def _check_overwrite(
-    layer: nn.Module, kind: LayerKind, where: str, readers: tuple[str, ...]
-) -> None:
+def _check_overwrites(nodes: list[_Node]) -> None:
     """Refuse an in-place layer (``inplace=True``) whose input is read again after it wrote it:
-    the model's input, a residual block's input (``x + body(x)`` would add the overwritten x:
-    the model computes ``relu(x) + body(relu(x))``, the bounds ``x + body(relu(x))``), or a
-    ReLU's output, which autograd keeps; directly or through layers that pass their input on
-    as it is or as a view (Identity, Dropout, Flatten). Elsewhere (a ReLU right after a
-    Conv2d, a batch-norm or a sum) the write is exact: no one reads the old values."""
-    if not _writes_in_place(layer) or not readers:
-        return
+    the model's input, a tensor another node reads later (a residual block's input: ``x +
+    body(x)`` would add the overwritten x: the model computes ``relu(x) + body(relu(x))``, the
+    bounds ``x + body(relu(x))``), or an activation's output, which autograd keeps; directly or
+    through layers that pass their input on as it is or as a view (Identity, Dropout, Flatten).
+    Elsewhere (a ReLU right after a Conv2d, a batch-norm or a sum) the write is exact: no one
+    reads the old values."""
+    storage: dict[int, int] = {INPUT: INPUT}  # node -> the node whose tensor its output is
+    for index, node in enumerate(nodes):
+        source = node.inputs[0]
+        passes_on = len(node.inputs) == 1 and (node.kind.aliases or _writes_in_place(node.layer))
+        storage[index] = storage[source] if passes_on else index
+        if not _writes_in_place(node.layer):
+            continue
+        tensor = storage[source]
+        later = [
+            (reader, i)
+            for reader in range(index + 1, len(nodes))
+            for i in nodes[reader].inputs
+            if i < index and storage[i] == tensor
+        ]
+        kept = [i for i in range(source + 1) if storage[i] == tensor and nodes[i].kind.activation]
+        if later:
+            reader, i = later[0]
+            what = nodes[reader].reader or (
+                f"the output of {_name(nodes, i)}, which layer {nodes[reader].where} "
+                f"({type(nodes[reader].layer).__name__}) reads again"
+            )
+        elif kept:
+            what = (
+                f"the output of layer {nodes[kept[-1]].where} ({nodes[kept[-1]].kind.name}), "
+                "which autograd keeps for its gradient"
+            )
+        elif tensor == INPUT:
+            what = _MODEL_INPUT
+        else:
+            continue
+        _refuse_overwrite(node, what)
+
+
+def _name(nodes: list[_Node], index: int) -> str:
+    if index == INPUT:
+        return "the model's input"
+    return f"layer {nodes[index].where} ({type(nodes[index].layer).__name__})"
+
+
+def _refuse_overwrite(node: _Node, readers: str) -> None:
+    layer, kind = node.layer, node.kind
     arguments = f"{layer.p}, " if isinstance(layer, nn.Dropout) else ""
     raise UnsupportedModelError(
-        f"layer {where} ({kind.name}(inplace=True)) overwrites {readers[-1]}, so the model "
-        f"computes another function than the chain of its layers; use nn.{kind.name}"
+        f"layer {node.where} ({kind.name}(inplace=True)) overwrites {readers}, so the model "
+        f"computes another function than the graph of its layers; use nn.{kind.name}"
         f"({arguments.rstrip(', ')}) instead of nn.{kind.name}({arguments}inplace=True)"
     )
 
 
 def _modules(step: WalkStep) -> Iterator[tuple[nn.Module, str]]:
-    """The step's layer and its folded batch-norm, each with its name in the model."""
-    yield step.layer, step.where
+    """The step's modules with a kind in the table (its layer, or for a residual block's
+    Add step none), and its folded batch-norm, each with its name in the model."""
+    if type(step.layer) is not Residual:
+        yield step.layer, step.where
     if step.norm is not None:
-        head, _, last = step.where.rpartition(".")
-        yield step.norm, f"{head}.{int(last) + 1}" if head else str(int(last) + 1)
+        yield step.norm, step.norm_where
 
 
-def check_supported(model: nn.Module) -> nn.Sequential:
+def check_supported(model: nn.Module) -> nn.Module:
     """Return ``model`` if the bounds have a rule for each of its layers, else raise a one-line
     :class:`UnsupportedModelError`.
 
-    The model must be a plain ``nn.Sequential`` that computes the chain of its layers (no
-    ``forward`` of its own or hooks, on it or any module in it), every layer with a kind in
-    the table that accepts it, and the last layer ``nn.Linear`` (the margin specification is
-    folded into it).
+    The model must be a plain ``nn.Sequential`` that computes the chain of its layers, or a
+    :class:`acert.models.GraphNet` (no ``forward`` of its own or hooks, on it or any module in
+    it), every layer with a kind in the table that accepts it, and the last layer
+    ``nn.Linear`` (the margin specification is folded into it).
     """
-    if not isinstance(model, nn.Sequential) or len(model) == 0:
+    if not isinstance(model, nn.Sequential | GraphNet) or len(_top(model)) == 0:
         raise UnsupportedModelError(
             f"bounds need a non-empty torch.nn.Sequential, got {type(model).__name__}; "
             "build the model from acert.models or as nn.Sequential(Normalize(...), ...)"
         )
     _check_computes_its_layers(model)
     walk(model)
-    if not isinstance(model[-1], nn.Linear):
+    last = _top(model)[-1]
+    if not isinstance(last, nn.Linear):
         raise UnsupportedModelError(
             f"the last layer must be nn.Linear (the margin specification is folded into it), "
-            f"got {type(model[-1]).__name__}"
+            f"got {type(last).__name__}"
         )
     return model
 
 
-def _check_computes_its_layers(model: nn.Sequential) -> None:
-    """Refuse a model whose forward pass is not the chain of its layers: the bounds follow the
+def _top(model: nn.Sequential | GraphNet) -> nn.Sequential | nn.ModuleList:
+    return model.nodes if isinstance(model, GraphNet) else model
+
+
+def last_layer(model: nn.Module) -> nn.Module:
+    """The module that gives the output of a supported model (an ``nn.Sequential``'s last
+    layer, a :class:`acert.models.GraphNet`'s last node's)."""
+    return _top(model)[-1]
+
+
+def _check_computes_its_layers(model: nn.Sequential | GraphNet) -> None:
+    """Refuse a model whose forward pass is not the graph of its layers: the bounds follow the
     layers, so a ``forward`` of its own (a subclass's, or one set on the instance) or a hook
     that changes inputs or outputs would make them bound another function than the model's."""
     name = type(model).__name__
-    if type(model).forward is not nn.Sequential.forward or "forward" in vars(model):
+    own = GraphNet.forward if isinstance(model, GraphNet) else nn.Sequential.forward
+    if type(model).forward is not own or "forward" in vars(model):
         raise UnsupportedModelError(
             f"{name} defines its own forward, which the bounds cannot follow; certify an "
             "nn.Sequential of its layers (nn.Sequential(*model)) that computes the same function"
@@ -213,7 +334,7 @@ def _check_computes_its_layers(model: nn.Sequential) -> None:
         )
 
 
-def check_certifiable(model: nn.Sequential) -> None:
+def check_certifiable(model: nn.Module) -> None:
     """Refuse layers whose current mode makes ``model(x)`` no function of x alone (each kind's
     ``certify_check``: a batch-norm that normalises with the current batch, Dropout in train
     mode); training objectives, which pass clean-batch statistics, do not call this."""
@@ -231,24 +352,37 @@ _RANK_HINTS = {
 }
 
 
-def check_shapes(model: nn.Sequential, shape: tuple[int, ...]) -> None:
-    """One-line :class:`AcertError` unless each layer gets a tensor of the rank its kind takes
-    (Linear a (B, D) one, Conv2d, BatchNorm2d and the poolings a (B, C, H, W) one) and every
-    residual block's body keeps the shape of its input, for inputs of ``shape`` (no batch)."""
-    forks: dict[int, tuple[int, ...]] = {}
-    for step in walk(model):
-        if step.role == "fork":
-            forks[step.index] = shape
-        if step.role == "join" and shape != forks[step.partner]:
-            raise AcertError(
-                f"layer {step.where} (Residual) adds its body's output of shape {shape} to its "
-                f"input of shape {forks[step.partner]}; the body must keep the shape of its input"
-            )
+def output_shapes(steps: tuple[WalkStep, ...], shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The output shape of every step (no batch) for a model input of ``shape``; a one-line
+    :class:`AcertError` unless each layer gets a tensor of the rank its kind takes (Linear a
+    (B, D) one, Conv2d, BatchNorm2d and the poolings a (B, C, H, W) one) and the shapes its
+    kind accepts (an addition's inputs of one shape: a residual block's body keeps the shape
+    of its input)."""
+    shapes: list[tuple[int, ...]] = []
+    for step in steps:
+        ins = tuple(shape if i == INPUT else shapes[i] for i in step.inputs)
         modules = list(_modules(step))
-        _check_rank(*modules[0], shape)
-        shape = tuple(step.kind.shape(step.layer, shape))
-        for module, where in modules[1:]:
-            _check_rank(module, where, shape)
+        if type(step.layer) is Residual and ins[0] != ins[1]:
+            raise AcertError(
+                f"layer {step.where} (Residual) adds its body's output of shape {ins[1]} to its "
+                f"input of shape {ins[0]}; the body must keep the shape of its input"
+            )
+        if modules and modules[0][0] is step.layer:
+            _check_rank(*modules[0], ins[0])
+        try:
+            out = tuple(step.kind.shape(step.layer, *ins))
+        except AcertError as err:
+            raise AcertError(f"layer {step.where} ({step.kind.name}) {err}") from None
+        if step.norm is not None:
+            _check_rank(step.norm, step.norm_where, out)
+        shapes.append(out)
+    return shapes
+
+
+def check_shapes(model: nn.Module, shape: tuple[int, ...]) -> None:
+    """:func:`output_shapes` of the model's walk: a one-line :class:`AcertError` for inputs of
+    ``shape`` (no batch) that some layer cannot take."""
+    output_shapes(walk(model), shape)
 
 
 def _check_rank(module: nn.Module, where: str, shape: tuple[int, ...]) -> None:

@@ -9,10 +9,11 @@ of size ``(n - 1)·s + d·(k - 1) + 1`` at origin ``s·o - p`` (``conv_transpose
 padding; average pooling alike); BatchNorm2d / Normalize scale it per channel, a ReLU multiplies
 it by its relaxation slopes gathered at the window's positions, a max pooling moves each
 coefficient onto its window's chosen input (growing the window as a convolution without padding
-does), a residual block's two branches add up on the smallest window holding both, and at the
-input it meets the box gathered there. Each step runs its kind's patch rule
-(``LayerKind.patches``, on :class:`acert.bounds.windows.Windows`, which also explains the zero
-padding); a kind without one (Flatten, Linear) ends the part bounded on patches.
+does), where several steps read a node (a residual block's two branches) their windows add up on
+the smallest window holding them all, and at the input it meets the box gathered there. Each
+step runs its kind's patch rule (``LayerKind.patches``, on
+:class:`acert.bounds.windows.Windows`, which also explains the zero padding); a kind without
+one (Flatten, Linear) ends the part bounded on patches.
 
 Coefficients are stored channels last, (Q, S, h, w, C), so that the per-pixel values gathered
 for a window (relaxations, the input box; tables of shape (B, H, W, k·C)) are contiguous rows
@@ -34,9 +35,10 @@ from torch import Tensor
 
 from acert.bounds.allowances import input_lower_bound
 from acert.bounds.interval import Interval
-from acert.bounds.kind_rules import PatchContext, WalkStep
-from acert.bounds.network import Network
+from acert.bounds.kind_rules import PatchContext, StepError, WalkStep
+from acert.bounds.network import Network, Pending
 from acert.bounds.windows import Windows, add_windows, gather, window_dot
+from acert.models.graph import INPUT
 
 __all__ = ["Windows", "lower_bound", "preactivation_bounds", "supports"]
 
@@ -57,12 +59,14 @@ class _Tables:
         shapes: step index (or -1 for the input) -> (B, H, W) of its table.
         errors: step index -> the elementwise rounding bound of the backward step there
             (:mod:`acert.bounds.rounding`) and the (B, H, W) of its table.
+        sums: node -> the same for the sum of coefficients where several steps read it.
     """
 
     relaxations: dict[int, tuple[Tensor, ...]]
     box: tuple[Tensor, ...]
     shapes: dict[int, tuple[int, int, int]]
     errors: dict[int, tuple[Tensor, tuple[int, int, int]]]
+    sums: dict[int, tuple[Tensor, tuple[int, int, int]]]
 
 
 def supports(steps: Sequence[WalkStep], shape: Sequence[int]) -> bool:
@@ -72,10 +76,14 @@ def supports(steps: Sequence[WalkStep], shape: Sequence[int]) -> bool:
 
 def _window_elements(net: Network, end: int, shape: Sequence[int]) -> int:
     """Largest number of coefficients of one specification row on the way back from
-    the output of ``steps[:end]`` (shape (C, H, W)) to the input."""
-    size = [1, 1]
+    the output of step ``end - 1`` (shape (C, H, W)) to the input; a node read by several
+    steps takes the largest window any of them gives it."""
+    sizes: dict[int, list[int]] = {end - 1: [1, 1]}
     widest = shape[0]
     for step in reversed(net.steps[:end]):
+        size = sizes.pop(step.index, None)
+        if size is None:
+            continue
         if step.kind.window is not None:
             geometry = step.kind.window(step.layer)
             channels, *extents = net.input_shapes[step.index]
@@ -87,6 +95,8 @@ def _window_elements(net: Network, end: int, shape: Sequence[int]) -> int:
             ]
             widest = max(widest, channels * grown[0] * grown[1])
             size = [min(n, extent) for n, extent in zip(grown, extents, strict=True)]
+        for i in step.inputs:
+            sizes[i] = [max(a, b) for a, b in zip(sizes.get(i, size), size, strict=True)]
     return widest
 
 
@@ -112,7 +122,13 @@ def _tables(net: Network, end: int) -> _Tables:
         if index < end:
             batch, _, height, width = step_error.elementwise.shape
             errors[index] = (_pixel_rows(step_error.elementwise)[0], (batch, height, width))
-    return _Tables(relaxations, _pixel_rows(net.box.centre, net.box.radius), shapes, errors)
+    sums = {}
+    for index, step_error in net.sums.items():
+        if index < end:
+            batch, _, height, width = step_error.elementwise.shape
+            sums[index] = (_pixel_rows(step_error.elementwise)[0], (batch, height, width))
+    box = _pixel_rows(net.box.centre, net.box.radius)
+    return _Tables(relaxations, box, shapes, errors, sums)
 
 
 def _input_bound(windows: Windows, bias: Tensor, bias_magnitude: Tensor, tables: _Tables) -> Tensor:
@@ -142,25 +158,44 @@ def lower_bound(
     tables = _tables(net, end) if tables is None else tables
     bias_magnitude = bias.abs()  # Σ|each step's contribution|, as in the dense pass
     error = torch.zeros_like(bias)  # the rounding of every step, as in the dense pass
-    skips: list[tuple[int, Windows]] = []  # (fork, windows on the skip) per open join
+    pending = Pending(end - 1, windows)
     for step in reversed(net.steps[:end]):
         index, previous = step.index, bias
-        if step.role == "fork" and skips and skips[-1][0] == index:
-            windows = add_windows(windows, skips.pop()[1], net.input_shapes[index])
-        if index in tables.errors:
-            table, shape = tables.errors[index]
-            elementwise = gather([table], shape, windows)[0]
-            absolute = net.errors[index].absolute[windows.rows]
-            error = error + window_dot(windows.coeffs.abs(), elementwise) + absolute[:, None]
+        shape = net.shapes[index]
+        taken, _ = pending.take(index, lambda a, b, shape=shape: add_windows(a, b, shape))
+        if taken is None:
+            continue  # no step on the way back reads it
+        windows = taken
+        error = _charge(error, windows, tables.sums.get(index), net.sums.get(index))
+        error = _charge(error, windows, tables.errors.get(index), net.errors.get(index))
         relaxation = None
         if index in tables.relaxations:
             relaxation = tuple(gather(tables.relaxations[index], tables.shapes[index], windows))
-        ctx = PatchContext(net.stats, net.input_shapes[index], relaxation)
-        windows, bias = step.kind.patches(step, windows, bias, ctx)
-        if step.role == "join":
-            skips.append((step.partner, windows))
+        inputs = net.step_input_shapes(step)
+        ctx = PatchContext(net.stats, net.input_shapes[index], relaxation, inputs)
+        given, bias = step.kind.patches(step, windows, bias, ctx)
+        for i, w in zip(step.inputs, given if isinstance(given, tuple) else (given,), strict=True):
+            pending.add(i, w)
         bias_magnitude = bias_magnitude + (bias - previous).abs()
-    return _input_bound(windows, bias, bias_magnitude, tables) - error
+    shape = net.shape_of(INPUT)
+    taken, _ = pending.take(INPUT, lambda a, b: add_windows(a, b, shape))
+    assert taken is not None
+    error = _charge(error, taken, tables.sums.get(INPUT), net.sums.get(INPUT))
+    return _input_bound(taken, bias, bias_magnitude, tables) - error
+
+
+def _charge(
+    error: Tensor,
+    windows: Windows,
+    table: tuple[Tensor, tuple[int, int, int]] | None,
+    step_error: StepError | None,
+) -> Tensor:
+    """``error`` plus a rounding bound (:class:`StepError`) gathered on the windows."""
+    if table is None or step_error is None:
+        return error
+    elementwise = gather([table[0]], table[1], windows)[0]
+    absolute = step_error.absolute[windows.rows]
+    return error + window_dot(windows.coeffs.abs(), elementwise) + absolute[:, None]
 
 
 def _neuron_windows(rows: Tensor, neurons: Tensor, shape: Sequence[int], like: Tensor) -> Windows:

@@ -25,14 +25,17 @@ contain the float forward pass), the rewrite is off by at most
 
 Each kind gives its own bound (``LayerKind.rounding``, or its relaxer's for ReLU and
 MaxPool2d): the affine kinds in :mod:`acert.bounds.affine`, average pooling as a convolution of
-fan-in kh·kw, a residual block's addition in :mod:`acert.bounds.residual`; Flatten, Identity and
-Dropout are exact. The backward pass adds these up and subtracts them with the allowance of the
-input step (:func:`acert.bounds.allowances.input_lower_bound`). docs/ARCHITECTURE.md, "Soundness",
+fan-in kh·kw, an addition in :mod:`acert.bounds.combine`; Flatten, Identity, Dropout and Concat
+are exact. Where several steps read a node (a residual block's input), the backward pass sums
+their coefficients there: ``γ_k·h̄`` for k of them, charged on the sum. The backward pass adds
+these up and subtracts them with the allowance of the input step
+(:func:`acert.bounds.allowances.input_lower_bound`). docs/ARCHITECTURE.md, "Soundness",
 explains the rounding model.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -42,16 +45,20 @@ from acert.bounds.activations import relu_step
 from acert.bounds.affine import fan_out
 from acert.bounds.channels import BatchStats
 from acert.bounds.interval import Interval
+from acert.bounds.combine import addition_error
 from acert.bounds.kind_rules import StepError, WalkStep
+from acert.models.graph import INPUT
 
 __all__ = ["StepError", "fan_out", "relu_step", "step_errors"]
 
 
 def step_errors(
     steps: Sequence[WalkStep], box: Interval, stats: BatchStats | None
-) -> dict[int, StepError]:
+) -> tuple[dict[int, StepError], dict[int, StepError]]:
     """The rounding bound of every backward step whose kind has a rounding rule, by step index
-    (a ReLU's, or any relaxed kind's, comes with its relaxation: ``Relaxer.rounding``).
+    (a ReLU's, or any relaxed kind's, comes with its relaxation: ``Relaxer.rounding``), and of
+    the sum of coefficients at every node that k >= 2 steps read (``γ_k·h̄`` of the node's
+    output, -1 for the model's input), by node.
 
     Args:
         steps: the walk over the network's layers.
@@ -59,16 +66,22 @@ def step_errors(
         stats: clean-batch statistics for train-mode batch-norms.
     """
     errors: dict[int, StepError] = {}
+    sums: dict[int, StepError] = {}
+    readers = Counter(i for step in steps for i in step.inputs)
+    if readers[INPUT] > 1:
+        sums[INPUT] = _charge_overflow(addition_error(box, readers[INPUT]), box)
 
     def observe(step: WalkStep, before: Interval, after: Interval) -> None:
         if step.kind.rounding is not None:
             error = step.kind.rounding(step, stats, before, after)
             if error is not None:
                 errors[step.index] = _charge_overflow(error, after)
+        if readers[step.index] > 1:
+            sums[step.index] = _charge_overflow(addition_error(after, readers[step.index]), after)
 
     with torch.no_grad():
         ibp.program(steps, stats, True).run(box, observe=observe)
-    return errors
+    return errors, sums
 
 
 def _charge_overflow(error: StepError, after: Interval) -> StepError:

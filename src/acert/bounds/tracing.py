@@ -42,7 +42,6 @@ __all__ = [
     "as_graph",
     "bounds_form",
     "first_layer",
-    "hidden_layers",
     "is_plain_chain",
     "last_layer",
 ]
@@ -125,24 +124,6 @@ def last_layer(form: nn.Module) -> nn.Linear:
         f"the model's output must be an nn.Linear of the layer before it (the margin "
         f"specification is folded into it), got {name}; end forward with the logits' Linear"
     )
-
-
-_HIDDEN: weakref.WeakKeyDictionary[GraphNet, GraphNet] = weakref.WeakKeyDictionary()
-
-
-def hidden_layers(form: nn.Module) -> nn.Module:
-    """A bounds form without its last layer (:func:`last_layer`): what IBP propagates before
-    the margins are folded into the logits' Linear; a graph's is cached."""
-    last_layer(form)
-    if isinstance(form, nn.Sequential):
-        return form[:-1]
-    if len(form.nodes) == 1:
-        return nn.Sequential()
-    hidden = _HIDDEN.get(form)
-    if hidden is None:
-        nodes = zip(form.names[:-1], form.nodes[:-1], form.inputs[:-1], strict=True)
-        hidden = _HIDDEN[form] = GraphNet(list(nodes))
-    return hidden
 
 
 def first_layer(form: nn.Module) -> nn.Module:

@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from acert.bounds import BatchStats, Interval, clean_forward, input_box
 from acert.bounds import ibp as ibp_rules
 from acert.bounds.clean_pass import forward_with_stats
-from acert.bounds.tracing import hidden_layers, last_layer
 from acert.foundation.ranges import ATTACK_RESTARTS, ATTACK_STEP_SIZE, ATTACK_STEPS
 from acert.methods.warmup import WarmupRegularizer
 from acert.radius.attacks import eval_mode, pgd_attack
@@ -229,8 +228,9 @@ def ibp_pass(model: nn.Module, box: Interval, y: Tensor, stats: BatchStats) -> I
         y: (B,) labels.
         stats: clean-batch statistics from :func:`acert.bounds.clean_forward`.
     """
-    hidden, preactivations = ibp_rules.propagate(hidden_layers(model), box, stats, sound=False)
-    margins = ibp_rules.last_layer_margins(last_layer(model), hidden, y, sound=False)
+    head, last = ibp_rules.prepare_head(model, stats, sound=False)
+    hidden, preactivations = head(box)
+    margins = ibp_rules.last_layer_margins(last, hidden, y, sound=False)
     return IBPPass(box, preactivations, margins)
 
 
