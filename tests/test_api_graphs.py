@@ -57,3 +57,13 @@ def test_the_registrys_resnet_cifar_trains_as_a_tiny_run():
     accuracies = [row["train_acc"] for row in result.history]
     assert accuracies[-1] > 0.3 and accuracies[-1] > accuracies[0]
     assert result.test is not None and result.test.radii.shape == (30,)
+
+
+def test_the_acert_loss_in_ones_own_loop_bounds_a_traced_network():
+    model = build_graph_net("resnet", SHAPE, classes=3).train()
+    loss_fn = acert.ACERTLoss(eps_max=0.1, kappa=0.25)
+    x, y = _bands(16, 2)
+    terms = loss_fn(model, x, y, 0.05, torch.arange(16))
+    terms.loss.backward()
+    assert torch.isfinite(terms.loss) and terms.radii.shape == (16,)
+    assert all(p.grad is not None for p in model.parameters())
