@@ -26,7 +26,7 @@ from acert.bounds.clean_pass import (
     clean_forward,
 )
 from acert.bounds.interval import Interval, as_eps, input_box
-from acert.bounds.kinds import LAYER_KINDS, check_shapes
+from acert.bounds.kinds import LAYER_KINDS, check_shapes, register_kind
 from acert.bounds.spec import margin_matrix, other_classes
 from acert.bounds.tracing import bounds_form, last_layer
 from acert.foundation.errors import AcertError
@@ -54,6 +54,7 @@ __all__ = [
     "margin_matrix",
     "model_dtype",
     "other_classes",
+    "register_kind",
 ]
 
 
@@ -311,14 +312,15 @@ def margin_bounds(
     """Lower bounds of ``f_y - f_t`` for every t != y over the clipped ℓ∞ ball.
 
     Args:
-        model: ``nn.Sequential`` of the layers of :data:`LAYER_KINDS` (Normalize, Conv2d,
-            Linear, BatchNorm1d/2d, ReLU, Flatten, AvgPool2d, MaxPool2d, Identity, Dropout,
-            residual blocks), ending in Linear, or any ``nn.Module`` whose forward is made of
-            them and of the functional forms :mod:`acert.bounds.tracing` maps onto them
-            (traced once into a graph, :func:`bounds_form`). Batch-norm uses running
-            statistics in eval mode; one that normalises with the current batch (train mode)
-            needs ``stats`` (a training objective's bounds) and is refused without them, as is
-            Dropout in train mode: no certificate holds for them.
+        model: ``nn.Sequential`` or :class:`acert.models.GraphNet` of the layers of
+            :data:`LAYER_KINDS` (Normalize, Conv2d, Linear, BatchNorm1d/2d, ReLU, LeakyReLU,
+            Flatten, AvgPool2d, MaxPool2d, Identity, Dropout, Add, Concat, residual blocks),
+            ending in Linear, or any ``nn.Module`` whose forward is made of them and of the
+            functional forms :mod:`acert.bounds.tracing` maps onto them (traced once into a
+            graph, :func:`bounds_form`). Batch-norm uses running statistics in eval mode; one
+            that normalises with the current batch (train mode) needs ``stats`` (a training
+            objective's bounds) and is refused without them, as is Dropout in train mode: no
+            certificate holds for them.
         x: (B, C, H, W) or (B, D) inputs in [0, 1], B >= 1, a torch tensor of the model's
             dtype (numpy arrays and lists are refused, not converted: pass ``torch.as_tensor``).
         y: (B,) int64 labels (int32 is accepted too).

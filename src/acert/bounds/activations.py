@@ -1,8 +1,10 @@
-"""Layer kinds that act elementwise or reshape: ReLU, Flatten, Identity and Dropout.
+"""Layer kinds that act elementwise or reshape: ReLU, LeakyReLU, Flatten, Identity and Dropout.
 
-ReLU: IBP applies it to the ends of the interval. CROWN relaxes it on its pre-activation
-bounds [l, u]: the upper line is the chord, the lower line has slope 1 when u >= -l, else 0
-(the adaptive rule, docs/METHOD.md "Threat model and certificates"); stable ReLUs are exact.
+ReLU and LeakyReLU are one two-piece linear rule ``max(z, a·z)`` with a slope a in [0, 1]
+(:func:`two_piece_linear`; ReLU's a = 0). IBP applies it to the ends of the interval. CROWN
+relaxes it on its pre-activation bounds [l, u]: the upper line is the chord, the lower line has
+slope 1 when u >= -l, else a (the adaptive rule, docs/METHOD.md "Threat model and
+certificates"); stable units are exact.
 Identity, and Dropout in eval mode, pass everything on unchanged; Dropout in train mode drops
 inputs at random, so no certificate holds for it (refused when certifying; a training
 objective bounds its eval-mode function).
@@ -11,6 +13,7 @@ objective bounds its eval-mode function).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,11 +39,15 @@ __all__ = [
     "DROPOUT",
     "FLATTEN",
     "IDENTITY",
+    "LEAKY_RELU",
     "RELU",
     "Relaxation",
     "relu_box",
     "relu_relaxation",
     "relu_step",
+    "two_piece_box",
+    "two_piece_linear",
+    "two_piece_relaxation",
 ]
 
 
@@ -100,8 +107,84 @@ def relu_step(pre: Interval, intercept: Tensor) -> StepError:
     return StepError(elementwise, absolute)
 
 
-def _relu_interval(step: WalkStep, stats: BatchStats | None, sound: bool) -> BoxMap:
-    return relu_box
+def two_piece_relaxation(pre: Interval, slope: float) -> Relaxation:
+    """The CROWN relaxation of ``max(z, slope·z)`` (0 <= slope <= 1) on ``pre``: the chord
+    above, below the line of slope 1 when u >= -l, else of ``slope`` (the adaptive rule)."""
+    if slope == 0:
+        return relu_relaxation(pre)
+    lower, upper = pre.lower, pre.upper
+    unstable = (lower < 0) & (upper > 0)
+    stable = torch.where(lower >= 0, torch.ones_like(lower), torch.full_like(lower, slope))
+    width = torch.where(unstable, upper - lower, torch.ones_like(lower))
+    chord = (upper - slope * lower) / width
+    upper_slope = torch.where(unstable, chord, stable)
+    upper_intercept = torch.where(unstable, (slope - chord) * lower, torch.zeros_like(lower))
+    adaptive = torch.where(upper >= -lower, torch.ones_like(lower), torch.full_like(lower, slope))
+    lower_slope = torch.where(unstable, adaptive, stable)
+    return Relaxation(lower_slope, upper_slope, upper_intercept)
+
+
+def two_piece_box(box: Interval, slope: float, sound: bool) -> Interval:
+    """``max(z, slope·z)`` (0 <= slope <= 1, increasing) of both ends; a ReLU's is
+    :func:`relu_box`. A unit with l >= 0 keeps (c, r); the others take their ends' images,
+    widened when ``sound`` for the rounding of ``slope·z`` in the model and of the ends."""
+    if slope == 0:
+        return relu_box(box)
+    lower, upper = box.lower, box.upper
+    low, high = torch.maximum(lower, slope * lower), torch.maximum(upper, slope * upper)
+    image = Interval.from_bounds(low, high)
+    radius = image.radius
+    if sound:
+        with torch.no_grad():
+            error = rounding_gamma(2, low.dtype) * (low.abs() + high.abs())
+            error = error + underflow_floor(2, low.dtype)
+        radius = radius + error
+    active = lower >= 0
+    return Interval(
+        torch.where(active, box.centre, image.centre), torch.where(active, box.radius, radius)
+    )
+
+
+def two_piece_linear(
+    type: type[nn.Module], slope: Callable[[nn.Module], float], example: Callable[[], tuple]
+) -> LayerKind:
+    """The kind of a two-piece linear activation ``max(z, slope·z)``: ReLU (slope 0, whose
+    rules are :func:`relu_box` and :func:`relu_relaxation`), LeakyReLU.
+
+    Args:
+        type: the module class.
+        slope: ``layer -> slope`` below zero, in [0, 1] (the kind's check refuses others).
+        example: the kind's example (see :class:`LayerKind`).
+    """
+
+    def interval(step: WalkStep, stats: BatchStats | None, sound: bool) -> BoxMap:
+        a = slope(step.layer)
+        if a == 0:
+            return relu_box
+        return lambda box: two_piece_box(box, a, sound)
+
+    def relax(layer: nn.Module, pre: Interval) -> Relaxation:
+        return two_piece_relaxation(pre, slope(layer))
+
+    def check(layer: nn.Module) -> str | None:
+        a = slope(layer)
+        if not 0 <= a <= 1:
+            return f"has slope {a} below zero; the bounds take slopes in [0, 1]"
+        return None
+
+    return LayerKind(
+        type=type,
+        shape=same_shape,
+        interval=interval,
+        backward=_back_relu,
+        patches=_patch_relu,
+        rounding=None,
+        relaxer=Relaxer(relax, _unstable, _relu_rounding, _relu_table),
+        example=example,
+        check=check,
+        exactness="relaxed",
+        activation=True,
+    )
 
 
 def _back_relu(
@@ -129,15 +212,11 @@ def _patch_relu(
     lower_slope, slope_gap, intercept = ctx.relaxation
     negative = coeffs.clamp(max=0)
     bias = bias + window_dot(negative, intercept)
-    # coeffs·lower + negative·(upper - lower): the lower slope is 0 or 1, so this is the dense
-    # pass's positive·lower + negative·upper up to a rounding, in three passes instead of five
+    # coeffs·lower + negative·(upper - lower): the dense pass's positive·lower + negative·upper
+    # up to a rounding (none for a ReLU's lower slope of 0 or 1), in three passes, not five
     relaxed = coeffs * lower_slope.unsqueeze(1)
     relaxed.addcmul_(negative, slope_gap.unsqueeze(1))
     return Windows(relaxed, windows.origin, windows.rows), bias
-
-
-def _relax_relu(layer: nn.Module, pre: Interval) -> Relaxation:
-    return relu_relaxation(pre)
 
 
 def _unstable(layer: nn.Module, pre: Interval) -> Tensor:
@@ -152,17 +231,9 @@ def _relu_table(relax: Relaxation) -> tuple[Tensor, ...]:
     return relax.lower_slope, relax.upper_slope - relax.lower_slope, relax.upper_intercept
 
 
-RELU = LayerKind(
-    type=nn.ReLU,
-    shape=same_shape,
-    interval=_relu_interval,
-    backward=_back_relu,
-    patches=_patch_relu,
-    rounding=None,
-    relaxer=Relaxer(_relax_relu, _unstable, _relu_rounding, _relu_table),
-    example=lambda: (nn.ReLU(), (2, 4, 4)),
-    exactness="relaxed",
-    activation=True,
+RELU = two_piece_linear(nn.ReLU, lambda layer: 0.0, lambda: (nn.ReLU(), (2, 4, 4)))
+LEAKY_RELU = two_piece_linear(
+    nn.LeakyReLU, lambda layer: layer.negative_slope, lambda: (nn.LeakyReLU(0.2), (2, 4, 4))
 )
 
 

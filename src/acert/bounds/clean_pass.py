@@ -148,8 +148,8 @@ def _forward(
     steps: tuple[WalkStep, ...], x: Tensor, apply: Callable[[nn.Module, Tensor], Tensor]
 ) -> Tensor:
     """The model's forward pass along its walk, each single-input module (and folded
-    batch-norm) run by ``apply``, a kind of several inputs by its kind (``LayerKind.evaluate``); a node's output
-    kept while a later step reads it."""
+    batch-norm) run by ``apply``, a kind of several inputs by its kind (``LayerKind.run``); a
+    node's output kept while a later step reads it."""
     last_read = {i: step.index for step in steps for i in step.inputs}
     values: dict[int, Tensor] = {INPUT: x}
     h = x

@@ -1,5 +1,5 @@
-"""The kinds that bring branches of a graph together: ``Add`` (:class:`acert.models.Add`, also the sum
-``x + body(x)`` a residual block becomes in the walk) and ``Concat``
+"""The kinds that bring branches of a graph together: ``Add`` (:class:`acert.models.Add`, also
+the sum ``x + body(x)`` a residual block becomes in the walk) and ``Concat``
 (:class:`acert.models.Concat`).
 
 Add: IBP adds the intervals of its inputs. They may be correlated (``body(x)`` is a function
@@ -32,10 +32,10 @@ from acert.bounds.normalisation import random_batchnorm
 from acert.bounds.overflow import guard
 from acert.bounds.windows import Windows
 from acert.foundation.errors import AcertError
-from acert.models import Add
+from acert.models import Add, Concat
 from acert.models.graph import INPUT, GraphNet
 
-__all__ = ["ADD", "addition_error"]
+__all__ = ["ADD", "CONCAT", "addition_error"]
 
 
 def _add_interval(step: WalkStep, stats: BatchStats | None, sound: bool) -> BoxMap:
@@ -122,4 +122,68 @@ ADD = LayerKind(
     exactness="relaxed",  # IBP adds correlated intervals: not exact
     arity=2,
     evaluate=_add_values,
+)
+
+
+def _concat_interval(step: WalkStep, stats: BatchStats | None, sound: bool) -> BoxMap:
+    dim = step.layer.dim
+    return lambda *boxes: Interval(
+        torch.cat([box.centre for box in boxes], dim), torch.cat([box.radius for box in boxes], dim)
+    )
+
+
+def _sizes(step: WalkStep, shapes: tuple[tuple[int, ...], ...]) -> list[int]:
+    return [shape[step.layer.dim - 1] for shape in shapes]
+
+
+def _back_concat(
+    step: WalkStep, A: Tensor, bias: Tensor, ctx: BackwardContext
+) -> tuple[tuple[Tensor, ...], Tensor]:
+    # A is (Q, S, *shape): the layer's dim d (batch 0) is A's dim d + 1
+    return A.split(_sizes(step, ctx.input_shapes), step.layer.dim + 1), bias
+
+
+def _patch_concat(
+    step: WalkStep, windows: Windows, bias: Tensor, ctx: PatchContext
+) -> tuple[tuple[Windows, ...], Tensor]:
+    # channels last, (Q, S, h, w, C): only a concatenation of channels keeps the windows
+    parts = windows.coeffs.split(_sizes(step, ctx.input_shapes), -1)
+    return tuple(Windows(p.contiguous(), windows.origin, windows.rows) for p in parts), bias
+
+
+def _concat_shape(layer: nn.Module, *shapes: tuple[int, ...]) -> tuple[int, ...]:
+    axis = layer.dim - 1
+    rest = {shape[:axis] + shape[axis + 1 :] for shape in shapes}
+    if axis >= min(len(shape) for shape in shapes) or len(rest) != 1:
+        raise AcertError(
+            f"joins inputs of shapes {' and '.join(map(str, shapes))} along dim {layer.dim}; "
+            "they must have one rank and equal sizes but along that dim"
+        )
+    out = list(shapes[0])
+    out[axis] = sum(shape[axis] for shape in shapes)
+    return tuple(out)
+
+
+def _concat_example() -> tuple[nn.Module, tuple[int, ...]]:
+    """Two branches of a (2, 4, 4) input, joined along the channels (Inception-like)."""
+    nodes = [
+        ("conv", nn.Conv2d(2, 2, 3, padding=1), (INPUT,)),
+        ("bn", random_batchnorm(nn.BatchNorm2d(2)), (0,)),
+        ("relu", nn.ReLU(), (1,)),
+        ("branch", nn.Conv2d(2, 1, 1), (INPUT,)),
+        ("cat", Concat(1), (2, 3)),
+    ]
+    return GraphNet(nodes), (2, 4, 4)
+
+
+CONCAT = LayerKind(
+    type=Concat,
+    shape=_concat_shape,
+    interval=_concat_interval,
+    backward=_back_concat,
+    patches=_patch_concat,
+    rounding=None,
+    example=_concat_example,
+    arity=None,
+    on_patches=lambda layer: layer.dim == 1,
 )

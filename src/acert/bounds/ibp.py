@@ -18,9 +18,8 @@ are -inf (:mod:`acert.bounds.overflow`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
 
 import torch
 from torch import Tensor, nn
@@ -59,9 +58,23 @@ def _layer_rule(kind: LayerKind) -> Rule:
     return rule
 
 
-RULES: Mapping[type[nn.Module], Rule] = MappingProxyType(
-    {kind.type: _layer_rule(kind) for kind in LAYER_KINDS if kind.arity == 1}
-)
+class _Rules(Mapping[type[nn.Module], Rule]):
+    """A view of the table's single-input kinds (registered ones included) as rules."""
+
+    def __getitem__(self, layer_type: type[nn.Module]) -> Rule:
+        kind = next((k for k in LAYER_KINDS if k.type is layer_type and k.arity == 1), None)
+        if kind is None:
+            raise KeyError(layer_type)
+        return _layer_rule(kind)
+
+    def __iter__(self) -> Iterator[type[nn.Module]]:
+        return iter([kind.type for kind in LAYER_KINDS if kind.arity == 1])
+
+    def __len__(self) -> int:
+        return sum(kind.arity == 1 for kind in LAYER_KINDS)
+
+
+RULES: Mapping[type[nn.Module], Rule] = _Rules()
 """The interval rule of one layer on its own, by type: a view of the table
 (:data:`acert.bounds.kinds.LAYER_KINDS`) for callers that bound a single layer."""
 

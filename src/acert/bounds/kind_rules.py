@@ -205,6 +205,8 @@ class LayerKind:
         activation: an elementwise nonlinearity whose input intervals the warm-up
             regularisers read (:attr:`acert.bounds.ibp.Program.activation_inputs`), and
             whose output autograd keeps (an in-place layer after it is refused).
+        on_patches: ``layer -> bool``: whether the patch rule applies to the module (None:
+            always); where not, the neurons after it take the dense pass.
         evaluate: ``(step, *inputs) -> output``: the step's function on tensors where it is
             not ``step.layer(*inputs)`` (a residual block's Add step); see :meth:`run`.
     """
@@ -227,6 +229,7 @@ class LayerKind:
     arity: int | None = 1
     activation: bool = False
     evaluate: Callable[..., Tensor] | None = None
+    on_patches: Callable[[nn.Module], bool] | None = None
 
     def run(self, step: WalkStep, *inputs: Tensor) -> Tensor:
         """The step's output on tensors (without its folded batch-norm)."""

@@ -11,24 +11,25 @@ the only place that knows about residual blocks. IBP (:mod:`acert.bounds.ibp`), 
 (:mod:`acert.bounds.rounding`) and the clean pass (:mod:`acert.bounds.clean_pass`) all follow
 these steps and dispatch on ``step.kind``; the list of supported layers and the refusal of any
 other module come from the table too, and the walk refuses an in-place layer whose write the
-forward pass would observe (:func:`_check_overwrites`). :func:`register_kind` adds a user's
-kind. docs/ARCHITECTURE.md, "Layer kinds", shows what adding a kind takes.
+forward pass would observe (:func:`acert.bounds.inplace.check_overwrites`).
+:func:`register_kind` adds a user's kind. docs/ARCHITECTURE.md, "Layer kinds", shows what adding
+a kind takes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 from torch import nn
 
-from acert.bounds.activations import DROPOUT, FLATTEN, IDENTITY, RELU
+from acert.bounds.activations import DROPOUT, FLATTEN, IDENTITY, LEAKY_RELU, RELU
 from acert.bounds.affine import CONV2D, LINEAR
-from acert.bounds.combine import ADD
+from acert.bounds.combine import ADD, CONCAT
+from acert.bounds.inplace import Node, check_overwrites
 from acert.bounds.kind_rules import LayerKind, WalkStep
 from acert.bounds.normalisation import BATCHNORM1D, BATCHNORM2D, NORMALIZE
 from acert.bounds.pooling import AVGPOOL2D, MAXPOOL2D
-from acert.foundation.errors import AcertError, UnsupportedModelError
+from acert.foundation.errors import AcertError, ConfigError, UnsupportedModelError
 from acert.models import GraphNet, Residual
 from acert.models.graph import INPUT
 
@@ -41,29 +42,59 @@ __all__ = [
     "kind_of",
     "last_layer",
     "output_shapes",
+    "register_kind",
     "walk",
 ]
 
-LAYER_KINDS: tuple[LayerKind, ...] = (
+LAYER_KINDS: list[LayerKind] = [
     NORMALIZE,
     CONV2D,
     LINEAR,
     BATCHNORM1D,
     BATCHNORM2D,
     RELU,
+    LEAKY_RELU,
     FLATTEN,
     AVGPOOL2D,
     MAXPOOL2D,
     IDENTITY,
     DROPOUT,
     ADD,
-)
-"""Every layer kind the bounds support; a new kind is one entry here."""
+    CONCAT,
+]
+"""Every layer kind the bounds support; a new kind is one entry here (or, for a user's own
+layer, :func:`register_kind`)."""
 
-SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (*(kind.type for kind in LAYER_KINDS), Residual)
+SUPPORTED_LAYERS: list[type[nn.Module]] = [*(kind.type for kind in LAYER_KINDS), Residual]
 """The supported modules: the kinds', and the residual block, which the walk expands."""
 
 _KINDS: dict[type[nn.Module], LayerKind] = {kind.type: kind for kind in LAYER_KINDS}
+
+
+def register_kind(kind: LayerKind) -> LayerKind:
+    """Add a user's layer type to the table: from then on every bound method, the clean pass,
+    the checks and the supported list know it (docs/ARCHITECTURE.md, "Layer kinds", has an
+    example). Its rules must be sound under rounding like the table's own; its ``example``
+    lets the tests of tests/bounds/test_kinds.py check it.
+
+    Raises:
+        ConfigError: not a :class:`LayerKind`, or a type that already has a kind.
+    """
+    if not isinstance(kind, LayerKind):
+        raise ConfigError(
+            f"register_kind takes an acert.bounds.kind_rules.LayerKind, got {type(kind).__name__}"
+        )
+    if kind.type in _KINDS or kind.type in (Residual, GraphNet):
+        raise ConfigError(
+            f"{kind.name} already has a kind in the table; register a subclass of it instead "
+            "(kinds match a module's exact type)"
+        )
+    LAYER_KINDS.append(kind)
+    SUPPORTED_LAYERS.insert(len(SUPPORTED_LAYERS) - 1, kind.type)
+    _KINDS[kind.type] = kind
+    return kind
+
+
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
@@ -91,37 +122,25 @@ def walk(model: nn.Module | Iterable[nn.Module]) -> tuple[WalkStep, ...]:
     (Linear, Conv2d), and that kind's output's only reader, becomes that step's ``norm``.
     Raises a one-line :class:`UnsupportedModelError` for a module without a kind, one its
     kind's check refuses, and an in-place layer whose write the forward pass can observe
-    (:func:`_check_overwrite`).
+    (:func:`acert.bounds.inplace.check_overwrites`).
     """
-    nodes: list[_Node] = []
+    nodes: list[Node] = []
     if isinstance(model, GraphNet):
         _graph(model, "", INPUT, nodes)
     else:
         _chain(list(model), "", INPUT, nodes)
-    _check_overwrites(nodes)
+    check_overwrites(nodes)
     return _steps(nodes)
 
 
-@dataclass
-class _Node:
-    """A module of the model with the nodes it reads, before batch-norms are folded."""
-
-    where: str
-    layer: nn.Module
-    kind: LayerKind
-    inputs: tuple[int, ...]
-    reader: str = ""
-    """How it reads its first input again, for a residual block's sum (the in-place check)."""
-
-
-def _chain(layers: list[nn.Module], prefix: str, source: int, nodes: list[_Node]) -> int:
+def _chain(layers: list[nn.Module], prefix: str, source: int, nodes: list[Node]) -> int:
     """Append the nodes of a chain of ``layers`` reading ``source``; returns the last one."""
     for position, layer in enumerate(layers):
         source = _expand(layer, f"{prefix}{position}", (source,), nodes)
     return source
 
 
-def _graph(graph: GraphNet, prefix: str, source: int, nodes: list[_Node]) -> int:
+def _graph(graph: GraphNet, prefix: str, source: int, nodes: list[Node]) -> int:
     """Append the nodes of ``graph`` whose input is ``source``; returns its output node."""
     outputs: list[int] = []
     for name, module, inputs in zip(graph.names, graph.nodes, graph.inputs, strict=True):
@@ -130,7 +149,7 @@ def _graph(graph: GraphNet, prefix: str, source: int, nodes: list[_Node]) -> int
     return outputs[-1]
 
 
-def _expand(module: nn.Module, where: str, inputs: tuple[int, ...], nodes: list[_Node]) -> int:
+def _expand(module: nn.Module, where: str, inputs: tuple[int, ...], nodes: list[Node]) -> int:
     """Append the node(s) of ``module`` reading ``inputs``; returns the one giving its output.
     A :class:`acert.models.GraphNet` inside the model is a sub-graph of its own nodes."""
     if type(module) is GraphNet and len(inputs) == 1:
@@ -146,7 +165,7 @@ def _expand(module: nn.Module, where: str, inputs: tuple[int, ...], nodes: list[
         (source,) = inputs
         out = _chain(list(body), f"{where}.body.", source, nodes)
         reader = f"the input of residual block {where}, which its sum x + body(x) reads again"
-        nodes.append(_Node(where, module, ADD, (source, out), reader))
+        nodes.append(Node(where, module, ADD, (source, out), reader))
         return len(nodes) - 1
     kind = kind_of(module, where)
     if kind.check is not None and (problem := kind.check(module)) is not None:
@@ -155,11 +174,11 @@ def _expand(module: nn.Module, where: str, inputs: tuple[int, ...], nodes: list[
         raise UnsupportedModelError(
             f"layer {where} ({kind.name}) takes {kind.arity} input(s), got {len(inputs)}"
         )
-    nodes.append(_Node(where, module, kind, inputs))
+    nodes.append(Node(where, module, kind, inputs))
     return len(nodes) - 1
 
 
-def _steps(nodes: list[_Node]) -> tuple[WalkStep, ...]:
+def _steps(nodes: list[Node]) -> tuple[WalkStep, ...]:
     """The walk's steps: one per node, a batch-norm folded into the Linear/Conv2d it reads
     when it is that node's only reader."""
     readers: dict[int, list[int]] = {}
@@ -199,70 +218,6 @@ def _steps(nodes: list[_Node]) -> tuple[WalkStep, ...]:
             )
         )
     return tuple(steps)
-
-
-_MODEL_INPUT = "the model's input (which the caller, the bounds and the attacks read again)"
-
-
-def _writes_in_place(layer: nn.Module) -> bool:
-    return bool(getattr(layer, "inplace", False))
-
-
-def _check_overwrites(nodes: list[_Node]) -> None:
-    """Refuse an in-place layer (``inplace=True``) whose input is read again after it wrote it:
-    the model's input, a tensor another node reads later (a residual block's input: ``x +
-    body(x)`` would add the overwritten x: the model computes ``relu(x) + body(relu(x))``, the
-    bounds ``x + body(relu(x))``), or an activation's output, which autograd keeps; directly or
-    through layers that pass their input on as it is or as a view (Identity, Dropout, Flatten).
-    Elsewhere (a ReLU right after a Conv2d, a batch-norm or a sum) the write is exact: no one
-    reads the old values."""
-    storage: dict[int, int] = {INPUT: INPUT}  # node -> the node whose tensor its output is
-    for index, node in enumerate(nodes):
-        source = node.inputs[0]
-        passes_on = len(node.inputs) == 1 and (node.kind.aliases or _writes_in_place(node.layer))
-        storage[index] = storage[source] if passes_on else index
-        if not _writes_in_place(node.layer):
-            continue
-        tensor = storage[source]
-        later = [
-            (reader, i)
-            for reader in range(index + 1, len(nodes))
-            for i in nodes[reader].inputs
-            if i < index and storage[i] == tensor
-        ]
-        kept = [i for i in range(source + 1) if storage[i] == tensor and nodes[i].kind.activation]
-        if later:
-            reader, i = later[0]
-            what = nodes[reader].reader or (
-                f"the output of {_name(nodes, i)}, which layer {nodes[reader].where} "
-                f"({type(nodes[reader].layer).__name__}) reads again"
-            )
-        elif kept:
-            what = (
-                f"the output of layer {nodes[kept[-1]].where} ({nodes[kept[-1]].kind.name}), "
-                "which autograd keeps for its gradient"
-            )
-        elif tensor == INPUT:
-            what = _MODEL_INPUT
-        else:
-            continue
-        _refuse_overwrite(node, what)
-
-
-def _name(nodes: list[_Node], index: int) -> str:
-    if index == INPUT:
-        return "the model's input"
-    return f"layer {nodes[index].where} ({type(nodes[index].layer).__name__})"
-
-
-def _refuse_overwrite(node: _Node, readers: str) -> None:
-    layer, kind = node.layer, node.kind
-    arguments = f"{layer.p}, " if isinstance(layer, nn.Dropout) else ""
-    raise UnsupportedModelError(
-        f"layer {node.where} ({kind.name}(inplace=True)) overwrites {readers}, so the model "
-        f"computes another function than the graph of its layers; use nn.{kind.name}"
-        f"({arguments.rstrip(', ')}) instead of nn.{kind.name}({arguments}inplace=True)"
-    )
 
 
 def _modules(step: WalkStep) -> Iterator[tuple[nn.Module, str]]:

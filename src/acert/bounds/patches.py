@@ -71,7 +71,11 @@ class _Tables:
 
 def supports(steps: Sequence[WalkStep], shape: Sequence[int]) -> bool:
     """True when the output (C, H, W) of ``steps`` can be bounded on patches."""
-    return len(shape) == 3 and all(step.kind.patches is not None for step in steps)
+    return len(shape) == 3 and all(
+        step.kind.patches is not None
+        and (step.kind.on_patches is None or step.kind.on_patches(step.layer))
+        for step in steps
+    )
 
 
 def _window_elements(net: Network, end: int, shape: Sequence[int]) -> int:

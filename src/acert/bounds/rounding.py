@@ -44,8 +44,8 @@ from acert.bounds import ibp
 from acert.bounds.activations import relu_step
 from acert.bounds.affine import fan_out
 from acert.bounds.channels import BatchStats
-from acert.bounds.interval import Interval
 from acert.bounds.combine import addition_error
+from acert.bounds.interval import Interval
 from acert.bounds.kind_rules import StepError, WalkStep
 from acert.models.graph import INPUT
 
