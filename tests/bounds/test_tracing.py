@@ -12,7 +12,7 @@ from torch import nn
 from acert.bounds import margin_bounds
 from acert.bounds.tracing import as_graph, bounds_form, last_layer
 from acert.foundation.errors import AcertError, UnsupportedModelError
-from acert.models import Add, Concat, GraphNet, Normalize
+from acert.models import Add, Concat, GraphNet, Normalize, Residual
 from tests.kit.graphs import GRAPH_NETS, build_graph_net
 
 SHAPE = (1, 8, 8)
@@ -93,9 +93,26 @@ def test_a_chain_of_supported_layers_is_not_traced_and_a_graph_is_cached():
     assert _types(bounds_form(nested, SHAPE)) == [nn.Flatten, nn.Linear, nn.ReLU, nn.Linear]
 
 
-class _Branchy(nn.Linear):
+class _WithResidual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 8)
+        self.block = Residual(nn.Sequential(nn.Linear(8, 8), nn.ReLU()))
+        self.out = nn.Linear(8, 3)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) if x.sum() > 0 else -x
+        return self.out(F.relu(self.block(self.fc(x.flatten(1)))))
+
+
+def test_a_residual_block_stays_one_node_that_the_walk_expands():
+    model = _WithResidual().eval()
+    graph = as_graph(model, SHAPE)
+    assert _types(graph) == [nn.Flatten, nn.Linear, Residual, nn.ReLU, nn.Linear]
+    x, y = torch.rand(3, *SHAPE), torch.tensor([0, 1, 2])
+    for method in ("ibp", "crown"):
+        assert torch.equal(
+            margin_bounds(model, x, y, 0.01, method), margin_bounds(graph, x, y, 0.01, method)
+        )
 
 
 class _WithBranch(nn.Module):
