@@ -263,8 +263,9 @@ def test_a_network_of_ones_own_with_concat_exports_and_matches_torch(tmp_path, t
         progress=False, batch_size=40, method="ibp",
     )  # fmt: skip
     result = export_run(
-        tmp_path / "run", tmp_path / "model.onnx", tmp_path / "props", PropertySettings(EPS, 3)
-    )
+        tmp_path / "run", tmp_path / "model.onnx", tmp_path / "props", PropertySettings(EPS, 3),
+        DataSelection(dataset="mnist5k"),
+    )  # fmt: skip
     ops = [node.op_type for node in onnx.load(result.onnx_path).graph.node]
     assert ops.count("Concat") == 1 and ops[0] == "Conv" and not {"Sub", "Div"} & set(ops)
     assert 0 <= result.max_abs_diff < 1e-4
