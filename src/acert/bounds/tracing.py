@@ -260,7 +260,9 @@ class _Converter:
             return (nn.ReLU(), args[:1]) if len(args) == 1 and not kw else None
         if target in _LEAKY or method in ("leaky_relu", "leaky_relu_"):
             slope = _bind(lambda x, negative_slope=0.01, inplace=False: negative_slope, args, kw)
-            return None if slope is None else (nn.LeakyReLU(slope), args[:1])
+            if not isinstance(slope, int | float) or isinstance(slope, bool):
+                return None  # a slope computed in forward has no kind
+            return nn.LeakyReLU(slope), args[:1]
         if (target in _ADDS or method in ("add", "add_")) and len(args) == 2 and not kw:
             return Add(), args
         if target is torch.cat:
