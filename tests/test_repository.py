@@ -324,3 +324,27 @@ def test_an_old_module_path_warns_and_is_the_module_of_the_new_path():
     )
     assert "warned: acert.evaluate moved to acert.evaluation.evaluate" in result.stdout
     assert "same: True" in result.stdout
+
+
+CROSS_CUTTING_TESTS = {
+    "test_api.py",  # the front door (acert/api.py sits at the top of the package too)
+    "test_api_inputs.py",
+    "test_end_to_end.py",  # a run from the command line to its certificates
+    "test_faults.py",  # a killed or failing run, whatever floor it fails in
+    "test_input_errors.py",  # bad input at every public entry
+    "test_repository.py",
+}
+
+
+def test_the_tests_mirror_the_package_folder_by_folder():
+    tests = ROOT / "tests"
+    folders = {
+        path.relative_to(tests).as_posix()
+        for path in tests.rglob("test_*.py")
+        if path.parent != tests and path.parts[-2] != "kit"
+    }
+    folders = {folder.rpartition("/")[0] for folder in folders}
+    missing = sorted(f for f in folders if not (PACKAGE / f).is_dir())
+    assert missing == [], f"test folders without a package folder of that path: {missing}"
+    at_top = sorted(p.name for p in tests.glob("test_*.py"))
+    assert sorted(CROSS_CUTTING_TESTS) == at_top

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from acert.methods import Batch, Step
+from acert.methods import TRAINING_METHODS, Batch, Step
 from acert.models import Normalize
 
-__all__ = ["loss_of", "make_batch", "small_net", "step"]
+__all__ = ["loss_of", "make_batch", "restored_registry", "small_net", "step"]
 
 
 def small_net(seed: int = 0) -> nn.Sequential:
@@ -45,3 +47,14 @@ def loss_of(method, model: nn.Sequential, batch: Batch, at: Step, seed: int = 0)
     """The method's loss on a copy of ``model`` (running statistics untouched), fixed RNG."""
     torch.manual_seed(seed)
     return method.loss(copy.deepcopy(model), batch, at).loss.item()
+
+
+@contextlib.contextmanager
+def restored_registry() -> Iterator[None]:
+    """The method registry as it was before the block, whatever the block registered."""
+    saved = dict(TRAINING_METHODS)
+    try:
+        yield
+    finally:
+        TRAINING_METHODS.clear()
+        TRAINING_METHODS.update(saved)

@@ -1,4 +1,4 @@
-"""The radius-search tests' model, data and recording search (tests/test_radius*.py).
+"""The radius-search tests' model, data and recording search (tests/radius/test_radius*.py).
 
 ``make_trained()`` builds a tiny trained MLP and 40 test points; ``recorded_search`` runs a
 radius search and records every bound evaluation it made, so that a test can check that the

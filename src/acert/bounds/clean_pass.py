@@ -29,11 +29,10 @@ from acert.bounds.channels import (
 )
 from acert.bounds.kind_rules import WalkStep
 from acert.bounds.kinds import (
-    _KINDS,
     SUPPORTED_LAYERS,
     check_certifiable,
     check_supported,
-    kind_of,
+    kind_for,
     walk,
 )
 from acert.foundation import process_group as distributed
@@ -67,9 +66,7 @@ def check_fixed_normalisation(model: nn.Module, stats: BatchStats | None = None)
         check_certifiable(model)
         return
     for where, module in model.named_modules():
-        if module in stats or type(module) not in SUPPORTED_LAYERS:
-            continue
-        kind = kind_of(module, where) if type(module) in _KINDS else None
+        kind = None if module in stats else kind_for(type(module))
         check = None if kind is None else kind.certify_check
         if check is not None and (problem := check(module)):
             raise UnsupportedModelError(f"layer {where} ({kind.name}) {problem}")

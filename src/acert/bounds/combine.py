@@ -99,7 +99,8 @@ def _add_shape(layer: nn.Module, *shapes: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _add_example() -> tuple[nn.Module, tuple[int, ...]]:
-    """A projection shortcut: ``conv1x1(x) + conv(relu(bn(conv(x))))``."""
+    """A projection shortcut, ``relu(conv1x1(x) + conv(relu(bn(conv(x)))))``: the last ReLU's
+    CROWN bounds go back through the addition (on patches too)."""
     nodes = [
         ("conv1", nn.Conv2d(2, 2, 3, padding=1), (INPUT,)),
         ("bn1", random_batchnorm(nn.BatchNorm2d(2)), (0,)),
@@ -107,6 +108,7 @@ def _add_example() -> tuple[nn.Module, tuple[int, ...]]:
         ("conv2", nn.Conv2d(2, 3, 3, padding=1), (2,)),
         ("shortcut", nn.Conv2d(2, 3, 1), (INPUT,)),
         ("add", Add(), (4, 3)),
+        ("out", nn.ReLU(), (5,)),
     ]
     return GraphNet(nodes), (2, 4, 4)
 
@@ -165,13 +167,15 @@ def _concat_shape(layer: nn.Module, *shapes: tuple[int, ...]) -> tuple[int, ...]
 
 
 def _concat_example() -> tuple[nn.Module, tuple[int, ...]]:
-    """Two branches of a (2, 4, 4) input, joined along the channels (Inception-like)."""
+    """Two branches of a (2, 4, 4) input, joined along the channels (Inception-like), then a
+    ReLU whose CROWN bounds go back through the concatenation (on patches too)."""
     nodes = [
         ("conv", nn.Conv2d(2, 2, 3, padding=1), (INPUT,)),
         ("bn", random_batchnorm(nn.BatchNorm2d(2)), (0,)),
         ("relu", nn.ReLU(), (1,)),
         ("branch", nn.Conv2d(2, 1, 1), (INPUT,)),
         ("cat", Concat(1), (2, 3)),
+        ("out", nn.ReLU(), (4,)),
     ]
     return GraphNet(nodes), (2, 4, 4)
 

@@ -39,6 +39,7 @@ __all__ = [
     "check_certifiable",
     "check_shapes",
     "check_supported",
+    "kind_for",
     "kind_of",
     "last_layer",
     "output_shapes",
@@ -96,6 +97,12 @@ def register_kind(kind: LayerKind) -> LayerKind:
 
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def kind_for(layer_type: type[nn.Module]) -> LayerKind | None:
+    """The table's entry for a module type, or None (a residual block has none: the walk
+    expands it)."""
+    return _KINDS.get(layer_type)
 
 
 def kind_of(layer: nn.Module, where: str = "?") -> LayerKind:

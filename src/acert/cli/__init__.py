@@ -24,19 +24,19 @@ __all__ = ["main"]
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
-    from acert.config import TrainConfig, flag_help
+    from acert.config import config_keys, flag_help
 
     group = parser.add_argument_group("config keys (each also settable by --set KEY=V)")
-    for item in dataclasses.fields(TrainConfig):
-        if item.name in skip:
+    for name in config_keys():
+        if name in skip:
             continue
-        flag = "--" + item.name.replace("_", "-")
+        flag = "--" + name.replace("_", "-")
         group.add_argument(
             flag,
-            dest=f"cfg_{item.name}",
+            dest=f"cfg_{name}",
             default=None,
             metavar="V",
-            help=flag_help(item.name),
+            help=flag_help(name),
         )
 
 

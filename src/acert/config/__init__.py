@@ -21,6 +21,8 @@ from acert.config.fields import (
     TrainConfig,
     changed_keys,
     config_key,
+    config_keys,
+    method_keys,
 )
 from acert.config.resolve import (
     CROSS_CHECKS,
@@ -52,9 +54,11 @@ __all__ = [
     "check_resolved",
     "config_from_dict",
     "config_key",
+    "config_keys",
     "flag_help",
     "load_yaml",
     "markdown_table",
+    "method_keys",
     "parse_device",
     "parse_override",
     "resolve",

@@ -4,13 +4,12 @@ test checks the committed file against them)."""
 
 from __future__ import annotations
 
-import dataclasses
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
-from acert.config.fields import SYSTEM_KEYS, TrainConfig, config_key
+from acert.config.fields import SYSTEM_KEYS, TrainConfig, config_key, config_keys, method_keys
 from acert.config.resolve import CROSS_CHECKS, RESOLVED_KEYS, resolve
 from acert.data import list_datasets
 
@@ -48,7 +47,7 @@ def _value(value: Any) -> str:
 
 
 def _default(name: str) -> str:
-    default = TrainConfig.__dataclass_fields__[name].default
+    default = config_keys()[name].default
     return _PRESET if default is None and name in RESOLVED_KEYS else _value(default)
 
 
@@ -59,7 +58,7 @@ def allowed(name: str) -> str:
     parts += [check.rule for check in CROSS_CHECKS if check.key == name]
     if parts:
         return "; ".join(parts)
-    kind = typing.get_type_hints(TrainConfig)[name]
+    kind = config_keys()[name].type
     return "true or false" if kind is bool else "any " + _type_name(kind)
 
 
@@ -77,16 +76,15 @@ def _cell(text: str) -> str:
 def markdown_table() -> str:
     """docs/CONFIG.md's generated part: every key with its type, default, allowed values and
     meaning; then the values the datasets fill in."""
-    hints = typing.get_type_hints(TrainConfig)
+    keys = config_keys()
     lines = [
         "| key | type | default | allowed | meaning |",
         "|---|---|---|---|---|",
     ]
-    for item in dataclasses.fields(TrainConfig):
-        name = item.name
+    for name, item in keys.items():
         cells = [
             f"`{name}`",
-            _type_name(hints[name]),
+            _type_name(item.type),
             f"`{_default(name)}`" if _default(name) != _PRESET else f"*{_PRESET}*",
             allowed(name),
             config_key(name).help,
@@ -94,8 +92,8 @@ def markdown_table() -> str:
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     datasets = list_datasets()
     resolved = {d: resolve(TrainConfig(dataset=d)) for d in datasets}
+    lines += ["", *_method_records(), ""]
     lines += [
-        "",
         f"System keys, which may change when a run is resumed: "
         f"{', '.join(f'`{k}`' for k in SYSTEM_KEYS)}.",
         "",
@@ -105,11 +103,39 @@ def markdown_table() -> str:
         "| key | " + " | ".join(datasets) + " |",
         "|---|" + "---|" * len(datasets),
     ]
-    for item in dataclasses.fields(TrainConfig):
-        if item.name in RESOLVED_KEYS:
-            values = [_value(getattr(resolved[d], item.name)) for d in datasets]
-            lines.append(f"| `{item.name}` | " + " | ".join(values) + " |")
+    for name in keys:
+        if name in RESOLVED_KEYS:
+            values = [_value(getattr(resolved[d], name)) for d in datasets]
+            lines.append(f"| `{name}` | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _method_records() -> list[str]:
+    """The table of the methods' settings records: where each is declared, its keys and the
+    methods that take them (registered with it or with a record that inherits it)."""
+    from acert.methods import TRAINING_METHODS
+
+    records: dict[type, list[str]] = {}
+    for name, item in method_keys().items():
+        records.setdefault(item.record, []).append(f"`{name}`")
+    lines = [
+        "The methods' keys, each declared in its method's settings record "
+        "(docs/ARCHITECTURE.md, 'Training methods'); an adaptive-<base> method also takes "
+        "its base's keys:",
+        "",
+        "| settings record | declared in | keys | methods |",
+        "|---|---|---|---|",
+    ]
+    for record, names in records.items():
+        path = record.__module__.removeprefix("acert.").replace(".", "/") + ".py"
+        users = sorted(
+            name
+            for name, entry in TRAINING_METHODS.items()
+            if entry.settings is not None and issubclass(entry.settings, record)
+        )
+        cells = [f"`{record.__name__}`", f"`{path}`", ", ".join(names), ", ".join(users)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_docs(path: str | Path = "docs/CONFIG.md") -> Path:

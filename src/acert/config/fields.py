@@ -1,21 +1,29 @@
 """The config keys: one field each, and beside it its meaning and allowed values.
 
-Each field of :class:`TrainConfig` is made by :func:`key`, which keeps the key's help text and
-its :mod:`rule <acert.foundation.ranges>` in the field's metadata. ``acert train --help``, the
-validation of a resolved config (:func:`acert.config.validate`) and docs/CONFIG.md
-(:func:`acert.config.markdown_table`) all read them from there. A rule that an object API users
-build also checks (the training attack, the radius search) is that object's own rule object,
-imported here, so the two checks are one.
+Each field of :class:`TrainConfig` is made by :func:`key` (``foundation.settings.setting``),
+which keeps the key's help text and its :mod:`rule <acert.foundation.ranges>` in the field's
+metadata. The keys of the training methods are the fields of their settings records, declared
+beside each method (``methods/sabr.py``: ``SABRSettings``, ``sabr_lambda``) and found through
+the method registry the first time a config needs them (:func:`method_keys`), so that importing
+the config imports no training code. :func:`config_keys` is the one list of both: ``acert
+train --help``, the validation of a resolved config (:func:`acert.config.validate`), YAML
+files, ``--set`` and docs/CONFIG.md (:func:`acert.config.markdown_table`) all read it. A rule
+that an object API users build also checks (the training attack, the radius search) is that
+object's own rule object, so the two checks are one.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from acert.config.devices import parse_device
 from acert.data import dataset_info
+from acert.foundation.layout import LAYOUTS
 from acert.foundation.ranges import (
     ATTACK_RESTARTS,
     ATTACK_STEP_SIZE,
@@ -24,16 +32,15 @@ from acert.foundation.ranges import (
     Deferred,
     OneOf,
     Parsed,
-    Rule,
     above,
     at_least,
     between,
 )
+from acert.foundation.settings import Key, SettingField, key_of, setting
 from acert.models import INITS
 
-# the rules of bounds and radius searches, read where those registries are, when first used
+# the rule of the bounds, read where that registry is, when first used
 BOUND = Deferred("acert.evaluation.evaluate", "BOUND")
-STRATEGY = Deferred("acert.radius.settings", "STRATEGY")
 
 __all__ = [
     "GIVEN_METHOD",
@@ -44,7 +51,9 @@ __all__ = [
     "TrainConfig",
     "changed_keys",
     "config_key",
+    "config_keys",
     "key",
+    "method_keys",
 ]
 
 GIVEN_MODEL = "given"
@@ -59,31 +68,12 @@ LOGGERS = ("csv", "tensorboard")
 """Values of the config key ``logger``: metrics.csv alone, or TensorBoard event files beside it
 (:mod:`acert.records.loggers`)."""
 
-SYSTEM_KEYS = ("device", "threads", "logger", "data_dir", "out")
+SYSTEM_KEYS = ("device", "threads", "layout", "logger", "data_dir", "out")
 """Config keys that say where and how a run computes, not what it computes: they may differ
 when a run is resumed or found again by a sweep."""
 
-
-@dataclass(frozen=True)
-class Key:
-    """What a config key means and what it may hold.
-
-    Attributes:
-        help: the meaning, one sentence (``--help`` and docs/CONFIG.md).
-        rule: the allowed values, checked by :func:`acert.config.validate` on a resolved
-            config; None: any value of the field's type (checks between keys aside).
-    """
-
-    help: str
-    rule: Rule | None = None
-
-
-_METADATA = "acert"
-
-
-def key(default: Any, help: str, rule: Rule | None = None) -> Any:
-    """A config field with ``default``, its help text and its rule."""
-    return field(default=default, metadata={_METADATA: Key(help, rule)})
+key = setting
+"""A config field with its default, help text and rule (``foundation.settings.setting``)."""
 
 
 def _models() -> list[str]:
@@ -105,29 +95,28 @@ class _MethodName(OneOf):
         super().check(value, name)
 
 
-def _adaptive_bound(value: Any) -> None:
-    if value is not None:
-        OneOf(("ibp", "crown-ibp")).check(value, "adaptive_bound")
-
-
 def _methods() -> list[str]:
     from acert.methods import list_methods
 
     return [*list_methods(), GIVEN_METHOD]
 
 
-_UNIT = between(0, 1)
-"""Weights and fractions."""
-
 _PIXEL_EPS = between(0, 1, low_open=True, unit="pixel units")
 """A radius ε of the ℓ∞ ball."""
 
 
-@dataclass
+@dataclass(init=False)
 class TrainConfig:
     """Everything a training run depends on. Pixel units for every ε; a key left ``None``
     (null) takes the dataset's preset when the config is resolved, unless its help says what
-    null means."""
+    null means.
+
+    The keys of the training methods (``kappa``, ``sabr_lambda``, ...; :func:`method_keys`)
+    are no fields of this class: their values live in :attr:`method_settings`, one entry per
+    key of every registered method's settings record, and read as attributes all the same
+    (``config.kappa``). ``TrainConfig(kappa=0.25)`` and ``dataclasses.replace(config,
+    kappa=0.25)`` take them as keyword arguments, like the fields.
+    """
 
     # data
     dataset: str = key(
@@ -166,19 +155,13 @@ class TrainConfig:
         "default (PyTorch's)",
         INITS,
     )
-    # method and its knobs
+    # method (its knobs: method_settings)
     method: str = key(
         "acert",
         "the training method (docs/METHOD.md, 'Training loss' and 'Baselines')",
         _MethodName(
             _methods, "a method of `acert list`; given for a method object given to acert.fit"
         ),
-    )
-    kappa: float = key(
-        0.0,
-        "weight κ of the clean loss in (1-κ)·L_rob + κ·L_std, the trade-off knob of ACERT, "
-        "IBP and CROWN-IBP (docs/METHOD.md, Step 5)",
-        _UNIT,
     )
     eps_max: float | None = key(
         None,
@@ -191,33 +174,6 @@ class TrainConfig:
         "the ε the training schedule ramps to: the cap of ACERT's training radii, the fixed "
         "training ε of the other methods (their trade-off knob; docs/METHOD.md, Step 2)",
         _PIXEL_EPS,
-    )
-    radius_search: str = key(
-        "brent", "search of ACERT's training radii (docs/METHOD.md, Step 3)", STRATEGY
-    )
-    radius_max_iter: int = key(
-        10,
-        "evaluations of ACERT's training radius search after the one at the cap",
-        at_least(1, whole=True),
-    )
-    radius_rtol: float = key(
-        1e-4,
-        "relative tolerance of ACERT's training radius search: a sample stops once its bracket "
-        "is within rtol of its radius (docs/METHOD.md, Step 3; docs/PERFORMANCE.md, "
-        "'The training search: cost against benefit')",
-        at_least(0),
-    )
-    radius_warm_start: bool = key(
-        True, "start each sample's ACERT radius search from its radius of the last epoch"
-    )
-    adaptive_bound: str | None = key(
-        None,
-        "the bound of the training radius search of the adaptive-<base> methods (docs/METHOD.md, "
-        "'Adaptive radii for every certified loss')",
-        Parsed(
-            _adaptive_bound,
-            "ibp, crown-ibp, or null: the base's (crown-ibp for adaptive-crown-ibp, else ibp)",
-        ),
     )
     lambda_tight: float | None = key(
         None,
@@ -244,28 +200,6 @@ class TrainConfig:
         1,
         "random starts of the training attacks (and of TAPS/STAPS's latent search)",
         ATTACK_RESTARTS,
-    )
-    sabr_lambda: float = key(
-        0.4, "λ of SABR and STAPS: the radius of the propagated box as a fraction of ε", _UNIT
-    )
-    mtl_alpha: float = key(0.5, "α of MTL-IBP: the loss α·L_IBP + (1-α)·L_adv", _UNIT)
-    cc_alpha: float = key(
-        0.5, "α of CC-IBP: the robust CE of the margins (1-α)·m_adv + α·m_IBP", _UNIT
-    )
-    exp_alpha: float = key(0.5, "α of EXP-IBP: the loss L_adv^(1-α) · L_IBP^α", _UNIT)
-    taps_head: int = key(
-        4,
-        "TAPS/STAPS split: the model's last layers that form the PGD-searched head (fewer "
-        "than the model's layers, checked when the method is built)",
-        at_least(1, whole=True),
-    )
-    taps_grad_scale: float = key(
-        4.0, "TAPS/STAPS factor w on the gradient of L_TAPS in L_TAPS · L_IBP", above(0)
-    )
-    taps_connector: float = key(
-        0.5,
-        "TAPS/STAPS gradient connector c: the share of the latent box's width at each end",
-        between(0, 1, low_open=True),
     )
     # optimisation
     epochs: int | None = key(None, "training epochs", at_least(1, whole=True))
@@ -315,6 +249,13 @@ class TrainConfig:
         "CPU threads of the run",
         at_least(1, whole=True, null="PyTorch's default, one per core"),
     )
+    layout: str = key(
+        "contiguous",
+        "memory layout of the images and convolution weights in training: contiguous (NCHW, "
+        "PyTorch's default) or channels-last (NHWC; faster convolutions on some CPUs, numbers "
+        "that differ by rounding; docs/PERFORMANCE.md, 'Memory layout')",
+        LAYOUTS,
+    )
     logger: str = key(
         "csv",
         "csv: metrics.csv; tensorboard: event files in RUN/tensorboard as well",
@@ -322,8 +263,45 @@ class TrainConfig:
     )
     out: str | None = key(None, "the run folder; null: runs/DATASET-METHOD-DATE-TIME")
 
+    method_settings: dict[str, Any] = field(default_factory=dict)
+    """Method key -> value, for every key of :func:`method_keys` (a method's own record of
+    them: ``SABRSettings.read(config)``)."""
+
+    def __init__(self, **values: Any) -> None:
+        given = dict(values.pop("method_settings", None) or {})
+        for item in _core_fields():
+            value = values.pop(item.name) if item.name in values else item.default
+            object.__setattr__(self, item.name, value)
+        given.update(values)
+        keys = method_keys()
+        unknown = [name for name in given if name not in keys]
+        if unknown:
+            raise TypeError(
+                f"TrainConfig.__init__() got an unexpected keyword argument {unknown[0]!r}"
+            )
+        settings = {name: given.get(name, item.default) for name, item in keys.items()}
+        object.__setattr__(self, "method_settings", settings)
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached for a name that is no field: a method key, or an error
+        settings = self.__dict__.get("method_settings")
+        if not name.startswith("__") and settings is not None:
+            if name in settings:
+                return settings[name]
+            if name in method_keys():  # a method registered after this config was made
+                return method_keys()[name].default
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _CORE_NAMES or name == "method_settings" or name not in method_keys():
+            object.__setattr__(self, name, value)
+        else:
+            self.method_settings[name] = value
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every key and its value, in the order of :func:`config_keys` (a flat mapping: what
+        config.yaml holds)."""
+        return {name: copy.deepcopy(getattr(self, name)) for name in config_keys()}
 
     @property
     def test_subset_seed(self) -> int:
@@ -334,12 +312,10 @@ class TrainConfig:
         """The command-line flags that give this config: one per key that differs from its
         default (``["--epochs", "2", "--cert-eps", "0.1,0.2"]``)."""
         flags = []
-        for item in dataclasses.fields(self):
-            value = getattr(self, item.name)
-            has_default = item.default is not dataclasses.MISSING
-            default = item.default if has_default else item.default_factory()  # type: ignore[misc]
-            if value != default:
-                flags += ["--" + item.name.replace("_", "-"), _flag_text(value)]
+        for name, item in config_keys().items():
+            value = getattr(self, name)
+            if value != item.default:
+                flags += ["--" + name.replace("_", "-"), _flag_text(value)]
         return flags
 
 
@@ -360,9 +336,49 @@ def changed_keys(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
     return sorted(k for k, v in new.items() if k not in SYSTEM_KEYS and old.get(k) != v)
 
 
+@functools.cache
+def _core_fields() -> tuple[SettingField, ...]:
+    """The keys that are fields of :class:`TrainConfig`: those of every run."""
+    hints = typing.get_type_hints(TrainConfig)
+    return tuple(
+        SettingField(item.name, hints[item.name], item.default, key, TrainConfig)
+        for item in dataclasses.fields(TrainConfig)
+        if (key := key_of(item)) is not None
+    )
+
+
+_CORE_NAMES = frozenset(item.name for item in dataclasses.fields(TrainConfig))
+
+
+def method_keys() -> dict[str, SettingField]:
+    """The keys of the training methods: the fields of every registered method's settings
+    record, in the order of registration. The first call imports the methods (which registers
+    them); importing the config does not."""
+    from acert.methods import method_setting_fields
+
+    keys = method_setting_fields()
+    clash = sorted(_CORE_NAMES & set(keys))
+    if clash:
+        record = keys[clash[0]].record.__name__
+        raise TypeError(
+            f"{record}.{clash[0]} is a key of every run already (TrainConfig); rename it"
+        )
+    return keys
+
+
+def config_keys() -> dict[str, SettingField]:
+    """Every config key -> its setting: the keys of every run (the fields of
+    :class:`TrainConfig`) with the methods' keys after ``method``."""
+    core = {item.name: item for item in _core_fields()}
+    names = list(core)
+    split = names.index("method") + 1
+    return {
+        **{name: core[name] for name in names[:split]},
+        **method_keys(),
+        **{name: core[name] for name in names[split:]},
+    }
+
+
 def config_key(name: str) -> Key:
     """The :class:`Key` of config key ``name`` (KeyError for an unknown name)."""
-    return _KEYS[name]
-
-
-_KEYS: dict[str, Key] = {f.name: f.metadata[_METADATA] for f in dataclasses.fields(TrainConfig)}
+    return config_keys()[name].key

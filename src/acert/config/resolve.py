@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from acert.config.fields import TrainConfig, config_key
+from acert.config.fields import TrainConfig, config_key, config_keys
 from acert.data import DATASETS, dataset_info
 from acert.foundation.errors import ConfigError
 
@@ -144,8 +144,8 @@ CROSS_CHECKS = (
 def validate(config: TrainConfig) -> None:
     """Raise a ConfigError for a value its key's rule refuses, in the order of the keys, then
     for values inconsistent with each other (:data:`CROSS_CHECKS`)."""
-    for item in dataclasses.fields(config):
-        check_key(item.name, getattr(config, item.name))
+    for name in config_keys():
+        check_key(name, getattr(config, name))
     for check in CROSS_CHECKS:
         message = check.problem(config)
         if message is not None:

@@ -3,7 +3,6 @@ its key's type (one-line ConfigErrors naming the key)."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import types
 import typing
@@ -12,16 +11,15 @@ from typing import Any
 
 import yaml
 
-from acert.config.fields import TrainConfig
+from acert.config.fields import TrainConfig, config_keys
 from acert.foundation.errors import ConfigError
 
 __all__ = ["config_from_dict", "load_yaml", "parse_override"]
 
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-
 
 def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(TrainConfig)
+    """Key -> its type, the methods' keys included."""
+    return {name: item.type for name, item in config_keys().items()}
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -80,10 +78,11 @@ def _convert(kind: Any, value: Any) -> Any:
 
 def config_from_dict(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
     """A config with ``values`` applied over ``base`` (default: the field defaults)."""
-    unknown = sorted(set(values) - set(_FIELDS))
+    known = config_keys()
+    unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(
-            f"unknown config key {unknown[0]!r}; valid keys are {', '.join(sorted(_FIELDS))}"
+            f"unknown config key {unknown[0]!r}; valid keys are {', '.join(sorted(known))}"
         )
     merged = (base or TrainConfig()).to_dict()
     merged.update({key: _coerce(key, value) for key, value in values.items()})

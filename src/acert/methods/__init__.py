@@ -15,21 +15,32 @@ import pkgutil
 from typing import Any
 
 from acert.foundation.errors import ConfigError
-from acert.methods.acert import ACERT, RadiusMemory
-from acert.methods.adaptive import ADAPTIVE_BASES, Adaptive, check_adaptive_name
+from acert.methods.acert import ACERT, ACERTSettings, RadiusMemory
+from acert.methods.adaptive import (
+    ADAPTIVE_BASES,
+    Adaptive,
+    AdaptiveSettings,
+    check_adaptive_name,
+)
 from acert.methods.base import Batch, LossTerms, Step, TrainingAttack, TrainingMethod
-from acert.methods.cc_ibp import CCIBP
+from acert.methods.cc_ibp import CCIBP, CCIBPSettings
 from acert.methods.crown_ibp import CROWNIBP
-from acert.methods.exp_ibp import EXPIBP
-from acert.methods.ibp import IBP
+from acert.methods.exp_ibp import EXPIBP, EXPIBPSettings
+from acert.methods.ibp import IBP, KappaSettings
 from acert.methods.loop import ACERTLoss, TrainingLoss
-from acert.methods.mtl_ibp import MTLIBP
+from acert.methods.mtl_ibp import MTLIBP, MTLIBPSettings
 from acert.methods.pgd import PGDTraining
-from acert.methods.registry import TRAINING_METHODS, MethodEntry, knob_symbols, register_method
-from acert.methods.sabr import SABR, sabr_box
+from acert.methods.registry import (
+    TRAINING_METHODS,
+    MethodEntry,
+    knob_symbols,
+    method_setting_fields,
+    register_method,
+)
+from acert.methods.sabr import SABR, SABRSettings, sabr_box
 from acert.methods.standard import Standard
-from acert.methods.staps import STAPS
-from acert.methods.taps import TAPS
+from acert.methods.staps import STAPS, STAPSSettings
+from acert.methods.taps import TAPS, TAPSSettings
 from acert.methods.warmup import WarmupRegularizer
 
 __all__ = [
@@ -45,14 +56,23 @@ __all__ = [
     "TAPS",
     "TRAINING_METHODS",
     "ACERTLoss",
+    "ACERTSettings",
     "Adaptive",
+    "AdaptiveSettings",
     "Batch",
+    "CCIBPSettings",
+    "EXPIBPSettings",
+    "KappaSettings",
     "LossTerms",
+    "MTLIBPSettings",
     "MethodEntry",
     "PGDTraining",
     "RadiusMemory",
+    "SABRSettings",
+    "STAPSSettings",
     "Standard",
     "Step",
+    "TAPSSettings",
     "TrainingAttack",
     "TrainingLoss",
     "TrainingMethod",
@@ -61,6 +81,7 @@ __all__ = [
     "create_method",
     "knob_symbols",
     "list_methods",
+    "method_setting_fields",
     "register_method",
     "sabr_box",
 ]

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from acert.bounds import BatchStats, clean_forward
+from acert.foundation.ranges import at_least
+from acert.foundation.settings import setting
 from acert.methods.base import (
     MIN_WARMUP_EPS,
     Batch,
@@ -22,23 +24,57 @@ from acert.methods.base import (
     certified_objective,
     standard_phase_terms,
 )
+from acert.methods.ibp import KappaSettings
 from acert.methods.registry import register_method
 from acert.methods.warmup import WarmupRegularizer
 from acert.radius import TRAINING_SEARCH, KnownBatch, SearchSettings, radius_search
-from acert.radius.settings import check_settings
+from acert.radius.settings import STRATEGY, check_settings
 
-__all__ = ["ACERT", "RadiusMemory", "adaptive_radii", "training_search"]
+__all__ = ["ACERT", "ACERTSettings", "RadiusMemory", "adaptive_radii", "training_search"]
+
+
+@dataclass(frozen=True)
+class ACERTSettings(KappaSettings):
+    """ACERT's config keys: κ and the training radius search (``adaptive-<base>`` inherits
+    them)."""
+
+    radius_search: str = setting(
+        "brent", "search of ACERT's training radii (docs/METHOD.md, Step 3)", STRATEGY
+    )
+    radius_max_iter: int = setting(
+        10,
+        "evaluations of ACERT's training radius search after the one at the cap",
+        at_least(1, whole=True),
+    )
+    radius_rtol: float = setting(
+        1e-4,
+        "relative tolerance of ACERT's training radius search: a sample stops once its bracket "
+        "is within rtol of its radius (docs/METHOD.md, Step 3; docs/PERFORMANCE.md, "
+        "'The training search: cost against benefit')",
+        at_least(0),
+    )
+    radius_warm_start: bool = setting(
+        True, "start each sample's ACERT radius search from its radius of the last epoch"
+    )
+
+    def search(self) -> SearchSettings:
+        """The training search: these settings on :data:`acert.radius.TRAINING_SEARCH`."""
+        return replace(
+            TRAINING_SEARCH,
+            strategy=self.radius_search,
+            max_iter=self.radius_max_iter,
+            rtol=self.radius_rtol,
+        )
+
+    def memory(self) -> RadiusMemory | None:
+        """A fresh radius memory for warm starts, or None for cold searches."""
+        return RadiusMemory() if self.radius_warm_start else None
 
 
 def training_search(config: Any) -> SearchSettings:
     """The training search of a config: ``radius_search``, ``radius_max_iter``, ``radius_rtol``
     on :data:`acert.radius.TRAINING_SEARCH`."""
-    return replace(
-        TRAINING_SEARCH,
-        strategy=config.radius_search,
-        max_iter=config.radius_max_iter,
-        rtol=config.radius_rtol,
-    )
+    return ACERTSettings.read(config).search()
 
 
 class RadiusMemory:
@@ -117,7 +153,7 @@ def adaptive_radii(
     return radii, result.mean_evaluations
 
 
-@register_method("acert", knobs={"kappa": "κ"})
+@register_method("acert", knobs={"kappa": "κ"}, settings=ACERTSettings)
 @dataclass
 class ACERT:
     """The ACERT loss; κ moves the model along the accuracy–robustness trade-off.
@@ -141,11 +177,12 @@ class ACERT:
     @classmethod
     def from_config(cls, config: Any) -> ACERT:
         """κ, the warm-up regularisers and the training search of the config."""
+        settings = ACERTSettings.read(config)
         return cls(
-            kappa=config.kappa,
+            kappa=settings.kappa,
             regularizer=WarmupRegularizer.from_config(config),
-            search=training_search(config),
-            memory=RadiusMemory() if config.radius_warm_start else None,
+            search=settings.search(),
+            memory=settings.memory(),
         )
 
     def __post_init__(self) -> None:

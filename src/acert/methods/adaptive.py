@@ -20,10 +20,12 @@ from torch import nn
 
 from acert.bounds import clean_forward
 from acert.foundation.errors import ConfigError
+from acert.foundation.ranges import OneOf, Parsed
+from acert.foundation.settings import setting
 
 # the bases register themselves when imported; _register below reads their entries
 from acert.methods import cc_ibp, crown_ibp, exp_ibp, mtl_ibp, sabr, staps, taps  # noqa: F401
-from acert.methods.acert import RadiusMemory, adaptive_radii, training_search
+from acert.methods.acert import ACERTSettings, RadiusMemory, adaptive_radii
 from acert.methods.base import (
     MIN_WARMUP_EPS,
     Batch,
@@ -37,7 +39,13 @@ from acert.methods.registry import TRAINING_METHODS, register_method
 from acert.radius import TRAINING_SEARCH, SearchSettings
 from acert.radius.settings import check_settings
 
-__all__ = ["ADAPTIVE_BASES", "SEARCH_BOUNDS", "Adaptive", "check_adaptive_name"]
+__all__ = [
+    "ADAPTIVE_BASES",
+    "SEARCH_BOUNDS",
+    "Adaptive",
+    "AdaptiveSettings",
+    "check_adaptive_name",
+]
 
 ADAPTIVE_BASES = ("crown-ibp", "sabr", "mtl-ibp", "cc-ibp", "exp-ibp", "taps", "staps")
 """The certified methods registered as ``adaptive-<base>``; IBP's adaptive version is ``acert``."""
@@ -46,6 +54,27 @@ SEARCH_BOUNDS = ("ibp", "crown-ibp")
 """Bounds the training radius search may use (config key ``adaptive_bound``)."""
 
 PREFIX = "adaptive-"
+
+
+def _search_bound(value: Any) -> None:
+    if value is not None:
+        OneOf(SEARCH_BOUNDS).check(value, "adaptive_bound")
+
+
+@dataclass(frozen=True)
+class AdaptiveSettings(ACERTSettings):
+    """The config keys of every ``adaptive-<base>``: ACERT's (κ, the training search) and the
+    search's bound; the base's own keys are the base's record's."""
+
+    adaptive_bound: str | None = setting(
+        None,
+        "the bound of the training radius search of the adaptive-<base> methods (docs/METHOD.md, "
+        "'Adaptive radii for every certified loss')",
+        Parsed(
+            _search_bound,
+            "ibp, crown-ibp, or null: the base's (crown-ibp for adaptive-crown-ibp, else ibp)",
+        ),
+    )
 
 
 @dataclass
@@ -80,12 +109,13 @@ class Adaptive:
     def from_config(cls, config: Any) -> Adaptive:
         """The base method of ``cls.base_name`` from the same config, κ, the training search,
         its bound (``adaptive_bound``) and the warm starts."""
+        settings = AdaptiveSettings.read(config)
         return cls(
             base=TRAINING_METHODS[cls.base_name].from_config(config),
-            kappa=config.kappa,
-            search=training_search(config),
-            bound=config.adaptive_bound or cls.default_bound,
-            memory=RadiusMemory() if config.radius_warm_start else None,
+            kappa=settings.kappa,
+            search=settings.search(),
+            bound=settings.adaptive_bound or cls.default_bound,
+            memory=settings.memory(),
         )
 
     def __post_init__(self) -> None:
@@ -144,7 +174,7 @@ def _register(base: str, default_bound: str = "ibp") -> type[Adaptive]:
     attributes = {"base_name": base, "default_bound": default_bound, "__module__": __name__}
     adaptive = type(class_name, (Adaptive,), attributes)
     knobs = {"kappa": "κ", **TRAINING_METHODS[base].knobs}
-    return register_method(PREFIX + base, knobs=knobs)(adaptive)
+    return register_method(PREFIX + base, knobs=knobs, settings=AdaptiveSettings)(adaptive)
 
 
 # trained on CROWN-IBP margins, searched with them: +25% CROWN-IBP ACR for ~2x the step

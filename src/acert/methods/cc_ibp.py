@@ -26,11 +26,13 @@ from typing import ClassVar
 from torch import Tensor
 
 from acert.bounds.spec import other_classes
+from acert.foundation.ranges import between
+from acert.foundation.settings import Settings, setting
 from acert.methods.base import robust_cross_entropy
 from acert.methods.expressive import ExpressiveLoss
 from acert.methods.registry import register_method
 
-__all__ = ["CCIBP", "logit_margins"]
+__all__ = ["CCIBP", "CCIBPSettings", "logit_margins"]
 
 
 def logit_margins(logits: Tensor, y: Tensor) -> Tensor:
@@ -44,12 +46,21 @@ def logit_margins(logits: Tensor, y: Tensor) -> Tensor:
     return logits.gather(1, y.unsqueeze(1)) - others
 
 
-@register_method("cc-ibp", knobs={"cc_alpha": "α"})
+@dataclass(frozen=True)
+class CCIBPSettings(Settings):
+    """CC-IBP's config key."""
+
+    cc_alpha: float = setting(
+        0.5, "α of CC-IBP: the robust CE of the margins (1-α)·m_adv + α·m_IBP", between(0, 1)
+    )
+
+
+@register_method("cc-ibp", knobs={"cc_alpha": "α"}, settings=CCIBPSettings)
 @dataclass
 class CCIBP(ExpressiveLoss):
     """Robust CE of ``(1-α)·m_adv + α·m_IBP`` (docs/METHOD.md (M18)); α is ``cc_alpha``."""
 
-    alpha_key: ClassVar[str] = "cc_alpha"
+    alpha_settings: ClassVar[type[Settings]] = CCIBPSettings
 
     def combine(
         self, ibp_margins: Tensor, adv_logits: Tensor | None, y: Tensor, metrics: dict

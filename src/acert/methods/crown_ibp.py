@@ -30,13 +30,14 @@ from acert.methods.base import (
     mixed_objective,
     robust_cross_entropy,
 )
+from acert.methods.ibp import KappaSettings
 from acert.methods.registry import register_method
 from acert.methods.warmup import WarmupRegularizer
 
 __all__ = ["CROWNIBP"]
 
 
-@register_method("crown-ibp", knobs={"kappa": "κ"})
+@register_method("crown-ibp", knobs={"kappa": "κ"}, settings=KappaSettings)
 @dataclass
 class CROWNIBP(Stateless):
     """``(1-κ)·L_rob(β·lb_CROWN-IBP + (1-β)·lb_IBP) + κ·L_std`` plus warm-up regularisers.
@@ -58,7 +59,8 @@ class CROWNIBP(Stateless):
 
     @classmethod
     def from_config(cls, config: Any) -> CROWNIBP:
-        return cls(kappa=config.kappa, regularizer=WarmupRegularizer.from_config(config))
+        settings = KappaSettings.read(config)
+        return cls(kappa=settings.kappa, regularizer=WarmupRegularizer.from_config(config))
 
     def beta(self, step: Step) -> float:
         """Weight of the CROWN-IBP bound, linear in the ramp's progress ``ε_s/ε_max``."""

@@ -28,10 +28,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from acert.foundation.process_group import global_sum
+from acert.foundation.ranges import between
+from acert.foundation.settings import Settings, setting
 from acert.methods.expressive import ExpressiveLoss
 from acert.methods.registry import register_method
 
-__all__ = ["EXPIBP", "global_mean", "log_product", "robust_cross_entropies"]
+__all__ = ["EXPIBP", "EXPIBPSettings", "global_mean", "log_product", "robust_cross_entropies"]
 
 
 def global_mean(values: Tensor) -> Tensor:
@@ -63,12 +65,19 @@ def log_product(first: Tensor, second: Tensor, weight: float) -> Tensor:
     return logs.exp()
 
 
-@register_method("exp-ibp", knobs={"exp_alpha": "α"})
+@dataclass(frozen=True)
+class EXPIBPSettings(Settings):
+    """EXP-IBP's config key."""
+
+    exp_alpha: float = setting(0.5, "α of EXP-IBP: the loss L_adv^(1-α) · L_IBP^α", between(0, 1))
+
+
+@register_method("exp-ibp", knobs={"exp_alpha": "α"}, settings=EXPIBPSettings)
 @dataclass
 class EXPIBP(ExpressiveLoss):
     """``L_adv^(1-α) · L_IBP^α`` (docs/METHOD.md (M19)); α is ``exp_alpha``."""
 
-    alpha_key: ClassVar[str] = "exp_alpha"
+    alpha_settings: ClassVar[type[Settings]] = EXPIBPSettings
 
     def combine(
         self, ibp_margins: Tensor, adv_logits: Tensor | None, y: Tensor, metrics: dict

@@ -15,6 +15,7 @@ function from above and below (the reference code normalises with the adversaria
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 
 from acert.bounds import BatchStats, input_box
 from acert.bounds.clean_pass import forward_with_stats
+from acert.foundation.settings import Settings
 from acert.methods.base import (
     Batch,
     IBPPass,
@@ -53,14 +55,14 @@ class ExpressiveLoss(Stateless):
     alpha: float = 0.5
     attack: TrainingAttack = field(default_factory=TrainingAttack)
     regularizer: WarmupRegularizer = field(default_factory=WarmupRegularizer)
-    alpha_key: ClassVar[str] = "alpha"
-    """The config key of α (``mtl_alpha``, ...)."""
+    alpha_settings: ClassVar[type[Settings]]
+    """The method's settings record: one key, its α (``mtl_alpha``, ...)."""
     owns_kappa: ClassVar[bool] = False
 
     @classmethod
     def from_config(cls, config: Any) -> ExpressiveLoss:
         return cls(
-            alpha=getattr(config, cls.alpha_key),
+            alpha=dataclasses.astuple(cls.alpha_settings.read(config))[0],
             attack=TrainingAttack.from_config(config),
             regularizer=WarmupRegularizer.from_config(config),
         )

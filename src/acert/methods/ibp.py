@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from acert.bounds import BatchStats, as_eps, clean_forward
+from acert.foundation.ranges import between
+from acert.foundation.settings import Settings, setting
 from acert.methods.base import (
     Batch,
     IBPPass,
@@ -27,10 +29,23 @@ from acert.methods.base import (
 from acert.methods.registry import register_method
 from acert.methods.warmup import WarmupRegularizer
 
-__all__ = ["IBP"]
+__all__ = ["IBP", "KappaSettings"]
 
 
-@register_method("ibp", knobs={"kappa": "κ"})
+@dataclass(frozen=True)
+class KappaSettings(Settings):
+    """The clean loss's weight κ of the certified objective: the config key of IBP, and of
+    CROWN-IBP and ACERT, whose records inherit this one."""
+
+    kappa: float = setting(
+        0.0,
+        "weight κ of the clean loss in (1-κ)·L_rob + κ·L_std, the trade-off knob of ACERT, "
+        "IBP and CROWN-IBP (docs/METHOD.md, Step 5)",
+        between(0, 1),
+    )
+
+
+@register_method("ibp", knobs={"kappa": "κ"}, settings=KappaSettings)
 @dataclass
 class IBP(Stateless):
     """``(1-κ)·L_rob(ε_s) + κ·L_std`` plus warm-up regularisers; L_std and them while ε_s = 0.
@@ -46,7 +61,8 @@ class IBP(Stateless):
 
     @classmethod
     def from_config(cls, config: Any) -> IBP:
-        return cls(kappa=config.kappa, regularizer=WarmupRegularizer.from_config(config))
+        settings = KappaSettings.read(config)
+        return cls(kappa=settings.kappa, regularizer=WarmupRegularizer.from_config(config))
 
     def loss(self, model: nn.Module, batch: Batch, step: Step) -> LossTerms:
         logits, stats = clean_forward(model, batch.x)

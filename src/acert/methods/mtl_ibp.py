@@ -17,19 +17,28 @@ from typing import ClassVar
 import torch.nn.functional as F
 from torch import Tensor
 
+from acert.foundation.ranges import between
+from acert.foundation.settings import Settings, setting
 from acert.methods.base import robust_cross_entropy
 from acert.methods.expressive import ExpressiveLoss
 from acert.methods.registry import register_method
 
-__all__ = ["MTLIBP"]
+__all__ = ["MTLIBP", "MTLIBPSettings"]
 
 
-@register_method("mtl-ibp", knobs={"mtl_alpha": "α"})
+@dataclass(frozen=True)
+class MTLIBPSettings(Settings):
+    """MTL-IBP's config key."""
+
+    mtl_alpha: float = setting(0.5, "α of MTL-IBP: the loss α·L_IBP + (1-α)·L_adv", between(0, 1))
+
+
+@register_method("mtl-ibp", knobs={"mtl_alpha": "α"}, settings=MTLIBPSettings)
 @dataclass
 class MTLIBP(ExpressiveLoss):
     """``α·L_IBP + (1-α)·L_adv`` (docs/METHOD.md (M17)); α is ``mtl_alpha``."""
 
-    alpha_key: ClassVar[str] = "mtl_alpha"
+    alpha_settings: ClassVar[type[Settings]] = MTLIBPSettings
 
     def combine(
         self, ibp_margins: Tensor, adv_logits: Tensor | None, y: Tensor, metrics: dict

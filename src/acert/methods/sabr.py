@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from acert.bounds import BatchStats, Interval, as_eps, input_box
+from acert.foundation.ranges import between
+from acert.foundation.settings import Settings, setting
 from acert.methods.base import (
     Batch,
     IBPPass,
@@ -34,7 +36,7 @@ from acert.methods.base import (
 from acert.methods.registry import register_method
 from acert.methods.warmup import WarmupRegularizer
 
-__all__ = ["SABR", "sabr_box"]
+__all__ = ["SABR", "SABRSettings", "sabr_box"]
 
 
 def sabr_box(x: Tensor, x_adv: Tensor, eps: float | Tensor, lam: float) -> Interval:
@@ -62,7 +64,18 @@ def sabr_box(x: Tensor, x_adv: Tensor, eps: float | Tensor, lam: float) -> Inter
     return Interval.from_bounds((centre - tau).maximum(lo), (centre + tau).minimum(hi))
 
 
-@register_method("sabr", knobs={"sabr_lambda": "λ"})
+@dataclass(frozen=True)
+class SABRSettings(Settings):
+    """SABR's config key (STAPS's record inherits it)."""
+
+    sabr_lambda: float = setting(
+        0.4,
+        "λ of SABR and STAPS: the radius of the propagated box as a fraction of ε",
+        between(0, 1),
+    )
+
+
+@register_method("sabr", knobs={"sabr_lambda": "λ"}, settings=SABRSettings)
 @dataclass
 class SABR(Stateless):
     """Robust CE of the IBP margins of a small adversarial box; L_std and the warm-up
@@ -82,7 +95,7 @@ class SABR(Stateless):
     @classmethod
     def from_config(cls, config: Any) -> SABR:
         return cls(
-            lam=config.sabr_lambda,
+            lam=SABRSettings.read(config).sabr_lambda,
             attack=TrainingAttack.from_config(config),
             regularizer=WarmupRegularizer.from_config(config),
         )

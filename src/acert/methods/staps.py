@@ -19,13 +19,20 @@ from torch import Tensor, nn
 from acert.bounds import Interval
 from acert.methods.base import Batch
 from acert.methods.registry import register_method
-from acert.methods.sabr import sabr_box
-from acert.methods.taps import TAPS
+from acert.methods.sabr import SABRSettings, sabr_box
+from acert.methods.taps import TAPS, TAPSSettings
 
-__all__ = ["STAPS"]
+__all__ = ["STAPS", "STAPSSettings"]
 
 
-@register_method("staps", knobs={"sabr_lambda": "λ", "taps_grad_scale": "w"})
+@dataclass(frozen=True)
+class STAPSSettings(TAPSSettings, SABRSettings):
+    """STAPS's config keys: SABR's λ and TAPS's split and weights."""
+
+
+@register_method(
+    "staps", knobs={"sabr_lambda": "λ", "taps_grad_scale": "w"}, settings=STAPSSettings
+)
 @dataclass
 class STAPS(TAPS):
     """TAPS on the small box of SABR around a PGD point; L_std and the warm-up regularisers
@@ -42,7 +49,7 @@ class STAPS(TAPS):
 
     @classmethod
     def from_config(cls, config: Any) -> STAPS:
-        return cls(lam=config.sabr_lambda, **cls.config_knobs(config))
+        return cls(lam=STAPSSettings.read(config).sabr_lambda, **cls.config_knobs(config))
 
     def box(self, model: nn.Module, batch: Batch, eps: float | Tensor) -> tuple[Interval, Tensor]:
         """SABR's box around a PGD point of the ε-ball, and its centre."""

@@ -44,6 +44,8 @@ from acert.bounds import ibp as ibp_rules
 from acert.bounds.clean_pass import forward_with_stats
 from acert.bounds.spec import other_classes
 from acert.foundation.errors import ConfigError
+from acert.foundation.ranges import above, at_least, between
+from acert.foundation.settings import Settings, setting
 from acert.methods.base import (
     Batch,
     IBPPass,
@@ -265,7 +267,27 @@ def taps_objective(estimates: Tensor, margins: Tensor, grad_scale: float) -> tup
     return scaled * loss_ibp, loss_taps, loss_ibp
 
 
-@register_method("taps", knobs={"taps_grad_scale": "w"})
+@dataclass(frozen=True)
+class TAPSSettings(Settings):
+    """TAPS's config keys (STAPS's record inherits them)."""
+
+    taps_head: int = setting(
+        4,
+        "TAPS/STAPS split: the model's last layers that form the PGD-searched head (fewer "
+        "than the model's layers, checked when the method is built)",
+        at_least(1, whole=True),
+    )
+    taps_grad_scale: float = setting(
+        4.0, "TAPS/STAPS factor w on the gradient of L_TAPS in L_TAPS · L_IBP", above(0)
+    )
+    taps_connector: float = setting(
+        0.5,
+        "TAPS/STAPS gradient connector c: the share of the latent box's width at each end",
+        between(0, 1, low_open=True),
+    )
+
+
+@register_method("taps", knobs={"taps_grad_scale": "w"}, settings=TAPSSettings)
 @dataclass
 class TAPS(Stateless):
     """``L_TAPS · L_IBP`` over the ε-ball, plus warm-up regularisers; L_std and the warm-up
@@ -293,10 +315,11 @@ class TAPS(Stateless):
     @staticmethod
     def config_knobs(config: Any) -> dict[str, Any]:
         """The settings TAPS and STAPS read from a config."""
+        settings = TAPSSettings.read(config)
         return {
-            "head": config.taps_head,
-            "grad_scale": config.taps_grad_scale,
-            "connector": config.taps_connector,
+            "head": settings.taps_head,
+            "grad_scale": settings.taps_grad_scale,
+            "connector": settings.taps_connector,
             "attack": TrainingAttack.from_config(config),
             "regularizer": WarmupRegularizer.from_config(config),
         }

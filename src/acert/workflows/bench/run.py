@@ -17,6 +17,7 @@ targets in docs/PERFORMANCE.md refer to.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import platform
@@ -34,6 +35,7 @@ from acert.bounds import clean_forward, input_box, margin_bounds_on_box
 from acert.config import BENCH_RUN, TrainConfig, available_device, resolve, tiny_run
 from acert.data import BatchLoader, load_imageset, stratified_subset
 from acert.foundation.errors import AcertError
+from acert.foundation.layout import in_layout, model_in_layout
 from acert.methods import ACERT, Batch, Step, create_method
 from acert.models import create_model
 from acert.radius import SEARCHES, KnownBatch, SearchSettings, radius_search
@@ -242,14 +244,22 @@ def _step_times(
         methods["acert"], reference.earlier, batch, step
     )
     trained = model.train()
+    # the same steps with images and convolution weights channels-last (the layout key)
+    nhwc = model_in_layout(copy.deepcopy(model), "channels-last").train()
+    nhwc_batch = dataclasses.replace(batch, x=in_layout(batch.x, "channels-last"))
+    for name in ("ibp", "acert"):
+        methods[f"{name}_channels_last"] = create_method(
+            dataclasses.replace(config, method=name, radius_warm_start=name == "acert")
+        )
     steps: dict[str, Callable[[], Any]] = {}
     for name, method in methods.items():
+        net, data = (nhwc, nhwc_batch) if name.endswith("channels_last") else (trained, batch)
 
-        def one_step(method=method) -> None:
-            if method is methods["acert"] and primed is not None:
+        def one_step(method=method, net=net, data=data) -> None:
+            if getattr(method, "memory", None) is not None and primed is not None:
                 method.load_state_dict(primed)
-            trained.zero_grad(set_to_none=True)
-            method.loss(trained, batch, step).loss.backward()
+            net.zero_grad(set_to_none=True)
+            method.loss(net, data, step).loss.backward()
 
         steps[name] = one_step
     times = round_robin(steps, device, settings.repeats)
@@ -258,6 +268,10 @@ def _step_times(
         "acert_step_over_ibp_step": median_ratio(times, "acert", "ibp"),
         "acert_cold_step_over_ibp_step": median_ratio(times, "acert_cold", "ibp"),
         "ibp_step_over_standard_step": median_ratio(times, "ibp", "standard"),
+        "ibp_step_channels_last_over_contiguous": median_ratio(times, "ibp_channels_last", "ibp"),
+        "acert_step_channels_last_over_contiguous": median_ratio(
+            times, "acert_channels_last", "acert"
+        ),
         **{f"acert_{key}": value for key, value in busy.items()},
     }
     for name, one_step in steps.items():
@@ -333,6 +347,8 @@ def bench(settings: BenchSettings, log: Callable[[str], None] = print) -> dict[s
         "acert_step_over_ibp_step": raw["acert_step_over_ibp_step"],
         "acert_cold_step_over_ibp_step": raw["acert_cold_step_over_ibp_step"],
         "ibp_step_over_standard_step": raw["ibp_step_over_standard_step"],
+        "ibp_step_channels_last_over_contiguous": raw["ibp_step_channels_last_over_contiguous"],
+        "acert_step_channels_last_over_contiguous": raw["acert_step_channels_last_over_contiguous"],
         "busy_step_over_alone_step": raw["acert_busy_step_over_alone_step"],
         "train_samples_per_second": throughput,
     }

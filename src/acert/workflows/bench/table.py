@@ -49,6 +49,16 @@ def format_table(results: dict[str, Any]) -> str:
             f"{1e3 * raw['standard_step_seconds']:.1f} ms standard",
         ),
         (
+            "IBP step, channels-last / contiguous",
+            f"{results['ibp_step_channels_last_over_contiguous']:.2f}x",
+            f"{1e3 * raw['ibp_channels_last_step_seconds']:.1f} ms channels-last",
+        ),
+        (
+            "ACERT step, channels-last / contiguous",
+            f"{results['acert_step_channels_last_over_contiguous']:.2f}x",
+            f"{1e3 * raw['acert_channels_last_step_seconds']:.1f} ms channels-last",
+        ),
+        (
             "ACERT step beside a busy process / alone",
             f"{results['busy_step_over_alone_step']:.2f}x",
             f"{1e3 * raw['acert_busy_step_seconds']:.1f} / "

@@ -29,7 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from acert.bounds import METHODS as BOUND_METHODS
-from acert.config import TrainConfig, changed_keys, config_from_dict, parse_override, resolve
+from acert.config import (
+    TrainConfig,
+    changed_keys,
+    config_from_dict,
+    config_keys,
+    parse_override,
+    resolve,
+)
 from acert.data import dataset_info
 from acert.foundation.errors import AcertError, ConfigError
 from acert.foundation.threads import job_environment, thread_share
@@ -99,7 +106,7 @@ def parse_bounds(text: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def _check_key(key: str) -> None:
-    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    known = list(config_keys())
     if key in UNSWEPT:
         raise ConfigError(f"grid key {key!r} cannot be swept; the sweep names each run folder")
     if key not in known:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from acert.bounds import bounds_form
 from acert.data import BatchLoader
 from acert.foundation.errors import AcertError
+from acert.foundation.layout import in_layout
 from acert.foundation.process_group import World, mean_metrics, seed_process, shard
 from acert.foundation.schedules import EpsSchedule
 from acert.methods import Batch, Step, TrainingMethod
@@ -64,12 +65,14 @@ class LoopSettings:
         grad_clip: maximum gradient norm (10).
         l1: weight of the L1 penalty on weights (TinyImageNet 1e-4).
         progress: show a progress bar per epoch.
+        layout: memory layout of the batches (:mod:`acert.foundation.layout`).
     """
 
     epochs: int
     grad_clip: float = 10.0
     l1: float = 0.0
     progress: bool = True
+    layout: str = "contiguous"
 
 
 class TrainingDivergedError(AcertError):
@@ -117,7 +120,7 @@ def fit(
                 schedule.eps_max,
                 schedule.in_warmup(state.step),
             )
-            batch = Batch(x[rows], y[rows], idx[rows])
+            batch = Batch(in_layout(x[rows], settings.layout), y[rows], idx[rows])
             last_lr = optimizer.param_groups[0]["lr"]
             values = _train_step(compute_loss, parts, settings, batch, step, weight)
             state.step += 1

@@ -37,6 +37,7 @@ from acert.data import (
 from acert.evaluation.evaluate import Evaluation, EvaluationSettings
 from acert.evaluation.sharded import evaluate_sharded
 from acert.foundation.errors import ConfigError
+from acert.foundation.layout import model_in_layout
 from acert.foundation.process_group import (
     World,
     broadcast_object,
@@ -213,7 +214,7 @@ def _run(
         torch.set_num_threads(config.threads)
     _seed_everything(config.seed)
     inputs = inputs or run_inputs(config)
-    model, method = inputs.model.to(device), inputs.method
+    model, method = model_in_layout(inputs.model.to(device), config.layout), inputs.method
     train_set, val_set = inputs.train, inputs.val
     bounds_form(model, train_set.shape)  # traced once (and checked) before anything is written
     loader = _loader(config, train_set, device, world)
@@ -232,7 +233,7 @@ def _run(
     board = open_logger(config, out) if world.is_main else None  # --logger tensorboard
     place = _Place(run_dir, world, device)
     callbacks = _epoch_callbacks(config, parts, val_set, place, board, state.epoch, log)
-    settings = LoopSettings(config.epochs, config.grad_clip, config.l1, progress)
+    settings = LoopSettings(config.epochs, config.grad_clip, config.l1, progress, config.layout)
     try:
         state = fit(parts, settings, state, callbacks, world)
     except TrainingDivergedError as err:

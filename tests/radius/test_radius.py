@@ -1,7 +1,7 @@
 """The certified radius search (acert.radius): every reported radius is certified, the next
 tolerance step is not, caps and misclassified samples are respected, PGD finds nothing inside,
 the exact MILP radius is an upper bound, and the two searches agree. The settings and what the
-caller hands the search are in tests/test_radius_settings.py."""
+caller hands the search are in tests/radius/test_radius_settings.py."""
 
 from __future__ import annotations
 

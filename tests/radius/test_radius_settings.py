@@ -1,7 +1,7 @@
 """What a caller hands the radius search (acert.radius): the settings (iteration limit, ftol
 and rtol, the warm start's spread; one frozen SearchSettings) and what it already knows of the
 batch (KnownBatch: clean logits, batch-norm statistics, warm-start guesses). Each still gives
-certified radii; the guarantees of the default search are in tests/test_radius.py."""
+certified radii; the guarantees of the default search are in tests/radius/test_radius.py."""
 
 from __future__ import annotations
 

@@ -26,6 +26,8 @@ KEYS = (
     "acert_step_over_ibp_step",
     "acert_cold_step_over_ibp_step",
     "ibp_step_over_standard_step",
+    "ibp_step_channels_last_over_contiguous",
+    "acert_step_channels_last_over_contiguous",
     "busy_step_over_alone_step",
     "train_samples_per_second",
 )

@@ -121,7 +121,7 @@ def two(tmp_path_factory, config_file):
     """The two-process run, started through this file so that rank 1 may not write to ``out``."""
     out = tmp_path_factory.mktemp("two") / "run"
     argv = ["train", "--config", str(config_file), "--out", str(out), "--quiet"]
-    return torchrun("-m", "tests.test_distributed", "acert-train", *argv), out
+    return torchrun("-m", "tests.workflows.train.test_distributed", "acert-train", *argv), out
 
 
 def noise_driven(model: nn.Sequential) -> set[str]:
@@ -231,7 +231,7 @@ def test_shards_cover_the_global_batch(batch, world_size):
 
 @pytest.mark.train
 def test_batch_norm_uses_the_statistics_of_the_global_batch():
-    done = torchrun("-m", "tests.test_distributed", "batch-norm")
+    done = torchrun("-m", "tests.workflows.train.test_distributed", "batch-norm")
     assert done.stdout.count("batch-norm ok") == 2
 
 
@@ -276,7 +276,7 @@ def _batch_norm_worker() -> None:
 
 @pytest.mark.train
 def test_a_warm_up_step_on_two_processes_is_one_step_on_one():
-    done = torchrun("-m", "tests.test_distributed", "warm-up-step")
+    done = torchrun("-m", "tests.workflows.train.test_distributed", "warm-up-step")
     assert done.stdout.count("warm-up step ok") == 2
 
 

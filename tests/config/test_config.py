@@ -1,4 +1,5 @@
-import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from acert.config import (
     check_key,
     config_from_dict,
     config_key,
+    config_keys,
     flag_help,
     load_yaml,
     markdown_table,
@@ -102,14 +104,14 @@ def test_yaml_and_overrides(tmp_path):
 
 
 def test_shipped_config_files_resolve():
-    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+    for path in sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")):
         config = resolve(config_from_dict(load_yaml(path)))
         assert config.dataset in path.stem
 
 
 # --- every key documented once ----------------------------------------------------------------
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_docs_config_md_holds_the_generated_tables():
@@ -119,7 +121,7 @@ def test_docs_config_md_holds_the_generated_tables():
 
 
 def test_every_key_has_help_and_a_row_and_a_flag_that_says_it(capsys):
-    names = [item.name for item in dataclasses.fields(TrainConfig)]
+    names = list(config_keys())
     table = markdown_table()
     for name in names:
         assert len(config_key(name).help) > 10, name
@@ -148,11 +150,7 @@ def _out_of_range(rule: Range) -> list[float]:
     return bad, good
 
 
-RANGED = [
-    item.name
-    for item in dataclasses.fields(TrainConfig)
-    if isinstance(config_key(item.name).rule, Range)
-]
+RANGED = [name for name in config_keys() if isinstance(config_key(name).rule, Range)]
 
 
 @pytest.mark.parametrize("name", RANGED)
@@ -206,7 +204,7 @@ def test_objects_that_take_a_key_check_it_with_the_keys_own_rule():
         with pytest.raises(ConfigError) as from_config:
             resolve(config_from_dict({key: value}))
         assert str(from_object.value) == str(from_config.value)
-    assert config_key("radius_search").rule.resolve() is STRATEGY
+    assert config_key("radius_search").rule is STRATEGY
     with pytest.raises(AcertError, match="unknown radius search 'golden'; choose one of brent"):
         SearchSettings(strategy="golden")
     with pytest.raises(ConfigError, match=r"pgd_steps must be a whole number >= 0, got 2\.5"):
@@ -214,3 +212,18 @@ def test_objects_that_take_a_key_check_it_with_the_keys_own_rule():
     check_key("kappa", 0.5)
     with pytest.raises(ConfigError, match=r"kappa must lie in \[0, 1\], got 2"):
         check_key("kappa", 2)
+
+
+def test_importing_the_config_and_the_figures_imports_no_training_code():
+    """The methods' keys are found when a config first needs them, not when the config (or
+    ``acert.records.plots``, which reads run folders through it) is imported."""
+    code = (
+        "import sys, acert.config, acert.records.plots; "
+        "print(sorted(m for m in sys.modules if m.split('.')[:2] in [['acert', p] for p in "
+        "('methods', 'bounds', 'radius', 'evaluation', 'workflows')]))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert found.strip() == "[]"
+    assert "kappa" in config_keys() and "acert.methods.ibp" in sys.modules  # found when needed

@@ -16,7 +16,7 @@ from acert.records.study import study_table
 from acert.workflows.sweep.jobs import Job, make_launcher, parse_slurm_options, run_jobs
 from acert.workflows.sweep.run import run_state, sweep
 from tests.kit import InterruptError, quiet
-from tests.test_sweep import TINY_FLAGS, tiny
+from tests.workflows.sweep.test_sweep import TINY_FLAGS, tiny
 
 TIMES = ("train_seconds", "time")
 

@@ -20,7 +20,7 @@ from acert.data import imagefiles, registry
 from acert.models import Normalize
 from tests.kit.data import one_line_error
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARCHIVE_PLACES = [ROOT.parent / "shared", ROOT.parent.parent / "shared"]  # main or a worktree
 ARCHIVE = next((p / "data" / "cifar10-jpeg-q75.tar.gz" for p in ARCHIVE_PLACES if p.is_dir()), None)
 CIFAR_CLASSES = registry.CIFAR10_CLASSES

@@ -258,7 +258,7 @@ def test_bad_attack_and_best_options_are_one_line_errors(run, argv, message, cap
 def test_study_table_and_tradeoff_show_the_attack_acr_where_present(tmp_path):
     from acert.records.plots import plot_tradeoff
     from acert.records.study import markdown_table, study_table
-    from tests.test_plots import make_run
+    from tests.records.test_plots import make_run
 
     study = tmp_path / "study"
     runs = [
@@ -280,7 +280,7 @@ def test_study_table_and_tradeoff_show_the_attack_acr_where_present(tmp_path):
 
 
 def test_plot_draws_a_best_of_certificate(tmp_path, capsys):
-    from tests.test_plots import make_run
+    from tests.records.test_plots import make_run
 
     study = tmp_path / "study"
     for kappa, clean, acr in ((0.0, 0.8, 0.1), (0.5, 0.9, 0.05)):
