@@ -87,6 +87,13 @@ def test_a_chain_of_supported_layers_is_not_traced_and_a_graph_is_cached():
     model = build_graph_net("cat", SHAPE, 3)
     graph = bounds_form(model, SHAPE)
     assert isinstance(graph, GraphNet) and bounds_form(model) is graph
+    model.mix = nn.Conv2d(5, 4, 3, stride=2, padding=1)  # a layer replaced after tracing
+    retraced = bounds_form(model, SHAPE)
+    assert retraced is not graph and retraced.nodes[graph.names.index("mix")] is model.mix
+    handle = model.left.register_forward_hook(lambda module, inputs, output: -output)
+    with pytest.raises(UnsupportedModelError, match=r"hooks .* on layer left \(Conv2d\)"):
+        bounds_form(model)
+    handle.remove()
     nested = nn.Sequential(
         nn.Sequential(nn.Flatten(), nn.Linear(64, 4)), nn.ReLU(), nn.Linear(4, 2)
     )

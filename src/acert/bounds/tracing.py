@@ -84,18 +84,27 @@ def is_plain_chain(model: nn.Module) -> bool:
     )
 
 
-_GRAPHS: weakref.WeakKeyDictionary[nn.Module, GraphNet] = weakref.WeakKeyDictionary()
+_GRAPHS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, GraphNet]] = weakref.WeakKeyDictionary()
+
+
+def _modules_of(model: nn.Module) -> tuple:
+    """What a cached graph was traced from: every module's name and identity (a layer
+    replaced after tracing, ``model.fc = nn.Linear(...)``, makes the graph stale)."""
+    return tuple((name, id(module)) for name, module in model.named_modules())
 
 
 def bounds_form(model: nn.Module, shape: tuple[int, ...] | None = None) -> nn.Module:
     """The model the bounds walk: ``model`` itself when it is a plain chain
     (:func:`is_plain_chain`) or a :class:`GraphNet`, else its traced graph (:func:`as_graph`),
-    traced once per model and cached (``shape``, the input shape without the batch, is needed
-    the first time only: the probe input is drawn with it)."""
+    traced once per model and cached while the model holds the same modules (``shape``, the
+    input shape without the batch, is needed when it is traced: the probe input has it); hooks
+    are refused on every call, those added after tracing too."""
     if is_plain_chain(model) or isinstance(model, GraphNet):
         return model
-    graph = _GRAPHS.get(model)
-    if graph is None:
+    check_hooks(model)
+    modules = _modules_of(model)
+    traced, graph = _GRAPHS.get(model, ((), None))
+    if graph is None or traced != modules:
         if shape is None:
             raise UnsupportedModelError(
                 f"{type(model).__name__} must be traced into a graph before its bounds, which "
@@ -103,7 +112,7 @@ def bounds_form(model: nn.Module, shape: tuple[int, ...] | None = None) -> nn.Mo
             )
         graph = as_graph(model, shape)
         last_layer(graph)
-        _GRAPHS[model] = graph
+        _GRAPHS[model] = (modules, graph)
     graph.training = model.training  # its own flag: eval_mode(graph) restores it to all
     return graph
 
