@@ -8,6 +8,7 @@ import torch
 
 import acert
 from acert.config import tiny_run
+from acert.foundation.errors import ConfigError
 from acert.radius.attacks import pgd_attack
 from acert.workflows.train.run import run
 from tests.kit import quiet
@@ -67,3 +68,11 @@ def test_the_acert_loss_in_ones_own_loop_bounds_a_traced_network():
     terms.loss.backward()
     assert torch.isfinite(terms.loss) and terms.radii.shape == (16,)
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_taps_which_splits_a_chain_refuses_a_graph_in_one_line():
+    model = build_graph_net("custom-cnn", SHAPE, classes=3)
+    with pytest.raises(
+        ConfigError, match=r"^TAPS splits a chain of layers .* this model is a graph"
+    ):
+        acert.fit(model, _bands(40, 0), eps_max=0.1, epochs=1, progress=False, method="taps")

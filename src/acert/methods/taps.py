@@ -210,9 +210,9 @@ def check_head(model: nn.Sequential, head: int) -> None:
     ``head`` leaves a non-empty feature extractor before it."""
     if not isinstance(model, nn.Sequential):
         raise ConfigError(
-            f"TAPS splits a chain of layers into a feature extractor and a head, but this "
-            f"model is a graph ({type(model).__name__}); train it with another method "
-            "(acert, ibp, crown-ibp, sabr)"
+            "TAPS splits a chain of layers (an nn.Sequential) into a feature extractor and a "
+            "head, but this model is a graph (a forward of its own, traced); train it with "
+            "another method (acert, ibp, crown-ibp, sabr)"
         )
     if not 1 <= head < len(model):
         raise ConfigError(
