@@ -26,8 +26,9 @@ from acert.bounds.clean_pass import (
     clean_forward,
 )
 from acert.bounds.interval import Interval, as_eps, input_box
-from acert.bounds.kinds import LAYER_KINDS, check_shapes, last_layer, register_kind
+from acert.bounds.kinds import LAYER_KINDS, check_shapes, register_kind
 from acert.bounds.spec import margin_matrix, other_classes
+from acert.bounds.tracing import bounds_form, last_layer
 from acert.foundation.errors import AcertError
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "Interval",
     "MarginEvaluator",
     "as_eps",
+    "bounds_form",
     "check_arithmetic",
     "check_batch",
     "check_eps",
@@ -60,23 +62,24 @@ MarginEvaluator = Callable[[Interval, Tensor], Tensor]
 """``evaluate(box, y)``: (B, K-1) margin lower bounds of the boxes (B, ...) for labels y (B,)."""
 
 
-def _ibp(model: nn.Sequential, stats: BatchStats | None, sound: bool) -> MarginEvaluator:
+def _ibp(model: nn.Module, stats: BatchStats | None, sound: bool) -> MarginEvaluator:
     head, last = ibp.prepare_head(model, stats, sound)
     return lambda box, y: ibp.last_layer_margins(last, head(box)[0], y, sound)
 
 
-def _crown_ibp(model: nn.Sequential, stats: BatchStats | None, sound: bool) -> MarginEvaluator:
+def _crown_ibp(model: nn.Module, stats: BatchStats | None, sound: bool) -> MarginEvaluator:
     return lambda box, y: crown.crown_margins(model, box, y, stats, intermediate="ibp", sound=sound)
 
 
-def _crown(model: nn.Sequential, stats: BatchStats | None, sound: bool) -> MarginEvaluator:
+def _crown(model: nn.Module, stats: BatchStats | None, sound: bool) -> MarginEvaluator:
     return lambda box, y: crown.crown_margins(
         model, box, y, stats, intermediate="crown", sound=sound
     )
 
 
-Method = Callable[[nn.Sequential, "BatchStats | None", bool], MarginEvaluator]
-"""``method(model, stats, sound)``: the method's evaluator for that network and statistics."""
+Method = Callable[[nn.Module, "BatchStats | None", bool], MarginEvaluator]
+"""``method(form, stats, sound)``: the method's evaluator for that network (its bounds form,
+:func:`bounds_form`) and statistics."""
 METHODS: dict[str, Method] = {
     "ibp": _ibp,
     "crown-ibp": _crown_ibp,
@@ -84,8 +87,9 @@ METHODS: dict[str, Method] = {
 }
 
 
-def check_inputs(model: nn.Module, x: Tensor, y: Tensor, runs: bool = True) -> None:
-    """Raise a one-line :class:`AcertError` unless x, y fit a supported model.
+def check_inputs(model: nn.Module, x: Tensor, y: Tensor, runs: bool = True) -> nn.Module:
+    """The model's bounds form (:func:`bounds_form`: itself, or its traced graph), or a
+    one-line :class:`AcertError` unless x, y fit a supported model.
 
     The public entry points (:func:`margin_bounds`, :func:`acert.radius.radius_search`,
     :func:`acert.evaluation.evaluate.evaluate`) take torch tensors only: numpy arrays and lists are
@@ -93,6 +97,9 @@ def check_inputs(model: nn.Module, x: Tensor, y: Tensor, runs: bool = True) -> N
     leaves out running the layers on the input's shape (:func:`check_model_input`, some
     milliseconds), for a caller that runs the model on x itself before any bound.
     """
+    if not (isinstance(x, Tensor) and x.dim() >= 2):
+        check_batch(x, y)  # its one-line error: without x's shape no model can be traced
+    model = bounds_form(model, tuple(x.shape[1:]))
     check_supported(model)
     check_batch(x, y)
     num_classes = last_layer(model).out_features
@@ -118,6 +125,7 @@ def check_inputs(model: nn.Module, x: Tensor, y: Tensor, runs: bool = True) -> N
         raise AcertError(
             f"labels must lie in [0, {num_classes}), got {y.min().item()}..{y.max().item()}"
         )
+    return model
 
 
 _LABEL_DTYPES = (torch.int64, torch.int32)
@@ -190,13 +198,13 @@ def check_input_dtype(model: nn.Module, x: Tensor) -> torch.dtype:
     return dtype
 
 
-def check_model_input(model: nn.Sequential, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+def check_model_input(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype) -> None:
     """One-line :class:`AcertError` unless ``model`` takes inputs of ``shape`` (no batch) and
-    ``dtype``: each layer's rank and every residual body's shape (:func:`check_shapes`), then
-    the forward pass itself, run on shapes alone (the ``meta`` device: no arithmetic, no
-    random numbers drawn, no running statistics touched), so that no bound is computed for a
-    model that cannot run on the input."""
-    check_shapes(model, shape)
+    ``dtype``: each layer's rank and every residual body's shape in its bounds form
+    (:func:`check_shapes`), then the model's forward pass itself, run on shapes alone (the
+    ``meta`` device: no arithmetic, no random numbers drawn, no running statistics touched),
+    so that no bound is computed for a model that cannot run on the input."""
+    check_shapes(bounds_form(model, shape), shape)
     meta = {
         name: torch.empty_like(tensor, device="meta")
         for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())
@@ -253,7 +261,7 @@ def _short(value: object) -> str:
 
 
 def margin_bounds_on_box(
-    model: nn.Sequential,
+    model: nn.Module,
     box: Interval,
     y: Tensor,
     method: str = "ibp",
@@ -263,7 +271,8 @@ def margin_bounds_on_box(
     """Lower bounds of the margins over an input box; no input checks (hot paths use this).
 
     Args:
-        model: a supported ``nn.Sequential`` (see :func:`check_inputs`).
+        model: a supported model (see :func:`check_inputs`), traced before (a
+            :func:`margin_bounds` or :func:`check_inputs` of it) unless it is a chain.
         box: (B, ...) input interval inside [0, 1].
         y: (B,) labels.
         method: one of ``METHODS``.
@@ -278,7 +287,7 @@ def margin_bounds_on_box(
 
 
 def margin_evaluator(
-    model: nn.Sequential,
+    model: nn.Module,
     method: str = "ibp",
     stats: BatchStats | None = None,
     sound: bool = True,
@@ -289,11 +298,11 @@ def margin_evaluator(
     """
     if method not in METHODS:
         raise AcertError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
-    return METHODS[method](model, stats, sound)
+    return METHODS[method](bounds_form(model), stats, sound)
 
 
 def margin_bounds(
-    model: nn.Sequential,
+    model: nn.Module,
     x: Tensor,
     y: Tensor,
     eps: float | Tensor,
@@ -306,10 +315,12 @@ def margin_bounds(
         model: ``nn.Sequential`` or :class:`acert.models.GraphNet` of the layers of
             :data:`LAYER_KINDS` (Normalize, Conv2d, Linear, BatchNorm1d/2d, ReLU, LeakyReLU,
             Flatten, AvgPool2d, MaxPool2d, Identity, Dropout, Add, Concat, residual blocks),
-            ending in Linear. Batch-norm uses running statistics in eval
-            mode; one that normalises with the current batch (train mode) needs ``stats`` (a
-            training objective's bounds) and is refused without them, as is Dropout in train
-            mode: no certificate holds for them.
+            ending in Linear, or any ``nn.Module`` whose forward is made of them and of the
+            functional forms :mod:`acert.bounds.tracing` maps onto them (traced once into a
+            graph, :func:`bounds_form`). Batch-norm uses running statistics in eval mode; one
+            that normalises with the current batch (train mode) needs ``stats`` (a training
+            objective's bounds) and is refused without them, as is Dropout in train mode: no
+            certificate holds for them.
         x: (B, C, H, W) or (B, D) inputs in [0, 1], B >= 1, a torch tensor of the model's
             dtype (numpy arrays and lists are refused, not converted: pass ``torch.as_tensor``).
         y: (B,) int64 labels (int32 is accepted too).
@@ -321,7 +332,7 @@ def margin_bounds(
         (B, K-1) lower bounds; the sample is certified at eps when all are > 0.
     """
     check_arithmetic()
-    check_inputs(model, x, y)
+    model = check_inputs(model, x, y)
     check_eps(eps)
     check_fixed_normalisation(model, stats)
     box = input_box(x, eps)
