@@ -41,7 +41,6 @@ __all__ = [
     "check_supported",
     "kind_for",
     "kind_of",
-    "last_layer",
     "output_shapes",
     "register_kind",
     "walk",
@@ -263,12 +262,6 @@ def check_supported(model: nn.Module) -> nn.Module:
 
 def _top(model: nn.Sequential | GraphNet) -> nn.Sequential | nn.ModuleList:
     return model.nodes if isinstance(model, GraphNet) else model
-
-
-def last_layer(model: nn.Module) -> nn.Module:
-    """The module that gives the output of a supported model (an ``nn.Sequential``'s last
-    layer, a :class:`acert.models.GraphNet`'s last node's)."""
-    return _top(model)[-1]
 
 
 def _check_computes_its_layers(model: nn.Sequential | GraphNet) -> None:
