@@ -245,3 +245,23 @@ def test_a_diverged_run_before_any_checkpoint_promises_none(tmp_path, capsys):
     err = one_line_error(["train", *TINY, "--lr", "1e30", "--out", str(out)], capsys)
     assert "the loss became nan at epoch 1, step 1; lower --lr or check the data" in err
     assert "keeps" not in err and not RunDir(out).has_checkpoint("last")
+
+
+def test_a_run_of_data_given_from_python_asks_for_a_dataset_to_certify_or_export(tmp_path, capsys):
+    import torch
+
+    import acert
+    from acert.models import create_model
+
+    torch.manual_seed(0)
+    images, labels = torch.rand(40, 1, 28, 28), torch.randint(0, 10, (40,))
+    model = create_model("mlp-small", (1, 28, 28), 10, [0.1307], [0.3081])
+    out = tmp_path / "fit"
+    acert.fit(model, (images, labels), out=out, epochs=1, eps_max=0.1, progress=False)
+    export = ["export", str(out), "--onnx", str(tmp_path / "n.onnx")]
+    for argv in (
+        ["certify", str(out)],
+        [*export, "--vnnlib", str(tmp_path / "v"), "--eps", "0.1", "--n", "2"],
+    ):
+        err = one_line_error(argv, capsys)
+        assert "data given from Python and has no files to read" in err and "--dataset" in err

@@ -56,6 +56,12 @@ def _candidate_dirs(dataset: Dataset, data_dir: str | os.PathLike | None) -> lis
 
 def _locate(dataset: Dataset, split: str, data_dir: str | os.PathLike | None) -> Path:
     """First candidate folder holding one of the split's marker files, else a DatasetError."""
+    if split not in dataset.markers:  # data given from Python (acert.fit): no files
+        raise DatasetError(
+            f"{dataset.name} is data given from Python and has no files to read; name a "
+            "dataset of the same shape and classes (--dataset) or pass the images from Python "
+            "(acert.certify(model, (x, y), ...))"
+        )
     folders = _candidate_dirs(dataset, data_dir)
     markers = dataset.markers[split]
     for folder in folders:
