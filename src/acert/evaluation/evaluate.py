@@ -13,10 +13,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,11 +23,20 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from acert.bounds import METHODS, check_eps, check_inputs, crown, margin_bounds
+from acert.bounds import check_inputs, margin_bounds
 from acert.bounds.arithmetic import arithmetic_record, ieee_arithmetic
-from acert.foundation.errors import AcertError
-from acert.foundation.ranges import PGD_STEPS, OneOf, above, at_least, between, settings_object
-from acert.radius import KnownBatch, check_cap, radius_search
+from acert.evaluation.best import best_of, cascade_radii, certified_by_any
+from acert.evaluation.settings import (
+    BATCH_SIZE,
+    BOUND,
+    CROWN_MEMORY_MIB,
+    RADIUS,
+    EvaluationSettings,
+    best_label,
+    check_settings,
+)
+from acert.foundation.ranges import PGD_STEPS
+from acert.radius import radius_search
 from acert.radius.attacks import pgd_attack
 
 __all__ = [
@@ -95,142 +103,6 @@ class Evaluation:
             **best,
             **({"arithmetic": self.arithmetic} if self.arithmetic else {}),
         }
-
-
-RADIUS = between(0, 1, low_open=True, unit="pixel units")
-"""A radius of the certified or PGD accuracy."""
-
-BOUND = OneOf(lambda: sorted(METHODS))
-"""A bound that certifies (:data:`acert.bounds.METHODS`; config key ``eval_bound``)."""
-
-
-BATCH_SIZE = at_least(1, whole=True)
-"""Samples per bound pass of an evaluation."""
-
-CROWN_MEMORY_MIB = above(0, null="no cap")
-"""Cap of each CROWN backward chunk's coefficients, MiB."""
-
-
-@dataclass(frozen=True)
-class EvaluationSettings:
-    """What an evaluation computes and how; a bad value is refused here, when the object is made.
-
-    Attributes:
-        eps_max: cap of the radius search and of the ACR, a number in (0, 1].
-        cert_eps: radii at which the certified accuracy is reported, each in (0, 1]; kept as a
-            tuple, a radius given twice once.
-        bounds: ``"ibp"``, ``"crown-ibp"`` or ``"crown"``, or several of them (a tuple; one
-            name alone is taken as a tuple of one): then each sample's radius is the largest
-            of the bounds' radii (each is sound, so their maximum is) and a sample is
-            certified at ε when any of the bounds certifies it.
-        pgd_eps: radii for the PGD accuracy, each in (0, 1] (None: ``cert_eps``; ``()``: none).
-        pgd_steps: PGD steps (one random restart), >= 0; 0 skips the attack.
-        batch_size: samples per bound pass, >= 1.
-        crown_memory_mib: cap of each CROWN backward chunk's coefficients in MiB (> 0), or
-            None: no cap (:func:`acert.bounds.crown.memory_budget`).
-        cascade: with several bounds, search each later bound only where it can raise the
-            radius (:func:`cascade_radii`): on the samples the earlier bounds leave below the
-            cap, from the radius they reached. Each sample's radius is the same best-of (up to
-            the search's tolerance) at a fraction of the cost; a bound's own radii
-            (``bound_radii``) are then those it added, 0 where it was not searched.
-    """
-
-    eps_max: float
-    cert_eps: tuple[float, ...] = ()
-    bounds: tuple[str, ...] = ("ibp",)
-    pgd_eps: tuple[float, ...] | None = None
-    pgd_steps: int = 20
-    batch_size: int = 256
-    crown_memory_mib: float | None = None
-    cascade: bool = False
-
-    def __post_init__(self) -> None:
-        check_cap(self.eps_max, None)
-        object.__setattr__(self, "cert_eps", _radii(self.cert_eps, "cert_eps"))
-        object.__setattr__(self, "bounds", _bound_names(self.bounds))
-        if self.pgd_eps is not None:
-            object.__setattr__(self, "pgd_eps", _radii(self.pgd_eps, "pgd_eps"))
-        PGD_STEPS.check(self.pgd_steps, "pgd_steps")
-        BATCH_SIZE.check(self.batch_size, "batch_size")
-        CROWN_MEMORY_MIB.check(self.crown_memory_mib, "crown_memory_mib")
-        if not isinstance(self.cascade, bool):
-            raise AcertError(f"cascade must be True or False, got {self.cascade!r}")
-
-    @property
-    def label(self) -> str:
-        """The name of the certificate (:func:`best_label` of ``bounds``)."""
-        return best_label(self.bounds)
-
-    def memory_budget(self, x: Tensor) -> contextlib.AbstractContextManager[None]:
-        """The CROWN memory cap for inputs like ``x`` (a no-op without ``crown_memory_mib``)."""
-        if self.crown_memory_mib is None:
-            return contextlib.nullcontext()
-        return crown.memory_budget(max(1, int(self.crown_memory_mib * 2**20 / x.element_size())))
-
-
-def _radii(values: object, name: str) -> tuple[float, ...]:
-    """``values`` as a tuple of radii in (0, 1], each once."""
-    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-        raise AcertError(f"{name} must be a sequence of radii such as (0.1, 0.2), got {values!r}")
-    radii = tuple(values)
-    for eps in radii:
-        check_eps(eps, name)
-        if isinstance(eps, Tensor) and eps.numel() != 1:
-            raise AcertError(
-                f"{name} holds a tensor of shape {tuple(eps.shape)}; pass one number per radius"
-            )
-        RADIUS.check(float(eps), name)
-    return tuple(dict.fromkeys(radii))
-
-
-def _bound_names(bounds: object) -> tuple[str, ...]:
-    """``bounds`` as a tuple of bound names, each once."""
-    names = (bounds,) if isinstance(bounds, str) else bounds
-    if not isinstance(names, Iterable) or not (names := tuple(names)):
-        raise AcertError(f"bounds must name one or more of {', '.join(METHODS)}, got {bounds!r}")
-    for name in names:
-        BOUND.check(name, "bound")
-    return tuple(dict.fromkeys(names))
-
-
-def check_settings(value: object) -> EvaluationSettings:
-    """``value`` if it is an :class:`EvaluationSettings`, else a one-line :class:`AcertError`."""
-    return settings_object(
-        value,
-        EvaluationSettings,
-        "settings",
-        "acert.evaluation.evaluate.EvaluationSettings",
-        "e.g. EvaluationSettings(eps_max=0.1, cert_eps=(0.1,))",
-    )
-
-
-def best_label(bounds: Sequence[str]) -> str:
-    """The name of a best-of certificate: ``"best"`` over every bound of
-    :data:`acert.bounds.METHODS`, else ``"best-ibp+crown"`` and the like."""
-    if len(bounds) == 1:
-        return bounds[0]
-    if set(bounds) == set(METHODS):
-        return "best"
-    return "best-" + "+".join(bounds)
-
-
-def best_of(bound_radii: dict[str, Tensor]) -> dict[str, Any]:
-    """Which bound gave each sample its best radius, and each bound's own ACR.
-
-    ``won[b]`` counts the samples whose radius under ``b`` is strictly larger than under
-    every other bound; ``won["tie"]`` those where several share the largest (among them the
-    misclassified samples, 0 under every bound, and those certified at the cap by several),
-    so the counts add up to the number of samples.
-    """
-    names = list(bound_radii)
-    stacked = torch.stack([bound_radii[name].double() for name in names])
-    at_top = stacked == stacked.max(0).values
-    alone = at_top.sum(0) == 1
-    winners = at_top[:, alone].double().argmax(0)
-    won = {name: int((winners == i).sum()) for i, name in enumerate(names)}
-    won["tie"] = int((~alone).sum())
-    acr = {name: stacked[i].mean().item() for i, name in enumerate(names)}
-    return {"bounds": names, "won": won, "acr": acr}
 
 
 def attacked_radii(
@@ -316,7 +188,7 @@ def _evaluate(
                     per_bound[name].append(radii)
                 for eps in cert_eps:
                     # a sample counts only where the model's own forward pass classifies it right
-                    by_bound = _certified_by_any(model, xb, yb, eps, bounds)
+                    by_bound = certified_by_any(model, xb, yb, eps, bounds)
                     certified[eps] += (by_bound & correct[-1]).sum().item()
             evaluations.append(spent)
             for eps in pgd_eps:
@@ -344,50 +216,6 @@ def _evaluate(
         bound_radii=bound_radii if len(bounds) > 1 else {},
         arithmetic=arithmetic_record(x.dtype, device),
     )
-
-
-def cascade_radii(
-    model: nn.Module, x: Tensor, y: Tensor, eps_max: float, bounds: Sequence[str]
-) -> tuple[dict[str, Tensor], Tensor]:
-    """Each sample's best-of radius, the bounds tried in turn, each only where it can help.
-
-    The first bound searches every sample. A later bound skips the samples already certified
-    at the cap (no radius can exceed it); where the best radius r so far lies in (0, cap) it is
-    first evaluated at r and searches [r, cap] only if it certifies there (``KnownBatch.beat``),
-    so a bound that cannot beat r costs one evaluation, not a search. Every radius returned is
-    a point its bound certifies, so the best of them is sound, as for the full best-of.
-
-    Returns:
-        per bound its (N,) radii on the CPU (0 where it was skipped or fell below r), and the
-        (N,) bound evaluations spent per sample.
-    """
-    found: dict[str, Tensor] = {}
-    at_cap = float(torch.tensor(eps_max, dtype=x.dtype))  # a radius at the cap, as searched
-    best = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-    spent = torch.zeros(x.shape[0], dtype=torch.float64)
-    for index, name in enumerate(bounds):
-        cap = torch.full_like(best, eps_max)
-        cap[best >= at_cap] = 0.0  # nothing to gain: no radius exceeds the cap
-        known = KnownBatch(beat=best.to(x.dtype)) if index > 0 else None
-        result = radius_search(model, x, y, cap.to(x.dtype), name, known=known)
-        found[name] = result.radius.cpu()
-        spent += result.evaluations.cpu().double()
-        best = torch.maximum(best, result.radius.double())
-    return found, spent
-
-
-def _certified_by_any(
-    model: nn.Module, x: Tensor, y: Tensor, eps: float, bounds: Sequence[str]
-) -> Tensor:
-    """(B,) whether any of the bounds certifies each sample at eps (each bound evaluated only
-    on the samples the ones before it left uncertified)."""
-    certified = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    for name in bounds:
-        rest = torch.nonzero(~certified, as_tuple=True)[0]
-        if rest.numel() == 0:
-            break
-        certified[rest] = margin_bounds(model, x[rest], y[rest], eps, name).min(1).values > 0
-    return certified
 
 
 def float64_violations(
