@@ -30,11 +30,12 @@
 # points and certificates are skipped). PARTS: SEEDS="0" (default "0 1 2") and CERTIFY=0 to
 # train only; CERTIFY_ONLY=1 to certify what is finished.
 #
-# usage: bash experiments/adaptive_study.sh DATASET [STUDY_FOLDER]
+# usage: bash experiments/adaptive_study.sh DATASET [STUDY_FOLDER]   (default experiments/results/adaptive-DATASET;
+#        before committing it: python experiments/keep_study.py experiments/results/adaptive-DATASET)
 #        SMOKE=1 bash experiments/adaptive_study.sh mnist5k /tmp/smoke   # one tiny point
 set -uo pipefail
 dataset=${1:?usage: bash experiments/adaptive_study.sh mnist5k|fashion-mnist [STUDY_FOLDER]}
-study=${2:-runs/adaptive-$dataset}
+study=${2:-experiments/results/adaptive-$dataset}  # kept in the repository: experiments/keep_study.py
 limit=${EVAL_LIMIT:-500}
 seeds=${SEEDS:-0 1 2}
 case $dataset in
