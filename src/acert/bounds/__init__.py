@@ -10,6 +10,7 @@ t != y over the ℓ∞ ball of radius eps (pixel units, per sample) clipped to [
 
 from __future__ import annotations
 
+import copy
 import itertools
 import numbers
 from collections.abc import Callable
@@ -197,17 +198,27 @@ def check_model_input(model: nn.Sequential, shape: tuple[int, ...], dtype: torch
     random numbers drawn, no running statistics touched), so that no bound is computed for a
     model that cannot run on the input."""
     check_shapes(model, shape)
-    meta = {
-        name: torch.empty_like(tensor, device="meta")
-        for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())
-    }
     example = torch.empty((2, *shape), dtype=dtype, device="meta")
     try:
         with torch.no_grad():
-            torch.func.functional_call(model, meta, (example,))
+            _on_meta(model)(example)
     except (RuntimeError, ValueError, IndexError, TypeError) as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise AcertError(f"input of shape {shape} does not fit the model: {first_line}") from err
+
+
+def _on_meta(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are on the ``meta`` device (no data
+    copied), shared as in the model: a module used at two places, or a tied weight, stays one.
+    Not ``torch.func.functional_call``: it leaves a module used at two places holding the
+    meta tensors after the call (torch 2.13)."""
+    memo: dict[int, object] = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        meta = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = (
+            nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+        )
+    return copy.deepcopy(model, memo)
 
 
 def check_arithmetic() -> None:

@@ -1,0 +1,75 @@
+"""Red-team cases of models as graphs (issue 19): the graphs people build that the engines
+first got wrong (each test failed before its fix), and attacks that held, kept where they
+cover something test_graph.py and test_kinds.py do not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from acert.bounds import METHODS, margin_bounds
+from acert.models import Add, GraphNet, Normalize
+from acert.models.graph import INPUT
+from tests.kit.nets import true_margins
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _below_sampled(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, lb) -> None:
+    """The bounds below the margins of 200 points of each ball (half of them corners)."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(x.shape[0], 200, *x.shape[1:], generator=g, dtype=x.dtype)
+    u[:, 100:] = u[:, 100:].round()
+    lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+    points = (lo.unsqueeze(1) + u * (hi - lo).unsqueeze(1)).flatten(0, 1)
+    with torch.no_grad():
+        sampled = true_margins(model(points), y.repeat_interleave(200))
+    assert (lb.repeat_interleave(200, 0) <= sampled).all()
+
+
+def _shared_conv_net() -> tuple[GraphNet, nn.Conv2d]:
+    """One Conv2d at two nodes (weights shared): ``relu(c(x)) + relu(c(relu(c(x))))``."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 2, 3, padding=1)
+    nodes = [
+        ("c1", conv, (INPUT,)),
+        ("r1", nn.ReLU(), (0,)),
+        ("c2", conv, (1,)),
+        ("r2", nn.ReLU(), (2,)),
+        ("add", Add(), (1, 3)),
+        ("flat", nn.Flatten(), (4,)),
+        ("out", nn.Linear(2 * 5 * 5, 3), (5,)),
+    ]
+    return GraphNet(nodes).eval(), conv
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_module_at_two_nodes_keeps_its_weights_and_is_bounded_soundly(method):
+    """The input check ran the model on the meta device with torch.func.functional_call,
+    which leaves a module used at two places holding meta tensors: the bounds crashed and
+    the model itself no longer computed anything."""
+    model, conv = _shared_conv_net()
+    weight = conv.weight
+    x = torch.rand(3, 2, 5, 5, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    lb = margin_bounds(model, x, y, 0.01, method)
+    assert conv.weight is weight and weight.device.type == "cpu"
+    _below_sampled(model, x, y, 0.01, lb)
+
+
+def test_a_tied_weight_in_a_chain_stays_tied_and_real():
+    torch.manual_seed(2)
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight
+    model = nn.Sequential(
+        Normalize([0.5] * 4, [0.25] * 4), first, nn.ReLU(), second, nn.ReLU(), nn.Linear(4, 3)
+    ).eval()
+    x = torch.rand(4, 4, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    lb = margin_bounds(model, x, y, 0.02, "crown")
+    assert second.weight is first.weight and first.weight.device.type == "cpu"
+    assert model[0].mean.device.type == "cpu"
+    _below_sampled(model, x, y, 0.02, lb)
