@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from acert.bounds import METHODS, margin_bounds
+from acert.bounds import METHODS, clean_forward, margin_bounds
+from acert.foundation.errors import UnsupportedModelError
 from acert.models import Add, GraphNet, Normalize
 from acert.models.graph import INPUT
 from tests.kit.nets import true_margins
@@ -73,3 +74,25 @@ def test_a_tied_weight_in_a_chain_stays_tied_and_real():
     assert second.weight is first.weight and first.weight.device.type == "cpu"
     assert model[0].mean.device.type == "cpu"
     _below_sampled(model, x, y, 0.02, lb)
+
+
+def test_a_train_mode_batchnorm_at_two_nodes_is_refused_by_the_clean_pass():
+    """The model normalises each node with that node's batch statistics; the statistics were
+    kept per module, the second node's overwriting the first's, so a training objective's
+    bounds at ε = 0 lay ~1 above the clean margins it trained."""
+    torch.manual_seed(11)
+    norm = nn.BatchNorm2d(2)
+    nodes = [
+        ("c1", nn.Conv2d(1, 2, 3, padding=1), (INPUT,)),
+        ("bn_a", norm, (0,)),
+        ("r", nn.ReLU(), (1,)),
+        ("c2", nn.Conv2d(2, 2, 3, padding=1), (2,)),
+        ("bn_b", norm, (3,)),
+        ("r2", nn.ReLU(), (4,)),
+        ("flat", nn.Flatten(), (5,)),
+        ("out", nn.Linear(2 * 4 * 4, 3), (6,)),
+    ]
+    model, x = GraphNet(nodes).train(), torch.rand(8, 1, 4, 4)
+    with pytest.raises(UnsupportedModelError, match=r"layer bn_b \(BatchNorm2d\) is layer bn_a"):
+        clean_forward(model, x)
+    clean_forward(model.eval(), x)  # running statistics: one function at both nodes
