@@ -96,3 +96,23 @@ def test_a_train_mode_batchnorm_at_two_nodes_is_refused_by_the_clean_pass():
     with pytest.raises(UnsupportedModelError, match=r"layer bn_b \(BatchNorm2d\) is layer bn_a"):
         clean_forward(model, x)
     clean_forward(model.eval(), x)  # running statistics: one function at both nodes
+
+
+def test_an_inplace_write_of_a_tensor_an_earlier_node_read_is_refused():
+    """A Linear reads fc0's output, then an in-place ReLU overwrites it: the values are
+    right, but the Linear kept its input for the gradient, so PGD inside a radius and every
+    training step failed with autograd's RuntimeError instead of a one-line refusal."""
+    nodes = [
+        ("fc0", nn.Linear(4, 4), (INPUT,)),
+        ("a", nn.Linear(4, 4), (0,)),
+        ("r", nn.LeakyReLU(0.1, inplace=True), (0,)),
+        ("add", Add(), (1, 2)),
+        ("out", nn.Linear(4, 3), (3,)),
+    ]
+    x, y = torch.rand(2, 4), torch.tensor([0, 1])
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"layer r \(LeakyReLU\(inplace=True\)\) overwrites the output of layer fc0 "
+        r"\(Linear\), which layer a \(Linear\) read before it .* use nn.LeakyReLU\(0.1\) ",
+    ):
+        margin_bounds(GraphNet(nodes).eval(), x, y, 0.01, "ibp")
