@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from acert.bounds import METHODS, clean_forward, margin_bounds
-from acert.foundation.errors import UnsupportedModelError
-from acert.models import Add, GraphNet, Normalize
+from acert.foundation.errors import AcertError, UnsupportedModelError
+from acert.models import Add, Concat, GraphNet, Normalize, Residual
 from acert.models.graph import INPUT
 from tests.kit.nets import true_margins
 
@@ -116,3 +116,63 @@ def test_an_inplace_write_of_a_tensor_an_earlier_node_read_is_refused():
         r"\(Linear\), which layer a \(Linear\) read before it .* use nn.LeakyReLU\(0.1\) ",
     ):
         margin_bounds(GraphNet(nodes).eval(), x, y, 0.01, "ibp")
+
+
+def _leaky(slope: object) -> nn.LeakyReLU:
+    layer = nn.LeakyReLU(0.1)
+    layer.negative_slope = slope
+    return layer
+
+
+def _concat(dim: int) -> Concat:
+    layer = Concat(1)
+    layer.dim = dim
+    return layer
+
+
+def _graph(*middle: tuple) -> GraphNet:
+    return GraphNet([("fc", nn.Linear(4, 4), (INPUT,)), *middle, ("out", nn.Linear(4, 3), (1,))])
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (  # ValueError: too many values to unpack
+            lambda: _graph(("res", Residual(nn.Sequential(nn.Linear(4, 4))), (INPUT, 0))),
+            r"layer res \(Residual\) takes 1 input, got 2",
+        ),
+        (  # TypeError: list indices must be integers
+            lambda: _graph(("relu", nn.ReLU(), (0.0,))),
+            r"node 1 \(relu\) takes inputs \(0.0,\); give a tuple of ints",
+        ),
+        (  # TypeError: 'int' object is not iterable
+            lambda: _graph(("relu", nn.ReLU(), 0)),
+            r"node 1 \(relu\) takes inputs 0; give a tuple of ints",
+        ),
+        (  # TypeError from nn.ModuleList
+            lambda: _graph(("relu", torch.relu, (0,))),
+            r"node 1 \(relu\) is a builtin_function_or_method, not an nn.Module",
+        ),
+        (  # ValueError: not enough values to unpack
+            lambda: GraphNet([("fc", nn.Linear(4, 3))]),
+            r"each node is \(name, module, inputs\)",
+        ),
+        (  # IndexError in the shape rule
+            lambda: _graph(("cat", _concat(-1), (0, 0))),
+            r"layer cat \(Concat\) joins along dim -1; the bounds take a dimension after",
+        ),
+        (  # TypeError: '<=' not supported
+            lambda: _graph(("leaky", _leaky("0.1"), (0,))),
+            r"layer leaky \(LeakyReLU\) has slope '0.1' \(str\)",
+        ),
+        (  # True passed the check as a slope of 1; the meta pass then failed on a bool
+            lambda: _graph(("leaky", _leaky(True), (0,))),
+            r"layer leaky \(LeakyReLU\) has slope True \(bool\)",
+        ),
+    ],
+)
+def test_malformed_graphs_get_one_line(build, match):
+    x, y = torch.rand(2, 4), torch.tensor([0, 1])
+    with pytest.raises(AcertError, match=match) as info:
+        margin_bounds(build(), x, y, 0.01, "crown")
+    assert "\n" not in str(info.value)
