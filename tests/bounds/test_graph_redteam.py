@@ -4,11 +4,14 @@ cover something test_graph.py and test_kinds.py do not."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
-from acert.bounds import METHODS, clean_forward, margin_bounds
+from acert.bounds import METHODS, clean_forward, kinds, margin_bounds, register_kind
+from acert.bounds.activations import IDENTITY
 from acert.foundation.errors import AcertError, UnsupportedModelError
 from acert.models import Add, Concat, GraphNet, Normalize, Residual
 from acert.models.graph import INPUT
@@ -176,3 +179,35 @@ def test_malformed_graphs_get_one_line(build, match):
     with pytest.raises(AcertError, match=match) as info:
         margin_bounds(build(), x, y, 0.01, "crown")
     assert "\n" not in str(info.value)
+
+
+class _Twice(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x], 1)
+
+
+@pytest.fixture
+def lying_kind():
+    """A user's kind whose shape rule says its input's shape; its layer doubles the width."""
+    saved = list(kinds.LAYER_KINDS), list(kinds.SUPPORTED_LAYERS), dict(kinds._KINDS)
+    yield register_kind(
+        dataclasses.replace(IDENTITY, type=_Twice, example=lambda: (_Twice(), (4,)))
+    )
+    kinds.LAYER_KINDS[:], kinds.SUPPORTED_LAYERS[:] = saved[0], saved[1]
+    kinds._KINDS.clear()
+    kinds._KINDS.update(saved[2])
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_registered_kind_whose_shape_rule_lies_is_named(lying_kind, method):
+    """The model runs, so the input check passed, and the bounds failed inside einsum or a
+    matrix product, reported as "input of shape (4,) does not fit the model"."""
+    model = _graph(("twice", _Twice(), (0,)))
+    model.nodes[-1] = nn.Linear(8, 3)
+    x, y = torch.rand(2, 4), torch.tensor([0, 1])
+    with pytest.raises(
+        AcertError,
+        match=r"layer twice \(_Twice\) gives outputs of shape \(8,\), but its kind's shape "
+        r"rule says \(4,\)",
+    ):
+        margin_bounds(model, x, y, 0.01, method)

@@ -27,9 +27,17 @@ from acert.bounds.clean_pass import (
     clean_forward,
 )
 from acert.bounds.interval import Interval, as_eps, input_box
-from acert.bounds.kinds import LAYER_KINDS, check_shapes, last_layer, register_kind
+from acert.bounds.kinds import (
+    LAYER_KINDS,
+    check_shapes,
+    last_layer,
+    output_shapes,
+    register_kind,
+    walk,
+)
 from acert.bounds.spec import margin_matrix, other_classes
 from acert.foundation.errors import AcertError
+from acert.models.graph import INPUT
 
 __all__ = [
     "CERTIFIED_DTYPES",
@@ -199,12 +207,35 @@ def check_model_input(model: nn.Sequential, shape: tuple[int, ...], dtype: torch
     model that cannot run on the input."""
     check_shapes(model, shape)
     example = torch.empty((2, *shape), dtype=dtype, device="meta")
+    meta = _on_meta(model)
     try:
         with torch.no_grad():
-            _on_meta(model)(example)
+            meta(example)
     except (RuntimeError, ValueError, IndexError, TypeError) as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise AcertError(f"input of shape {shape} does not fit the model: {first_line}") from err
+    _check_shape_rules(meta, example)
+
+
+def _check_shape_rules(meta: nn.Module, example: Tensor) -> None:
+    """One line where a kind's shape rule (a registered kind's, :func:`register_kind`) says
+    another output shape than its layer gives on the (meta) example: the backward passes
+    shape their coefficients by the rules."""
+    steps = walk(meta)
+    shapes = output_shapes(steps, tuple(example.shape[1:]))
+    values: dict[int, Tensor] = {INPUT: example}
+    with torch.no_grad():
+        for step in steps:
+            out = step.kind.run(step, *(values[i] for i in step.inputs))
+            if step.norm is not None:
+                out = step.norm(out)
+            if tuple(out.shape[1:]) != shapes[step.index]:
+                raise AcertError(
+                    f"layer {step.where} ({step.kind.name}) gives outputs of shape "
+                    f"{tuple(out.shape[1:])}, but its kind's shape rule says "
+                    f"{shapes[step.index]}; fix the rule of the LayerKind registered for it"
+                )
+            values[step.index] = out
 
 
 def _on_meta(model: nn.Module) -> nn.Module:
