@@ -10,11 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from acert.bounds import METHODS, clean_forward, kinds, margin_bounds, register_kind
+from acert.bounds import METHODS, clean_forward, input_box, kinds, margin_bounds, register_kind
 from acert.bounds.activations import IDENTITY
+from acert.bounds.crown import crown_margins
 from acert.foundation.errors import AcertError, UnsupportedModelError
 from acert.models import Add, Concat, GraphNet, Normalize, Residual
 from acert.models.graph import INPUT
+from tests.kit.exact import exact_min_margins
 from tests.kit.nets import true_margins
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -211,3 +213,60 @@ def test_a_registered_kind_whose_shape_rule_lies_is_named(lying_kind, method):
         r"rule says \(4,\)",
     ):
         margin_bounds(model, x, y, 0.01, method)
+
+
+def _everything_net() -> GraphNet:
+    """Graph shapes that held, in one net of a (1, 4, 4) input: a nested GraphNet with a
+    skip, a Residual after it, an Add of a node with itself, a node read by four steps
+    (one of them unused), a Concat of three inputs with different channel counts, the model's
+    input among them, then MaxPool2d and a convolution."""
+    torch.manual_seed(21)
+    inner = GraphNet(
+        [
+            ("a", nn.Conv2d(2, 2, 3, padding=1), (INPUT,)),
+            ("r", nn.ReLU(), (0,)),
+            ("add", Add(), (1, INPUT)),
+        ]
+    )
+    block = Residual(nn.Sequential(nn.Conv2d(2, 2, 1), nn.LeakyReLU(0.3)))
+    nodes = [
+        ("norm", Normalize([0.45], [0.3]), (INPUT,)),  # 0
+        ("c1", nn.Conv2d(1, 2, 3, padding=1), (0,)),  # 1
+        ("r1", nn.ReLU(), (1,)),  # 2: read by inner, twice (2x) and unused
+        ("inner", inner, (2,)),  # 3
+        ("res", block, (3,)),  # 4
+        ("twice", Add(), (2, 2)),  # 5
+        ("cat", Concat(1), (4, 5, INPUT)),  # 6
+        ("pool", nn.MaxPool2d(2), (6,)),  # 7
+        ("c2", nn.Conv2d(5, 2, 1), (7,)),  # 8
+        ("r2", nn.ReLU(), (8,)),  # 9
+        ("unused", nn.Conv2d(2, 1, 1), (2,)),  # 10
+        ("flat", nn.Flatten(), (9,)),  # 11
+        ("out", nn.Linear(2 * 2 * 2, 3), (11,)),  # 12
+    ]
+    return GraphNet(nodes).eval()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_nested_graphs_self_adds_and_wide_concats_stay_below_the_exact_minimum(method):
+    model = _everything_net()
+    x = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(22))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    eps = torch.tensor([0.02, 0.08])
+    lb = margin_bounds(model, x, y, eps, method)
+    for i in range(2):
+        exact = torch.from_numpy(exact_min_margins(model, x[i], int(y[i]), float(eps[i])))
+        assert (lb[i].double() <= exact + 1e-6 * (1 + exact.abs())).all(), (lb[i], exact)
+
+
+@pytest.mark.parametrize("intermediate", ["ibp", "crown"])
+def test_nested_graphs_self_adds_and_wide_concats_on_patches_equal_dense(intermediate):
+    model = _everything_net()
+    x = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(23))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+        box = input_box(x, torch.tensor([0.01, 0.05, 0.2]))
+        dense = crown_margins(model, box, y, intermediate=intermediate, use_patches=False)
+        windowed = crown_margins(model, box, y, intermediate=intermediate, use_patches=True)
+    torch.testing.assert_close(windowed, dense, atol=1e-5, rtol=1e-5)
