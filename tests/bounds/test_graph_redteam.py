@@ -270,3 +270,16 @@ def test_nested_graphs_self_adds_and_wide_concats_on_patches_equal_dense(interme
         dense = crown_margins(model, box, y, intermediate=intermediate, use_patches=False)
         windowed = crown_margins(model, box, y, intermediate=intermediate, use_patches=True)
     torch.testing.assert_close(windowed, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_with_an_attribute_that_cannot_be_copied_is_still_bounded():
+    """The input check runs a meta copy of the model; a module holding a lock (or anything
+    deepcopy refuses) skips that run instead of failing."""
+    import threading
+
+    model = nn.Sequential(
+        Normalize([0.5] * 4, [0.2] * 4), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)
+    )
+    model[1].lock = threading.Lock()
+    x, y = torch.rand(2, 4), torch.tensor([0, 1])
+    assert margin_bounds(model.eval(), x, y, 0.01, "crown").shape == (2, 2)

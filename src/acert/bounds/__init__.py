@@ -208,6 +208,8 @@ def check_model_input(model: nn.Sequential, shape: tuple[int, ...], dtype: torch
     check_shapes(model, shape)
     example = torch.empty((2, *shape), dtype=dtype, device="meta")
     meta = _on_meta(model)
+    if meta is None:
+        return  # a module that cannot be copied: the bounds' own pass will tell
     try:
         with torch.no_grad():
             meta(example)
@@ -238,18 +240,21 @@ def _check_shape_rules(meta: nn.Module, example: Tensor) -> None:
             values[step.index] = out
 
 
-def _on_meta(model: nn.Module) -> nn.Module:
+def _on_meta(model: nn.Module) -> nn.Module | None:
     """A copy of ``model`` whose parameters and buffers are on the ``meta`` device (no data
     copied), shared as in the model: a module used at two places, or a tied weight, stays one.
     Not ``torch.func.functional_call``: it leaves a module used at two places holding the
-    meta tensors after the call (torch 2.13)."""
+    meta tensors after the call (torch 2.13). None where some attribute cannot be copied."""
     memo: dict[int, object] = {}
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         meta = torch.empty_like(tensor, device="meta")
         memo[id(tensor)] = (
             nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
         )
-    return copy.deepcopy(model, memo)
+    try:
+        return copy.deepcopy(model, memo)
+    except (TypeError, RuntimeError, copy.Error):  # an attribute that cannot be copied
+        return None
 
 
 def check_arithmetic() -> None:
