@@ -328,6 +328,7 @@ def test_an_old_module_path_warns_and_is_the_module_of_the_new_path():
 
 CROSS_CUTTING_TESTS = {
     "test_api.py",  # the front door (acert/api.py sits at the top of the package too)
+    "test_api_graphs.py",  # networks of one's own through acert.fit and acert.certify
     "test_api_inputs.py",
     "test_end_to_end.py",  # a run from the command line to its certificates
     "test_faults.py",  # a killed or failing run, whatever floor it fails in

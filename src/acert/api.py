@@ -4,8 +4,11 @@
     report = acert.certify(model, (x_test, y_test), eps_max=0.3, eps=(0.1, 0.3))
     report.acr, report.radii, report.certified_accuracy[0.3]
 
-``model`` is any network the bounds support (an ``nn.Sequential`` of the layer kinds of
-:mod:`acert.bounds`, ending in ``nn.Linear``; normalisation in a ``Normalize`` layer); data is
+``model`` is any network the bounds support: an ``nn.Sequential`` of the layer kinds of
+:mod:`acert.bounds`, or an ``nn.Module`` of its own whose forward is made of them and of the
+functional forms :mod:`acert.bounds.tracing` maps onto them (``F.relu``, ``+``, ``torch.cat``,
+``torch.flatten``), traced once into a graph; the logits come from an ``nn.Linear``, the
+normalisation from a ``Normalize`` layer. Data is
 an ``(x, y)`` pair of tensors, a ``torch.utils.data.Dataset`` of ``(image, label)`` or a
 ``DataLoader`` (:func:`acert.data.as_imageset`), with pixels in [0, 1]. ``fit`` runs the
 project's training loop (ε schedule, warm-up, model selection, checkpoints) and, with ``out``,
@@ -21,8 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from acert.bounds import check_arithmetic, check_model_input, model_dtype
+from acert.bounds import bounds_form, check_arithmetic, check_model_input, model_dtype
 from acert.bounds.clean_pass import check_fixed_normalisation, check_supported
+from acert.bounds.tracing import is_plain_chain, last_layer
 from acert.config import (
     GIVEN_METHOD,
     GIVEN_MODEL,
@@ -33,8 +37,9 @@ from acert.config import (
 )
 from acert.data import ImageSet, as_imageset, given_dataset
 from acert.evaluation.evaluate import Evaluation, EvaluationSettings, evaluate
-from acert.foundation.errors import AcertError, ConfigError
+from acert.foundation.errors import AcertError, ConfigError, UnsupportedModelError
 from acert.methods import TRAINING_METHODS, TrainingMethod, create_method, list_methods
+from acert.models import GraphNet
 from acert.records.runs import RunDir
 from acert.workflows.certify.runs import parse_bound
 from acert.workflows.train.run import RunInputs, run
@@ -59,7 +64,7 @@ def fit(
     out: str | Path | None = None,
     device: str | torch.device | None = None,
     **config: Any,
-) -> nn.Sequential:
+) -> nn.Module:
     """Train ``model`` on ``train`` with a certified-training method; returns it in eval mode.
 
     Args:
@@ -79,13 +84,12 @@ def fit(
             ``kappa``, ``reg_epochs``, ``seed``, ..., and ``resume`` and ``progress``.
     """
     resume, progress = bool(config.pop("resume", False)), bool(config.pop("progress", True))
-    network = check_supported(model)
+    network = _supported(model)
     _check_trainable(network)
     if device is not None:
         available_device(str(device), _CPU)
     dtype = model_dtype(network)
-    classes = network[-1].out_features
-    train_set = as_imageset(train, "train", classes, dtype)
+    train_set, classes = _with_classes(network, train, "train", dtype)
     check_model_input(network, train_set.shape, dtype)
     val_set = _validation(val, train_set, classes, dtype)
     name, method_object = _method(method)
@@ -133,11 +137,11 @@ def certify(
         :class:`~acert.evaluation.evaluate.Evaluation`: ``radii`` (N,), ``acr``, ``clean_accuracy``,
         ``certified_accuracy`` {ε: fraction}, ``pgd_accuracy``, ``acceps``.
     """
-    network = check_supported(model)
-    check_fixed_normalisation(network)
+    network = _supported(model)
     check_arithmetic()
     dtype = model_dtype(network)
-    data_set = as_imageset(data, "data", network[-1].out_features, dtype)
+    data_set, _ = _with_classes(network, data, "data", dtype)
+    check_fixed_normalisation(bounds_form(network, data_set.shape))
     bounds = parse_bound(bound) if isinstance(bound, str) else bound
     settings = EvaluationSettings(eps_max, eps, bounds, pgd_steps=pgd_steps)
     place = available_device(str(device), _CPU)
@@ -146,7 +150,33 @@ def certify(
     )
 
 
-def _check_trainable(network: nn.Sequential) -> None:
+def _supported(model: nn.Module) -> nn.Module:
+    """``model``, checked as far as it can be before the data's shape is known: a chain of
+    supported layers or a graph whole; any other module is checked when it is traced."""
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(
+            f"model must be a torch.nn.Module, got {type(model).__name__}; build it from "
+            "acert.models, as an nn.Sequential or as an nn.Module of its own"
+        )
+    if is_plain_chain(model) or isinstance(model, GraphNet):
+        check_supported(model)
+    return model
+
+
+def _with_classes(
+    network: nn.Module, data: Any, name: str, dtype: torch.dtype
+) -> tuple[ImageSet, int]:
+    """``data`` as an image set whose labels lie below the model's number of classes, and
+    that number; a model that is not a chain is traced on the data's shape first."""
+    if is_plain_chain(network) or isinstance(network, GraphNet):
+        classes = last_layer(network).out_features
+        return as_imageset(data, name, classes, dtype), classes
+    images = as_imageset(data, name, None, dtype)
+    classes = last_layer(check_supported(bounds_form(network, images.shape))).out_features
+    return as_imageset((images.images, images.labels), name, classes, dtype), classes
+
+
+def _check_trainable(network: nn.Module) -> None:
     """One-line errors for a model or a calling context in which training cannot run."""
     if torch.is_inference_mode_enabled():
         raise AcertError(

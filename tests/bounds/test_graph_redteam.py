@@ -283,3 +283,32 @@ def test_a_model_with_an_attribute_that_cannot_be_copied_is_still_bounded():
     model[1].lock = threading.Lock()
     x, y = torch.rand(2, 4), torch.tensor([0, 1])
     assert margin_bounds(model.eval(), x, y, 0.01, "crown").shape == (2, 2)
+
+
+class _SharedConv(nn.Module):
+    """A network of one's own (traced) that applies one convolution twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(24)
+        self.norm = Normalize([0.5], [0.2])
+        self.stem = nn.Conv2d(1, 2, 3, padding=1)
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.fc = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(self.norm(x)))
+        h = torch.relu(self.conv(h)) + h
+        return self.fc(torch.flatten(torch.relu(self.conv(h)), 1))
+
+
+def test_a_traced_model_that_reuses_a_module_keeps_its_weights():
+    """Tracing's input check ran the user's model through torch.func.functional_call too:
+    the reused convolution was left on the meta device."""
+    model = _SharedConv().eval()
+    x = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(25))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    lb = margin_bounds(model, x, y, 0.01, "crown")
+    assert model.conv.weight.device.type == "cpu"
+    _below_sampled(model, x, y, 0.01, lb)

@@ -27,15 +27,9 @@ from acert.bounds.clean_pass import (
     clean_forward,
 )
 from acert.bounds.interval import Interval, as_eps, input_box
-from acert.bounds.kinds import (
-    LAYER_KINDS,
-    check_shapes,
-    last_layer,
-    output_shapes,
-    register_kind,
-    walk,
-)
+from acert.bounds.kinds import LAYER_KINDS, check_shapes, output_shapes, register_kind, walk
 from acert.bounds.spec import margin_matrix, other_classes
+from acert.bounds.tracing import bounds_form, last_layer
 from acert.foundation.errors import AcertError
 from acert.models.graph import INPUT
 
@@ -47,6 +41,7 @@ __all__ = [
     "Interval",
     "MarginEvaluator",
     "as_eps",
+    "bounds_form",
     "check_arithmetic",
     "check_batch",
     "check_eps",
@@ -69,23 +64,24 @@ MarginEvaluator = Callable[[Interval, Tensor], Tensor]
 """``evaluate(box, y)``: (B, K-1) margin lower bounds of the boxes (B, ...) for labels y (B,)."""
 
 
-def _ibp(model: nn.Sequential, stats: BatchStats | None, sound: bool) -> MarginEvaluator:
+def _ibp(model: nn.Module, stats: BatchStats | None, sound: bool) -> MarginEvaluator:
     head, last = ibp.prepare_head(model, stats, sound)
     return lambda box, y: ibp.last_layer_margins(last, head(box)[0], y, sound)
 
 
-def _crown_ibp(model: nn.Sequential, stats: BatchStats | None, sound: bool) -> MarginEvaluator:
+def _crown_ibp(model: nn.Module, stats: BatchStats | None, sound: bool) -> MarginEvaluator:
     return lambda box, y: crown.crown_margins(model, box, y, stats, intermediate="ibp", sound=sound)
 
 
-def _crown(model: nn.Sequential, stats: BatchStats | None, sound: bool) -> MarginEvaluator:
+def _crown(model: nn.Module, stats: BatchStats | None, sound: bool) -> MarginEvaluator:
     return lambda box, y: crown.crown_margins(
         model, box, y, stats, intermediate="crown", sound=sound
     )
 
 
-Method = Callable[[nn.Sequential, "BatchStats | None", bool], MarginEvaluator]
-"""``method(model, stats, sound)``: the method's evaluator for that network and statistics."""
+Method = Callable[[nn.Module, "BatchStats | None", bool], MarginEvaluator]
+"""``method(form, stats, sound)``: the method's evaluator for that network (its bounds form,
+:func:`bounds_form`) and statistics."""
 METHODS: dict[str, Method] = {
     "ibp": _ibp,
     "crown-ibp": _crown_ibp,
@@ -93,8 +89,9 @@ METHODS: dict[str, Method] = {
 }
 
 
-def check_inputs(model: nn.Module, x: Tensor, y: Tensor, runs: bool = True) -> None:
-    """Raise a one-line :class:`AcertError` unless x, y fit a supported model.
+def check_inputs(model: nn.Module, x: Tensor, y: Tensor, runs: bool = True) -> nn.Module:
+    """The model's bounds form (:func:`bounds_form`: itself, or its traced graph), or a
+    one-line :class:`AcertError` unless x, y fit a supported model.
 
     The public entry points (:func:`margin_bounds`, :func:`acert.radius.radius_search`,
     :func:`acert.evaluation.evaluate.evaluate`) take torch tensors only: numpy arrays and lists are
@@ -102,6 +99,9 @@ def check_inputs(model: nn.Module, x: Tensor, y: Tensor, runs: bool = True) -> N
     leaves out running the layers on the input's shape (:func:`check_model_input`, some
     milliseconds), for a caller that runs the model on x itself before any bound.
     """
+    if not (isinstance(x, Tensor) and x.dim() >= 2):
+        check_batch(x, y)  # its one-line error: without x's shape no model can be traced
+    model = bounds_form(model, tuple(x.shape[1:]))
     check_supported(model)
     check_batch(x, y)
     num_classes = last_layer(model).out_features
@@ -127,6 +127,7 @@ def check_inputs(model: nn.Module, x: Tensor, y: Tensor, runs: bool = True) -> N
         raise AcertError(
             f"labels must lie in [0, {num_classes}), got {y.min().item()}..{y.max().item()}"
         )
+    return model
 
 
 _LABEL_DTYPES = (torch.int64, torch.int32)
@@ -199,13 +200,15 @@ def check_input_dtype(model: nn.Module, x: Tensor) -> torch.dtype:
     return dtype
 
 
-def check_model_input(model: nn.Sequential, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+def check_model_input(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype) -> None:
     """One-line :class:`AcertError` unless ``model`` takes inputs of ``shape`` (no batch) and
-    ``dtype``: each layer's rank and every residual body's shape (:func:`check_shapes`), then
-    the forward pass itself, run on shapes alone (the ``meta`` device: no arithmetic, no
-    random numbers drawn, no running statistics touched), so that no bound is computed for a
-    model that cannot run on the input."""
-    check_shapes(model, shape)
+    ``dtype``: each layer's rank and every residual body's shape in its bounds form
+    (:func:`check_shapes`), then the model's forward pass itself, run on shapes alone (the
+    ``meta`` device: no arithmetic, no random numbers drawn, no running statistics touched),
+    and the bounds form's steps, each of whose output shapes must be its kind's rule's, so
+    that no bound is computed for a model that cannot run on the input."""
+    graph = bounds_form(model, shape)
+    check_shapes(graph, shape)
     example = torch.empty((2, *shape), dtype=dtype, device="meta")
     meta = _on_meta(model)
     if meta is None:
@@ -216,7 +219,9 @@ def check_model_input(model: nn.Sequential, shape: tuple[int, ...], dtype: torch
     except (RuntimeError, ValueError, IndexError, TypeError) as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise AcertError(f"input of shape {shape} does not fit the model: {first_line}") from err
-    _check_shape_rules(meta, example)
+    meta_graph = meta if graph is model else _on_meta(graph)
+    if meta_graph is not None:
+        _check_shape_rules(meta_graph, example)
 
 
 def _check_shape_rules(meta: nn.Module, example: Tensor) -> None:
@@ -300,7 +305,7 @@ def _short(value: object) -> str:
 
 
 def margin_bounds_on_box(
-    model: nn.Sequential,
+    model: nn.Module,
     box: Interval,
     y: Tensor,
     method: str = "ibp",
@@ -310,7 +315,8 @@ def margin_bounds_on_box(
     """Lower bounds of the margins over an input box; no input checks (hot paths use this).
 
     Args:
-        model: a supported ``nn.Sequential`` (see :func:`check_inputs`).
+        model: a supported model (see :func:`check_inputs`), traced before (a
+            :func:`margin_bounds` or :func:`check_inputs` of it) unless it is a chain.
         box: (B, ...) input interval inside [0, 1].
         y: (B,) labels.
         method: one of ``METHODS``.
@@ -325,7 +331,7 @@ def margin_bounds_on_box(
 
 
 def margin_evaluator(
-    model: nn.Sequential,
+    model: nn.Module,
     method: str = "ibp",
     stats: BatchStats | None = None,
     sound: bool = True,
@@ -336,11 +342,11 @@ def margin_evaluator(
     """
     if method not in METHODS:
         raise AcertError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
-    return METHODS[method](model, stats, sound)
+    return METHODS[method](bounds_form(model), stats, sound)
 
 
 def margin_bounds(
-    model: nn.Sequential,
+    model: nn.Module,
     x: Tensor,
     y: Tensor,
     eps: float | Tensor,
@@ -353,10 +359,12 @@ def margin_bounds(
         model: ``nn.Sequential`` or :class:`acert.models.GraphNet` of the layers of
             :data:`LAYER_KINDS` (Normalize, Conv2d, Linear, BatchNorm1d/2d, ReLU, LeakyReLU,
             Flatten, AvgPool2d, MaxPool2d, Identity, Dropout, Add, Concat, residual blocks),
-            ending in Linear. Batch-norm uses running statistics in eval
-            mode; one that normalises with the current batch (train mode) needs ``stats`` (a
-            training objective's bounds) and is refused without them, as is Dropout in train
-            mode: no certificate holds for them.
+            ending in Linear, or any ``nn.Module`` whose forward is made of them and of the
+            functional forms :mod:`acert.bounds.tracing` maps onto them (traced once into a
+            graph, :func:`bounds_form`). Batch-norm uses running statistics in eval mode; one
+            that normalises with the current batch (train mode) needs ``stats`` (a training
+            objective's bounds) and is refused without them, as is Dropout in train mode: no
+            certificate holds for them.
         x: (B, C, H, W) or (B, D) inputs in [0, 1], B >= 1, a torch tensor of the model's
             dtype (numpy arrays and lists are refused, not converted: pass ``torch.as_tensor``).
         y: (B,) int64 labels (int32 is accepted too).
@@ -368,7 +376,7 @@ def margin_bounds(
         (B, K-1) lower bounds; the sample is certified at eps when all are > 0.
     """
     check_arithmetic()
-    check_inputs(model, x, y)
+    model = check_inputs(model, x, y)
     check_eps(eps)
     check_fixed_normalisation(model, stats)
     box = input_box(x, eps)

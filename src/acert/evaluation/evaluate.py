@@ -244,7 +244,7 @@ def attacked_radii(
 
 
 def evaluate(
-    model: nn.Sequential,
+    model: nn.Module,
     x: Tensor,
     y: Tensor,
     settings: EvaluationSettings,
@@ -255,8 +255,8 @@ def evaluate(
     """Evaluate a model in eval mode.
 
     Args:
-        model: supported ``nn.Sequential``; put in eval mode for the evaluation, its layers'
-            modes restored afterwards.
+        model: a supported model (:func:`acert.bounds.margin_bounds`); put in eval mode for
+            the evaluation, its layers' modes restored afterwards.
         x: (N, ...) inputs in [0, 1]; y: (N,) int64 labels; torch tensors (numpy arrays are
             refused, not converted: pass ``torch.as_tensor``). The whole data set is checked
             before any work (a bad label in the last chunk is found before the first is
@@ -279,7 +279,7 @@ def evaluate(
 
 
 def _evaluate(
-    model: nn.Sequential,
+    model: nn.Module,
     x: Tensor,
     y: Tensor,
     settings: EvaluationSettings,
@@ -347,7 +347,7 @@ def _evaluate(
 
 
 def cascade_radii(
-    model: nn.Sequential, x: Tensor, y: Tensor, eps_max: float, bounds: Sequence[str]
+    model: nn.Module, x: Tensor, y: Tensor, eps_max: float, bounds: Sequence[str]
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Each sample's best-of radius, the bounds tried in turn, each only where it can help.
 
@@ -377,7 +377,7 @@ def cascade_radii(
 
 
 def _certified_by_any(
-    model: nn.Sequential, x: Tensor, y: Tensor, eps: float, bounds: Sequence[str]
+    model: nn.Module, x: Tensor, y: Tensor, eps: float, bounds: Sequence[str]
 ) -> Tensor:
     """(B,) whether any of the bounds certifies each sample at eps (each bound evaluated only
     on the samples the ones before it left uncertified)."""
@@ -391,7 +391,7 @@ def _certified_by_any(
 
 
 def float64_violations(
-    model: nn.Sequential,
+    model: nn.Module,
     x: Tensor,
     y: Tensor,
     radii: Tensor,

@@ -43,7 +43,7 @@ def _counts(part: Evaluation, size: int) -> Tensor:
 
 
 def evaluate_sharded(
-    model: nn.Sequential,
+    model: nn.Module,
     x: Tensor,
     y: Tensor,
     settings: EvaluationSettings,

@@ -129,7 +129,7 @@ class RadiusMemory:
 
 
 def adaptive_radii(
-    model: nn.Sequential,
+    model: nn.Module,
     batch: Batch,
     step: Step,
     logits: Tensor,
@@ -205,7 +205,7 @@ class ACERT:
         check_settings(self.search, "search")
 
     def adaptive_radii(
-        self, model: nn.Sequential, batch: Batch, step: Step, logits: Tensor, stats: BatchStats
+        self, model: nn.Module, batch: Batch, step: Step, logits: Tensor, stats: BatchStats
     ) -> tuple[Tensor, float]:
         """(B,) IBP certified radii capped at ε_s, 0 if misclassified (docs/METHOD.md step 3), by
         the search of ``self.search``, warm-started from the memory."""
@@ -213,7 +213,7 @@ class ACERT:
             model, batch, step, logits, stats, self.search, self.memory, self.min_warmup_eps
         )
 
-    def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
+    def loss(self, model: nn.Module, batch: Batch, step: Step) -> LossTerms:
         """docs/METHOD.md, "Training loss" steps 1-5."""
         logits, stats = clean_forward(model, batch.x)
         if step.eps == 0:

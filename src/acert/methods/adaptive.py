@@ -126,7 +126,7 @@ class Adaptive:
                 f"got {self.bound!r}"
             )
 
-    def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
+    def loss(self, model: nn.Module, batch: Batch, step: Step) -> LossTerms:
         """docs/METHOD.md, "Adaptive radii for every certified loss"."""
         check_model = getattr(self.base, "check_model", None)
         if check_model is not None:

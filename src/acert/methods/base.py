@@ -113,7 +113,7 @@ class TrainingMethod(Protocol):
 
     name: str
 
-    def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms: ...
+    def loss(self, model: nn.Module, batch: Batch, step: Step) -> LossTerms: ...
 
     def state_dict(self) -> dict: ...
 
@@ -135,7 +135,7 @@ class CertifiedLoss(TrainingMethod, Protocol):
 
     def robust_terms(
         self,
-        model: nn.Sequential,
+        model: nn.Module,
         batch: Batch,
         step: Step,
         logits: Tensor,
@@ -217,7 +217,7 @@ class IBPPass:
         return (self.margins.min(1).values > 0).float().mean().item()
 
 
-def ibp_pass(model: nn.Sequential, box: Interval, y: Tensor, stats: BatchStats) -> IBPPass:
+def ibp_pass(model: nn.Module, box: Interval, y: Tensor, stats: BatchStats) -> IBPPass:
     """IBP margins of ``box`` and the pre-activation intervals the warm-up regularisers read:
     a training objective, so the plain interval arithmetic, not widened for rounding (which at
     the warm-up's ε = 1e-6 would swamp the intervals the regularisers measure).
@@ -228,15 +228,16 @@ def ibp_pass(model: nn.Sequential, box: Interval, y: Tensor, stats: BatchStats) 
         y: (B,) labels.
         stats: clean-batch statistics from :func:`acert.bounds.clean_forward`.
     """
-    hidden, preactivations = ibp_rules.propagate(model[:-1], box, stats, sound=False)
-    margins = ibp_rules.last_layer_margins(model[-1], hidden, y, sound=False)
+    head, last = ibp_rules.prepare_head(model, stats, sound=False)
+    hidden, preactivations = head(box)
+    margins = ibp_rules.last_layer_margins(last, hidden, y, sound=False)
     return IBPPass(box, preactivations, margins)
 
 
 def with_warmup(
     terms: LossTerms,
     regularizer: WarmupRegularizer,
-    model: nn.Sequential,
+    model: nn.Module,
     bounds: IBPPass,
     stats: BatchStats,
     step: Step,
@@ -260,7 +261,7 @@ def with_warmup(
 
 
 def standard_phase_terms(
-    model: nn.Sequential,
+    model: nn.Module,
     batch: Batch,
     logits: Tensor,
     stats: BatchStats,
@@ -290,7 +291,7 @@ def standard_phase_terms(
 
 
 def certified_objective(
-    model: nn.Sequential,
+    model: nn.Module,
     batch: Batch,
     eps: Tensor,
     step: Step,
@@ -319,7 +320,7 @@ def certified_objective(
 
 
 def certified_terms(
-    model: nn.Sequential,
+    model: nn.Module,
     batch: Batch,
     eps: Tensor,
     logits: Tensor,
@@ -362,7 +363,7 @@ class TrainingAttack:
         ATTACK_STEP_SIZE.check(self.step_size, "pgd_step_size")
         ATTACK_RESTARTS.check(self.restarts, "pgd_restarts")
 
-    def __call__(self, model: nn.Sequential, x: Tensor, y: Tensor, eps: float | Tensor) -> Tensor:
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor) -> Tensor:
         """(B, ...) the adversarial points found in ``{x' : |x' - x|_∞ <= eps} ∩ [0, 1]``;
         ``eps`` a number or (B,) per-sample radii (the default step, 2.5·ε/steps, is then
         per sample too)."""
@@ -373,7 +374,7 @@ class TrainingAttack:
 
 
 def adversarial_terms(
-    model: nn.Sequential, x_adv: Tensor, y: Tensor, stats: BatchStats
+    model: nn.Module, x_adv: Tensor, y: Tensor, stats: BatchStats
 ) -> tuple[Tensor, float]:
     """``CE(f(x_adv), y)`` with the clean batch's statistics, and the accuracy at ``x_adv``.
 
@@ -391,9 +392,7 @@ def adversarial_terms(
     return F.cross_entropy(logits, y), accuracy
 
 
-def fixed_eps_loss(
-    method: CertifiedLoss, model: nn.Sequential, batch: Batch, step: Step
-) -> LossTerms:
+def fixed_eps_loss(method: CertifiedLoss, model: nn.Module, batch: Batch, step: Step) -> LossTerms:
     """A certified method's loss at the schedule's ε_s: the clean pass (it sets the batch-norm
     statistics), the standard phase while ε_s = 0, else the method's :meth:`robust_terms` at
     ε_s plus the warm-up regularisers on its IBP pass."""

@@ -72,7 +72,7 @@ class CROWNIBP(Stateless):
 
     def margins(
         self,
-        model: nn.Sequential,
+        model: nn.Module,
         batch: Batch,
         eps: float | Tensor,
         stats: BatchStats,
@@ -90,12 +90,12 @@ class CROWNIBP(Stateless):
         crown = crown_margins(model, box, batch.y, stats, intermediate="ibp", sound=False)
         return beta * crown + (1 - beta) * bounds.margins, bounds
 
-    def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
+    def loss(self, model: nn.Module, batch: Batch, step: Step) -> LossTerms:
         return fixed_eps_loss(self, model, batch, step)
 
     def robust_terms(
         self,
-        model: nn.Sequential,
+        model: nn.Module,
         batch: Batch,
         step: Step,
         logits: Tensor,

@@ -74,12 +74,12 @@ class ExpressiveLoss(Stateless):
         (None at α = 1); records ``loss_rob`` (and ``loss_adv``) in ``metrics``."""
         raise NotImplementedError
 
-    def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
+    def loss(self, model: nn.Module, batch: Batch, step: Step) -> LossTerms:
         return fixed_eps_loss(self, model, batch, step)
 
     def robust_terms(
         self,
-        model: nn.Sequential,
+        model: nn.Module,
         batch: Batch,
         step: Step,
         logits: Tensor,

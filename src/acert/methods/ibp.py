@@ -64,7 +64,7 @@ class IBP(Stateless):
         settings = KappaSettings.read(config)
         return cls(kappa=settings.kappa, regularizer=WarmupRegularizer.from_config(config))
 
-    def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
+    def loss(self, model: nn.Module, batch: Batch, step: Step) -> LossTerms:
         logits, stats = clean_forward(model, batch.x)
         if step.eps == 0:
             return standard_phase_terms(model, batch, logits, stats, step, self.regularizer)
@@ -75,7 +75,7 @@ class IBP(Stateless):
 
     def robust_terms(
         self,
-        model: nn.Sequential,
+        model: nn.Module,
         batch: Batch,
         step: Step,
         logits: Tensor,

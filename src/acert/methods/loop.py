@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from acert.bounds import check_batch, check_input_dtype
+from acert.bounds import bounds_form, check_batch, check_input_dtype
 from acert.foundation.errors import AcertError
 from acert.methods.acert import ACERT
 from acert.methods.base import Batch, LossTerms, Step, TrainingMethod
@@ -64,7 +64,8 @@ class TrainingLoss:
         """The method's loss on the batch (x, y) at training ε ``eps``.
 
         Args:
-            model: the network, in train mode.
+            model: the network, in train mode: a chain of supported layers or any module
+                tracing takes (:func:`acert.bounds.bounds_form`).
             x: (B, ...) inputs in [0, 1]; y: (B,) int64 labels.
             eps: this step's training ε in [0, eps_max] (a number, numpy scalar or one-element
                 tensor); 0 is standard training with the warm-up regularisers.
@@ -87,7 +88,9 @@ class TrainingLoss:
         self.steps += 1
         with _cold_if_unindexed(self.method, idx):
             rows = torch.arange(x.shape[0], device=x.device) if idx is None else idx
-            return self.method.loss(model, Batch(x, y, rows), step)
+            # a model with a forward of its own is bounded as its traced graph (cached)
+            form = bounds_form(model, tuple(x.shape[1:]))
+            return self.method.loss(form, Batch(x, y, rows), step)
 
 
 class ACERTLoss(TrainingLoss):

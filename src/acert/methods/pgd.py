@@ -45,7 +45,7 @@ class PGDTraining(Stateless):
     def from_config(cls, config: Any) -> PGDTraining:
         return cls(attack=TrainingAttack.from_config(config))
 
-    def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
+    def loss(self, model: nn.Module, batch: Batch, step: Step) -> LossTerms:
         logits, stats = clean_forward(model, batch.x)
         terms = clean_terms(logits, batch.y)
         if step.eps == 0:

@@ -100,12 +100,12 @@ class SABR(Stateless):
             regularizer=WarmupRegularizer.from_config(config),
         )
 
-    def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
+    def loss(self, model: nn.Module, batch: Batch, step: Step) -> LossTerms:
         return fixed_eps_loss(self, model, batch, step)
 
     def robust_terms(
         self,
-        model: nn.Sequential,
+        model: nn.Module,
         batch: Batch,
         step: Step,
         logits: Tensor,

@@ -23,6 +23,6 @@ class Standard(Stateless):
     def from_config(cls, config: Any) -> Standard:
         return cls()
 
-    def loss(self, model: nn.Sequential, batch: Batch, step: Step) -> LossTerms:
+    def loss(self, model: nn.Module, batch: Batch, step: Step) -> LossTerms:
         logits = model(batch.x)
         return LossTerms(F.cross_entropy(logits, batch.y), logits)

@@ -51,9 +51,7 @@ class STAPS(TAPS):
     def from_config(cls, config: Any) -> STAPS:
         return cls(lam=STAPSSettings.read(config).sabr_lambda, **cls.config_knobs(config))
 
-    def box(
-        self, model: nn.Sequential, batch: Batch, eps: float | Tensor
-    ) -> tuple[Interval, Tensor]:
+    def box(self, model: nn.Module, batch: Batch, eps: float | Tensor) -> tuple[Interval, Tensor]:
         """SABR's box around a PGD point of the ε-ball, and its centre."""
         x_adv = self.attack(model, batch.x, batch.y, eps)
         box = sabr_box(batch.x, x_adv, eps, self.lam)

@@ -206,7 +206,14 @@ class TAPSPass:
 
 
 def check_head(model: nn.Sequential, head: int) -> None:
-    """A ConfigError unless ``head`` leaves a non-empty feature extractor before it."""
+    """A ConfigError unless ``model`` is a chain (:func:`acert.bounds.bounds_form`) and
+    ``head`` leaves a non-empty feature extractor before it."""
+    if not isinstance(model, nn.Sequential):
+        raise ConfigError(
+            "TAPS splits a chain of layers (an nn.Sequential) into a feature extractor and a "
+            "head, but this model is a graph (a forward of its own, traced); train it with "
+            "another method (acert, ibp, crown-ibp, sabr)"
+        )
     if not 1 <= head < len(model):
         raise ConfigError(
             f"taps_head must lie in [1, {len(model) - 1}] for this {len(model)}-layer model, "

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from acert.bounds import BatchStats, Interval
 from acert.bounds import ibp as ibp_rules
+from acert.bounds.tracing import first_layer
 from acert.foundation.process_group import global_sum
 from acert.models import Normalize
 
@@ -101,7 +102,7 @@ class WarmupRegularizer:
 
     def __call__(
         self,
-        model: nn.Sequential,
+        model: nn.Module,
         box: Interval,
         preactivations: list[Interval],
         stats: BatchStats | None,
@@ -109,8 +110,9 @@ class WarmupRegularizer:
         if not preactivations or not self.active:
             return box.centre.new_zeros(())
         seen = box
-        if isinstance(model[0], Normalize):
-            seen = ibp_rules.RULES[Normalize](model[0], stats, False)(box)
+        first = first_layer(model)
+        if isinstance(first, Normalize):
+            seen = ibp_rules.RULES[Normalize](first, stats, False)(box)
         return self.lambda_tight * tightness_loss(seen, preactivations, self.tau) + (
             self.lambda_relu * relu_balance_loss(preactivations, self.tau)
         )

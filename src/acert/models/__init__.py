@@ -1,7 +1,8 @@
 """Models: acert's layers (:mod:`~acert.models.layers`), networks as graphs of them
 (:mod:`~acert.models.graph`) and the registered architectures (:mod:`~acert.models.zoo`).
 
-Every registered model is a plain ``torch.nn.Sequential`` whose first module is
+Every registered model but ``resnet-cifar`` (:mod:`~acert.models.resnets`, an ``nn.Module``
+with its own forward) is a plain ``torch.nn.Sequential``; each one's first module is
 :class:`Normalize`, so the dataset normalisation is part of the network and inputs stay in
 pixel space [0, 1] (docs/METHOD.md, "Threat model"). ``create_model(name, in_shape,
 num_classes, mean, std)`` builds a registered architecture; ``list_models()`` names them.
@@ -9,6 +10,7 @@ num_classes, mean, std)`` builds a registered architecture; ``list_models()`` na
 
 from acert.models.graph import INPUT, GraphNet
 from acert.models.layers import Add, Concat, Normalize, Residual
+from acert.models.resnets import BasicBlock, ResNetCIFAR, resnet_cifar
 from acert.models.zoo import (
     INITS,
     MODELS,
@@ -26,10 +28,12 @@ __all__ = [
     "INPUT",
     "MODELS",
     "Add",
+    "BasicBlock",
     "Concat",
     "GraphNet",
     "ModelSpec",
     "Normalize",
+    "ResNetCIFAR",
     "Residual",
     "cnn7",
     "create_model",
@@ -37,4 +41,5 @@ __all__ = [
     "list_models",
     "mlp",
     "resnet",
+    "resnet_cifar",
 ]

@@ -1,7 +1,8 @@
-"""The registered architectures: the CNN7 family of Shi et al. (2021), a small ResNet, MLPs, IBP
+"""The registered architectures: the CNN7 family of Shi et al. (2021), small ResNets, MLPs, IBP
 initialisation.
 
-Every model is a plain ``torch.nn.Sequential`` whose first module is :class:`Normalize`, so the
+Every model but ``resnet-cifar`` (an ``nn.Module`` of its own, :mod:`acert.models.resnets`)
+is a plain ``torch.nn.Sequential``; each one's first module is :class:`Normalize`, so the
 dataset normalisation is part of the network and inputs stay in pixel space [0, 1] (docs/METHOD.md,
 "Threat model"). ``create_model(name, in_shape, num_classes, mean, std)`` builds a registered
 architecture; ``list_models()`` names them.
@@ -18,6 +19,7 @@ from torch import nn
 from acert.foundation.errors import ConfigError
 from acert.foundation.ranges import OneOf
 from acert.models.layers import Normalize, Residual
+from acert.models.resnets import resnet_cifar
 
 __all__ = [
     "INITS",
@@ -176,7 +178,7 @@ def ibp_init_(model: nn.Module) -> nn.Module:
 class ModelSpec:
     """A registered architecture: a builder and the keyword arguments that fix its size."""
 
-    builder: Callable[..., nn.Sequential]
+    builder: Callable[..., nn.Module]
     kwargs: dict
     description: str
 
@@ -190,6 +192,11 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "resnet-tiny": ModelSpec(
         resnet, {"width": 8, "linear_width": 64}, "ResNet of 2 residual blocks, CNN7-tiny widths"
+    ),
+    "resnet-cifar": ModelSpec(
+        resnet_cifar,
+        {"width": 8, "linear_width": 64, "blocks": 1},
+        "ResNet with projection shortcuts, an nn.Module traced into a graph (CPU widths)",
     ),
     "mlp": ModelSpec(mlp, {"hidden": (256, 256)}, "MLP 256-256 with batch-norm"),
     "mlp-small": ModelSpec(mlp, {"hidden": (64, 64)}, "MLP 64-64 with batch-norm"),
@@ -209,7 +216,7 @@ def create_model(
     std: Sequence[float],
     init: str = "ibp",
     **overrides: object,
-) -> nn.Sequential:
+) -> nn.Module:
     """Build a registered model.
 
     Args:

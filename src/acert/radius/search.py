@@ -28,6 +28,7 @@ from acert.bounds.clean_pass import (
     needs_batch_stats,
 )
 from acert.bounds.spec import other_classes
+from acert.bounds.tracing import last_layer
 from acert.foundation.errors import AcertError
 from acert.foundation.ranges import settings_object
 from acert.radius.known import KnownBatch
@@ -79,7 +80,7 @@ def clean_margins(logits: Tensor, y: Tensor) -> Tensor:
 
 
 def radius_search(
-    model: nn.Sequential,
+    model: nn.Module,
     x: Tensor,
     y: Tensor,
     eps_max: float | Tensor,
@@ -91,7 +92,7 @@ def radius_search(
     """Certified radius of every sample, with the number of bound evaluations spent.
 
     Args:
-        model: a supported ``nn.Sequential`` (see :func:`acert.bounds.margin_bounds`).
+        model: a supported model (see :func:`acert.bounds.margin_bounds`).
         x: (B, ...) inputs in [0, 1], a torch tensor (see :func:`acert.bounds.check_inputs`).
         y: (B,) int64 labels.
         eps_max: cap of the search, pixel units: a number in (0, 1], or (B,) per-sample caps
@@ -107,7 +108,7 @@ def radius_search(
         :class:`RadiusResult`; every radius is a point at which the bound certifies the sample.
     """
     known = KnownBatch() if known is None else known
-    _check_search_arguments(model, x, y, eps_max, settings, known)
+    model = _check_search_arguments(model, x, y, eps_max, settings, known)
     cap = as_eps(eps_max, x.shape[0], x)
     if known.stats is None or settings.sound:
         # a certificate holds only where the statistics fix every batch-norm (and no Dropout
@@ -128,16 +129,17 @@ def radius_search(
 
 
 def _check_search_arguments(
-    model: nn.Sequential,
+    model: nn.Module,
     x: Tensor,
     y: Tensor,
     eps_max: object,
     settings: object,
     known: object,
-) -> None:
+) -> nn.Module:
     """Every argument of :func:`radius_search`, checked before any work (the settings checked
-    themselves when made): a one-line :class:`AcertError` naming the argument and the fix."""
-    check_inputs(model, x, y, runs=False)  # the clean pass runs the model (or gave logits)
+    themselves when made): a one-line :class:`AcertError` naming the argument and the fix.
+    Returns the model's bounds form (:func:`acert.bounds.bounds_form`)."""
+    model = check_inputs(model, x, y, runs=False)  # the clean pass runs the model (or gave logits)
     check_settings(settings)
     check_cap(eps_max, x.shape[0])
     settings_object(
@@ -147,7 +149,8 @@ def _check_search_arguments(
         "acert.radius.KnownBatch",
         "e.g. KnownBatch(logits=model(x)), or leave it out",
     )
-    known.check(x.shape[0], model[-1].out_features)
+    known.check(x.shape[0], last_layer(model).out_features)
+    return model
 
 
 def check_cap(eps_max: object, batch: int | None, name: str = "eps_max") -> None:
@@ -175,7 +178,7 @@ def check_cap(eps_max: object, batch: int | None, name: str = "eps_max") -> None
 
 
 def _clean_pass(
-    model: nn.Sequential, x: Tensor, stats: BatchStats | None, logits: Tensor | None
+    model: nn.Module, x: Tensor, stats: BatchStats | None, logits: Tensor | None
 ) -> tuple[Tensor, BatchStats | None]:
     """The clean logits of x and the batch-norm statistics the bounds use, or a one-line error
     for a misfit input."""
@@ -355,7 +358,7 @@ class _Search:
 
 
 def certified_radius(
-    model: nn.Sequential,
+    model: nn.Module,
     x: Tensor,
     y: Tensor,
     eps_max: float | Tensor,

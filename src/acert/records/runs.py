@@ -125,7 +125,7 @@ def _write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda stream: stream.write(text.encode()))
 
 
-def build_model(config: TrainConfig) -> nn.Sequential:
+def build_model(config: TrainConfig) -> nn.Module:
     """The (untrained) model a resolved config describes."""
     info = dataset_info(config.dataset)
     return create_model(
@@ -266,7 +266,7 @@ def run_checkpoint(path: str | Path, which: str = "best") -> dict[str, Any]:
     return run.load_checkpoint(which if run.has_checkpoint(which) else "last")
 
 
-def _given_architecture(path: str | Path) -> nn.Sequential:
+def _given_architecture(path: str | Path) -> nn.Module:
     """The network a run of ``acert.fit`` keeps in its folder (``path``: the folder or one of
     its checkpoints). It is a pickle, so load only runs you trust, as with any torch module."""
     path = Path(path)
@@ -280,7 +280,7 @@ def _given_architecture(path: str | Path) -> nn.Sequential:
     return torch.load(file, map_location="cpu", weights_only=False)
 
 
-def model_from_checkpoint(payload: dict[str, Any], path: str | Path) -> nn.Sequential:
+def model_from_checkpoint(payload: dict[str, Any], path: str | Path) -> nn.Module:
     """The model of a checkpoint's payload, in eval mode (``path`` names it in errors)."""
     try:
         config = config_from_dict(payload["config"])
@@ -295,7 +295,7 @@ def model_from_checkpoint(payload: dict[str, Any], path: str | Path) -> nn.Seque
     return model.eval()
 
 
-def load(path: str | Path, which: str = "best") -> nn.Sequential:
+def load(path: str | Path, which: str = "best") -> nn.Module:
     """The trained model of a run folder (``best``/``last``) or of a checkpoint file, in eval mode.
 
     Args:

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import acert
 import acert.workflows.export.run
 from acert.config import TrainConfig, resolve
 from acert.data import ImageSet, load_imageset, stratified_subset
@@ -73,7 +74,7 @@ def mlp_run(tmp_path_factory) -> Path:
     return make_run(tmp_path_factory.mktemp("mlp") / "run", "mlp-small")
 
 
-@pytest.fixture(scope="module", params=["mlp-small", "cnn7-tiny"])
+@pytest.fixture(scope="module", params=["mlp-small", "cnn7-tiny", "resnet-cifar"])
 def exported(request, tmp_path_factory) -> tuple[Path, ExportResult]:
     """(run folder, result) of exporting N properties at EPS into <tmp>/bench/{onnx,vnnlib}."""
     if not HAS_EXPORT_EXTRA:
@@ -236,6 +237,38 @@ def test_onnx_starts_with_the_first_conv_or_gemm_and_matches_torch_to_1e_5(expor
         expected = load(run)(points).numpy()
     scale = max(1.0, float(np.abs(expected).max()))
     assert np.abs(onnx_logits(session, points) - expected).max() < 1e-5 * scale
+
+
+def test_a_traced_models_joins_are_onnx_add_and_concat_nodes(exported, test_split):
+    """resnet-cifar (an nn.Module traced into a graph) exports its shortcuts' sums as Add."""
+    import onnx
+
+    run, result = exported
+    ops = [node.op_type for node in onnx.load(result.onnx_path).graph.node]
+    is_resnet = type(load(run)).__name__ == "ResNetCIFAR"
+    assert ops.count("Add") == (2 if is_resnet else 0), ops
+
+
+@needs_onnx
+@pytest.mark.train
+def test_a_network_of_ones_own_with_concat_exports_and_matches_torch(tmp_path, test_split):
+    import onnx
+
+    from tests.kit.graphs import build_graph_net
+
+    data = load_imageset("mnist5k", "train").subset(torch.arange(120))
+    model = build_graph_net("cat", (1, 28, 28), CLASSES)
+    acert.fit(
+        model, (data.floats(), data.labels), eps_max=EPS, epochs=1, out=tmp_path / "run",
+        progress=False, batch_size=40, method="ibp",
+    )  # fmt: skip
+    result = export_run(
+        tmp_path / "run", tmp_path / "model.onnx", tmp_path / "props", PropertySettings(EPS, 3),
+        DataSelection(dataset="mnist5k"),
+    )  # fmt: skip
+    ops = [node.op_type for node in onnx.load(result.onnx_path).graph.node]
+    assert ops.count("Concat") == 1 and ops[0] == "Conv" and not {"Sub", "Div"} & set(ops)
+    assert 0 <= result.max_abs_diff < 1e-4
 
 
 @needs_onnx

@@ -269,7 +269,7 @@ def parse_bound(text: str) -> tuple[str, ...]:
 
 
 def _float64_check(
-    model: torch.nn.Sequential,
+    model: torch.nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
     result: Evaluation,
@@ -293,7 +293,7 @@ def _float64_check(
 
 
 def _attack_radii(
-    model: torch.nn.Sequential,
+    model: torch.nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
     eps_max: float,

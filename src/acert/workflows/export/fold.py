@@ -33,26 +33,29 @@ import torch
 from torch import Tensor, nn
 
 from acert.foundation.errors import AcertError
-from acert.models import Normalize
+from acert.models import INPUT, GraphNet, Normalize
 
 __all__ = ["fold_normalize", "normalize_as_conv"]
 
 
-def fold_normalize(model: nn.Module) -> nn.Sequential:
+def fold_normalize(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` with its leading Normalize folded into the first affine layer
     (or, before a zero-padded conv with a nonzero mean, encoded as a leading 1x1 conv).
 
     Args:
-        model: an ``nn.Sequential`` whose first module is :class:`Normalize` (every acert model);
-            a Sequential without one is copied unchanged.
+        model: an ``nn.Sequential`` whose first module is :class:`Normalize` (every acert model),
+            or a :class:`GraphNet` (a traced model, :func:`acert.bounds.bounds_form`) whose
+            first node is (:func:`_fold_graph`); one without a Normalize is copied unchanged.
 
     Raises:
         AcertError: the first layer after Normalize (and an optional Flatten) is not a Linear or
             an ungrouped Conv2d.
     """
+    if isinstance(model, GraphNet):
+        return _fold_graph(copy.deepcopy(model).eval())
     if not isinstance(model, nn.Sequential):
         raise AcertError(
-            f"export folds the input normalisation into an nn.Sequential model, got "
+            f"export folds the input normalisation into an nn.Sequential or a GraphNet, got "
             f"{type(model).__name__}; report this with the model name"
         )
     layers = [copy.deepcopy(module).eval() for module in model]
@@ -77,6 +80,58 @@ def fold_normalize(model: nn.Module) -> nn.Sequential:
                 "the model name"
             )
     return nn.Sequential(*rest)
+
+
+def _fold_graph(graph: GraphNet) -> GraphNet:
+    """``graph`` (a copy) with its first node, a Normalize of the input read by nothing else,
+    folded into each node that reads it: a Conv2d, or the Linear layers behind a Flatten. Where
+    some reading conv zero-pads with a nonzero mean, the Normalize node becomes a 1x1 conv."""
+    nodes = list(zip(graph.names, graph.nodes, graph.inputs, strict=True))
+    norm = graph.nodes[0]
+    readers = [i for i, inputs in enumerate(graph.inputs) if 0 in inputs]
+    if not isinstance(norm, Normalize) or any(INPUT in inputs for inputs in graph.inputs[1:]):
+        return graph
+    if any(len(graph.inputs[i]) != 1 for i in readers):
+        raise AcertError(
+            "export cannot fold the input normalisation into a join of branches (Add, Concat) "
+            "that reads it; report this with the model name"
+        )
+    targets: list[int] = []
+    for i in readers:
+        module = graph.nodes[i]
+        if isinstance(module, nn.Conv2d):
+            targets.append(i)
+            continue
+        behind = [j for j, inputs in enumerate(graph.inputs) if i in inputs]
+        if not isinstance(module, nn.Flatten) or not all(
+            isinstance(graph.nodes[j], nn.Linear) for j in behind
+        ):
+            raise AcertError(
+                f"export cannot fold the input normalisation into {type(module).__name__}: "
+                "the layers reading Normalize must be Conv2d or a Flatten before Linear layers; "
+                "report this with the model name"
+            )
+        _check_flatten([module])
+        targets += behind
+    with torch.no_grad():
+        convs = [graph.nodes[i] for i in targets if isinstance(graph.nodes[i], nn.Conv2d)]
+        if any(_pads_with_zeros(conv) for conv in convs) and bool((norm.mean != 0).any()):
+            nodes[0] = (nodes[0][0], normalize_as_conv(norm), nodes[0][2])
+            return GraphNet(nodes)
+        for i in targets:
+            name, module, inputs = nodes[i]
+            if isinstance(module, nn.Linear):
+                folded = _fold_linear(module, norm)
+            else:
+                folded = _fold_conv(module, norm, [module])[0]
+            nodes[i] = (name, folded, inputs)
+    shift = {INPUT: INPUT, 0: INPUT}  # the readers of Normalize read the input itself
+    return GraphNet(
+        [
+            (name, module, [shift.get(i, i - 1) for i in inputs])
+            for name, module, inputs in nodes[1:]
+        ]
+    )
 
 
 def _check_flatten(between: list[nn.Module]) -> None:

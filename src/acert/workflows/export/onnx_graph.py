@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from acert.bounds import bounds_form
 from acert.foundation.errors import AcertError
 from acert.workflows.export.fold import fold_normalize
 
@@ -22,11 +23,13 @@ OUTPUT_NAME = "output"
 
 
 def onnx_bytes(model: nn.Module, example: Tensor, onnx: ModuleType, dataset: str) -> bytes:
-    """``model`` with its Normalize folded into the first layer, as a checked ONNX file in memory.
+    """``model`` with its Normalize folded into the first layer, as a checked ONNX file in memory:
+    a chain's layers in order, a traced model's graph (:func:`acert.bounds.bounds_form`) with
+    its joins as ONNX ``Add`` and ``Concat`` nodes.
 
     The input is ``example``'s shape (1, C, H, W).
     """
-    folded = fold_normalize(model)
+    folded = fold_normalize(bounds_form(model, tuple(example.shape[1:])))
     buffer = io.BytesIO()
     try:
         with warnings.catch_warnings():

@@ -17,7 +17,7 @@ __all__ = ["distributed_loss"]
 class _MethodLoss(nn.Module):
     """A method's loss as the forward pass of a module that owns the model's parameters."""
 
-    def __init__(self, model: nn.Sequential, method: TrainingMethod) -> None:
+    def __init__(self, model: nn.Module, method: TrainingMethod) -> None:
         super().__init__()
         self.model = model
         self.method = method
@@ -27,7 +27,7 @@ class _MethodLoss(nn.Module):
 
 
 def distributed_loss(
-    model: nn.Sequential, method: TrainingMethod, world: World
+    model: nn.Module, method: TrainingMethod, world: World
 ) -> Callable[[Batch, Step], LossTerms]:
     """``loss(batch, step) -> LossTerms``; across processes, one that averages the gradients.
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from acert.bounds import bounds_form
 from acert.data import BatchLoader
 from acert.foundation.errors import AcertError
 from acert.foundation.layout import in_layout
@@ -38,15 +39,16 @@ class TrainingParts:
     """What the loop trains, and with what.
 
     Attributes:
-        model: the network (put in train mode).
-        method: its ``loss(model, batch, step)`` gives the objective.
+        model: the network (put in train mode); its parameters are trained, its bounds form
+            (:func:`acert.bounds.bounds_form`, traced before the loop) is what the loss sees.
+        method: its ``loss(form, batch, step)`` gives the objective.
         loader: training batches ``(x, y, idx)``; the global batches when several processes
             train, each process taking its share (:func:`acert.foundation.process_group.shard`).
         schedule: training ε of each step.
         optimizer, scheduler: stepped once per batch.
     """
 
-    model: nn.Sequential
+    model: nn.Module
     method: TrainingMethod
     loader: BatchLoader
     schedule: EpsSchedule
@@ -96,9 +98,11 @@ def fit(
     world = world or World()
     model, loader, schedule = parts.model, parts.loader, parts.schedule
     optimizer, epochs = parts.optimizer, settings.epochs
-    compute_loss = distributed_loss(model, parts.method, world)
+    form = bounds_form(model)  # the graph the losses bound (traced when the run began)
+    compute_loss = distributed_loss(form, parts.method, world)
     for epoch in range(state.epoch, epochs):
         model.train()
+        form.train()  # a graph's own flag, which an attack's eval_mode restores
         loader.set_epoch(epoch)
         seed_process(loader.seed, epoch, world)
         started = time.perf_counter()

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from acert.bounds import bounds_form
 from acert.config import TrainConfig, available_device, resolve
 from acert.data import (
     BatchLoader,
@@ -91,7 +92,7 @@ class RunInputs:
         test: the set of the final evaluation, read when training ends (None: no evaluation).
     """
 
-    model: nn.Sequential
+    model: nn.Module
     method: TrainingMethod
     train: ImageSet
     val: ImageSet
@@ -109,7 +110,7 @@ def run_inputs(config: TrainConfig) -> RunInputs:
 class TrainResult:
     """A finished run: the best model (eval mode), its history and its test evaluation."""
 
-    model: nn.Sequential
+    model: nn.Module
     history: list[dict[str, Any]]
     best_epoch: int
     test: Evaluation | None
@@ -215,6 +216,7 @@ def _run(
     inputs = inputs or run_inputs(config)
     model, method = model_in_layout(inputs.model.to(device), config.layout), inputs.method
     train_set, val_set = inputs.train, inputs.val
+    bounds_form(model, train_set.shape)  # traced once (and checked) before anything is written
     loader = _loader(config, train_set, device, world)
     run_dir = RunDir(out) if out is not None else None
     if run_dir is not None and world.is_main:
@@ -332,7 +334,7 @@ def _test_set(config: TrainConfig) -> ImageSet:
 
 
 def _final_evaluation(
-    model: nn.Sequential,
+    model: nn.Module,
     test: ImageSet,
     config: TrainConfig,
     device: torch.device,
