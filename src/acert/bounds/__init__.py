@@ -10,6 +10,7 @@ t != y over the ℓ∞ ball of radius eps (pixel units, per sample) clipped to [
 
 from __future__ import annotations
 
+import copy
 import itertools
 import numbers
 from collections.abc import Callable
@@ -26,10 +27,11 @@ from acert.bounds.clean_pass import (
     clean_forward,
 )
 from acert.bounds.interval import Interval, as_eps, input_box
-from acert.bounds.kinds import LAYER_KINDS, check_shapes, register_kind
+from acert.bounds.kinds import LAYER_KINDS, check_shapes, output_shapes, register_kind, walk
 from acert.bounds.spec import margin_matrix, other_classes
 from acert.bounds.tracing import bounds_form, last_layer
 from acert.foundation.errors import AcertError
+from acert.models.graph import INPUT
 
 __all__ = [
     "CERTIFIED_DTYPES",
@@ -203,19 +205,61 @@ def check_model_input(model: nn.Module, shape: tuple[int, ...], dtype: torch.dty
     ``dtype``: each layer's rank and every residual body's shape in its bounds form
     (:func:`check_shapes`), then the model's forward pass itself, run on shapes alone (the
     ``meta`` device: no arithmetic, no random numbers drawn, no running statistics touched),
-    so that no bound is computed for a model that cannot run on the input."""
-    check_shapes(bounds_form(model, shape), shape)
-    meta = {
-        name: torch.empty_like(tensor, device="meta")
-        for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())
-    }
+    and the bounds form's steps, each of whose output shapes must be its kind's rule's, so
+    that no bound is computed for a model that cannot run on the input."""
+    graph = bounds_form(model, shape)
+    check_shapes(graph, shape)
     example = torch.empty((2, *shape), dtype=dtype, device="meta")
+    meta = _on_meta(model)
+    if meta is None:
+        return  # a module that cannot be copied: the bounds' own pass will tell
     try:
         with torch.no_grad():
-            torch.func.functional_call(model, meta, (example,))
+            meta(example)
     except (RuntimeError, ValueError, IndexError, TypeError) as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise AcertError(f"input of shape {shape} does not fit the model: {first_line}") from err
+    meta_graph = meta if graph is model else _on_meta(graph)
+    if meta_graph is not None:
+        _check_shape_rules(meta_graph, example)
+
+
+def _check_shape_rules(meta: nn.Module, example: Tensor) -> None:
+    """One line where a kind's shape rule (a registered kind's, :func:`register_kind`) says
+    another output shape than its layer gives on the (meta) example: the backward passes
+    shape their coefficients by the rules."""
+    steps = walk(meta)
+    shapes = output_shapes(steps, tuple(example.shape[1:]))
+    values: dict[int, Tensor] = {INPUT: example}
+    with torch.no_grad():
+        for step in steps:
+            out = step.kind.run(step, *(values[i] for i in step.inputs))
+            if step.norm is not None:
+                out = step.norm(out)
+            if tuple(out.shape[1:]) != shapes[step.index]:
+                raise AcertError(
+                    f"layer {step.where} ({step.kind.name}) gives outputs of shape "
+                    f"{tuple(out.shape[1:])}, but its kind's shape rule says "
+                    f"{shapes[step.index]}; fix the rule of the LayerKind registered for it"
+                )
+            values[step.index] = out
+
+
+def _on_meta(model: nn.Module) -> nn.Module | None:
+    """A copy of ``model`` whose parameters and buffers are on the ``meta`` device (no data
+    copied), shared as in the model: a module used at two places, or a tied weight, stays one.
+    Not ``torch.func.functional_call``: it leaves a module used at two places holding the
+    meta tensors after the call (torch 2.13). None where some attribute cannot be copied."""
+    memo: dict[int, object] = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        meta = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = (
+            nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+        )
+    try:
+        return copy.deepcopy(model, memo)
+    except (TypeError, RuntimeError, copy.Error):  # an attribute that cannot be copied
+        return None
 
 
 def check_arithmetic() -> None:

@@ -13,6 +13,7 @@ objective bounds its eval-mode function).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -168,6 +169,11 @@ def two_piece_linear(
 
     def check(layer: nn.Module) -> str | None:
         a = slope(layer)
+        if isinstance(a, bool) or not isinstance(a, numbers.Real):
+            return (
+                f"has slope {a!r} ({a.__class__.__name__}) below zero; the bounds take a Python "
+                "number in [0, 1]"
+            )
         if not 0 <= a <= 1:
             return f"has slope {a} below zero; the bounds take slopes in [0, 1]"
         return None

@@ -99,6 +99,7 @@ def clean_forward(
     bounds do: :func:`acert.bounds.kinds.walk`), so training fits the function it bounds.
     """
     steps = walk(model)
+    _refuse_shared_batch_stats(steps)
     stats: BatchStats = {}
     global_batch = distributed.active()
 
@@ -114,6 +115,24 @@ def clean_forward(
         return module(h)
 
     return _forward(steps, x, apply), stats
+
+
+def _refuse_shared_batch_stats(steps: tuple[WalkStep, ...]) -> None:
+    """One line for a batch-norm on batch statistics at two nodes of the graph: the model
+    normalises each with that node's statistics, but the statistics are kept per module."""
+    seen: dict[nn.Module, str] = {}
+    for step in steps:
+        for module, where in ((step.layer, step.where), (step.norm, step.norm_where)):
+            if module is None or not uses_batch_stats(module):
+                continue
+            if module in seen:
+                raise UnsupportedModelError(
+                    f"layer {where} ({type(module).__name__}) is layer {seen[module]} too and "
+                    "normalises with batch statistics, which differ at each node, but the "
+                    "bounds keep one set per module; give each node a batch-norm of its own, "
+                    "or call model.eval()"
+                )
+            seen[module] = where
 
 
 def forward_with_stats(model: nn.Module, x: Tensor, stats: BatchStats) -> Tensor:

@@ -180,6 +180,13 @@ def _concat_example() -> tuple[nn.Module, tuple[int, ...]]:
     return GraphNet(nodes), (2, 4, 4)
 
 
+def _check_concat(layer: nn.Module) -> str | None:
+    dim = layer.dim
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        return f"joins along dim {dim!r}; the bounds take a dimension after the batch (an int >= 1)"
+    return None
+
+
 CONCAT = LayerKind(
     type=Concat,
     shape=_concat_shape,
@@ -189,5 +196,6 @@ CONCAT = LayerKind(
     rounding=None,
     example=_concat_example,
     arity=None,
+    check=_check_concat,
     on_patches=lambda layer: layer.dim == 1,
 )

@@ -33,6 +33,8 @@ class Node:
     """How it reads its first input again, for a residual block's sum (the in-place check)."""
 
 
+_OTHER_FUNCTION = ", so the model computes another function than the graph of its layers"
+_NO_GRADIENT = ", so its gradient (training, attacks) cannot be computed"
 _MODEL_INPUT = "the model's input (which the caller, the bounds and the attacks read again)"
 
 
@@ -44,7 +46,9 @@ def check_overwrites(nodes: list[Node]) -> None:
     """Refuse an in-place layer (``inplace=True``) whose input is read again after it wrote it:
     the model's input, a tensor another node reads later (a residual block's input: ``x +
     body(x)`` would add the overwritten x: the model computes ``relu(x) + body(relu(x))``, the
-    bounds ``x + body(relu(x))``), or an activation's output, which autograd keeps; directly or
+    bounds ``x + body(relu(x))``), a tensor another node read before it (a Linear or Conv2d
+    keeps its input for the gradient: training and attacks would fail in backward), or an
+    activation's output, which autograd keeps; directly or
     through layers that pass their input on as it is or as a view (Identity, Dropout, Flatten).
     Elsewhere (a ReLU right after a Conv2d, a batch-norm or a sum) the write is exact: no one
     reads the old values."""
@@ -63,6 +67,13 @@ def check_overwrites(nodes: list[Node]) -> None:
             if i < index and storage[i] == tensor
         ]
         kept = [i for i in range(source + 1) if storage[i] == tensor and nodes[i].kind.activation]
+        earlier = [
+            (reader, i)
+            for reader in range(index)
+            for i in nodes[reader].inputs
+            if storage[i] == tensor and not _views(nodes[reader])
+        ]
+        consequence = _OTHER_FUNCTION
         if later:
             reader, i = later[0]
             what = nodes[reader].reader or (
@@ -74,11 +85,25 @@ def check_overwrites(nodes: list[Node]) -> None:
                 f"the output of layer {nodes[kept[-1]].where} ({nodes[kept[-1]].kind.name}), "
                 "which autograd keeps for its gradient"
             )
+            consequence = _NO_GRADIENT
         elif tensor == INPUT:
             what = _MODEL_INPUT
+        elif earlier:
+            reader, i = earlier[0]
+            what = (
+                f"the output of {_name(nodes, i)}, which layer {nodes[reader].where} "
+                f"({type(nodes[reader].layer).__name__}) read before it and autograd may keep"
+            )
+            consequence = _NO_GRADIENT
         else:
             continue
-        _refuse_overwrite(node, what)
+        _refuse_overwrite(node, what, consequence)
+
+
+def _views(node: Node) -> bool:
+    """A node whose output is its input or a view of it, writing nothing (its readers are
+    the tensor's readers)."""
+    return len(node.inputs) == 1 and node.kind.aliases and not _writes_in_place(node.layer)
 
 
 def _name(nodes: list[Node], index: int) -> str:
@@ -87,11 +112,15 @@ def _name(nodes: list[Node], index: int) -> str:
     return f"layer {nodes[index].where} ({type(nodes[index].layer).__name__})"
 
 
-def _refuse_overwrite(node: Node, readers: str) -> None:
+def _refuse_overwrite(node: Node, readers: str, consequence: str) -> None:
     layer, kind = node.layer, node.kind
-    arguments = f"{layer.p}, " if isinstance(layer, nn.Dropout) else ""
+    arguments = ""
+    if isinstance(layer, nn.Dropout):
+        arguments = f"{layer.p}, "
+    elif isinstance(layer, nn.LeakyReLU):
+        arguments = f"{layer.negative_slope}, "
     raise UnsupportedModelError(
-        f"layer {node.where} ({kind.name}(inplace=True)) overwrites {readers}, so the model "
-        f"computes another function than the graph of its layers; use nn.{kind.name}"
-        f"({arguments.rstrip(', ')}) instead of nn.{kind.name}({arguments}inplace=True)"
+        f"layer {node.where} ({kind.name}(inplace=True)) overwrites {readers}{consequence}; "
+        f"use nn.{kind.name}({arguments.rstrip(', ')}) instead of "
+        f"nn.{kind.name}({arguments}inplace=True)"
     )

@@ -158,7 +158,11 @@ def _graph(graph: GraphNet, prefix: str, source: int, nodes: list[Node]) -> int:
 def _expand(module: nn.Module, where: str, inputs: tuple[int, ...], nodes: list[Node]) -> int:
     """Append the node(s) of ``module`` reading ``inputs``; returns the one giving its output.
     A :class:`acert.models.GraphNet` inside the model is a sub-graph of its own nodes."""
-    if type(module) is GraphNet and len(inputs) == 1:
+    if type(module) in (GraphNet, Residual) and len(inputs) != 1:
+        raise UnsupportedModelError(
+            f"layer {where} ({type(module).__name__}) takes 1 input, got {len(inputs)}"
+        )
+    if type(module) is GraphNet:
         return _graph(module, f"{where}.", inputs[0], nodes)
     if type(module) is Residual:
         body = module.body

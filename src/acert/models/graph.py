@@ -36,11 +36,25 @@ class GraphNet(nn.Module):
         super().__init__()
         if not nodes:
             raise ConfigError("a GraphNet needs at least one node")
-        for index, (name, _, inputs) in enumerate(nodes):
-            if not inputs or any(not INPUT <= i < index for i in inputs):
+        for index, node in enumerate(nodes):
+            if not (isinstance(node, Sequence) and len(node) == 3):
                 raise ConfigError(
-                    f"node {index} ({name}) takes inputs {tuple(inputs)}; each must be an "
-                    f"earlier node's index or {INPUT} (the network's input)"
+                    f"node {index} is {_short(node)}; each node is (name, module, inputs)"
+                )
+            name, module, inputs = node
+            if not isinstance(module, nn.Module):
+                raise ConfigError(
+                    f"node {index} ({name}) is a {type(module).__name__}, not an nn.Module; "
+                    "wrap a function in a module (nn.ReLU() for torch.relu)"
+                )
+            if (
+                not isinstance(inputs, Sequence)
+                or not inputs
+                or any(type(i) is not int or not INPUT <= i < index for i in inputs)
+            ):
+                raise ConfigError(
+                    f"node {index} ({name}) takes inputs {_short(inputs)}; give a tuple of "
+                    f"ints, each an earlier node's index or {INPUT} (the network's input)"
                 )
         self.names: tuple[str, ...] = tuple(name for name, _, _ in nodes)
         self.nodes = nn.ModuleList(module for _, module, _ in nodes)
@@ -57,3 +71,8 @@ class GraphNet(nn.Module):
             f"({i}) {name} <- {list(inputs)}"
             for i, (name, inputs) in enumerate(zip(self.names, self.inputs, strict=True))
         )
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
