@@ -234,6 +234,11 @@ def _skip_after_relu_(m, x):
     return y + h.abs().neg()
 
 
+def _relu_after_an_earlier_reader(m, x):
+    h = m.conv(x)
+    return h.abs() + h.relu_()  # abs runs first, and autograd keeps h for its gradient
+
+
 def _iadd_read_again(m, x):
     h = m.conv(x)
     skip = h
@@ -259,6 +264,7 @@ _INPUT = "the model's input, which the caller, the bounds and the attacks read a
             "use the out-of-place form (F.relu(x), x.relu(), x + y)",
         ),
         (_skip_after_relu_, False, "abs_1 (test_tracing.py:", "use the out-of-place form"),
+        (_relu_after_an_earlier_reader, False, "abs", "out-of-place form"),
         (_iadd_read_again, False, "add (test_tracing.py:", "write x = x + y instead of x += y"),
         (
             _inplace_module_before_skip,

@@ -91,15 +91,29 @@ def check_in_place(gm: fx.GraphModule, name: str) -> None:
             ),
             None,
         )
+        earlier = next(
+            (
+                f"{user.name} ({_line(user)}), which ran before it and autograd may keep"
+                for node in group
+                for user in node.users
+                if order[user] < order[writer] and not _aliases(user, gm)
+            ),
+            None,
+        )
+        consequence = "so the traced graph would compute another function than the model"
         if any(node.op == "placeholder" for node in group):
             reader = "the model's input, which the caller, the bounds and the attacks read again"
         elif reader is None and any(_is_relu(node, gm) for node in group):
             reader = "autograd (it keeps a ReLU's output for the gradient)"
+            consequence = "so its gradient (training, attacks) cannot be computed"
+        elif reader is None and earlier is not None:
+            reader = earlier
+            consequence = "so its gradient (training, attacks) cannot be computed"
         if reader is not None:
             raise UnsupportedModelError(
                 f"{name}.forward writes {writer.args[0].name} in place at {writer.name} "
-                f"({_line(writer)}), but {reader} reads the old value, so the traced graph "
-                f"would compute another function than the model; {_fix(writer, gm)}"
+                f"({_line(writer)}), but {reader} reads the old value, {consequence}; "
+                f"{_fix(writer, gm)}"
             )
 
 
