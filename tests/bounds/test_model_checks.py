@@ -183,7 +183,7 @@ def test_a_sample_counts_as_certified_only_where_the_model_classifies_it(monkeyp
     model = nn.Sequential(*_layers()).eval()
     monkeypatch.setattr(
         acert.evaluation.evaluate,
-        "_certified_by_any",
+        "certified_by_any",
         lambda m, xb, yb, eps, bounds: torch.ones_like(yb) > 0,
     )
     result = evaluate(model, x, y, _settings("ibp"))

@@ -327,6 +327,7 @@ def margin_bounds_on_box(
     Returns:
         (B, K-1) lower bounds of ``f_y - f_t``, t != y in increasing order.
     """
+    bounds_form(model, tuple(box.centre.shape[1:]))  # traced (once) where it is not a chain
     return margin_evaluator(model, method, stats, sound)(box, y)
 
 

@@ -80,7 +80,7 @@ def is_plain_chain(model: nn.Module) -> bool:
         type(model) is nn.Sequential
         and "forward" not in vars(model)
         and len(model) > 0
-        and all(type(layer) in kinds.SUPPORTED_LAYERS for layer in model)
+        and all(type(layer) in kinds.SUPPORTED_LAYERS or type(layer) is GraphNet for layer in model)
     )
 
 
@@ -101,6 +101,8 @@ def bounds_form(model: nn.Module, shape: tuple[int, ...] | None = None) -> nn.Mo
     are refused on every call, those added after tracing too."""
     if is_plain_chain(model) or isinstance(model, GraphNet):
         return model
+    if isinstance(model, nn.Sequential) and len(model) == 0:
+        raise UnsupportedModelError("the model is an empty nn.Sequential; give it its layers")
     check_hooks(model)
     modules = _modules_of(model)
     traced, graph = _GRAPHS.get(model, ((), None))
@@ -165,8 +167,10 @@ def as_graph(model: nn.Module, shape: tuple[int, ...]) -> GraphNet:
         ) from err
     gm = fx.GraphModule(model, traced, name)
     check_in_place(gm, name)
+    converter = _Converter(gm, name)
+    converter.check_modules()  # named before the shapes, which an unsupported layer may break
     propagate_shapes(model, gm, shape)
-    graph = GraphNet(_Converter(gm, name).nodes())
+    graph = GraphNet(converter.nodes())
     check_probe(model, graph, shape)
     return graph
 
@@ -232,6 +236,14 @@ class _Converter:
             )
         self._check_shape_nodes()
         return self.out
+
+    def check_modules(self) -> None:
+        """Refuse the first module of the forward that has no kind."""
+        for node in self.gm.graph.nodes:
+            if node.op == "call_module":
+                module = self.gm.get_submodule(str(node.target))
+                if type(module) not in (*kinds.SUPPORTED_LAYERS, *_JOINS):
+                    self._refuse(node, f"layer {node.target} ({type(module).__name__})")
 
     def _convert(self, node: fx.Node) -> None:
         if node.op == "get_attr":

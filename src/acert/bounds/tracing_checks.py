@@ -175,7 +175,8 @@ def _run(module: nn.Module, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Te
             torch.manual_seed(0)
             return module(x)
     except (RuntimeError, ValueError, IndexError, TypeError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        cause = err.__cause__ or err  # ShapeProp wraps the layer's own error
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         raise AcertError(f"input of shape {shape} does not fit the model: {first}") from err
 
 
