@@ -9,10 +9,11 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from acert.config import TrainConfig, tiny_run
 from acert.methods import TRAINING_METHODS, Batch, Step
 from acert.models import Normalize
 
-__all__ = ["loss_of", "make_batch", "restored_registry", "small_net", "step"]
+__all__ = ["loss_of", "make_batch", "method_run", "restored_registry", "small_net", "step"]
 
 
 def small_net(seed: int = 0) -> nn.Sequential:
@@ -58,3 +59,22 @@ def restored_registry() -> Iterator[None]:
     finally:
         TRAINING_METHODS.clear()
         TRAINING_METHODS.update(saved)
+
+
+def method_run(method: str, **overrides) -> TrainConfig:
+    """The tiny run of a certified method's run tests (train, resume, certify): no standard
+    epoch, ε_max 0.1, a 40-image evaluation with a 1-step attack, 2-step training attacks and
+    the dataset's learning rate; ``overrides`` on top."""
+    return tiny_run(
+        **{
+            "method": method,
+            "val_size": 20,
+            "stn_epochs": 0,
+            "eval_limit": 40,
+            "eps_max": 0.1,
+            "eval_pgd_steps": 1,
+            "pgd_steps": 2,
+            "lr": None,
+            **overrides,
+        }
+    )

@@ -31,7 +31,7 @@ from acert.radius.attacks import pgd_attack
 from acert.records.runs import RunDir
 from acert.workflows.certify.runs import DataSelection, certify_run
 from acert.workflows.train.run import run
-from tests.kit.methods import make_batch, small_net, step
+from tests.kit.methods import make_batch, method_run, small_net, step
 from tests.kit.processes import torchrun
 
 KNOBS = {
@@ -183,18 +183,7 @@ def test_the_radius_memory_round_trips_through_the_state():
 
 
 def tiny(method: str) -> TrainConfig:
-    return tiny_run(
-        method=method,
-        val_size=20,
-        stn_epochs=0,
-        eval_limit=40,
-        eps_max=0.1,
-        cert_eps=[0.02],
-        eval_pgd_steps=1,
-        pgd_steps=2,
-        taps_head=2,
-        lr=None,
-    )
+    return method_run(method, cert_eps=[0.02], taps_head=2)
 
 
 class InterruptError(Exception):

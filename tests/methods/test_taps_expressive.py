@@ -30,8 +30,7 @@ from acert.methods.exp_ibp import global_mean, log_product, robust_cross_entropi
 from acert.methods.taps import connect, taps_objective, taps_pass
 from acert.records.runs import RunDir
 from acert.workflows.train.run import run
-from tests.kit import tiny_run
-from tests.kit.methods import loss_of, make_batch, small_net, step
+from tests.kit.methods import loss_of, make_batch, method_run, small_net, step
 from tests.kit.processes import torchrun
 
 NEW_METHODS = ("cc-ibp", "exp-ibp", "taps", "staps")
@@ -276,20 +275,7 @@ def _product_losses_worker() -> None:
 
 
 def tiny(method: str) -> TrainConfig:
-    return tiny_run(
-        method=method,
-        train_limit=120,
-        val_size=20,
-        stn_epochs=0,
-        batch_size=40,
-        eval_limit=40,
-        eps_max=0.1,
-        cert_eps=[0.05],
-        eval_pgd_steps=1,
-        pgd_steps=2,
-        pgd_restarts=2,
-        lr=None,
-    )
+    return method_run(method, train_limit=120, batch_size=40, cert_eps=[0.05], pgd_restarts=2)
 
 
 class InterruptError(Exception):
