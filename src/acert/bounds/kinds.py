@@ -279,6 +279,12 @@ def _check_computes_its_layers(model: nn.Sequential | GraphNet) -> None:
             f"{name} defines its own forward, which the bounds cannot follow; certify an "
             "nn.Sequential of its layers (nn.Sequential(*model)) that computes the same function"
         )
+    check_hooks(model)
+
+
+def check_hooks(model: nn.Module) -> None:
+    """Refuse forward hooks and replaced forwards anywhere in ``model``: the bounds (and a
+    traced graph, which calls no hooks) follow the layers, not what a hook makes of them."""
     hooked = [
         f"{f'layer {where}' if where else 'the model'} ({type(module).__name__})"
         for where, module in model.named_modules()

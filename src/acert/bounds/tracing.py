@@ -30,7 +30,6 @@ from torch import fx, nn
 
 from acert.bounds import kinds
 from acert.bounds.tracing_checks import (
-    check_hooks,
     check_in_place,
     check_probe,
     propagate_shapes,
@@ -103,7 +102,7 @@ def bounds_form(model: nn.Module, shape: tuple[int, ...] | None = None) -> nn.Mo
         return model
     if isinstance(model, nn.Sequential) and len(model) == 0:
         raise UnsupportedModelError("the model is an empty nn.Sequential; give it its layers")
-    check_hooks(model)
+    kinds.check_hooks(model)
     modules = _modules_of(model)
     traced, graph = _GRAPHS.get(model, ((), None))
     if graph is None or traced != modules:
@@ -155,7 +154,7 @@ def as_graph(model: nn.Module, shape: tuple[int, ...]) -> GraphNet:
     that computes another output than the model.
     """
     name = type(model).__name__
-    check_hooks(model)
+    kinds.check_hooks(model)
     try:
         traced = _Tracer().trace(model)
     except Exception as err:  # fx raises TraceError, TypeError, AttributeError, ... alike

@@ -16,24 +16,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from acert.bounds import kinds
 from acert.foundation.errors import AcertError, UnsupportedModelError
 
-__all__ = ["check_hooks", "check_in_place", "check_probe", "propagate_shapes"]
-
-
-def check_hooks(model: nn.Module) -> None:
-    """Refuse forward hooks and replaced forwards on modules kept whole (tracing calls no
-    hooks, so the graph would compute without them)."""
-    hooked = [
-        f"{f'layer {where}' if where else 'the model'} ({type(module).__name__})"
-        for where, module in model.named_modules()
-        if module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module)
-    ]
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-        hooked.append("every module (a global forward hook)")
-    if hooked:
-        raise UnsupportedModelError(
-            f"forward hooks or a replaced forward on {', '.join(hooked)} change what the model "
-            "computes, which the bounds cannot follow; remove them (handle.remove()) first"
-        )
+__all__ = ["check_in_place", "check_probe", "propagate_shapes"]
 
 
 _WRITING_FUNCTIONS = {F.relu_, torch.relu_, F.leaky_relu_, operator.iadd}
