@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from acert.models import Normalize, resnet_cifar
+from acert.models import Normalize, ResNetCIFAR
 
 __all__ = ["GRAPH_NETS", "CatNet", "CustomCNN", "LeakyNet", "build_graph_net"]
 
@@ -78,6 +78,6 @@ def build_graph_net(
     channels, side = shape[0], shape[1]
     if name == "resnet":
         mean, std = [0.5] * channels, [0.25] * channels
-        return resnet_cifar(shape, classes, mean, std, width=4, linear_width=16).eval()
+        return ResNetCIFAR(shape, classes, mean, std, width=4, linear_width=16).eval()
     net = {"custom-cnn": CustomCNN, "cat": CatNet, "leaky": LeakyNet}[name]
     return net(channels, classes, side).eval()

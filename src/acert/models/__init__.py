@@ -10,7 +10,7 @@ num_classes, mean, std)`` builds a registered architecture; ``list_models()`` na
 
 from acert.models.graph import INPUT, GraphNet
 from acert.models.layers import Add, Concat, Normalize, Residual
-from acert.models.resnets import BasicBlock, ResNetCIFAR, resnet_cifar
+from acert.models.resnets import BasicBlock, ResNetCIFAR
 from acert.models.zoo import (
     INITS,
     MODELS,
@@ -41,5 +41,4 @@ __all__ = [
     "list_models",
     "mlp",
     "resnet",
-    "resnet_cifar",
 ]

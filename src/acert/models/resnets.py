@@ -18,7 +18,7 @@ from torch import nn
 
 from acert.models.layers import Normalize
 
-__all__ = ["BasicBlock", "ResNetCIFAR", "resnet_cifar"]
+__all__ = ["BasicBlock", "ResNetCIFAR"]
 
 
 class BasicBlock(nn.Module):
@@ -91,16 +91,3 @@ class ResNetCIFAR(nn.Module):
         x = self.layer2(self.layer1(x))
         x = torch.flatten(F.avg_pool2d(x, 2), 1)
         return self.fc2(F.relu(self.fc1(x)))
-
-
-def resnet_cifar(
-    in_shape: Sequence[int],
-    num_classes: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    width: int = 16,
-    linear_width: int = 128,
-    blocks: int = 1,
-) -> ResNetCIFAR:
-    """:class:`ResNetCIFAR` (the registry's builder signature)."""
-    return ResNetCIFAR(in_shape, num_classes, mean, std, width, linear_width, blocks)

@@ -19,7 +19,7 @@ from torch import nn
 from acert.foundation.errors import ConfigError
 from acert.foundation.ranges import OneOf
 from acert.models.layers import Normalize, Residual
-from acert.models.resnets import resnet_cifar
+from acert.models.resnets import ResNetCIFAR
 
 __all__ = [
     "INITS",
@@ -194,7 +194,7 @@ MODELS: dict[str, ModelSpec] = {
         resnet, {"width": 8, "linear_width": 64}, "ResNet of 2 residual blocks, CNN7-tiny widths"
     ),
     "resnet-cifar": ModelSpec(
-        resnet_cifar,
+        ResNetCIFAR,
         {"width": 8, "linear_width": 64, "blocks": 1},
         "ResNet with projection shortcuts, an nn.Module traced into a graph (CPU widths)",
     ),
