@@ -1,5 +1,6 @@
 """CROWN and CROWN-IBP: hand-computed values, exactness on linear nets, comparison with the exact
-MILP minimum (tests/exact.py), conv transposes with output padding, chunking, train-mode stats."""
+MILP minimum (tests/kit/exact.py), conv transposes with output padding, chunking, train-mode
+stats."""
 
 from __future__ import annotations
 

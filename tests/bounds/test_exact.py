@@ -1,4 +1,5 @@
-"""Tests of the exact MILP verifier in tests/exact.py (ground truth for bound and radius tests)."""
+"""Tests of the exact MILP verifier in tests/kit/exact.py (ground truth for the bound and radius
+tests)."""
 
 from __future__ import annotations
 
@@ -11,27 +12,15 @@ from torch import nn
 
 from acert.bounds import margin_bounds
 from acert.models import Normalize, Residual
-
-try:
-    from tests.kit.exact import (
-        count_binaries,
-        exact_certified,
-        exact_min_margins,
-        exact_radius,
-        exact_worst_input,
-        forward_float64,
-        network_float64,
-    )
-except ImportError:  # tests/ imported as a package
-    from tests.exact import (
-        count_binaries,
-        exact_certified,
-        exact_min_margins,
-        exact_radius,
-        exact_worst_input,
-        forward_float64,
-        network_float64,
-    )
+from tests.kit.exact import (
+    count_binaries,
+    exact_certified,
+    exact_min_margins,
+    exact_radius,
+    exact_worst_input,
+    forward_float64,
+    network_float64,
+)
 
 
 def _margins_torch(model: nn.Module, xs: torch.Tensor, y: int) -> np.ndarray:

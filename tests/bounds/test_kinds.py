@@ -2,7 +2,7 @@
 
 Each kind's example (``LayerKind.example``) is placed in a small network; the bounds of every
 method in ``bounds.METHODS`` must lie below the margins at sampled and attacked points of the
-ball, below the exact minimum of the MILP verifier (tests/exact.py), below the float32 and
+ball, below the exact minimum of the MILP verifier (tests/kit/exact.py), below the float32 and
 float64 forward passes under rounding, and give certified radii that PGD cannot break and the
 exact verifier certifies; IBP's and CROWN's bounds of every step's output must contain that
 step's values at sampled points. A new kind or a new method gets all of these without a new

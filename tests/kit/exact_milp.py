@@ -1,6 +1,6 @@
 """The model as float64 operations and their mixed-integer encoding, for :mod:`exact`.
 
-tests/exact.py explains the method; this module reads a model (:func:`network_float64`) and
+tests/kit/exact.py explains the method; this module reads a model (:func:`network_float64`) and
 builds the constraints of the network on an input box (:func:`encode`).
 """
 

@@ -113,7 +113,7 @@ def test_pgd_finds_no_counterexample_inside_the_radius(trained, method):
 
 
 def test_radius_below_exact_radius(trained):
-    """(g) the exact MILP radius (tests/exact.py) bounds every method's radius from above."""
+    """(g) the exact MILP radius (tests/kit/exact.py) bounds every method's radius from above."""
     model, x, y = trained
     rows = [2, 4, 6, 8]  # full caps
     radii = {m: cold_search(trained, m, "brent").result.radius for m in METHODS}
