@@ -26,16 +26,9 @@ from tests.kit.radius import (
     certified_at,
     cold_search,
     default_caps,
-    make_trained,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def trained():
-    """A tiny MLP trained on 3 noisy Gaussian blobs, and 40 test points (radius_helpers)."""
-    return make_trained()
 
 
 @pytest.mark.parametrize("search", SEARCHES)
