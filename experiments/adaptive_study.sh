@@ -28,7 +28,7 @@
 # cost in docs/PERFORMANCE.md): ~60 runs per dataset, ~5-6 hours of training per dataset plus
 # the certificates; run it in parts (it is resumable: run the same command again, finished
 # points and certificates are skipped). PARTS: SEEDS="0" (default "0 1 2") and CERTIFY=0 to
-# train only; CERTIFY_ONLY=1 to certify what is finished.
+# train only; CERTIFY_ONLY=1 to certify what is finished; METHODS="acert taps" for some methods.
 #
 # usage: bash experiments/adaptive_study.sh DATASET [STUDY_FOLDER]   (default experiments/results/adaptive-DATASET;
 #        before committing it: python experiments/keep_study.py experiments/results/adaptive-DATASET)
@@ -71,6 +71,7 @@ declare -A grids=(
 methods=(acert crown-ibp adaptive-crown-ibp mtl-ibp adaptive-mtl-ibp taps adaptive-taps
          staps adaptive-staps)
 [[ -n ${SMOKE:-} ]] && methods=(adaptive-crown-ibp)
+[[ -n ${METHODS:-} ]] && read -ra methods <<< "$METHODS"  # a part of the study: METHODS="acert taps"
 
 start=$(date +%s)
 if [[ -z ${CERTIFY_ONLY:-} ]]; then
