@@ -136,6 +136,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         run=args.run,
         device=args.device,
+        throughput_samples=args.throughput_samples,
     )
     results = bench(settings, log=_say)
     print(format_table(results))
@@ -312,6 +313,9 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--repeats", type=int, default=7, help="timed rounds (medians are kept)")
     bench.add_argument("--run", help="trained run for the radius/step parts (default: a short run)")
     bench.add_argument("--device", default="cpu", help="cpu or cuda")
+    bench.add_argument(
+        "--throughput-samples", type=int, default=1024, help="digits of a throughput measurement"
+    )
     bench.add_argument("--json", help="write the results to this JSON file")
     bench.set_defaults(handler=cmd_bench)
 

@@ -31,6 +31,7 @@ KEYS = (
     "acert_step_channels_last_over_contiguous",
     "busy_step_over_alone_step",
     "train_samples_per_second",
+    "train_samples_per_second_spinning",
 )
 
 
@@ -59,6 +60,7 @@ def test_bench_reports_every_ratio(trained_run):
         radius_samples=64,
         repeats=1,
         run=str(trained_run),
+        throughput_samples=64,
     )
     results = bench(settings, log=lambda _: None)
     for key in KEYS:
@@ -66,8 +68,13 @@ def test_bench_reports_every_ratio(trained_run):
     # plain bisection needs about log2(1e4) evaluations; Brent far fewer
     assert results["radius_evals_per_sample_bisection"] > results["radius_evals_per_sample"]
     assert results["raw"]["ibp_peak_bytes"] > 0 and results["raw"]["acert_step_peak_bytes"] > 0
+    # each waiting setting ran in a process of its own, with the setting it names
+    waiting = results["machine"]["throughput_waiting"]
+    assert waiting["spinning"] == {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert waiting["busy"] in ({"GOMP_SPINCOUNT": "500"}, waiting["alone"])  # or the user's
     table = format_table(results)
     assert "IBP bounds / clean forward" in table and "peak memory, CROWN" in table
+    assert "training step started beside a busy process / alone" in table
 
 
 @pytest.mark.train
@@ -89,6 +96,8 @@ def test_bench_command_writes_json(trained_run, tmp_path, capsys):
         "1",
         "--run",
         str(trained_run),
+        "--throughput-samples",
+        "64",
         "--json",
         str(target),
     ]

@@ -23,7 +23,6 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +32,7 @@ from torch import nn
 
 from acert.bounds import clean_forward, input_box, margin_bounds_on_box
 from acert.config import BENCH_RUN, TrainConfig, available_device, resolve, tiny_run
-from acert.data import BatchLoader, load_imageset, stratified_subset
+from acert.data import load_imageset, stratified_subset
 from acert.foundation.errors import AcertError
 from acert.foundation.layout import in_layout, model_in_layout
 from acert.methods import ACERT, Batch, Step, create_method
@@ -41,12 +40,16 @@ from acert.models import create_model
 from acert.radius import SEARCHES, KnownBatch, SearchSettings, radius_search
 from acert.records.runs import RunDir, build_model, model_from_checkpoint, run_checkpoint
 from acert.workflows.bench.table import format_table
+from acert.workflows.bench.throughput import (
+    SAMPLES,
+    throughput_by_waiting,
+    train_samples_per_second,
+)
 from acert.workflows.bench.timing import (
     busy_ratio,
     median_ratio,
     peak_memory,
     round_robin,
-    synchronise,
 )
 from acert.workflows.train.run import run as train_run
 from acert.workflows.train.run import training_sets
@@ -72,6 +75,8 @@ class BenchSettings:
             model of one epoch earlier and warm-starts from the model's own radii, which
             flatters it (the short reference run keeps its previous epoch for both).
         device: where to compute.
+        throughput_samples: training digits of each throughput measurement (at most 5
+            rounds of them, one process per OpenMP waiting setting in each on the CPU).
     """
 
     model: str = "cnn7-tiny"
@@ -83,6 +88,7 @@ class BenchSettings:
     repeats: int = 7
     run: str | None = None
     device: str = "cpu"
+    throughput_samples: int = SAMPLES
 
     def check(self) -> None:
         """An AcertError naming the first setting that cannot be measured on."""
@@ -93,6 +99,10 @@ class BenchSettings:
             raise AcertError(f"--crown-batch must lie in 1..--batch, got {self.crown_batch}")
         if self.step_batch < 2:
             raise AcertError(f"--step-batch must be >= 2 (batch-norm), got {self.step_batch}")
+        if self.throughput_samples < 64:
+            raise AcertError(
+                f"--throughput-samples must be >= 64 (a batch), got {self.throughput_samples}"
+            )
         if self.repeats < 1:
             raise AcertError(f"--repeats must be >= 1, got {self.repeats}")
         if len(self.shape) != 3 or min(self.shape) <= 0:
@@ -266,7 +276,7 @@ def _step_times(
 
         steps[name] = one_step
     times = round_robin(steps, device, settings.repeats)
-    busy = busy_ratio(steps["acert"], device, settings.repeats)
+    busy = busy_ratio(steps["acert"], device, settings.repeats)  # a neighbour comes later
     out: dict[str, float] = {
         "acert_step_over_ibp_step": median_ratio(times, "acert", "ibp"),
         "acert_cold_step_over_ibp_step": median_ratio(times, "acert_cold", "ibp"),
@@ -276,7 +286,7 @@ def _step_times(
         "acert_step_channels_last_over_contiguous": median_ratio(
             times, "acert_channels_last", "acert"
         ),
-        **{f"acert_{key}": value for key, value in busy.items()},
+        **{f"acert_started_alone_{key}": value for key, value in busy.items()},
     }
     for name, one_step in steps.items():
         out[f"{name}_step_seconds"] = statistics.median(times[name])
@@ -301,29 +311,17 @@ def _primed_radius_memory(
 
 
 def _throughput(
-    model: nn.Sequential, config: TrainConfig, settings: BenchSettings, device
-) -> float:
-    """Samples per second of the default ACERT training loop (after the ramp, no validation)."""
+    model: nn.Sequential, config: TrainConfig, settings: BenchSettings, device: torch.device
+) -> dict[str, Any]:
+    """Samples per second of the default ACERT training loop from the reference weights (when
+    the reference is the default model): on the CPU alone, spinning and beside a busy process,
+    each in a process of its own (:mod:`acert.workflows.bench.throughput`); on a GPU here."""
     default = resolve(TrainConfig(device=settings.device))
-    method = create_method(default)
-    data = stratified_subset(load_imageset("mnist5k", "train"), 1024, seed=0)
-    loader = BatchLoader(data, default.batch_size, shuffle=True, drop_last=True, device=device)
-    trained = build_model(default).to(device)
-    if default.model == config.model:
-        trained.load_state_dict(model.state_dict())
-    trained.train()
-    optimizer = torch.optim.Adam(trained.parameters(), lr=1e-4)
-    step = Step(index=10_000, epoch=50, eps=default.eps_max, eps_max=default.eps_max, warmup=False)
-    start, seen = time.perf_counter(), 0
-    for x, y, idx in loader:
-        loss = method.loss(trained, Batch(x, y, idx), step).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(trained.parameters(), default.grad_clip)
-        optimizer.step()
-        seen += x.shape[0]
-    synchronise(device)
-    return seen / (time.perf_counter() - start)
+    state = model.state_dict() if default.model == config.model else None
+    if device.type != "cpu":
+        return {"train_samples_per_second": train_samples_per_second(state, device)}
+    state = None if state is None else {key: value.cpu() for key, value in state.items()}
+    return throughput_by_waiting(state, min(settings.repeats, 5), settings.throughput_samples)
 
 
 def bench(settings: BenchSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -341,6 +339,7 @@ def bench(settings: BenchSettings, log: Callable[[str], None] = print) -> dict[s
     raw.update(_step_times(reference, settings, device))
     log("training throughput ...")
     throughput = _throughput(model, config, settings, device)
+    raw.update((key, value) for key, value in throughput.items() if key != "waiting")
     results = {
         "ibp_over_forward": raw["ibp_over_forward"],
         "crown_ibp_over_ibp": raw["crown_ibp_over_ibp"],
@@ -354,8 +353,9 @@ def bench(settings: BenchSettings, log: Callable[[str], None] = print) -> dict[s
         "acert_training_pass_step_over_ibp_step": raw["acert_training_pass_step_over_ibp_step"],
         "ibp_step_channels_last_over_contiguous": raw["ibp_step_channels_last_over_contiguous"],
         "acert_step_channels_last_over_contiguous": raw["acert_step_channels_last_over_contiguous"],
-        "busy_step_over_alone_step": raw["acert_busy_step_over_alone_step"],
-        "train_samples_per_second": throughput,
+        "busy_step_over_alone_step": throughput.get("busy_step_over_alone_step"),
+        "train_samples_per_second": throughput["train_samples_per_second"],
+        "train_samples_per_second_spinning": throughput.get("train_samples_per_second_spinning"),
     }
     machine = {
         "device": str(device),
@@ -363,6 +363,7 @@ def bench(settings: BenchSettings, log: Callable[[str], None] = print) -> dict[s
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+        "throughput_waiting": throughput.get("waiting"),
         "torch": torch.__version__,
         "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }

@@ -7,6 +7,10 @@ from typing import Any
 __all__ = ["format_table"]
 
 
+def _waiting(settings: dict[str, str]) -> str:
+    return " ".join(f"{key}={value}" for key, value in settings.items()) or "OpenMP's default"
+
+
 def format_table(results: dict[str, Any]) -> str:
     """The results as an aligned text table."""
     raw = results["raw"]
@@ -64,13 +68,27 @@ def format_table(results: dict[str, Any]) -> str:
             f"{1e3 * raw['acert_channels_last_step_seconds']:.1f} ms channels-last",
         ),
         (
-            "ACERT step beside a busy process / alone",
-            f"{results['busy_step_over_alone_step']:.2f}x",
-            f"{1e3 * raw['acert_busy_step_seconds']:.1f} / "
-            f"{1e3 * raw['acert_alone_step_seconds']:.1f} ms",
+            "ACERT step, a neighbour comes later / alone",
+            f"{raw['acert_started_alone_busy_step_over_alone_step']:.2f}x",
+            f"{1e3 * raw['acert_started_alone_busy_step_seconds']:.1f} / "
+            f"{1e3 * raw['acert_started_alone_alone_step_seconds']:.1f} ms",
         ),
         ("training throughput", f"{results['train_samples_per_second']:.0f} samples/s", ""),
     ]
+    if results["busy_step_over_alone_step"] is not None:  # measured on the CPU
+        waiting = results["machine"]["throughput_waiting"]
+        rows += [
+            (
+                "training throughput, spinning threads",
+                f"{results['train_samples_per_second_spinning']:.0f} samples/s",
+                f"alone / spinning {raw['train_alone_over_spinning']:.2f}x",
+            ),
+            (
+                "training step started beside a busy process / alone",
+                f"{results['busy_step_over_alone_step']:.2f}x",
+                f"waiting alone {_waiting(waiting['alone'])}, busy {_waiting(waiting['busy'])}",
+            ),
+        ]
     memory = [
         (f"peak memory, {name}", f"{raw[f'{key}_peak_bytes'] / 2**20:.1f} MiB", "")
         for name, key in [

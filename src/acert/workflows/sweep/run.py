@@ -304,7 +304,9 @@ def _run_as_jobs(
         config = dataclasses.replace(config, threads=threads)
         make_folder(folder, "--study")
         spec = point_spec(config, folder, point, bounds, limit)
-        job = Job(folder.name, point_command(spec), job_environment(threads), folder / "sweep.log")
+        together = slots > 1 or starter.kind == "slurm"  # a cluster node is shared
+        environment = job_environment(threads, beside_others=together)
+        job = Job(folder.name, point_command(spec), environment, folder / "sweep.log")
         work.append(job)
         doing = {"new": "training", "interrupted": "resuming"}.get(state, "certifying")
         cores = f"--threads {threads}" if threads else "PyTorch's default threads"
