@@ -12,6 +12,7 @@ base's own clean weight where it has one (IBP, CROWN-IBP), else the wrapper's
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -137,10 +138,12 @@ class Adaptive:
             return standard_phase_terms(
                 model, batch, logits, stats, step, regularizer, self.min_warmup_eps
             )
+        fraction = self.searched_fraction
+        searched = step if fraction == 1 else dataclasses.replace(step, eps=fraction * step.eps)
         radii, evaluations = adaptive_radii(
             model,
             batch,
-            step,
+            searched,
             logits,
             stats,
             self.search,
@@ -148,6 +151,8 @@ class Adaptive:
             self.min_warmup_eps,
             self.bound,
         )
+        if fraction != 1:  # the ball whose small box the search certified, within the cap
+            radii = (radii / fraction).clamp(max=step.eps)
         terms, bounds = self.base.robust_terms(model, batch, step, logits, stats, radii)
         if not self.base.owns_kappa and self.kappa > 0:
             loss_std = F.cross_entropy(logits, batch.y)
@@ -159,6 +164,13 @@ class Adaptive:
         terms.metrics["radius_evals"] = evaluations
         terms.radii = radii.detach()
         return terms
+
+    @property
+    def searched_fraction(self) -> float:
+        """λ for a base that bounds a small box of half-width λ·ε (SABR, STAPS), else 1: the
+        search certifies the box centred at the clean point, so that ε_i is the largest radius
+        whose small box the search's bound certifies (docs/METHOD.md (M29))."""
+        return float(getattr(self.base, "lam", 1.0))
 
     def state_dict(self) -> dict:
         return {} if self.memory is None else {"radius_memory": self.memory.state_dict()}
