@@ -39,11 +39,15 @@
 # ones): run the script again, or run it in parts (e.g. one dataset per day).
 #
 # usage: DATA_DIR=/work/data bash experiments/paper_scale.sh mnist|cifar10-jpeg [STUDY_FOLDER]
+#        parts: METHODS=acert KAPPAS=0 (or METHODS=ibp EPS_TRAIN=0.4), JOBS=1 THREADS=1 beside
+#        other work; finished points are skipped
 #        TIMING=1 DATA_DIR=/work/data bash experiments/paper_scale.sh mnist|cifar10-jpeg
 set -uo pipefail
 dataset=${1:?usage: bash experiments/paper_scale.sh mnist|cifar10-jpeg [STUDY_FOLDER]}
-study=${2:-runs/paper-scale-$dataset}
+study=${2:-experiments/results/paper-scale-$dataset}  # kept: python experiments/keep_study.py
 data_dir=(); [[ -n ${DATA_DIR:-} ]] && data_dir=(--data-dir "$DATA_DIR")
+threads=(); [[ -n ${THREADS:-} ]] && threads=(--threads "$THREADS")  # beside other work
+methods=${METHODS:-acert ibp}  # a part: METHODS=ibp
 case $dataset in
   mnist)
     eps_train=0.2,0.4
@@ -70,15 +74,19 @@ fi
 
 common=(--dataset "$dataset" "${data_dir[@]}" --model cnn7-tiny "${budget[@]}" --batch-size 128
         --lr 0.002 --stn-epochs 1 --eval-limit 1000 --study "$study" --bounds ibp
-        --jobs "${JOBS:-2}" --quiet)
+        --jobs "${JOBS:-2}" --quiet "${threads[@]}")
 failed=()
 sweep() {  # one sweep; a failure is reported at the end instead of ending the study
   echo "== acert sweep $*"
   acert sweep "${common[@]}" "$@" || failed+=("$*")
 }
 start=$(date +%s)
-sweep --method acert --grid kappa=0,0.5
-sweep --method ibp --grid "eps_train=$eps_train"
+for method in $methods; do
+  case $method in
+    acert) sweep --method acert --grid "kappa=${KAPPAS:-0,0.5}" ;;
+    ibp) sweep --method ibp --grid "eps_train=${EPS_TRAIN:-$eps_train}" ;;
+  esac
+done
 echo "finished in $(( ($(date +%s) - start) / 60 )) minutes; study: $study"
 if (( ${#failed[@]} )); then
   printf 'failed sweep: %s\n' "${failed[@]}" >&2
