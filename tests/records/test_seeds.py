@@ -110,3 +110,25 @@ def test_the_report_is_written_only_once_a_point_has_several_seeds(tmp_path):
     text = report.read_text()
     assert "| acert | κ=0 | 0,1,2 | 80.0 [79.0, 81.0] | 70.0 [69.0, 71.0] |" in text
     assert "| sabr λ=0.5 | 1 | 85.0 | 50.0 | +10.0 | above |" in text
+
+
+def test_the_adaptive_methods_form_one_front_against_every_fixed_eps_method(tmp_path):
+    """acert and adaptive-<base> together: a fixed-ε point is judged against the best of them
+    at its clean accuracy, and no adaptive point is judged against its own front."""
+    adaptive_mtl = [
+        row("adaptive-mtl-ibp", f"mtl_alpha=0.9, seed={s}", 85 + d, 66 + d)
+        for s, d in ((0, -1), (1, 0), (2, 1))
+    ]
+    fixed = [
+        row("mtl-ibp", f"mtl_alpha=0.9, seed={s}", 85 + d, 61 + d) for s, d in ((0, -1), (1, 1))
+    ]
+    points = seed_points([*acert_rows(), *adaptive_mtl, *fixed])
+    [alone] = [g for g in front_gaps(points) if g.point.method == "mtl-ibp"]
+    assert alone.gap == pytest.approx(-1.0) and alone.verdict == "within spread"  # ACERT: 60
+    gaps = front_gaps(points, ("acert", "adaptive-mtl-ibp"))
+    assert [g.point.method for g in gaps] == ["mtl-ibp"]
+    assert gaps[0].gap == pytest.approx(5.0) and gaps[0].verdict == "above"  # 66 [65, 67]
+    report = write_seed_report([*acert_rows(), *adaptive_mtl, *fixed], tmp_path, "ibp")[1]
+    text = report.read_text()
+    assert "## Against the front of every method with adaptive radii" in text
+    assert "| mtl-ibp α=0.9 | 2 | 85.0 [84.0, 86.0] | 61.0 [60.0, 62.0] | +5.0 | above |" in text

@@ -9,7 +9,7 @@ range (lowest to highest) of its seeds. ``acert plot`` writes ``tradeoff_seeds.p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ __all__ = [
     "FrontGap",
     "SeedPoint",
     "Spread",
+    "adaptive_methods",
     "front_gaps",
     "gaps_markdown",
     "plot_seed_tradeoff",
@@ -37,6 +38,8 @@ __all__ = [
     "write_seed_report",
 ]
 
+
+ADAPTIVE_PREFIX = "adaptive-"
 
 COLORS = (*plt.get_cmap("tab10").colors, "black", "olive")
 """One colour per method: matplotlib's ten, then two more (the study has eleven methods)."""
@@ -133,13 +136,24 @@ def _front(points: Sequence[SeedPoint]) -> list[SeedPoint]:
     return kept[::-1]
 
 
-def front_gaps(points: Sequence[SeedPoint], reference: str = "acert") -> list[FrontGap]:
-    """Every other certified method's point against ``reference``'s front, linear between the
-    front's points (means, lows and highs each), at the point's mean clean accuracy (see
-    :class:`FrontGap` for the points beyond the front's clean accuracies)."""
-    front = _front([p for p in points if p.method == reference])
+def adaptive_methods(points: Sequence[SeedPoint]) -> tuple[str, ...]:
+    """The study's methods with adaptive radii: ``acert`` and every ``adaptive-<base>``."""
+    names = dict.fromkeys(p.method for p in points)
+    return tuple(m for m in names if m == "acert" or m.startswith(ADAPTIVE_PREFIX))
+
+
+def front_gaps(
+    points: Sequence[SeedPoint], reference: str | Collection[str] = "acert"
+) -> list[FrontGap]:
+    """Every other certified method's point against the front of ``reference`` (a method, or
+    several whose points form one front), linear between the front's points (means, lows and
+    highs each), at the point's mean clean accuracy (see :class:`FrontGap` for the points
+    beyond the front's clean accuracies)."""
+    group = {reference} if isinstance(reference, str) else set(reference)
+    front = _front([p for p in points if p.method in group])
     if not front:
-        raise AcertError(f"the study has no {reference} runs to compare the baselines with")
+        names = " or ".join(sorted(group))
+        raise AcertError(f"the study has no {names} runs to compare the baselines with")
     clean = [p.clean.mean for p in front]
 
     def at(x: float, field: str) -> float:
@@ -147,7 +161,7 @@ def front_gaps(points: Sequence[SeedPoint], reference: str = "acert") -> list[Fr
 
     gaps = []
     for point in points:
-        if point.method in (reference, "standard", "pgd"):
+        if point.method in group or point.method in ("standard", "pgd"):
             continue
         x = point.clean.mean
         if clean[0] <= x <= clean[-1]:
@@ -252,6 +266,14 @@ def write_seed_report(
     text = f"# Points over seeds ({bound.upper()})\n\n" + seeds_markdown(points)
     if any(p.method == "acert" for p in points):
         text += "\n## Against ACERT's front\n\n" + gaps_markdown(front_gaps(points))
+    adaptive = adaptive_methods(points)
+    if len(adaptive) > 1:  # docs/METHOD.md, "Adaptive radii for every certified loss"
+        gaps = front_gaps(points, adaptive)
+        text += (
+            "\n## Against the front of every method with adaptive radii\n\n"
+            f"The front of {', '.join(adaptive)} together; the fixed-ε methods below it.\n\n"
+            + gaps_markdown(gaps, "the adaptive front")
+        )
     report = folder / "seeds.md"
     atomic_write(report, lambda stream: stream.write(text.encode()))
     return [figure, report]
