@@ -199,10 +199,10 @@ def seeds_markdown(points: Sequence[SeedPoint]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def gaps_markdown(gaps: Sequence[FrontGap], reference: str = "acert") -> str:
-    """The baselines' points against the reference's front."""
+def gaps_markdown(gaps: Sequence[FrontGap], front: str = "acert's front") -> str:
+    """The baselines' points against the reference's front (named ``front``)."""
     lines = [
-        f"| baseline point | seeds | clean % | its ACR % | {reference}'s front − it | verdict |",
+        f"| baseline point | seeds | clean % | its ACR % | {front} − it | verdict |",
         "|---|---|---:|---:|---:|---|",
     ]
     for g in sorted(gaps, key=lambda g: (g.point.method, g.point.clean.mean)):
@@ -272,7 +272,7 @@ def write_seed_report(
         text += (
             "\n## Against the front of every method with adaptive radii\n\n"
             f"The front of {', '.join(adaptive)} together; the fixed-ε methods below it.\n\n"
-            + gaps_markdown(gaps, "the adaptive front")
+            + gaps_markdown(gaps, "adaptive front")
         )
     report = folder / "seeds.md"
     atomic_write(report, lambda stream: stream.write(text.encode()))
