@@ -161,3 +161,14 @@ def test_busy_ratio_times_the_step_alone_and_beside_the_busy_process(monkeypatch
     out = busy_ratio(lambda: seen.append(any(p.poll() is None for p in live)), CPU, 2, steps=3)
     assert seen == [False] + ([False] * 3 + [True] * 3) * 2
     assert out["busy_step_over_alone_step"] > 0 and out["alone_step_seconds"] > 0
+
+
+def test_the_machine_names_its_processor(tmp_path):
+    from acert.workflows.bench.run import processor_name
+
+    info = tmp_path / "cpuinfo"
+    block = "processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+    block += "model name\t: AMD EPYC 9B14\nflags\t\t: fpu avx512f\n\n"
+    info.write_text(block.format(n=0) + block.format(n=1).replace("9B14", "other"))
+    assert processor_name(str(info)) == "AMD EPYC 9B14 (family 25, model 17)"
+    assert processor_name(str(tmp_path / "missing"))  # the platform's name, never empty

@@ -324,6 +324,25 @@ def _throughput(
     return throughput_by_waiting(state, min(settings.repeats, 5), settings.throughput_samples)
 
 
+def processor_name(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The processor's model name with its family and model numbers (Linux), e.g. "AMD EPYC
+    (family 25, model 17)"; the platform's name for it elsewhere."""
+    fields: dict[str, str] = {}
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if not line.strip():
+                    break  # the first processor's block is enough
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
+
+
 def bench(settings: BenchSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every measurement; return the JSON-ready results (ratios first, then raw numbers)."""
     settings.check()
@@ -359,7 +378,7 @@ def bench(settings: BenchSettings, log: Callable[[str], None] = print) -> dict[s
     }
     machine = {
         "device": str(device),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": processor_name(),
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
