@@ -33,7 +33,7 @@ def certified(run: Path, bound: str) -> bool:
 
 
 def keep(study: Path, bounds: list[str]) -> None:
-    for run in sorted(p for p in study.iterdir() if p.is_dir()):
+    for run in sorted(p for p in study.iterdir() if (p / "sweep.json").is_file()):  # runs only
         if not (run / "test_metrics.json").is_file():
             shutil.rmtree(run)
             print(f"{run.name}: unfinished, removed (the sweep trains it again)")
