@@ -61,6 +61,11 @@ _WAITING = (WAIT_POLICY, SPIN_COUNT)
 _PROC_STAT = "/proc/stat"
 
 
+def _waiting_in(environ: MutableMapping[str, str]) -> dict[str, str]:
+    """The wait policy and spin count set in ``environ``."""
+    return {key: environ[key] for key in _WAITING if key in environ}
+
+
 def _cpu_times(cores: set[int], path: str = _PROC_STAT) -> tuple[int, int]:
     """(busy, total) clock ticks so far, summed over ``cores``, from Linux's ``/proc/stat``."""
     busy = total = 0
@@ -69,9 +74,8 @@ def _cpu_times(cores: set[int], path: str = _PROC_STAT) -> tuple[int, int]:
             name, *fields = line.split()
             if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cores):
                 continue
-            ticks = [
-                int(value) for value in fields[:8]
-            ]  # user nice system idle iowait irq softirq steal
+            # user, nice, system, idle, iowait, irq, softirq, steal
+            ticks = [int(value) for value in fields[:8]]
             total += sum(ticks)
             busy += sum(ticks) - ticks[3] - ticks[4]
     return busy, total
@@ -110,7 +114,7 @@ def quiet_waiting(
     environ = os.environ if environ is None else environ
     if not any(key in environ for key in _WAITING) and (busy or others_busy)():
         environ[SPIN_COUNT] = BUSY_SPIN
-    return {key: environ[key] for key in _WAITING if key in environ}
+    return _waiting_in(environ)
 
 
 def usable_cores() -> int:
@@ -130,7 +134,7 @@ def job_environment(threads: int | None, beside_others: bool = True) -> dict[str
     """Environment variables for a job of a sweep: the waiting settings in force here (the
     bounded spin for jobs ``beside_others``; a lone job chooses as it starts) and, when given,
     its thread count for OpenMP and MKL."""
-    extra = {key: os.environ[key] for key in _WAITING if key in os.environ}
+    extra = _waiting_in(os.environ)
     if not extra and beside_others:
         extra[SPIN_COUNT] = BOUNDED_SPIN
     if threads is not None:

@@ -320,7 +320,6 @@ def _throughput(
     state = model.state_dict() if default.model == config.model else None
     if device.type != "cpu":
         return {"train_samples_per_second": train_samples_per_second(state, device)}
-    state = None if state is None else {key: value.cpu() for key, value in state.items()}
     return throughput_by_waiting(state, min(settings.repeats, 5), settings.throughput_samples)
 
 

@@ -14,6 +14,7 @@ Every process trains the same steps from the same weights on the same digits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -108,10 +109,8 @@ def throughput_by_waiting(
         torch.save({"state": state, "samples": samples}, request)
         for _ in range(repeats):
             for waiting in WAITINGS:
-                if waiting == "busy":
-                    with busy_process():
-                        answer = _measure_in_child(waiting, request)
-                else:
+                beside = busy_process() if waiting == "busy" else contextlib.nullcontext()
+                with beside:
                     answer = _measure_in_child(waiting, request)
                 rates[waiting].append(answer["samples_per_second"])
                 settings[waiting] = answer["waiting"]

@@ -296,6 +296,7 @@ def _run_as_jobs(
     if not todo:
         return
     slots = len(todo) if jobs is None and starter.kind == "slurm" else min(jobs or 1, len(todo))
+    together = slots > 1 or starter.kind == "slurm"  # jobs side by side; a cluster node is shared
     work = []
     for config, point, folder, state in todo:
         threads = config.threads or (
@@ -304,7 +305,6 @@ def _run_as_jobs(
         config = dataclasses.replace(config, threads=threads)
         make_folder(folder, "--study")
         spec = point_spec(config, folder, point, bounds, limit)
-        together = slots > 1 or starter.kind == "slurm"  # a cluster node is shared
         environment = job_environment(threads, beside_others=together)
         job = Job(folder.name, point_command(spec), environment, folder / "sweep.log")
         work.append(job)
