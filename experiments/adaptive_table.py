@@ -14,14 +14,11 @@ import re
 import sys
 from pathlib import Path
 
-import numpy as np
+from acert.records.seeds import Spread
 
 
 def spread(values: list[float]) -> str:
-    if not values:
-        return "–"
-    mean, low, high = np.mean(values), min(values), max(values)
-    return f"{mean:.1f}" if low == high else f"{mean:.1f} [{low:.1f}, {high:.1f}]"
+    return Spread.of(values).text() if values else "–"
 
 
 def main(folder: str) -> None:

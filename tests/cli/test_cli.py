@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from acert.cli import main
+from acert.cli import _computes, main
 from tests.kit import short_flags
 
 TINY = short_flags(eval_pgd_steps=2)
@@ -122,3 +122,19 @@ def test_export_command_writes_onnx_and_properties(trained_run, tmp_path, capsys
     assert (tmp_path / "bench" / "instances.csv").read_text().count("\n") == 10
     assert main([*argv, "--eps", "1.5", "--n", "10"]) == 2
     assert "eps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "computes"),
+    [
+        (["train", "--quick"], True),
+        (["--quiet", "certify", "run"], True),
+        (["sweep", "--help"], False),
+        (["list"], False),
+        (["download", "mnist"], False),
+        (["-h"], False),
+        ([], False),
+    ],
+)
+def test_only_the_commands_that_compute_look_at_the_machines_load(argv, computes):
+    assert _computes(argv) is computes

@@ -27,7 +27,7 @@ SHOW_POLICY = (
     "acert.foundation.threads.others_busy = lambda: {busy}\n"
     "import acert.cli\n"
     "assert 'torch' not in sys.modules\n"
-    "acert.cli.main(['list'])\n"
+    "assert acert.cli.main(['certify', 'no-such-run']) == 2\n"
     "assert 'torch' in sys.modules\n"
     "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))\n"
 )

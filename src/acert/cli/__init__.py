@@ -357,11 +357,22 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
+_NOT_COMPUTING = frozenset({"list", "download", "plot", "-h", "--help"})
+"""Commands and flags that run no network: they skip the 0.1 s look at the machine's load."""
+
+
+def _computes(argv: Sequence[str]) -> bool:
+    """Whether the command line trains, certifies or benchmarks (its first word, or a help)."""
+    words = [word for word in argv if not word.startswith("-") or word in _NOT_COMPUTING]
+    return bool(words) and not _NOT_COMPUTING.intersection(words)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``acert`` console script."""
-    if "torch" not in sys.modules:  # OpenMP reads its wait policy when torch loads it
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if "torch" not in sys.modules and _computes(arguments):  # OpenMP reads it as torch loads
         quiet_waiting()  # idle threads spin briefly: no collapse beside a busy process
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(arguments)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
