@@ -63,7 +63,10 @@ def test_certify_with_crown_writes_json(trained_run, capsys):
         (["train", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
         (["train", "--kappa", "2"], "kappa must lie in [0, 1]"),
         (["train", "--eps-max", "1.5"], "eps_max must lie in (0, 1]"),
-        (["train", "--eps-max", "0.2"], "certification eps 0.3 must lie in (0, eps_max=0.2]"),
+        (
+            ["train", "--eps-max", "0.2", "--cert-eps", "0.3"],
+            "certification eps 0.3 must lie in (0, eps_max=0.2]",
+        ),
         (["train", "--epochs", "many"], "'epochs' needs int"),
         (["train", "--set", "colour=red"], "unknown config key 'colour'"),
         (

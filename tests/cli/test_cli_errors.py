@@ -42,7 +42,10 @@ def one_line_error(argv, capsys) -> str:
         (["--l1", "-1"], "l1 must be >= 0"),
         (["--lambda-tight", "-5"], "lambda_tight must be >= 0"),
         (["--device", "tpu:0"], "device 'tpu:0'"),
-        (["--set", "eps-max=0.2"], "certification eps 0.3 must lie in (0, eps_max=0.2]"),
+        (
+            ["--set", "eps-max=0.2", "--set", "cert_eps=[0.3]"],
+            "certification eps 0.3 must lie in (0, eps_max=0.2]",
+        ),
         (["--resume"], "--resume needs --out"),
     ],
 )

@@ -61,11 +61,24 @@ def test_values_are_coerced_and_checked():
 
 
 @pytest.mark.parametrize(
+    ("dataset", "eps_max", "cert_eps"),
+    [
+        ("mnist5k", None, [0.1, 0.2, 0.3, 0.4]),
+        ("mnist5k", 0.25, [0.1, 0.2]),
+        ("mnist5k", 0.05, [0.05]),
+        ("fashion-mnist", 0.1, [0.05, 0.1]),
+    ],
+)
+def test_the_datasets_certification_radii_follow_a_lower_eps_max(dataset, eps_max, cert_eps):
+    assert resolve(config_from_dict({"dataset": dataset, "eps_max": eps_max})).cert_eps == cert_eps
+
+
+@pytest.mark.parametrize(
     ("values", "message"),
     [
         ({"eps_max": 0.0}, "eps_max must lie in"),
         ({"eps_max": 1.01}, "eps_max must lie in"),
-        ({"eps_max": 0.2}, "certification eps 0.3 must lie in"),
+        ({"eps_max": 0.2, "cert_eps": [0.3]}, "certification eps 0.3 must lie in"),
         ({"kappa": 1.5}, "kappa must lie in"),
         ({"epochs": 0}, "epochs must be"),
         ({"dataset": "imagenet"}, "unknown dataset"),

@@ -223,7 +223,8 @@ class TrainConfig:
     cert_eps: list[float] | None = key(  # noqa: RUF009 (key() makes a dataclasses.field)
         None,
         "radii (pixel units) at which the final evaluation reports certified and PGD "
-        "accuracy; comma-separated on the command line",
+        "accuracy; comma-separated on the command line; null: the dataset's, those up to "
+        "eps_max (eps_max itself where it is below them all)",
     )
     eval_bound: str = key("ibp", "the bound that certifies the final test evaluation", BOUND)
     eval_pgd_steps: int = key(20, "PGD steps of the final test evaluation's attack", PGD_STEPS)

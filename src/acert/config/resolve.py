@@ -42,13 +42,21 @@ def resolve(config: TrainConfig) -> TrainConfig:
         if config.val_size is None
         else config.val_size,
         "eps_max": info.eps_max if config.eps_max is None else config.eps_max,
-        "cert_eps": list(info.cert_eps) if config.cert_eps is None else config.cert_eps,
     }
     eps_max = filled["eps_max"]
+    filled["cert_eps"] = (
+        _preset_radii_within(info.cert_eps, eps_max) if config.cert_eps is None else config.cert_eps
+    )
     filled["eps_train"] = eps_max if config.eps_train is None else config.eps_train
     resolved = dataclasses.replace(config, **filled)
     validate(resolved)
     return resolved
+
+
+def _preset_radii_within(radii: tuple[float, ...], eps_max: float) -> list[float]:
+    """The dataset's certification radii up to ``eps_max`` (a cap set below the dataset's keeps
+    those it covers), or ``[eps_max]`` where it covers none."""
+    return [eps for eps in radii if eps <= eps_max] or [eps_max]
 
 
 RESOLVED_KEYS = tuple(
@@ -120,7 +128,7 @@ def _certified_radii(config: TrainConfig) -> str | None:
         if not 0 < eps <= config.eps_max:
             return (
                 f"certification eps {eps} must lie in (0, eps_max={config.eps_max}]; "
-                "raise eps_max or drop that eps"
+                "raise eps_max or leave that eps out of cert_eps (--cert-eps)"
             )
     return None
 
