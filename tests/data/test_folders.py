@@ -90,6 +90,21 @@ def test_grey_and_jpeg_folders(tmp_path):
     assert torch.all((shade < 128) == (loaded.labels == 0))
 
 
+def test_sixteen_bit_grey_is_scaled_and_colour_among_grey_is_one_line(tmp_path):
+    wide = np.array([[0, 128, 129, 300], [32896, 65279, 65534, 65535]], dtype=np.uint16)
+    path = tmp_path / "wide.png"
+    Image.fromarray(wide).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+    expected = np.round(wide / 257).astype(np.uint8)  # 300 is 1, not Pillow's clipped 255
+    assert np.array_equal(imagefiles.decode_image(path, 1, "fix")[0], expected)
+    assert np.array_equal(imagefiles.decode_image(path, 3, "fix"), np.stack([expected] * 3))
+    Image.new("RGB", (4, 2)).save(tmp_path / "colour.png")
+    message = one_line_error(imagefiles.decode_image, tmp_path / "colour.png", 1, "fix it")
+    assert message.count("fix it") == 1 and "first training image is grey" in message
+    Image.fromarray(wide.astype(np.float32)).save(tmp_path / "float.tiff")
+    one_line_error(imagefiles.decode_image, tmp_path / "float.tiff", 1, "fix", match="range")
+
+
 def test_the_decoded_folder_is_cached_and_rebuilt_when_files_change(tmp_path, monkeypatch):
     _write_png_folder(tmp_path / "pets")
     name = f"folder:{tmp_path / 'pets'}"

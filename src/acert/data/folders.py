@@ -31,6 +31,8 @@ from acert.data.readers import Arrays
 from acert.foundation.errors import DatasetError
 
 SPLIT_FOLDERS = ("train", "test")
+DECODING = "acert image decoding 2 (16-bit grey scaled)"
+"""Part of every cache key: a cache written by an older decoder is rebuilt."""
 _FIX = "replace or remove that file"
 
 
@@ -91,7 +93,7 @@ def _files(root: Path, split: str, classes: tuple[str, ...]) -> tuple[list[Path]
     names, sizes and modification times (one ``scandir`` pass: tens of thousands of files)."""
     files: list[Path] = []
     labels: list[int] = []
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(DECODING.encode())
     for index, name in enumerate(classes):
         folder = root / split / name
         with os.scandir(folder) as entries:

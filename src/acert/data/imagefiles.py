@@ -14,6 +14,7 @@ import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,22 +24,45 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
+SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N")
+"""16-bit grey pixels, which Pillow's conversion to 8 bits clips at 255 instead of scaling."""
+UNRANGED = ("I", "F")
+"""32-bit integer and float pixels: no range to map onto [0, 255] is known."""
+
+
 def decode_image(path: Path, channels: int, fix: str) -> np.ndarray:
     """One image file as uint8 (channels, H, W): ``channels`` 3 converts to RGB, 1 to grey,
-    refusing a colour image where grey is expected. ``fix`` ends the error message."""
+    refusing a colour image where grey is expected; 16-bit grey is scaled (round(v / 257)),
+    32-bit and float pixels are refused. ``fix`` ends the error message."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
-            if channels == 1 and image.mode not in GREY_MODES:
-                raise DatasetError(
-                    f"image {path} is in colour ({image.mode}) but the first training image "
-                    f"is grey; {fix}"
-                )
-            pixels = np.asarray(image.convert("RGB" if channels == 3 else "L"))
+            mode = image.mode
+            pixels = None if _refused(mode, channels) else _eight_bit(image, channels)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
         raise DatasetError(f"cannot decode image {path} ({err}); {fix}") from err
+    if pixels is None:
+        raise DatasetError(f"image {path} {_refused(mode, channels)}; {fix}")
     return pixels.transpose(2, 0, 1) if pixels.ndim == 3 else pixels[None]
+
+
+def _refused(mode: str, channels: int) -> str:
+    """Why an image of this mode cannot join a dataset of ``channels``, or ''."""
+    if mode in UNRANGED:
+        return f"has {mode} pixels (32-bit integer or float), whose range is unknown"
+    if channels == 1 and mode not in GREY_MODES:
+        return f"is in colour ({mode}) but the first training image is grey"
+    return ""
+
+
+def _eight_bit(image: Any, channels: int) -> np.ndarray:
+    """(H, W) or (H, W, 3) uint8 pixels of an open Pillow image."""
+    if image.mode not in SIXTEEN_BIT_GREY:
+        return np.asarray(image.convert("RGB" if channels == 3 else "L"))
+    wide = np.asarray(image).astype(np.uint32)
+    grey = ((wide + 128) // 257).astype(np.uint8)
+    return grey if channels == 1 else np.repeat(grey[..., None], 3, axis=2)
 
 
 def image_channels(path: Path, fix: str) -> int:
