@@ -75,6 +75,14 @@ def test_a_relative_folder_is_named_by_its_absolute_path_in_a_run(tmp_path, monk
     assert resolve(TrainConfig(dataset="folder:pets")).dataset == f"folder:{tmp_path / 'pets'}"
 
 
+def test_hidden_files_are_skipped_like_hidden_folders(tmp_path):
+    written = _write_png_folder(tmp_path / "mac")
+    (tmp_path / "mac" / "train" / "cat" / "._0000.png").write_bytes(b"\0\5 resource fork")
+    (tmp_path / "mac" / "train" / ".Trashes").mkdir()
+    loaded = data.load_imageset(f"folder:{tmp_path / 'mac'}", "train")
+    assert np.array_equal(loaded.images.numpy(), written["train"][0])
+
+
 def test_grey_and_jpeg_folders(tmp_path):
     _write_png_folder(tmp_path / "grey", grey=True)
     assert data.dataset_info(f"folder:{tmp_path / 'grey'}").shape == (1, 6, 6)
@@ -132,6 +140,8 @@ def test_bad_folders_are_one_line_naming_the_problem(tmp_path):
     (tmp_path / "odd" / "test" / "cow").mkdir()
     message = one_line_error(data.dataset_info, f"folder:{tmp_path / 'odd'}", match="differ")
     assert "only in test: cow" in message
+    _write_png_folder(tmp_path / "single", classes=("cat",))
+    one_line_error(data.dataset_info, f"folder:{tmp_path / 'single'}", match="one class folder")
     _write_png_folder(tmp_path / "broken")
     (tmp_path / "broken" / "train" / "dog" / "0001.png").write_bytes(b"not a png")
     one_line_error(data.dataset_info, f"folder:{tmp_path / 'broken'}", match="dog/0001.png")

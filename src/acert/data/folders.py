@@ -63,6 +63,11 @@ def class_names(root: Path, split: str) -> tuple[str, ...]:
             f"image folder {folder} has no class folders; put each class's images in "
             f"{folder}/<class>/"
         )
+    if len(classes) == 1:
+        raise DatasetError(
+            f"image folder {folder} has one class folder ({classes[0]}); a classifier and its "
+            f"certificates need two or more: add the other classes' folders"
+        )
     return classes
 
 
@@ -88,6 +93,13 @@ def checked_classes(root: Path, expected: tuple[str, ...] | None = None) -> tupl
     return train
 
 
+def _is_image_file(entry: os.DirEntry) -> bool:
+    """A visible file with an image suffix (hidden ones, such as the ``._name.jpg`` copies
+    macOS leaves, are skipped like hidden folders)."""
+    name = entry.name
+    return name[0] != "." and name.lower().endswith(IMAGE_SUFFIXES) and entry.is_file()
+
+
 def _files(root: Path, split: str, classes: tuple[str, ...]) -> tuple[list[Path], list[int], str]:
     """The split's image files (by class, then name), their labels, and a fingerprint of their
     names, sizes and modification times (one ``scandir`` pass: tens of thousands of files)."""
@@ -98,7 +110,7 @@ def _files(root: Path, split: str, classes: tuple[str, ...]) -> tuple[list[Path]
         folder = root / split / name
         with os.scandir(folder) as entries:
             images = sorted(
-                (e for e in entries if e.name.lower().endswith(IMAGE_SUFFIXES) and e.is_file()),
+                (e for e in entries if _is_image_file(e)),
                 key=lambda e: e.name,
             )
         if not images:
