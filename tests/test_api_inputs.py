@@ -200,6 +200,20 @@ def test_acert_loss_names_bad_row_indices(idx, fragments):
     raises(lambda: loss(_mlp().train(), x, y, 0.1, idx), *fragments)
 
 
+def test_acert_loss_names_a_setting_it_does_not_have():
+    raises(
+        lambda: acert.ACERTLoss(eps_max=0.3, kapa=0.5),
+        "ACERTLoss has no setting 'kapa'",
+        "kappa",
+        "search",
+    )
+
+
+def test_fit_refuses_resume_without_a_run_folder():
+    x, y = _images()
+    raises(lambda: acert.fit(_mlp(), (x, y), eps_max=0.3, epochs=1, resume=True), "needs out=")
+
+
 def test_acert_loss_names_inputs_of_another_dtype_than_the_model():
     x, y = _images()
     loss = acert.ACERTLoss(eps_max=0.3)

@@ -84,6 +84,8 @@ def fit(
             ``kappa``, ``reg_epochs``, ``seed``, ..., and ``resume`` and ``progress``.
     """
     resume, progress = bool(config.pop("resume", False)), bool(config.pop("progress", True))
+    if resume and out is None:
+        raise AcertError("resume=True needs out=..., the run folder to resume from")
     network = _supported(model)
     _check_trainable(network)
     if device is not None:

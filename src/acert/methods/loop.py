@@ -16,6 +16,7 @@ last radius; without ``idx`` the searches start cold).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import numbers
 from collections.abc import Iterator
@@ -98,6 +99,13 @@ class ACERTLoss(TrainingLoss):
     (``regularizer``, ``search``: a :class:`~acert.radius.SearchSettings`, ``memory``, ...)."""
 
     def __init__(self, eps_max: float, kappa: float = 0.0, **settings: Any) -> None:
+        known = {f.name for f in dataclasses.fields(ACERT) if f.init} - {"kappa"}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise AcertError(
+                f"ACERTLoss has no setting {', '.join(map(repr, unknown))}; "
+                f"its settings are eps_max, kappa, {', '.join(sorted(known))}"
+            )
         super().__init__(ACERT(kappa=kappa, **settings), eps_max)
 
 
