@@ -21,13 +21,11 @@ import numpy as np
 from acert.foundation.errors import DatasetError
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
-GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
-
-
 SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N")
 """16-bit grey pixels, which Pillow's conversion to 8 bits clips at 255 instead of scaling."""
 UNRANGED = ("I", "F")
 """32-bit integer and float pixels: no range to map onto [0, 255] is known."""
+GREY_MODES = ("1", "L", "LA", *SIXTEEN_BIT_GREY, *UNRANGED)
 
 
 def decode_image(path: Path, channels: int, fix: str) -> np.ndarray:
