@@ -147,6 +147,16 @@ def test_forward_hooks_are_refused(where):
     margin_bounds(model, *_data(), 0.1)  # without the hook it certifies again
 
 
+@pytest.mark.parametrize("compile_with", [torch.jit.script, torch.jit.trace])
+def test_a_torchscript_module_is_refused_by_name(compile_with):
+    model = nn.Sequential(*_layers()).eval()
+    x, _ = _data()
+    compiled = compile_with(model) if compile_with is torch.jit.script else compile_with(model, x)
+    for call in _certifying_calls(compiled):
+        with pytest.raises(UnsupportedModelError, match="TorchScript module"):
+            call()
+
+
 def _with_batchnorm(track_running_stats: bool) -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(

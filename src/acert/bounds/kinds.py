@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+import torch
 from torch import nn
 
 from acert.bounds.activations import DROPOUT, FLATTEN, IDENTITY, LEAKY_RELU, RELU
@@ -285,6 +286,11 @@ def _check_computes_its_layers(model: nn.Sequential | GraphNet) -> None:
 def check_hooks(model: nn.Module) -> None:
     """Refuse forward hooks and replaced forwards anywhere in ``model``: the bounds (and a
     traced graph, which calls no hooks) follow the layers, not what a hook makes of them."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedModelError(
+            f"the model is a TorchScript module ({type(model).__name__}), whose compiled code "
+            "the bounds cannot follow; pass the nn.Module it was scripted or traced from"
+        )
     hooked = [
         f"{f'layer {where}' if where else 'the model'} ({type(module).__name__})"
         for where, module in model.named_modules()
