@@ -132,6 +132,7 @@ def test_export_command_writes_onnx_and_properties(trained_run, tmp_path, capsys
     [
         (["train", "--quick"], True),
         (["--quiet", "certify", "run"], True),
+        (["certify", "list"], True),
         (["sweep", "--help"], False),
         (["list"], False),
         (["download", "mnist"], False),

@@ -284,8 +284,9 @@ def _check_computes_its_layers(model: nn.Sequential | GraphNet) -> None:
 
 
 def check_hooks(model: nn.Module) -> None:
-    """Refuse forward hooks and replaced forwards anywhere in ``model``: the bounds (and a
-    traced graph, which calls no hooks) follow the layers, not what a hook makes of them."""
+    """Refuse forward hooks and replaced forwards anywhere in ``model`` (a TorchScript module
+    is one, named as such): the bounds (and a traced graph, which calls no hooks) follow the
+    layers, not what a hook makes of them."""
     if isinstance(model, torch.jit.ScriptModule):
         raise UnsupportedModelError(
             f"the model is a TorchScript module ({type(model).__name__}), whose compiled code "

@@ -357,14 +357,17 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
-_NOT_COMPUTING = frozenset({"list", "download", "plot", "-h", "--help"})
-"""Commands and flags that run no network: they skip the 0.1 s look at the machine's load."""
+_NOT_COMPUTING = frozenset({"list", "download", "plot"})
+"""Commands that run no network: they skip the 0.1 s look at the machine's load."""
 
 
 def _computes(argv: Sequence[str]) -> bool:
-    """Whether the command line trains, certifies or benchmarks (its first word, or a help)."""
-    words = [word for word in argv if not word.startswith("-") or word in _NOT_COMPUTING]
-    return bool(words) and not _NOT_COMPUTING.intersection(words)
+    """Whether the command line trains, certifies or benchmarks: a command other than those
+    of ``_NOT_COMPUTING``, not asked for its help."""
+    if {"-h", "--help"}.intersection(argv):
+        return False
+    command = next((word for word in argv if not word.startswith("-")), None)
+    return command is not None and command not in _NOT_COMPUTING
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -36,12 +36,12 @@ def decode_image(path: Path, channels: int, fix: str) -> np.ndarray:
 
     try:
         with Image.open(path) as image:
-            mode = image.mode
-            pixels = None if _refused(mode, channels) else _eight_bit(image, channels)
+            problem = _refused(image.mode, channels)
+            pixels = None if problem else _eight_bit(image, channels)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
         raise DatasetError(f"cannot decode image {path} ({err}); {fix}") from err
-    if pixels is None:
-        raise DatasetError(f"image {path} {_refused(mode, channels)}; {fix}")
+    if pixels is None:  # raised here: inside the try it would be taken for a decoding error
+        raise DatasetError(f"image {path} {problem}; {fix}")
     return pixels.transpose(2, 0, 1) if pixels.ndim == 3 else pixels[None]
 
 
